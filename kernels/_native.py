@@ -1,0 +1,143 @@
+"""Builds, caches and calls the C fast paths in ``csrc/cpu_kernels.c``.
+
+The library compiles on first use with the system C compiler (about a second) into a
+cache directory keyed by the source, the flags and the CPU, so ``-march=native`` is
+safe. Calls go through ctypes, which releases the GIL, and are split over a thread
+pool of ``torch.get_num_threads()`` workers. When no compiler is present, or
+``MEMSTORE_NATIVE=0``, ``library()`` returns None and callers use torch composites.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_F = ctypes.c_float
+
+# Argument types of every exported function; the trailing (lo, hi) range is implicit.
+_SIGNATURES = {
+    "bag_forward": [_P, _I, _P, _P, _P, _I, _P],
+    "bag_dw": [_P, _I, _P, _P, _P, _I, _P],
+    "row_grads": [_P, _P, _P, _P, _P, _I, _P],
+    "sgd": [_P, _I, _P, _P, _I, _F, _F],
+    "adagrad": [_P, _I, _P, _P, _P, _I, _F, _F],
+    "rowwise_adagrad": [_P, _I, _P, _P, _P, _I, _F, _F],
+    "adam": [_P, _I, _P, _P, _P, _P, _I, _F, _F, _F, _F, _F],
+    "pk_topk": [_P, _I, _I, _I, _I, _I, _I, _P, _P],
+}
+_TYPED = ("bag_forward", "bag_dw", "sgd", "adagrad", "rowwise_adagrad", "adam")
+DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+# Below this many items per thread the pool costs more than it saves.
+_MIN_ITEMS_PER_THREAD = 64
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MEMSTORE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "memstore"
+    )
+    return Path(root) / "native"
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    key = hashlib.sha256(
+        _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"memstore_cpu_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, "-o", tmp, str(_SOURCE), "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded C library, or None when the native path is off or cannot build."""
+    if os.environ.get("MEMSTORE_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: kernels use the slower torch composites")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("building the C kernels failed, using torch composites: %s", detail)
+        return None
+    for name, args in _SIGNATURES.items():
+        names = [f"{name}_{sfx}" for sfx in DTYPE_SUFFIX.values()] if name in _TYPED else [name]
+        for symbol in names:
+            fn = getattr(lib, symbol)
+            fn.argtypes = [*args, _I, _I]
+            fn.restype = None
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memstore-kernel")
+
+
+def parallel_for(fn, count: int, *args) -> None:
+    """Run ``fn(*args, lo, hi)`` over [0, count) split in contiguous chunks."""
+    threads = max(1, min(torch.get_num_threads(), count // _MIN_ITEMS_PER_THREAD))
+    if threads == 1:
+        fn(*args, 0, count)
+        return
+    bounds = [count * t // threads for t in range(threads + 1)]
+    pool = _pool(threads)
+    futures = [pool.submit(fn, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for f in futures:
+        f.result()
+
+
+def typed(name: str, dtype: torch.dtype):
+    """The dtype-specialised function ``name`` for values of ``dtype``."""
+    return getattr(library(), f"{name}_{DTYPE_SUFFIX[dtype]}")
+
+
+def ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()

@@ -1,0 +1,155 @@
+"""Weighted bags of value rows: y[b] = Σ_m w[b, m] · values[idx[b, m]], and its gradients.
+
+Bags are given either as a (B, M) index matrix (the public ops) or, inside the store,
+in CSR form: flat rows (P,), weights (P,) and offsets (B+1,), so that a shard can take
+a ragged share of each token's slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _native
+from ._dispatch import cuda_impl, native_ok
+from .reference import bag_backward_reference, bag_forward_reference
+
+__all__ = ["bag_forward", "bag_backward", "bag_forward_csr", "bag_backward_csr", "BagFunction"]
+
+
+def _check_bag_args(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+    if values.dim() != 2:
+        raise ValueError(f"values: expected a 2-d (rows, dim) tensor, got shape {tuple(values.shape)}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"idx: expected int64 or int32, got {idx.dtype}")
+    if not w.is_floating_point():
+        raise TypeError(f"w: expected a floating tensor, got {w.dtype}")
+    if idx.shape != w.shape:
+        raise ValueError(f"w: expected shape {tuple(idx.shape)} (same as idx), got {tuple(w.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= values.shape[0]):
+        raise IndexError(
+            f"idx: expected every index in [0, {values.shape[0]}), "
+            f"got range [{int(idx.min())}, {int(idx.max())}]"
+        )
+
+
+def _row_major(values: torch.Tensor) -> torch.Tensor:
+    return values if values.stride(1) == 1 else values.contiguous()
+
+
+def _slot_offsets(B: int, M: int) -> torch.Tensor:
+    return torch.arange(0, B * M + 1, max(M, 1), dtype=torch.int64)[: B + 1]
+
+
+def bag_forward_csr(values, rows, w, offsets) -> torch.Tensor:
+    """CSR bags: out[b] = Σ_{p in [offsets[b], offsets[b+1])} w[p] · values[rows[p]]."""
+    B = offsets.numel() - 1
+    if native_ok(values):
+        values = _row_major(values)
+        rows = rows.to(torch.int64).contiguous()
+        w = w.to(torch.float32).contiguous()
+        offsets = offsets.to(torch.int64).contiguous()
+        out = torch.empty(B, values.shape[1], dtype=torch.float32)
+        fn = _native.typed("bag_forward", values.dtype)
+        _native.parallel_for(
+            fn, B, values.data_ptr(), values.stride(0), rows.data_ptr(), w.data_ptr(),
+            offsets.data_ptr(), values.shape[1], out.data_ptr(),
+        )
+        return out
+    bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
+    out = torch.zeros(B, values.shape[1], dtype=torch.float32, device=values.device)
+    return out.index_add_(0, bag_of_slot, values[rows].float() * w.float()[:, None])
+
+
+def bag_forward(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]]; values float32 or bfloat16."""
+    _check_bag_args(values, idx, w)
+    if idx.dim() != 2:
+        raise ValueError(f"idx: expected a 2-d (B, M) tensor, got shape {tuple(idx.shape)}")
+    impl = cuda_impl("bag_forward", values, idx, w)
+    if impl is not None:
+        return impl(values, idx, w)
+    if native_ok(values):
+        B, M = idx.shape
+        return bag_forward_csr(values, idx.reshape(-1), w.reshape(-1), _slot_offsets(B, M))
+    return bag_forward_reference(values, idx, w)
+
+
+def _dedup_row_grads(rows, w, dy, bag_of_slot):
+    """Sorted unique rows and their summed gradients Σ w[p] · dy[bag(p)], without atomics."""
+    sorted_rows, order = torch.sort(rows, stable=True)
+    unique, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    seg = torch.zeros(unique.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=seg[1:])
+    grads = torch.empty(unique.numel(), dy.shape[1], dtype=torch.float32)
+    _native.parallel_for(
+        _native.library().row_grads, unique.numel(), order.data_ptr(), seg.data_ptr(),
+        bag_of_slot.data_ptr(), w.data_ptr(), dy.data_ptr(), dy.shape[1], grads.data_ptr(),
+    )
+    return unique, grads
+
+
+def bag_backward_csr(values, rows, w, offsets, dy):
+    """CSR form of :func:`bag_backward`: dw (P,) and (unique rows, grads)."""
+    B = offsets.numel() - 1
+    dy = dy.to(torch.float32).contiguous()
+    bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
+    if native_ok(values):
+        values = _row_major(values)
+        rows = rows.to(torch.int64).contiguous()
+        w = w.to(torch.float32).contiguous()
+        offsets = offsets.to(torch.int64).contiguous()
+        dw = torch.empty(rows.numel(), dtype=torch.float32)
+        _native.parallel_for(
+            _native.typed("bag_dw", values.dtype), B, values.data_ptr(), values.stride(0),
+            rows.data_ptr(), offsets.data_ptr(), dy.data_ptr(), values.shape[1], dw.data_ptr(),
+        )
+        return dw, _dedup_row_grads(rows, w, dy, bag_of_slot)
+    slot_dy = dy[bag_of_slot]
+    dw = (values[rows].float() * slot_dy).sum(dim=1)
+    unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    grads = torch.zeros(unique.numel(), dy.shape[1], dtype=torch.float32, device=dy.device)
+    grads.index_add_(0, inverse, slot_dy * w.float()[:, None])
+    return dw, (unique.to(torch.int64), grads)
+
+
+def bag_backward(values, idx, w, dy):
+    """Gradients of :func:`bag_forward`.
+
+    Returns dw (B, M) float32 and (rows, grads): the sorted unique rows (U,) int64 and
+    their summed gradients (U, dim) float32.
+    """
+    _check_bag_args(values, idx, w)
+    if idx.dim() != 2:
+        raise ValueError(f"idx: expected a 2-d (B, M) tensor, got shape {tuple(idx.shape)}")
+    if dy.shape != (idx.shape[0], values.shape[1]):
+        raise ValueError(
+            f"dy: expected shape {(idx.shape[0], values.shape[1])} (B, dim), got {tuple(dy.shape)}"
+        )
+    impl = cuda_impl("bag_backward", values, idx, w, dy)
+    if impl is not None:
+        return impl(values, idx, w, dy)
+    if native_ok(values):
+        B, M = idx.shape
+        dw, grad = bag_backward_csr(values, idx.reshape(-1), w.reshape(-1), _slot_offsets(B, M), dy)
+        return dw.reshape(B, M), grad
+    return bag_backward_reference(values, idx, w, dy)
+
+
+class BagFunction(torch.autograd.Function):
+    """Autograd for bag_forward: dense gradient to w, sparse COO gradient to values."""
+
+    @staticmethod
+    def forward(ctx, values, idx, w):
+        ctx.save_for_backward(values, idx, w)
+        return bag_forward(values, idx, w).to(torch.promote_types(values.dtype, w.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        values, idx, w = ctx.saved_tensors
+        dw, (rows, grads) = bag_backward(values, idx, w, dy)
+        dvalues = None
+        if ctx.needs_input_grad[0]:
+            dvalues = torch.sparse_coo_tensor(
+                rows[None], grads.to(values.dtype), values.shape, is_coalesced=True
+            )
+        return dvalues, None, dw.to(w.dtype)

@@ -1,0 +1,312 @@
+/* CPU fast paths of the kernels package.
+ *
+ * Plain C with no torch headers, so that it compiles in about a second on first use
+ * (kernels/_native.py) and is called through ctypes, which releases the GIL. Every
+ * function works on a half-open range [lo, hi) of its outer loop: the Python side
+ * splits the range over threads, so no OpenMP runtime is loaded beside torch's.
+ *
+ * Values are float32 ("f32") or bfloat16 ("bf16", raw uint16 bits); every sum and
+ * every optimizer state is float32.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float load_f32(const float *p) { return *p; }
+static inline void store_f32(float *p, float x) { *p = x; }
+
+static inline float load_bf16(const uint16_t *p) {
+    uint32_t u = (uint32_t)(*p) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as torch's float -> bfloat16 conversion does. */
+static inline void store_bf16(uint16_t *p, float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        *p = (uint16_t)((u >> 16) | 0x40u);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    *p = (uint16_t)(u >> 16);
+}
+
+/* The gathers are bound by DRAM latency, not by arithmetic: each bag reads M random
+ * rows. Two things keep enough misses in flight: a software prefetch of the first
+ * lines of the row PREFETCH_AHEAD slots ahead (the hardware prefetcher streams the
+ * rest of a row once it starts), and a column tile small enough that its accumulator
+ * lives in vector registers, so the inner loop issues only loads. Distances and sizes
+ * were chosen by measurement against torch's embedding_bag (BENCHMARKS.md). */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 8
+#endif
+#define PREFETCH_LINES 4
+#define TILE 128
+
+static inline void prefetch_row(const void *row) {
+    const char *c = (const char *)row;
+    for (int l = 0; l < PREFETCH_LINES; ++l) __builtin_prefetch(c + 64 * l, 0, 3);
+}
+
+#define DEFINE_BAG_KERNELS(SFX, T)                                                         \
+    /* acc[0..width) += wp * v[0..width); inlined with width = TILE it unrolls. */        \
+    static inline void axpy_##SFX(float *restrict acc, const T *restrict v, float wp,    \
+                                  int64_t width) {                                       \
+        for (int64_t d = 0; d < width; ++d) acc[d] += wp * load_##SFX(v + d);            \
+    }                                                                                    \
+    static inline void bag_tile_##SFX(const T *values, int64_t ld, const int64_t *rows,  \
+                                      const float *w, int64_t p0, int64_t p1,            \
+                                      int64_t last, int64_t c0, int64_t width,           \
+                                      float *restrict acc) {                             \
+        for (int64_t d = 0; d < width; ++d) acc[d] = 0.0f;                               \
+        for (int64_t p = p0; p < p1; ++p) {                                              \
+            if (c0 == 0 && p + PREFETCH_AHEAD < last)                                    \
+                prefetch_row(values + rows[p + PREFETCH_AHEAD] * ld);                    \
+            const T *v = values + rows[p] * ld + c0;                                     \
+            if (width == TILE)                                                           \
+                axpy_##SFX(acc, v, w[p], TILE);                                          \
+            else                                                                         \
+                axpy_##SFX(acc, v, w[p], width);                                         \
+        }                                                                                \
+    }                                                                                    \
+    /* Sixteen partial sums: a single float accumulator would not vectorise.   */      \
+    static inline float dot_##SFX(const T *restrict v, const float *restrict g,          \
+                                  int64_t dim) {                                         \
+        float part[16] = {0};                                                            \
+        int64_t d = 0;                                                                   \
+        for (; d + 16 <= dim; d += 16)                                                   \
+            for (int l = 0; l < 16; ++l) part[l] += load_##SFX(v + d + l) * g[d + l];    \
+        float acc = 0.0f;                                                                \
+        for (int l = 0; l < 16; ++l) acc += part[l];                                     \
+        for (; d < dim; ++d) acc += load_##SFX(v + d) * g[d];                            \
+        return acc;                                                                      \
+    }                                                                                    \
+    /* out[b] = sum_{p in bag b} w[p] * values[rows[p]]                                 \
+       values: (R, ld) rows: (P,) w: (P,) offsets: (B+1,) out: (B, dim) */            \
+    void bag_forward_##SFX(const T *values, int64_t ld, const int64_t *rows,             \
+                           const float *w, const int64_t *offsets, int64_t dim,          \
+                           float *out, int64_t lo, int64_t hi) {                         \
+        const int64_t last = offsets[hi];                                                \
+        float acc[TILE];                                                                 \
+        for (int64_t b = lo; b < hi; ++b) {                                              \
+            for (int64_t c0 = 0; c0 < dim; c0 += TILE) {                                 \
+                const int64_t width = dim - c0 < TILE ? dim - c0 : TILE;                 \
+                bag_tile_##SFX(values, ld, rows, w, offsets[b], offsets[b + 1], last,    \
+                               c0, width, acc);                                          \
+                memcpy(out + b * dim + c0, acc, sizeof(float) * width);                  \
+            }                                                                            \
+        }                                                                                \
+    }                                                                                    \
+    /* dw[p] = <values[rows[p]], dy[b]> for every slot p of bag b.                       \
+       dy: (B, dim) dw: (P,) */                                                          \
+    void bag_dw_##SFX(const T *values, int64_t ld, const int64_t *rows,                  \
+                      const int64_t *offsets, const float *dy, int64_t dim, float *dw,   \
+                      int64_t lo, int64_t hi) {                                          \
+        const int64_t last = offsets[hi];                                                \
+        for (int64_t b = lo; b < hi; ++b) {                                              \
+            const float *restrict g = dy + b * dim;                                      \
+            for (int64_t p = offsets[b]; p < offsets[b + 1]; ++p) {                      \
+                if (p + PREFETCH_AHEAD < last)                                           \
+                    prefetch_row(values + rows[p + PREFETCH_AHEAD] * ld);                \
+                const T *restrict v = values + rows[p] * ld;                             \
+                dw[p] = dot_##SFX(v, g, dim);                                            \
+            }                                                                            \
+        }                                                                                \
+    }
+
+DEFINE_BAG_KERNELS(f32, float)
+DEFINE_BAG_KERNELS(bf16, uint16_t)
+
+/* Deduplicated row gradients without atomics: the slots are pre-sorted by row, so
+ * unique row u owns slots order[seg[u] .. seg[u+1]) and one thread sums them.
+ * order: (P,) slot ids sorted by row  seg: (U+1,)  slot_bag: (P,)  w: (P,)
+ * dy: (B, dim)  out: (U, dim) */
+void row_grads(const int64_t *order, const int64_t *seg, const int64_t *slot_bag,
+               const float *w, const float *dy, int64_t dim, float *out, int64_t lo,
+               int64_t hi) {
+    for (int64_t u = lo; u < hi; ++u) {
+        float *restrict o = out + u * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = 0.0f;
+        for (int64_t q = seg[u]; q < seg[u + 1]; ++q) {
+            const int64_t p = order[q];
+            const float wp = w[p];
+            const float *restrict g = dy + slot_bag[p] * dim;
+            for (int64_t d = 0; d < dim; ++d) o[d] += wp * g[d];
+        }
+    }
+}
+
+/* Fused sparse optimizer steps over the unique rows of a block.
+ * values: (R, ld)  states: (R, dim) or (R,)  rows: (U,) block-local, unique
+ * grads: (U, dim) float32. Each row is read and written once. */
+#define DEFINE_OPTIMIZERS(SFX, T)                                                         \
+    void sgd_##SFX(T *values, int64_t ld, const int64_t *rows, const float *grads,       \
+                   int64_t dim, float lr, float weight_decay, int64_t lo, int64_t hi) {  \
+        for (int64_t u = lo; u < hi; ++u) {                                              \
+            T *restrict v = values + rows[u] * ld;                                       \
+            const float *restrict g = grads + u * dim;                                   \
+            for (int64_t d = 0; d < dim; ++d) {                                          \
+                const float x = load_##SFX(v + d);                                       \
+                store_##SFX(v + d, x - lr * (g[d] + weight_decay * x));                  \
+            }                                                                            \
+        }                                                                                \
+    }                                                                                    \
+    void adagrad_##SFX(T *values, int64_t ld, float *sum, const int64_t *rows,           \
+                       const float *grads, int64_t dim, float clr, float eps,            \
+                       int64_t lo, int64_t hi) {                                         \
+        for (int64_t u = lo; u < hi; ++u) {                                              \
+            T *restrict v = values + rows[u] * ld;                                       \
+            float *restrict s = sum + rows[u] * dim;                                     \
+            const float *restrict g = grads + u * dim;                                   \
+            for (int64_t d = 0; d < dim; ++d) {                                          \
+                const float sd = s[d] + g[d] * g[d];                                     \
+                s[d] = sd;                                                               \
+                store_##SFX(v + d, load_##SFX(v + d) - clr * g[d] / (sqrtf(sd) + eps));  \
+            }                                                                            \
+        }                                                                                \
+    }                                                                                    \
+    void rowwise_adagrad_##SFX(T *values, int64_t ld, float *sum, const int64_t *rows,   \
+                               const float *grads, int64_t dim, float lr, float eps,     \
+                               int64_t lo, int64_t hi) {                                 \
+        for (int64_t u = lo; u < hi; ++u) {                                              \
+            T *restrict v = values + rows[u] * ld;                                       \
+            const float *restrict g = grads + u * dim;                                   \
+            float sq = 0.0f;                                                             \
+            for (int64_t d = 0; d < dim; ++d) sq += g[d] * g[d];                         \
+            const float s = sum[rows[u]] + sq / (float)dim;                              \
+            sum[rows[u]] = s;                                                            \
+            const float scale = lr / (sqrtf(s) + eps);                                   \
+            for (int64_t d = 0; d < dim; ++d)                                            \
+                store_##SFX(v + d, load_##SFX(v + d) - scale * g[d]);                    \
+        }                                                                                \
+    }                                                                                    \
+    /* Lazy Adam; shrink = 1 - lr*weight_decay for AdamW, else 1. */                   \
+    void adam_##SFX(T *values, int64_t ld, float *exp_avg, float *exp_avg_sq,            \
+                    const int64_t *rows, const float *grads, int64_t dim, float beta1,   \
+                    float beta2, float step_size, float eps_term, float shrink,          \
+                    int64_t lo, int64_t hi) {                                            \
+        for (int64_t u = lo; u < hi; ++u) {                                              \
+            T *restrict v = values + rows[u] * ld;                                       \
+            float *restrict m = exp_avg + rows[u] * dim;                                 \
+            float *restrict s = exp_avg_sq + rows[u] * dim;                              \
+            const float *restrict g = grads + u * dim;                                   \
+            for (int64_t d = 0; d < dim; ++d) {                                          \
+                const float md = m[d] * beta1 + (1.0f - beta1) * g[d];                   \
+                const float sd = s[d] * beta2 + (1.0f - beta2) * g[d] * g[d];            \
+                m[d] = md;                                                               \
+                s[d] = sd;                                                               \
+                const float x = load_##SFX(v + d) * shrink;                              \
+                store_##SFX(v + d, x - step_size * md / (sqrtf(sd) + eps_term));         \
+            }                                                                            \
+        }                                                                                \
+    }
+
+DEFINE_OPTIMIZERS(f32, float)
+DEFINE_OPTIMIZERS(bf16, uint16_t)
+
+/* ---- product-key top-k selection ------------------------------------------------ */
+
+typedef struct {
+    float s;
+    int64_t index;
+    int32_t i, j;
+} Cand;
+
+/* The total order of the spec: higher score first, then the smaller index. */
+static inline int better(float s1, int64_t i1, float s2, int64_t i2) {
+    return s1 > s2 || (s1 == s2 && i1 < i2);
+}
+
+/* Top-kk of x[0..n) into (val, pos), sorted by the total order. Elements arrive in
+ * increasing position, so an element equal to the current worst loses. */
+static int64_t top_of_half(const float *x, int64_t n, int64_t kk, float *val, int32_t *pos) {
+    int64_t len = 0;
+    for (int64_t t = 0; t < n; ++t) {
+        const float xt = x[t];
+        if (len == kk && !(xt > val[len - 1])) continue;
+        int64_t at = len < kk ? len : kk - 1;
+        while (at > 0 && val[at - 1] < xt) {
+            val[at] = val[at - 1];
+            pos[at] = pos[at - 1];
+            --at;
+        }
+        val[at] = xt;
+        pos[at] = (int32_t)t;
+        if (len < kk) ++len;
+    }
+    return len;
+}
+
+static inline int cand_better(const Cand *a, const Cand *b) {
+    return better(a->s, a->index, b->s, b->index);
+}
+
+static void heap_push(Cand *heap, int64_t *size, Cand c) {
+    int64_t at = (*size)++;
+    while (at > 0) {
+        int64_t parent = (at - 1) / 2;
+        if (!cand_better(&c, &heap[parent])) break;
+        heap[at] = heap[parent];
+        at = parent;
+    }
+    heap[at] = c;
+}
+
+static Cand heap_pop(Cand *heap, int64_t *size) {
+    Cand top = heap[0];
+    Cand last = heap[--(*size)];
+    int64_t at = 0;
+    for (;;) {
+        int64_t child = 2 * at + 1;
+        if (child >= *size) break;
+        if (child + 1 < *size && cand_better(&heap[child + 1], &heap[child])) ++child;
+        if (!cand_better(&heap[child], &last)) break;
+        heap[at] = heap[child];
+        at = child;
+    }
+    if (*size > 0) heap[at] = last;
+    return top;
+}
+
+static inline Cand make_cand(const float *va, const int32_t *pa, const float *vb,
+                             const int32_t *pb, int32_t i, int32_t j, int64_t n) {
+    Cand c = {va[i] + vb[j], (int64_t)pa[i] * n + pb[j], i, j};
+    return c;
+}
+
+/* For each (b, h) in [lo, hi) (row t = b*H + h): the exact top-k of s1[i] + s2[j].
+ * half scores: element (b, h, part, x) at s + b*sb + h*sh + part*sp + x.
+ * out_scores, out_index: (B*H, k). Pairs are enumerated best-first from the two
+ * sorted half lists: (i, j) is reached from (i, j-1), and (i, 0) from (i-1, 0), so
+ * every pair enters the heap once and after a better one. */
+void pk_topk(const float *s, int64_t H, int64_t sb, int64_t sh, int64_t sp, int64_t n,
+             int64_t k, float *out_scores, int64_t *out_index, int64_t lo, int64_t hi) {
+    const int64_t kk = k < n ? k : n;
+    float *va = malloc(sizeof(float) * kk * 2);
+    int32_t *pa = malloc(sizeof(int32_t) * kk * 2);
+    Cand *heap = malloc(sizeof(Cand) * (k + 2)); /* each pop adds at most one net */
+    float *vb = va + kk;
+    int32_t *pb = pa + kk;
+    for (int64_t t = lo; t < hi; ++t) {
+        const float *x = s + (t / H) * sb + (t % H) * sh;
+        top_of_half(x, n, kk, va, pa);
+        top_of_half(x + sp, n, kk, vb, pb);
+        int64_t size = 0;
+        heap_push(heap, &size, make_cand(va, pa, vb, pb, 0, 0, n));
+        for (int64_t r = 0; r < k; ++r) {
+            Cand c = heap_pop(heap, &size);
+            out_scores[t * k + r] = c.s;
+            out_index[t * k + r] = c.index;
+            if (c.j + 1 < kk) heap_push(heap, &size, make_cand(va, pa, vb, pb, c.i, c.j + 1, n));
+            if (c.j == 0 && c.i + 1 < kk)
+                heap_push(heap, &size, make_cand(va, pa, vb, pb, c.i + 1, 0, n));
+        }
+    }
+    free(va);
+    free(pa);
+    free(heap);
+}

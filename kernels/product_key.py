@@ -1,0 +1,89 @@
+"""Multi-head product-key top-k (Lample et al. 2019).
+
+Each head splits its query in two halves and scores them against n sub-keys each;
+the candidates are all n² sums s1[i] + s2[j], and the result is their exact top-k.
+The selection is not differentiable; the returned scores are re-gathered from the
+half scores with torch ops, so gradients reach q and keys through them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _native
+from ._dispatch import cuda_impl, native_ok
+
+__all__ = ["product_key_topk", "half_scores"]
+
+
+def _check_args(q: torch.Tensor, keys: torch.Tensor, k: int) -> None:
+    if keys.dim() != 4 or keys.shape[1] != 2:
+        raise ValueError(f"keys: expected shape (H, 2, n, Dk/2), got {tuple(keys.shape)}")
+    H, _, n, half = keys.shape
+    if q.dim() != 3 or q.shape[1] != H or q.shape[2] != 2 * half:
+        raise ValueError(f"q: expected shape (B, {H}, {2 * half}), got {tuple(q.shape)}")
+    if q.dtype != keys.dtype or not q.is_floating_point():
+        raise TypeError(f"q: expected the floating dtype of keys ({keys.dtype}), got {q.dtype}")
+    if not isinstance(k, int) or not 1 <= k <= n * n:
+        raise ValueError(f"k: expected an int in [1, n² = {n * n}], got {k!r}")
+
+
+def half_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(H, 2, B, n): each query half of q (B, H, Dk) against its n sub-keys."""
+    B, H, Dk = q.shape
+    halves = q.reshape(B, H, 2, Dk // 2).permute(1, 2, 0, 3)
+    return torch.matmul(halves, keys.transpose(-1, -2))
+
+
+def _select_native(s: torch.Tensor, k: int) -> torch.Tensor:
+    H, _, B, n = s.shape
+    scores = torch.empty(B, H, k, dtype=torch.float32)
+    index = torch.empty(B, H, k, dtype=torch.int64)
+    _native.parallel_for(
+        _native.library().pk_topk, B * H, s.data_ptr(), H, s.stride(2), s.stride(0),
+        s.stride(1), n, k, scores.data_ptr(), index.data_ptr(),
+    )
+    return index
+
+
+def _sorted_topk(x: torch.Tensor, index: torch.Tensor, k: int):
+    """Top-k along the last dim, ordered by (value desc, index asc)."""
+    by_index = torch.argsort(index, dim=-1)
+    x, index = x.gather(-1, by_index), index.gather(-1, by_index)
+    order = torch.sort(-x, dim=-1, stable=True).indices[..., :k]
+    return x.gather(-1, order), index.gather(-1, order)
+
+
+def _select_composite(s: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact selection with torch ops for dtypes or devices without a fast path."""
+    H, _, B, n = s.shape
+    kk = min(k, n)
+    arange = torch.arange(n, device=s.device).expand(H, 2, B, n)
+    top, pos = _sorted_topk(s, arange, kk)  # (H, 2, B, kk)
+    sums = top[:, 0, :, :, None] + top[:, 1, :, None, :]
+    index = pos[:, 0, :, :, None] * n + pos[:, 1, :, None, :]
+    _, best = _sorted_topk(sums.flatten(-2), index.flatten(-2), k)
+    return best.permute(1, 0, 2)
+
+
+def product_key_topk(q: torch.Tensor, keys: torch.Tensor, k: int):
+    """Exact multi-head product-key top-k.
+
+    q (B, H, Dk), keys (H, 2, n, Dk/2) -> scores (B, H, k) sorted descending and
+    indices (B, H, k) int64 in [0, n²) with index = i·n + j; equal scores are ordered
+    by the smaller index. Scores are differentiable with respect to q and keys.
+    """
+    _check_args(q, keys, k)
+    n = keys.shape[2]
+    impl = cuda_impl("product_key_topk", q, keys)
+    if impl is not None:
+        return impl(q, keys, k)
+    s = half_scores(q, keys)
+    selector = _select_native if native_ok(s, dtypes=(torch.float32,)) else _select_composite
+    with torch.no_grad():
+        index = selector(s.detach(), k)
+    i, j = index // n, index % n
+    s1 = s[:, 0].permute(1, 0, 2)  # (B, H, n)
+    s2 = s[:, 1].permute(1, 0, 2)
+    scores = s1.gather(-1, i) + s2.gather(-1, j)
+    return scores, index

@@ -1,0 +1,63 @@
+"""Input checks shared by every public operation.
+
+Each check raises :class:`InvalidArgument` naming the field and the expected value,
+and runs before anything is modified, so a rejected call changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidArgument
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_dtype_name(field: str, name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InvalidArgument(field, f"one of {sorted(DTYPES)}", name)
+    return DTYPES[name]
+
+
+def check_positive_int(field: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgument(field, f"an int >= {minimum}", value)
+    return value
+
+
+def check_tensor(field: str, t, ndim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise InvalidArgument(field, f"a {ndim}-d torch.Tensor", type(t).__name__)
+    if t.dim() != ndim:
+        raise InvalidArgument(field, f"a {ndim}-d tensor", f"shape {tuple(t.shape)}")
+    return t
+
+
+def check_index(field: str, t, ndim: int, lo: int, hi: int) -> torch.Tensor:
+    """An int32/int64 tensor of ``ndim`` dims with every entry in [lo, hi)."""
+    check_tensor(field, t, ndim)
+    if t.dtype not in (torch.int64, torch.int32):
+        raise InvalidArgument(field, "an int64 or int32 tensor", t.dtype)
+    if t.numel():
+        tmin, tmax = int(t.min()), int(t.max())
+        if tmin < lo or tmax >= hi:
+            raise InvalidArgument(field, f"indices in [{lo}, {hi})", f"range [{tmin}, {tmax}]")
+    return t
+
+
+def check_float(field: str, t, shape: tuple[int, ...]) -> torch.Tensor:
+    """A finite floating tensor of exactly ``shape``."""
+    check_tensor(field, t, len(shape))
+    if not t.is_floating_point():
+        raise InvalidArgument(field, "a floating-point tensor", t.dtype)
+    if tuple(t.shape) != tuple(shape):
+        raise InvalidArgument(field, f"shape {tuple(shape)}", f"shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise InvalidArgument(field, "finite values (no NaN or Inf)", "NaN or Inf")
+    return t
+
+
+def check_step(field: str, step) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise InvalidArgument(field, "an int >= 0", step)
+    return step

@@ -1,0 +1,276 @@
+"""One block of a value table, with its optimizer state.
+
+A ``ShardTable`` owns rows [row_start, row_stop) × columns [col_start, col_stop) of
+a table of ``rows × dim`` values. It answers lookups and gathers, takes the backward
+pass of a batch (row gradients pend, keyed by step and worker), and applies the
+sparse optimizer when the step is closed. A table of one block is the in-process
+value table of a :class:`memstore.MemoryLayer`; the distributed table is a grid of
+blocks, each inside a shard actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+
+import torch
+
+import kernels
+
+from ._internal.validation import (
+    check_dtype_name,
+    check_float,
+    check_index,
+    check_positive_int,
+    check_step,
+)
+from .errors import InvalidArgument, StepOutOfOrder
+from .optim import Adam, _Optimizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ShardTable", "BlockSpec"]
+
+# Rows are initialised in fixed chunks, each from its own seed, so that a row's
+# initial value does not depend on how the table is cut into blocks.
+_INIT_CHUNK_ROWS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """Where a block sits in its table."""
+
+    rows: int
+    dim: int
+    row_start: int
+    row_stop: int
+    col_start: int
+    col_stop: int
+
+    @classmethod
+    def whole(cls, rows: int, dim: int) -> "BlockSpec":
+        return cls(rows, dim, 0, rows, 0, dim)
+
+    def __post_init__(self) -> None:
+        check_positive_int("rows", self.rows)
+        check_positive_int("dim", self.dim)
+        if not 0 <= self.row_start < self.row_stop <= self.rows:
+            raise InvalidArgument("row_range", f"0 <= start < stop <= {self.rows}",
+                                  (self.row_start, self.row_stop))
+        if not 0 <= self.col_start < self.col_stop <= self.dim:
+            raise InvalidArgument("col_range", f"0 <= start < stop <= {self.dim}",
+                                  (self.col_start, self.col_stop))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.row_stop - self.row_start, self.col_stop - self.col_start)
+
+
+def initial_values(spec: BlockSpec, seed: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+    """N(0, std²) values of the block, identical for a row whatever the grid."""
+    out = torch.empty(spec.shape, dtype=dtype)
+    first = spec.row_start // _INIT_CHUNK_ROWS
+    last = (spec.row_stop - 1) // _INIT_CHUNK_ROWS
+    for chunk in range(first, last + 1):
+        lo = chunk * _INIT_CHUNK_ROWS
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+        full = torch.randn(_INIT_CHUNK_ROWS, spec.dim, generator=gen)
+        a, b = max(lo, spec.row_start), min(lo + _INIT_CHUNK_ROWS, spec.row_stop)
+        out[a - spec.row_start: b - spec.row_start] = (
+            full[a - lo: b - lo, spec.col_start: spec.col_stop] * std
+        ).to(dtype)
+    return out
+
+
+class ShardTable:
+    """A block of a value table and its optimizer state, in one process.
+
+    >>> t = ShardTable(rows=1 << 16, dim=64, optimizer=Adam(lr=1e-2))
+    >>> y = t.lookup(idx, w)                 # idx (B, M) int64, w (B, M) -> (B, 64)
+    >>> dw = t.backward(idx, w, dy, step=1)  # row gradients pend for step 1
+    >>> t.step(1)                            # fused sparse Adam on the touched rows
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        dim: int,
+        *,
+        optimizer: _Optimizer | None = None,
+        dtype: str = "float32",
+        row_range: tuple[int, int] | None = None,
+        col_range: tuple[int, int] | None = None,
+        seed: int = 0,
+        init_std: float | None = None,
+        device: str = "cpu",
+    ):
+        check_positive_int("rows", rows)
+        check_positive_int("dim", dim)
+        self.spec = BlockSpec(rows, dim, *(row_range or (0, rows)), *(col_range or (0, dim)))
+        self.dtype_name = dtype
+        torch_dtype = check_dtype_name("dtype", dtype)
+        if optimizer is None:
+            optimizer = Adam()
+        if not isinstance(optimizer, _Optimizer):
+            raise InvalidArgument("optimizer", "a memstore optimizer (SGD, Adagrad, "
+                                  "RowWiseAdagrad, Adam, AdamW)", type(optimizer).__name__)
+        self.optimizer = optimizer
+        self.device = torch.device(device)
+        std = dim**-0.5 if init_std is None else init_std
+        self.values = initial_values(self.spec, seed, std, torch_dtype).to(self.device)
+        self.state = optimizer.init_state(*self.spec.shape, self.device)
+        self.last_step = 0  # the last step applied; steps are numbered from 1
+        self.updates = 0  # optimizer steps taken (bias correction count)
+        self._pending: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._counters = {"lookups": 0, "tokens": 0, "pushes": 0, "duplicate_pushes": 0,
+                          "rows_updated": 0, "lookup_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
+
+    # ---- reads ---------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return self.spec.rows
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def _local_index(self, idx: torch.Tensor, ndim: int, field: str = "idx") -> torch.Tensor:
+        s = self.spec
+        check_index(field, idx, ndim, s.row_start, s.row_stop)
+        idx = idx.to(device=self.device, dtype=torch.int64)
+        return idx - s.row_start if s.row_start else idx
+
+    def lookup(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(B, cols) float32: Σ_m w[b, m] · values[idx[b, m]] over this block's columns."""
+        local = self._local_index(idx, 2)
+        check_float("w", w, tuple(idx.shape))
+        start = time.perf_counter()
+        y = kernels.bag_forward(self.values, local, w.to(self.device, torch.float32))
+        self._count("lookup_s", start, tokens=idx.shape[0])
+        return y
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, cols) copies of the given rows, in the table's dtype."""
+        local = self._local_index(rows, 1, field="rows")
+        return self.values[local].clone()
+
+    # ---- updates -------------------------------------------------------------
+    def backward(self, idx, w, dy, step: int | None = None, worker: int = 0) -> torch.Tensor:
+        """dw (B, M) = <values[idx], dy>; the row gradients pend for (step, worker).
+
+        ``step`` defaults to the step after the last applied one. A second push of the
+        same (step, worker) returns dw again but is not applied twice.
+        """
+        local = self._local_index(idx, 2)
+        check_float("w", w, tuple(idx.shape))
+        check_float("dy", dy, (idx.shape[0], self.spec.shape[1]))
+        step = self._check_open_step(step)
+        check_step("worker", worker)
+        start = time.perf_counter()
+        dw, (rows, grads) = kernels.bag_backward(
+            self.values, local, w.to(self.device, torch.float32), dy.to(self.device, torch.float32)
+        )
+        pushes = self._pending.setdefault(step, {})
+        if worker in pushes:
+            self._counters["duplicate_pushes"] += 1
+            log.info("ignoring a repeated push of worker %d for step %d", worker, step)
+        else:
+            pushes[worker] = (rows, grads)
+            self._counters["pushes"] += 1
+        self._count("backward_s", start)
+        return dw
+
+    def step(self, step: int | None = None) -> int:
+        """Apply the optimizer to the gradients pending for ``step``; returns the rows updated."""
+        step = self._check_open_step(step)
+        start = time.perf_counter()
+        pushes = self._pending.pop(step, {})
+        for stale in [s for s in self._pending if s < step]:
+            log.warning("dropping gradients of step %d, never applied before step %d", stale, step)
+            del self._pending[stale]
+        rows, grads = _merge_pushes([pushes[w] for w in sorted(pushes)], self.spec.shape[1])
+        self.updates += 1
+        self.optimizer.apply(self.values, self.state, rows, grads, step=self.updates)
+        self.last_step = step
+        self._counters["rows_updated"] += rows.numel()
+        self._count("step_s", start)
+        return rows.numel()
+
+    def _check_open_step(self, step: int | None) -> int:
+        if step is None:
+            return self.last_step + 1
+        check_step("step", step)
+        if step <= self.last_step:
+            raise StepOutOfOrder(step, self.last_step)
+        return step
+
+    def pending_steps(self) -> list[int]:
+        return sorted(self._pending)
+
+    # ---- state ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Values, optimizer state and counters; pending gradients are not part of it."""
+        return {
+            "spec": dataclasses.asdict(self.spec),
+            "dtype": self.dtype_name,
+            "optimizer": self.optimizer.to_dict(),
+            "values": self.values.cpu(),
+            "state": {k: v.cpu() for k, v in self.state.items()},
+            "last_step": self.last_step,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Load a state of the same block shape; clears pending gradients."""
+        if tuple(sd["values"].shape) != self.spec.shape:
+            raise InvalidArgument("values", f"shape {self.spec.shape}", tuple(sd["values"].shape))
+        if set(sd["state"]) != set(self.state):
+            raise InvalidArgument("state", f"tensors {sorted(self.state)}", sorted(sd["state"]))
+        self.values.copy_(sd["values"])
+        for name, tensor in sd["state"].items():
+            self.state[name].copy_(tensor)
+        self.last_step = int(sd["last_step"])
+        self.updates = int(sd["updates"])
+        self._pending.clear()
+
+    def fingerprint(self) -> str:
+        """sha256 of values and optimizer state: equal fingerprints, identical block."""
+        h = hashlib.sha256()
+        for t in [self.values, *(self.state[k] for k in sorted(self.state))]:
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(f"{self.last_step}:{self.updates}".encode())
+        return h.hexdigest()
+
+    def nbytes(self) -> int:
+        return self.values.nbytes + sum(t.nbytes for t in self.state.values())
+
+    def stats(self) -> dict:
+        return {
+            "rows": self.spec.shape[0],
+            "cols": self.spec.shape[1],
+            "bytes": self.nbytes(),
+            "last_step": self.last_step,
+            "pending_steps": self.pending_steps(),
+            **self._counters,
+        }
+
+    def _count(self, timer: str, start: float, tokens: int = 0) -> None:
+        self._counters[timer] += time.perf_counter() - start
+        if tokens:
+            self._counters["lookups"] += 1
+            self._counters["tokens"] += tokens
+
+
+def _merge_pushes(pushes, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (unique sorted rows, summed grads) from the pushes of several workers."""
+    if not pushes:
+        return torch.empty(0, dtype=torch.int64), torch.empty(0, dim, dtype=torch.float32)
+    if len(pushes) == 1:
+        return pushes[0]
+    rows = torch.cat([r for r, _ in pushes])
+    grads = torch.cat([g for _, g in pushes])
+    unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    summed = torch.zeros(unique.numel(), dim, dtype=torch.float32, device=grads.device)
+    return unique, summed.index_add_(0, inverse, grads)
