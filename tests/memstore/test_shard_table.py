@@ -1,0 +1,146 @@
+import pickle
+
+import pytest
+import torch
+
+import memstore
+from kernels.reference import adam_step_reference, bag_backward_reference, bag_forward_reference
+from memstore import InvalidArgument, ShardTable, StepOutOfOrder
+from memstore.shard_table import BlockSpec, initial_values
+
+ROWS, DIM = 300, 41
+
+
+def make(**kw):
+    return ShardTable(ROWS, DIM, optimizer=memstore.Adam(lr=0.05), seed=3, **kw)
+
+
+def batch(B=9, M=7, rows=ROWS, lo=0):
+    idx = torch.randint(lo, rows, (B, M))
+    return idx, torch.rand(B, M), torch.randn(B, DIM)
+
+
+def test_lookup_matches_reference():
+    t = make()
+    idx, w, _ = batch()
+    torch.testing.assert_close(t.lookup(idx, w), bag_forward_reference(t.values, idx, w))
+
+
+def test_initial_values_do_not_depend_on_the_grid():
+    whole = initial_values(BlockSpec.whole(10_000, 8), 5, 1.0, torch.float32)
+    block = initial_values(BlockSpec(10_000, 8, 4000, 9000, 2, 6), 5, 1.0, torch.float32)
+    assert torch.equal(whole[4000:9000, 2:6], block)
+
+
+def test_backward_and_step_equal_reference_adam():
+    t = make()
+    values = t.values.clone()
+    m, v = torch.zeros_like(values), torch.zeros_like(values)
+    for step in (1, 2, 3):
+        idx, w, dy = batch()
+        dw = t.backward(idx, w, dy, step=step)
+        ref_dw, (rows, grads) = bag_backward_reference(values, idx, w, dy)
+        torch.testing.assert_close(dw, ref_dw)
+        t.step(step)
+        adam_step_reference(values, m, v, rows, grads, step=step, lr=0.05, beta1=0.9,
+                            beta2=0.999, eps=1e-8)
+        torch.testing.assert_close(t.values, values, rtol=1e-6, atol=1e-6)
+
+
+def test_pushes_of_two_workers_sum_and_a_repeated_push_is_ignored():
+    t, single = make(), make()
+    idx, w, dy = batch()
+    a, b = slice(0, 4), slice(4, 9)
+    t.backward(idx[a], w[a], dy[a], step=1, worker=0)
+    t.backward(idx[b], w[b], dy[b], step=1, worker=1)
+    t.backward(idx[b], w[b], dy[b], step=1, worker=1)  # a retry: never applied twice
+    single.backward(idx, w, dy, step=1)
+    t.step(1)
+    single.step(1)
+    torch.testing.assert_close(t.values, single.values, rtol=1e-6, atol=1e-6)
+    assert t.stats()["duplicate_pushes"] == 1
+
+
+def test_row_and_column_block_answers_its_part():
+    whole = make()
+    block = make(row_range=(100, 250), col_range=(5, 30))
+    idx, w, dy = batch(lo=100, rows=250)
+    torch.testing.assert_close(block.lookup(idx, w), whole.lookup(idx, w)[:, 5:30])
+    with pytest.raises(InvalidArgument, match=r"idx: expected indices in \[100, 250\)"):
+        block.lookup(idx - 100, w)
+
+
+def test_bfloat16_table_lookup_and_step():
+    t = ShardTable(ROWS, DIM, dtype="bfloat16", optimizer=memstore.SGD(lr=0.1))
+    idx, w, dy = batch()
+    torch.testing.assert_close(t.lookup(idx, w), bag_forward_reference(t.values, idx, w))
+    before = t.values.float().clone()
+    t.backward(idx, w, dy, step=1)
+    t.step(1)
+    assert t.values.dtype == torch.bfloat16
+    assert not torch.equal(before, t.values.float())
+
+
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (lambda t, i, w, d: t.lookup(i.float(), w), "idx"),
+        (lambda t, i, w, d: t.lookup(i - ROWS, w), "idx"),
+        (lambda t, i, w, d: t.lookup(i + ROWS, w), "idx"),
+        (lambda t, i, w, d: t.lookup(i, w[:, :3]), "w"),
+        (lambda t, i, w, d: t.lookup(i, w.masked_fill(w > 0.5, float("nan"))), "w"),
+        (lambda t, i, w, d: t.backward(i, w, d[:, :5], step=2), "dy"),
+        (lambda t, i, w, d: t.backward(i, w, d.masked_fill(d > 1, float("inf")), step=2), "dy"),
+        (lambda t, i, w, d: t.backward(i, w, d, step=-1), "step"),
+        (lambda t, i, w, d: t.backward(i, w, d, step=2, worker=-2), "worker"),
+        (lambda t, i, w, d: t.gather(i), "rows"),
+    ],
+)
+def test_bad_input_names_the_field_and_changes_nothing(call, field):
+    t = make()
+    idx, w, dy = batch()
+    t.backward(idx, w, dy, step=1)
+    t.step(1)
+    before, pending = t.fingerprint(), t.pending_steps()
+    with pytest.raises(InvalidArgument) as e:
+        call(t, idx, w, dy)
+    assert e.value.field == field
+    assert t.fingerprint() == before and t.pending_steps() == pending
+
+
+def test_a_step_from_the_past_is_refused():
+    t = make()
+    idx, w, dy = batch()
+    t.backward(idx, w, dy, step=2)
+    t.step(2)
+    before = t.fingerprint()
+    with pytest.raises(StepOutOfOrder) as e:
+        t.backward(idx, w, dy, step=2)
+    assert e.value.last_applied == 2
+    with pytest.raises(StepOutOfOrder):
+        t.step(1)
+    assert t.fingerprint() == before
+
+
+def test_state_dict_round_trip_continues_identically():
+    a, b = make(), ShardTable(ROWS, DIM, optimizer=memstore.Adam(lr=0.05), seed=99)
+    idx, w, dy = batch()
+    a.backward(idx, w, dy, step=1)
+    a.step(1)
+    b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+    assert a.fingerprint() == b.fingerprint()
+    for t in (a, b):
+        t.backward(idx, w, dy, step=2)
+        t.step(2)
+    assert a.fingerprint() == b.fingerprint()
+
+
+def test_every_optimizer_kind_has_the_state_it_declares():
+    for opt in (memstore.SGD(), memstore.Adagrad(), memstore.RowWiseAdagrad(),
+                memstore.Adam(), memstore.AdamW()):
+        t = ShardTable(ROWS, DIM, optimizer=opt)
+        assert set(t.state) == set(opt.kind.state_names())
+        assert t.nbytes() == t.values.nbytes + opt.kind.state_bytes(ROWS, DIM)
+        idx, w, dy = batch()
+        t.backward(idx, w, dy)
+        assert t.step() > 0
