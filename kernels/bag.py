@@ -11,7 +11,7 @@ import torch
 
 from . import _native
 from ._dispatch import cuda_impl, native_ok
-from .reference import bag_backward_reference, bag_forward_reference
+from .reference import accumulation_dtype, bag_backward_reference, bag_forward_reference
 
 __all__ = ["bag_forward", "bag_backward", "bag_forward_csr", "bag_backward_csr", "BagFunction"]
 
@@ -37,13 +37,18 @@ def _row_major(values: torch.Tensor) -> torch.Tensor:
 
 
 def _slot_offsets(B: int, M: int) -> torch.Tensor:
-    return torch.arange(0, B * M + 1, max(M, 1), dtype=torch.int64)[: B + 1]
+    return torch.arange(B + 1, dtype=torch.int64) * M
+
+
+def _native_bag(values, w) -> bool:
+    """The C path accumulates in float32: it takes the inputs that ask for no more."""
+    return native_ok(values) and accumulation_dtype(values, w) == torch.float32
 
 
 def bag_forward_csr(values, rows, w, offsets) -> torch.Tensor:
     """CSR bags: out[b] = Σ_{p in [offsets[b], offsets[b+1])} w[p] · values[rows[p]]."""
     B = offsets.numel() - 1
-    if native_ok(values):
+    if _native_bag(values, w):
         values = _row_major(values)
         rows = rows.to(torch.int64).contiguous()
         w = w.to(torch.float32).contiguous()
@@ -55,20 +60,22 @@ def bag_forward_csr(values, rows, w, offsets) -> torch.Tensor:
             offsets.data_ptr(), values.shape[1], out.data_ptr(),
         )
         return out
+    acc = accumulation_dtype(values, w)
     bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
-    out = torch.zeros(B, values.shape[1], dtype=torch.float32, device=values.device)
-    return out.index_add_(0, bag_of_slot, values[rows].float() * w.float()[:, None])
+    out = torch.zeros(B, values.shape[1], dtype=acc, device=values.device)
+    return out.index_add_(0, bag_of_slot, values[rows].to(acc) * w.to(acc)[:, None])
 
 
 def bag_forward(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]]; values float32 or bfloat16."""
+    """(B, dim) = Σ_m w[b, m] · values[idx[b, m]], accumulated and returned in float32
+    (float64 when values or w are float64)."""
     _check_bag_args(values, idx, w)
     if idx.dim() != 2:
         raise ValueError(f"idx: expected a 2-d (B, M) tensor, got shape {tuple(idx.shape)}")
     impl = cuda_impl("bag_forward", values, idx, w)
     if impl is not None:
         return impl(values, idx, w)
-    if native_ok(values):
+    if _native_bag(values, w):
         B, M = idx.shape
         return bag_forward_csr(values, idx.reshape(-1), w.reshape(-1), _slot_offsets(B, M))
     return bag_forward_reference(values, idx, w)
@@ -80,7 +87,7 @@ def _dedup_row_grads(rows, w, dy, bag_of_slot):
     unique, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     seg = torch.zeros(unique.numel() + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=seg[1:])
-    grads = torch.empty(unique.numel(), dy.shape[1], dtype=torch.float32)
+    grads = _native.empty_hugepages((unique.numel(), dy.shape[1]), torch.float32)
     _native.parallel_for(
         _native.library().row_grads, unique.numel(), order.data_ptr(), seg.data_ptr(),
         bag_of_slot.data_ptr(), w.data_ptr(), dy.data_ptr(), dy.shape[1], grads.data_ptr(),
@@ -91,24 +98,25 @@ def _dedup_row_grads(rows, w, dy, bag_of_slot):
 def bag_backward_csr(values, rows, w, offsets, dy):
     """CSR form of :func:`bag_backward`: dw (P,) and (unique rows, grads)."""
     B = offsets.numel() - 1
-    dy = dy.to(torch.float32).contiguous()
     bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
-    if native_ok(values):
+    if _native_bag(values, w):
         values = _row_major(values)
         rows = rows.to(torch.int64).contiguous()
         w = w.to(torch.float32).contiguous()
         offsets = offsets.to(torch.int64).contiguous()
+        dy = dy.to(torch.float32).contiguous()
         dw = torch.empty(rows.numel(), dtype=torch.float32)
         _native.parallel_for(
             _native.typed("bag_dw", values.dtype), B, values.data_ptr(), values.stride(0),
             rows.data_ptr(), offsets.data_ptr(), dy.data_ptr(), values.shape[1], dw.data_ptr(),
         )
         return dw, _dedup_row_grads(rows, w, dy, bag_of_slot)
-    slot_dy = dy[bag_of_slot]
-    dw = (values[rows].float() * slot_dy).sum(dim=1)
+    acc = accumulation_dtype(values, w)
+    slot_dy = dy.to(acc)[bag_of_slot]
+    dw = (values[rows].to(acc) * slot_dy).sum(dim=1)
     unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-    grads = torch.zeros(unique.numel(), dy.shape[1], dtype=torch.float32, device=dy.device)
-    grads.index_add_(0, inverse, slot_dy * w.float()[:, None])
+    grads = torch.zeros(unique.numel(), dy.shape[1], dtype=acc, device=dy.device)
+    grads.index_add_(0, inverse, slot_dy * w.to(acc)[:, None])
     return dw, (unique.to(torch.int64), grads)
 
 
@@ -128,7 +136,7 @@ def bag_backward(values, idx, w, dy):
     impl = cuda_impl("bag_backward", values, idx, w, dy)
     if impl is not None:
         return impl(values, idx, w, dy)
-    if native_ok(values):
+    if _native_bag(values, w):
         B, M = idx.shape
         dw, grad = bag_backward_csr(values, idx.reshape(-1), w.reshape(-1), _slot_offsets(B, M), dy)
         return dw.reshape(B, M), grad
@@ -150,6 +158,7 @@ class BagFunction(torch.autograd.Function):
         dvalues = None
         if ctx.needs_input_grad[0]:
             dvalues = torch.sparse_coo_tensor(
-                rows[None], grads.to(values.dtype), values.shape, is_coalesced=True
+                rows[None], grads.to(values.dtype), values.shape, is_coalesced=True,
+                check_invariants=False,
             )
         return dvalues, None, dw.to(w.dtype)

@@ -10,6 +10,7 @@ import torch
 
 __all__ = [
     "product_key_topk_reference",
+    "accumulation_dtype",
     "bag_forward_reference",
     "bag_backward_reference",
     "sgd_step_reference",
@@ -41,10 +42,15 @@ def product_key_topk_reference(q: torch.Tensor, keys: torch.Tensor, k: int):
     return scores, order
 
 
+def accumulation_dtype(values: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64 (so gradcheck sees full precision)."""
+    return torch.promote_types(torch.promote_types(values.dtype, w.dtype), torch.float32)
+
+
 def bag_forward_reference(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """y[b] = Σ_m w[b, m] · values[idx[b, m]], accumulated in float32."""
-    rows = values.float()[idx]  # (B, M, dim)
-    return torch.einsum("bm,bmd->bd", w.float(), rows)
+    """y[b] = Σ_m w[b, m] · values[idx[b, m]], accumulated in float32 (or float64)."""
+    acc = accumulation_dtype(values, w)
+    return torch.einsum("bm,bmd->bd", w.to(acc), values.to(acc)[idx])
 
 
 def bag_backward_reference(values, idx, w, dy):
@@ -52,15 +58,17 @@ def bag_backward_reference(values, idx, w, dy):
 
     Returns dw (B, M) = <values[idx[b, m]], dy[b]> and the deduplicated value
     gradient as (rows, grads): rows sorted unique int64 (U,), grads (U, dim) float32
-    where grads[u] = Σ over slots with idx == rows[u] of w · dy[b].
+    where grads[u] = Σ over slots with idx == rows[u] of w · dy[b]
+    (float64 instead of float32 when an input is float64).
     """
-    dy = dy.float()
-    dw = torch.einsum("bmd,bd->bm", values.float()[idx], dy)
+    acc = accumulation_dtype(values, w)
+    dy = dy.to(acc)
+    dw = torch.einsum("bmd,bd->bm", values.to(acc)[idx], dy)
     rows, inverse = torch.unique(idx.flatten(), sorted=True, return_inverse=True)
-    slot_grads = w.float().reshape(-1, 1) * dy.repeat_interleave(idx.shape[1], dim=0)
-    grads = torch.zeros(rows.numel(), dy.shape[1], dtype=torch.float32)
+    slot_grads = w.to(acc).reshape(-1, 1) * dy.repeat_interleave(idx.shape[1], dim=0)
+    grads = torch.zeros(rows.numel(), dy.shape[1], dtype=acc, device=dy.device)
     grads.index_add_(0, inverse, slot_grads)
-    return dw, (rows, grads)
+    return dw, (rows.to(torch.int64), grads)
 
 
 def _write_rows(values, rows, new_rows_f32):

@@ -24,26 +24,32 @@ __all__ = ["sgd_step", "adagrad_step", "rowwise_adagrad_step", "adam_step"]
 
 
 def _check(values, rows, grads, states=()):
+    """``states``: (name, tensor, expected shape) triples."""
     if values.dim() != 2:
         raise ValueError(f"values: expected a 2-d tensor, got shape {tuple(values.shape)}")
     if rows.dim() != 1 or rows.dtype != torch.int64:
         raise TypeError(f"rows: expected a 1-d int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
+    if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        # Sorted rows (what bag_backward returns) pass the cheap check above.
+        if torch.unique(rows).numel() != rows.numel():
+            raise ValueError("rows: expected unique rows (a duplicate would be applied twice)")
     if grads.shape != (rows.numel(), values.shape[1]) or grads.dtype != torch.float32:
         raise ValueError(
             f"grads: expected float32 of shape {(rows.numel(), values.shape[1])}, "
             f"got {grads.dtype} {tuple(grads.shape)}"
         )
-    for name, state in states:
+    for name, state, shape in states:
         if state.dtype != torch.float32 or not state.is_contiguous():
             raise TypeError(f"{name}: expected a contiguous float32 state tensor")
-        if state.shape[0] != values.shape[0]:
-            raise ValueError(f"{name}: expected {values.shape[0]} rows, got {state.shape[0]}")
+        if tuple(state.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(state.shape)}")
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= values.shape[0]):
         raise IndexError(f"rows: expected indices in [0, {values.shape[0]})")
 
 
-def _native_ready(values, grads, *states) -> bool:
-    return native_ok(values) and values.stride(1) == 1 and grads.is_contiguous()
+def _native_ready(values, rows, grads) -> bool:
+    return (native_ok(values) and values.stride(1) == 1 and grads.is_contiguous()
+            and rows.is_contiguous())
 
 
 def sgd_step(values, rows, grads, *, lr: float, weight_decay: float = 0.0) -> None:
@@ -51,7 +57,7 @@ def sgd_step(values, rows, grads, *, lr: float, weight_decay: float = 0.0) -> No
     impl = cuda_impl("sgd_step", values, rows, grads)
     if impl is not None:
         return impl(values, rows, grads, lr=lr, weight_decay=weight_decay)
-    if not _native_ready(values, grads):
+    if not _native_ready(values, rows, grads):
         return sgd_step_reference(values, rows, grads, lr=lr, weight_decay=weight_decay)
     _native.parallel_for(
         _native.typed("sgd", values.dtype), rows.numel(), values.data_ptr(), values.stride(0),
@@ -61,11 +67,11 @@ def sgd_step(values, rows, grads, *, lr: float, weight_decay: float = 0.0) -> No
 
 def adagrad_step(values, state_sum, rows, grads, *, lr, eps, lr_decay=0.0, step=1) -> None:
     """torch.optim.Adagrad on a sparse gradient; ``step`` is the 1-based step count."""
-    _check(values, rows, grads, [("state_sum", state_sum)])
+    _check(values, rows, grads, [("state_sum", state_sum, tuple(values.shape))])
     impl = cuda_impl("adagrad_step", values, rows, grads)
     if impl is not None:
         return impl(values, state_sum, rows, grads, lr=lr, eps=eps, lr_decay=lr_decay, step=step)
-    if not _native_ready(values, grads):
+    if not _native_ready(values, rows, grads):
         return adagrad_step_reference(
             values, state_sum, rows, grads, lr=lr, eps=eps, lr_decay=lr_decay, step=step
         )
@@ -79,11 +85,11 @@ def adagrad_step(values, state_sum, rows, grads, *, lr, eps, lr_decay=0.0, step=
 
 def rowwise_adagrad_step(values, state_sum, rows, grads, *, lr, eps) -> None:
     """Adagrad with one accumulator per row (state_sum (R,)), fed by mean(g²)."""
-    _check(values, rows, grads, [("state_sum", state_sum)])
+    _check(values, rows, grads, [("state_sum", state_sum, (values.shape[0],))])
     impl = cuda_impl("rowwise_adagrad_step", values, rows, grads)
     if impl is not None:
         return impl(values, state_sum, rows, grads, lr=lr, eps=eps)
-    if not _native_ready(values, grads):
+    if not _native_ready(values, rows, grads):
         return rowwise_adagrad_step_reference(values, state_sum, rows, grads, lr=lr, eps=eps)
     _native.parallel_for(
         _native.typed("rowwise_adagrad", values.dtype), rows.numel(), values.data_ptr(),
@@ -97,13 +103,14 @@ def adam_step(
     weight_decay=0.0, decoupled=False,
 ) -> None:
     """Lazy Adam (SparseAdam) or, with ``decoupled``, AdamW on the touched rows."""
-    _check(values, rows, grads, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
+    _check(values, rows, grads, [("exp_avg", exp_avg, tuple(values.shape)),
+                                 ("exp_avg_sq", exp_avg_sq, tuple(values.shape))])
     kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay, decoupled=decoupled)
     impl = cuda_impl("adam_step", values, rows, grads)
     if impl is not None:
         return impl(values, exp_avg, exp_avg_sq, rows, grads, **kwargs)
-    if not _native_ready(values, grads):
+    if not _native_ready(values, rows, grads):
         return adam_step_reference(values, exp_avg, exp_avg_sq, rows, grads, **kwargs)
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2**step
@@ -113,5 +120,5 @@ def adam_step(
     _native.parallel_for(
         _native.typed("adam", values.dtype), rows.numel(), values.data_ptr(), values.stride(0),
         exp_avg.data_ptr(), exp_avg_sq.data_ptr(), rows.data_ptr(), grads.data_ptr(),
-        values.shape[1], beta1, beta2, step_size, eps_term, shrink,
+        values.shape[1], beta1, beta2, 1.0 - beta1, 1.0 - beta2, step_size, eps_term, shrink,
     )

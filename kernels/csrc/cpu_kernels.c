@@ -184,10 +184,11 @@ void row_grads(const int64_t *order, const int64_t *seg, const int64_t *slot_bag
                 store_##SFX(v + d, load_##SFX(v + d) - scale * g[d]);                    \
         }                                                                                \
     }                                                                                    \
-    /* Lazy Adam; shrink = 1 - lr*weight_decay for AdamW, else 1. */                   \
+    /* Lazy Adam; omb = 1 - beta, from double; shrink = 1 - lr*wd for AdamW. */        \
     void adam_##SFX(T *values, int64_t ld, float *exp_avg, float *exp_avg_sq,            \
                     const int64_t *rows, const float *grads, int64_t dim, float beta1,   \
-                    float beta2, float step_size, float eps_term, float shrink,          \
+                    float beta2, float omb1, float omb2, float step_size,               \
+                    float eps_term, float shrink,                                       \
                     int64_t lo, int64_t hi) {                                            \
         for (int64_t u = lo; u < hi; ++u) {                                              \
             T *restrict v = values + rows[u] * ld;                                       \
@@ -195,8 +196,8 @@ void row_grads(const int64_t *order, const int64_t *seg, const int64_t *slot_bag
             float *restrict s = exp_avg_sq + rows[u] * dim;                              \
             const float *restrict g = grads + u * dim;                                   \
             for (int64_t d = 0; d < dim; ++d) {                                          \
-                const float md = m[d] * beta1 + (1.0f - beta1) * g[d];                   \
-                const float sd = s[d] * beta2 + (1.0f - beta2) * g[d] * g[d];            \
+                const float md = m[d] * beta1 + omb1 * g[d];                            \
+                const float sd = s[d] * beta2 + omb2 * g[d] * g[d];                     \
                 m[d] = md;                                                               \
                 s[d] = sd;                                                               \
                 const float x = load_##SFX(v + d) * shrink;                              \
@@ -209,12 +210,6 @@ DEFINE_OPTIMIZERS(f32, float)
 DEFINE_OPTIMIZERS(bf16, uint16_t)
 
 /* ---- product-key top-k selection ------------------------------------------------ */
-
-typedef struct {
-    float s;
-    int64_t index;
-    int32_t i, j;
-} Cand;
 
 /* The total order of the spec: higher score first, then the smaller index. */
 static inline int better(float s1, int64_t i1, float s2, int64_t i2) {
@@ -241,72 +236,50 @@ static int64_t top_of_half(const float *x, int64_t n, int64_t kk, float *val, in
     return len;
 }
 
-static inline int cand_better(const Cand *a, const Cand *b) {
-    return better(a->s, a->index, b->s, b->index);
-}
-
-static void heap_push(Cand *heap, int64_t *size, Cand c) {
-    int64_t at = (*size)++;
-    while (at > 0) {
-        int64_t parent = (at - 1) / 2;
-        if (!cand_better(&c, &heap[parent])) break;
-        heap[at] = heap[parent];
-        at = parent;
+/* Insert (s, index) into the sorted list (val, idx) of at most k entries. */
+static inline void insert_best(float *val, int64_t *idx, int64_t *len, int64_t k, float s,
+                               int64_t index) {
+    if (*len == k && !better(s, index, val[k - 1], idx[k - 1])) return;
+    int64_t at = *len < k ? (*len)++ : k - 1;
+    while (at > 0 && better(s, index, val[at - 1], idx[at - 1])) {
+        val[at] = val[at - 1];
+        idx[at] = idx[at - 1];
+        --at;
     }
-    heap[at] = c;
-}
-
-static Cand heap_pop(Cand *heap, int64_t *size) {
-    Cand top = heap[0];
-    Cand last = heap[--(*size)];
-    int64_t at = 0;
-    for (;;) {
-        int64_t child = 2 * at + 1;
-        if (child >= *size) break;
-        if (child + 1 < *size && cand_better(&heap[child + 1], &heap[child])) ++child;
-        if (!cand_better(&heap[child], &last)) break;
-        heap[at] = heap[child];
-        at = child;
-    }
-    if (*size > 0) heap[at] = last;
-    return top;
-}
-
-static inline Cand make_cand(const float *va, const int32_t *pa, const float *vb,
-                             const int32_t *pb, int32_t i, int32_t j, int64_t n) {
-    Cand c = {va[i] + vb[j], (int64_t)pa[i] * n + pb[j], i, j};
-    return c;
+    val[at] = s;
+    idx[at] = index;
 }
 
 /* For each (b, h) in [lo, hi) (row t = b*H + h): the exact top-k of s1[i] + s2[j].
  * half scores: element (b, h, part, x) at s + b*sb + h*sh + part*sp + x.
- * out_scores, out_index: (B*H, k). Pairs are enumerated best-first from the two
- * sorted half lists: (i, j) is reached from (i, j-1), and (i, 0) from (i-1, 0), so
- * every pair enters the heap once and after a better one. */
+ * out_scores, out_index: (B*H, k).
+ * The k best pairs lie among the top-k of each half. Those kk² candidates are
+ * scanned with the spec's total order (a rounded sum can tie two pairs whose half
+ * scores differ, so no enumeration order can stand in for it); the scan stops early
+ * once a sum falls below the current k-th best, as both halves are sorted. */
 void pk_topk(const float *s, int64_t H, int64_t sb, int64_t sh, int64_t sp, int64_t n,
              int64_t k, float *out_scores, int64_t *out_index, int64_t lo, int64_t hi) {
     const int64_t kk = k < n ? k : n;
     float *va = malloc(sizeof(float) * kk * 2);
     int32_t *pa = malloc(sizeof(int32_t) * kk * 2);
-    Cand *heap = malloc(sizeof(Cand) * (k + 2)); /* each pop adds at most one net */
     float *vb = va + kk;
     int32_t *pb = pa + kk;
     for (int64_t t = lo; t < hi; ++t) {
         const float *x = s + (t / H) * sb + (t % H) * sh;
+        float *val = out_scores + t * k;
+        int64_t *idx = out_index + t * k;
         top_of_half(x, n, kk, va, pa);
         top_of_half(x + sp, n, kk, vb, pb);
-        int64_t size = 0;
-        heap_push(heap, &size, make_cand(va, pa, vb, pb, 0, 0, n));
-        for (int64_t r = 0; r < k; ++r) {
-            Cand c = heap_pop(heap, &size);
-            out_scores[t * k + r] = c.s;
-            out_index[t * k + r] = c.index;
-            if (c.j + 1 < kk) heap_push(heap, &size, make_cand(va, pa, vb, pb, c.i, c.j + 1, n));
-            if (c.j == 0 && c.i + 1 < kk)
-                heap_push(heap, &size, make_cand(va, pa, vb, pb, c.i + 1, 0, n));
+        int64_t len = 0;
+        for (int64_t i = 0; i < kk; ++i) {
+            if (len == k && va[i] + vb[0] < val[k - 1]) break;
+            for (int64_t j = 0; j < kk; ++j) {
+                const float sum = va[i] + vb[j];
+                if (len == k && sum < val[k - 1]) break;
+                insert_best(val, idx, &len, k, sum, (int64_t)pa[i] * n + pb[j]);
+            }
         }
     }
     free(va);
     free(pa);
-    free(heap);
 }

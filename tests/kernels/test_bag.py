@@ -1,0 +1,358 @@
+"""bag_forward / bag_backward (dense and CSR forms) and BagFunction against references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import BagFunction, bag_backward, bag_forward
+from kernels.bag import bag_backward_csr, bag_forward_csr
+from kernels.reference import accumulation_dtype, bag_backward_reference, bag_forward_reference
+
+from .conftest import assert_close, use_composite
+
+# (B, M, rows, dim): B=1, M=1, a single row, odd dims, duplicates (rows < B·M), and
+# sizes that the C path splits over threads (B >= 128 bags, >= 128 unique rows).
+SHAPES = [
+    (1, 1, 1, 1),
+    (1, 7, 5, 9),
+    (9, 1, 13, 41),
+    (41, 8, 100, 9),
+    (5, 3, 3, 341),
+    (33, 16, 2000, 341),
+    (130, 4, 400, 64),
+]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _inputs(B, M, R, dim, dtype, idx=None):
+    values = torch.randn(R, dim).to(dtype)
+    if idx is None:
+        idx = torch.randint(0, R, (B, M))
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.randn(B, M, dtype=w_dtype)
+    dy = torch.randn(B, dim, dtype=w_dtype)
+    return values, idx, w, dy
+
+
+def _composite(values, idx, w):
+    """The bag as plain torch, for autograd."""
+    return (values[idx] * w[..., None]).sum(dim=1)
+
+
+def _check(values, idx, w, dy):
+    acc = accumulation_dtype(values, w)
+    y = bag_forward(values, idx, w)
+    assert y.dtype == acc and y.shape == (idx.shape[0], values.shape[1])
+    assert_close(y, bag_forward_reference(values, idx, w))
+
+    dw, (rows, grads) = bag_backward(values, idx, w, dy)
+    ref_dw, (ref_rows, ref_grads) = bag_backward_reference(values, idx, w, dy)
+    assert rows.dtype == torch.int64 and grads.dtype == acc
+    assert torch.equal(rows, ref_rows)
+    assert torch.equal(rows, torch.unique(idx.flatten().long(), sorted=True))
+    assert dw.shape == idx.shape
+    assert_close(dw, ref_dw)
+    assert_close(grads, ref_grads)
+    return y, dw, rows, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, M, R, dim", SHAPES)
+def test_bag_matches_reference(path, B, M, R, dim, dtype):
+    _check(*_inputs(B, M, R, dim, dtype))
+
+
+@pytest.mark.parametrize("B, M, R, dim", [(1, 7, 5, 9), (41, 8, 100, 41), (33, 16, 2000, 341)])
+def test_bag_float64_matches_reference(B, M, R, dim):
+    # float64 always takes the torch composite.
+    _check(*_inputs(B, M, R, dim, torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "make_idx",
+    [
+        pytest.param(lambda B, M, R: torch.full((B, M), R - 1), id="every-slot-one-row"),
+        pytest.param(lambda B, M, R: torch.randint(0, 2, (B, M)), id="two-rows"),
+        pytest.param(lambda B, M, R: torch.arange(M).repeat(B, 1) % 3, id="dup-in-and-across"),
+        pytest.param(lambda B, M, R: torch.randint(0, R, (B, M)).sort(dim=0).values, id="sorted"),
+    ],
+)
+def test_bag_duplicate_indices(path, make_idx, dtype):
+    B, M, R, dim = 41, 9, 7, 41
+    values, _, w, dy = _inputs(B, M, R, dim, dtype)
+    idx = make_idx(B, M, R)
+    _, _, rows, grads = _check(values, idx, w, dy)
+    # Every slot pointing at one row: its gradient is Σ_b Σ_m w[b, m] dy[b].
+    if rows.numel() == 1:
+        assert_close(grads[0], (w.sum(1, keepdim=True) * dy).sum(0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, M, R, dim", [(1, 1, 1, 1), (9, 5, 13, 41), (41, 8, 100, 341)])
+def test_bag_gradients_match_autograd(path, B, M, R, dim, dtype):
+    values, idx, w, dy = _inputs(B, M, R, dim, dtype)
+    v_leaf = values.float().requires_grad_()
+    w_leaf = w.clone().requires_grad_()
+    y_ref = _composite(v_leaf, idx, w_leaf)
+    y_ref.backward(dy)
+
+    y = bag_forward(values, idx, w)
+    dw, (rows, grads) = bag_backward(values, idx, w, dy)
+    assert_close(y, y_ref.detach())
+    assert_close(dw, w_leaf.grad)
+    dense = torch.zeros(R, dim).index_put_((rows,), grads)
+    assert_close(dense, v_leaf.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bag_int32_idx_and_float64_w(request, path, dtype):
+    values, idx, w, dy = _inputs(17, 6, 30, 9, dtype)
+    y = bag_forward(values, idx, w)
+    assert_close(bag_forward(values, idx.int(), w.double()), y.double(), dtype=torch.float32)
+    dw, (rows, grads) = bag_backward(values, idx, w, dy)
+    dw32, (rows32, grads32) = bag_backward(values, idx.int(), w.double(), dy.double())
+    assert torch.equal(rows32, rows) and rows32.dtype == torch.int64
+    assert_close(dw32, dw.double(), dtype=torch.float32)
+    assert_close(grads32, grads.double(), dtype=torch.float32)
+
+
+def test_bag_int32_idx_float64_values_same_rows():
+    values, idx, w, dy = _inputs(5, 4, 12, 9, torch.float64)
+    _, (rows, _) = bag_backward(values, idx, w, dy)
+    _, (rows32, _) = bag_backward(values, idx.int(), w, dy)
+    assert torch.equal(rows32.long(), rows)
+
+
+def test_bag_int32_idx_float64_values_rows_are_int64():
+    values, idx, w, dy = _inputs(5, 4, 12, 9, torch.float64)
+    _, (rows32, _) = bag_backward(values, idx.int(), w, dy)
+    assert rows32.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bag_strided_values(path, dtype):
+    base = torch.randn(50, 60).to(dtype)
+    idx = torch.randint(0, 50, (23, 5))
+    w = torch.randn(23, 5)
+    for values in (base[:, 7:48], base.t()[:, 3:40]):  # row stride != dim; column-major
+        dy = torch.randn(23, values.shape[1])
+        _check(values, idx, w, dy)
+
+
+def test_bag_empty_batch(path):
+    values, _, _, _ = _inputs(1, 1, 10, 9, torch.float32)
+    idx = torch.zeros(0, 4, dtype=torch.int64)
+    w = torch.zeros(0, 4)
+    assert bag_forward(values, idx, w).shape == (0, 9)
+    dw, (rows, grads) = bag_backward(values, idx, w, torch.zeros(0, 9))
+    assert dw.shape == (0, 4) and rows.shape == (0,) and grads.shape == (0, 9)
+
+
+def test_bag_forward_no_slots_native(native):
+    values = torch.randn(5, 3)
+    y = bag_forward(values, torch.zeros(4, 0, dtype=torch.int64), torch.zeros(4, 0))
+    torch.testing.assert_close(y, torch.zeros(4, 3))
+
+
+def test_bag_forward_no_slots_composite(monkeypatch):
+    use_composite(monkeypatch)
+    values = torch.randn(5, 3)
+    y = bag_forward(values, torch.zeros(4, 0, dtype=torch.int64), torch.zeros(4, 0))
+    torch.testing.assert_close(y, torch.zeros(4, 3))
+
+
+# ---- BagFunction --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, M, R, dim", [(1, 1, 1, 1), (9, 5, 7, 41), (41, 8, 100, 341)])
+def test_bag_function_matches_torch_autograd(path, B, M, R, dim, dtype):
+    values, idx, w, dy = _inputs(B, M, R, dim, dtype)
+    v = values.clone().requires_grad_()
+    w1 = w.clone().requires_grad_()
+    y = BagFunction.apply(v, idx, w1)
+    y.backward(dy)
+
+    v_ref = values.clone().requires_grad_()
+    w_ref = w.clone().requires_grad_()
+    y_ref = _composite(v_ref.float(), idx, w_ref)
+    y_ref.backward(dy)
+
+    assert y.dtype == torch.promote_types(dtype, w.dtype)
+    assert_close(y, y_ref.detach().to(y.dtype))
+    assert_close(w1.grad, w_ref.grad)
+    assert v.grad.is_sparse and v.grad.dtype == dtype and v.grad.shape == values.shape
+    assert_close(v.grad.to_dense(), v_ref.grad)
+
+
+def test_bag_function_bf16_weights(path):
+    values, idx, w, dy = _inputs(9, 5, 7, 41, torch.bfloat16)
+    w = w.bfloat16().requires_grad_()
+    y = BagFunction.apply(values, idx, w)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.bfloat16())
+    w_ref = w.detach().float().requires_grad_()
+    _composite(values.float(), idx, w_ref).backward(dy.bfloat16().float())
+    assert w.grad.dtype == torch.bfloat16
+    assert_close(w.grad, w_ref.grad.bfloat16())
+
+
+def test_bag_function_no_value_grad(path):
+    values, idx, w, dy = _inputs(9, 5, 7, 41, torch.float32)
+    w = w.requires_grad_()
+    BagFunction.apply(values, idx, w).backward(dy)
+    w_ref = w.detach().clone().requires_grad_()
+    _composite(values, idx, w_ref).backward(dy)
+    assert values.grad is None
+    assert_close(w.grad, w_ref.grad)
+
+
+class _Densify(torch.autograd.Function):
+    """Identity whose backward turns a sparse gradient dense, so gradcheck can read it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        assert g.is_sparse, "BagFunction should give values a sparse COO gradient"
+        return g.to_dense()
+
+
+def _bag_of(idx):
+    return lambda v, w: BagFunction.apply(_Densify.apply(v), idx, w)
+
+
+@pytest.mark.parametrize("B, M, R, dim", [(1, 1, 1, 1), (3, 4, 5, 9), (4, 3, 2, 3)])
+def test_bag_function_gradcheck_linear(B, M, R, dim):
+    """gradcheck of BagFunction for w and values in float64.
+
+    The bag is linear in w and in values, so a large finite-difference step is exact and
+    this check holds even though the float64 composite accumulates in float32.
+    """
+    values, idx, w, _ = _inputs(B, M, R, dim, torch.float64)
+    values.requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(_bag_of(idx), (values, w), eps=1e-1, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("B, M, R, dim", [(3, 4, 5, 9)])
+def test_bag_function_gradcheck_float64_precision(B, M, R, dim):
+    values, idx, w, _ = _inputs(B, M, R, dim, torch.float64)
+    values.requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(_bag_of(idx), (values, w))
+
+
+# ---- validation ---------------------------------------------------------------------
+
+
+def _valid():
+    return torch.randn(10, 9), torch.randint(0, 10, (4, 3)), torch.randn(4, 3)
+
+
+@pytest.mark.parametrize("op", ["forward", "backward"])
+@pytest.mark.parametrize(
+    "make, error, field",
+    [
+        (lambda v, i, w: (v, torch.full_like(i, 10), w), IndexError, "idx"),
+        (lambda v, i, w: (v, torch.full_like(i, -1), w), IndexError, "idx"),
+        (lambda v, i, w: (v, i.float(), w), TypeError, "idx"),
+        (lambda v, i, w: (v, i.short(), w), TypeError, "idx"),
+        (lambda v, i, w: (v, i.flatten(), w.flatten()), ValueError, "idx"),
+        (lambda v, i, w: (v, i, w[:, :2]), ValueError, "w"),
+        (lambda v, i, w: (v, i, w.t()), ValueError, "w"),
+        (lambda v, i, w: (v, i, w.long()), TypeError, "w"),
+        (lambda v, i, w: (v[0], i, w), ValueError, "values"),
+    ],
+)
+def test_bag_validation(op, make, error, field):
+    values, idx, w = make(*_valid())
+    with pytest.raises(error, match=rf"^{field}:"):
+        if op == "forward":
+            bag_forward(values, idx, w)
+        else:
+            dim = values.shape[-1]
+            bag_backward(values, idx, w, torch.randn(idx.shape[0], dim))
+
+
+@pytest.mark.parametrize("dy_shape", [(4, 8), (3, 9), (4,), (4, 9, 1)])
+def test_bag_backward_validates_dy(dy_shape):
+    values, idx, w = _valid()
+    with pytest.raises(ValueError, match=r"^dy:"):
+        bag_backward(values, idx, w, torch.randn(dy_shape))
+
+
+# ---- CSR forms ----------------------------------------------------------------------
+
+
+def _csr_inputs(counts, R, dim, dtype):
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    P = int(offsets[-1])
+    values = torch.randn(R, dim).to(dtype)
+    rows = torch.randint(0, R, (P,))
+    w = torch.randn(P)
+    dy = torch.randn(len(counts), dim)
+    return values, rows, w, offsets, dy
+
+
+def _csr_composite(values, rows, w, offsets):
+    return torch.stack(
+        [
+            (values[rows[a:b]] * w[a:b, None]).sum(0)
+            for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())
+        ]
+    )
+
+
+CSR_CASES = [
+    pytest.param([3], 5, 9, id="one-bag"),
+    pytest.param([0], 5, 9, id="one-empty-bag"),
+    pytest.param([0, 0, 0], 5, 41, id="all-empty"),
+    pytest.param([0, 4, 0, 1, 7, 0], 6, 41, id="ragged-empty-first-mid-last"),
+    pytest.param([1, 2, 3, 0, 5, 8, 13, 21, 0, 34], 40, 341, id="ragged-dups"),
+    pytest.param([i % 7 for i in range(150)], 300, 9, id="ragged-threads"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("counts, R, dim", CSR_CASES)
+def test_bag_csr_matches_composite(path, counts, R, dim, dtype):
+    values, rows, w, offsets, dy = _csr_inputs(counts, R, dim, dtype)
+    v_leaf = values.float().requires_grad_()
+    w_leaf = w.clone().requires_grad_()
+    y_ref = _csr_composite(v_leaf, rows, w_leaf, offsets)
+    y_ref.backward(dy)
+
+    y = bag_forward_csr(values, rows, w, offsets)
+    assert y.shape == (len(counts), dim) and y.dtype == torch.float32
+    assert_close(y, y_ref.detach())
+
+    dw, (urows, grads) = bag_backward_csr(values, rows, w, offsets, dy)
+    assert dw.shape == rows.shape
+    assert_close(dw, w_leaf.grad)
+    assert urows.dtype == torch.int64
+    assert torch.equal(urows, torch.unique(rows, sorted=True))
+    assert grads.shape == (urows.numel(), dim)
+    assert_close(grads, v_leaf.grad[urows])
+    untouched = torch.ones(R, dtype=torch.bool)
+    untouched[urows] = False
+    assert not v_leaf.grad[untouched].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bag_csr_equals_dense_form(path, dtype):
+    B, M, R, dim = 17, 6, 25, 41
+    values, idx, w, dy = _inputs(B, M, R, dim, dtype)
+    offsets = torch.arange(0, B * M + 1, M)
+    assert_close(bag_forward_csr(values, idx.flatten(), w.flatten(), offsets),
+                 bag_forward(values, idx, w))
+    dw, (rows, grads) = bag_backward_csr(values, idx.flatten(), w.flatten(), offsets, dy)
+    dw2, (rows2, grads2) = bag_backward(values, idx, w, dy)
+    assert_close(dw.reshape(B, M), dw2)
+    assert torch.equal(rows, rows2)
+    assert_close(grads, grads2)
