@@ -34,10 +34,11 @@ _I = ctypes.c_int64
 _F = ctypes.c_float
 
 # Argument types of every exported function; the trailing (lo, hi) range is implicit.
+# A gradient argument of the optimizers is the address of a RowGrads struct.
 _SIGNATURES = {
     "bag_forward": [_P, _I, _P, _P, _P, _I, _P],
     "bag_dw": [_P, _I, _P, _P, _P, _I, _P],
-    "row_grads": [_P, _P, _P, _P, _P, _I, _P],
+    "row_grads": [_P, _I, _P],
     "sgd": [_P, _I, _P, _P, _I, _F, _F],
     "adagrad": [_P, _I, _P, _P, _P, _I, _F, _F],
     "rowwise_adagrad": [_P, _I, _P, _P, _P, _I, _F, _F],

@@ -11,9 +11,18 @@ import torch
 
 from . import _native
 from ._dispatch import cuda_impl, native_ok
-from .reference import accumulation_dtype, bag_backward_reference, bag_forward_reference
+from .reference import accumulation_dtype, bag_forward_reference
+from .row_grads import SparseRowGrads
 
-__all__ = ["bag_forward", "bag_backward", "bag_forward_csr", "bag_backward_csr", "BagFunction"]
+__all__ = [
+    "bag_forward",
+    "bag_backward",
+    "bag_backward_rows",
+    "bag_forward_csr",
+    "bag_backward_csr",
+    "bag_backward_sparse",
+    "BagFunction",
+]
 
 
 def _check_bag_args(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
@@ -81,22 +90,8 @@ def bag_forward(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> tor
     return bag_forward_reference(values, idx, w)
 
 
-def _dedup_row_grads(rows, w, dy, bag_of_slot):
-    """Sorted unique rows and their summed gradients Σ w[p] · dy[bag(p)], without atomics."""
-    sorted_rows, order = torch.sort(rows, stable=True)
-    unique, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    seg = torch.zeros(unique.numel() + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=seg[1:])
-    grads = _native.empty_hugepages((unique.numel(), dy.shape[1]), torch.float32)
-    _native.parallel_for(
-        _native.library().row_grads, unique.numel(), order.data_ptr(), seg.data_ptr(),
-        bag_of_slot.data_ptr(), w.data_ptr(), dy.data_ptr(), dy.shape[1], grads.data_ptr(),
-    )
-    return unique, grads
-
-
-def bag_backward_csr(values, rows, w, offsets, dy):
-    """CSR form of :func:`bag_backward`: dw (P,) and (unique rows, grads)."""
+def bag_backward_sparse(values, rows, w, offsets, dy) -> tuple[torch.Tensor, SparseRowGrads]:
+    """CSR bag backward: dw (P,) and the row gradients in factored form (no (U, dim) tensor)."""
     B = offsets.numel() - 1
     bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
     if _native_bag(values, w):
@@ -110,21 +105,24 @@ def bag_backward_csr(values, rows, w, offsets, dy):
             _native.typed("bag_dw", values.dtype), B, values.data_ptr(), values.stride(0),
             rows.data_ptr(), offsets.data_ptr(), dy.data_ptr(), values.shape[1], dw.data_ptr(),
         )
-        return dw, _dedup_row_grads(rows, w, dy, bag_of_slot)
+        return dw, SparseRowGrads.from_slots(rows, w, bag_of_slot, dy)
     acc = accumulation_dtype(values, w)
     slot_dy = dy.to(acc)[bag_of_slot]
     dw = (values[rows].to(acc) * slot_dy).sum(dim=1)
-    unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-    grads = torch.zeros(unique.numel(), dy.shape[1], dtype=acc, device=dy.device)
-    grads.index_add_(0, inverse, slot_dy * w.to(acc)[:, None])
-    return dw, (unique.to(torch.int64), grads)
+    return dw, SparseRowGrads.from_slots(rows, w.to(acc), bag_of_slot, dy.to(acc))
 
 
-def bag_backward(values, idx, w, dy):
-    """Gradients of :func:`bag_forward`.
+def bag_backward_csr(values, rows, w, offsets, dy):
+    """CSR form of :func:`bag_backward`: dw (P,) and (unique rows, grads)."""
+    dw, grads = bag_backward_sparse(values, rows, w, offsets, dy)
+    return dw, (grads.rows, grads.dense())
 
-    Returns dw (B, M) float32 and (rows, grads): the sorted unique rows (U,) int64 and
-    their summed gradients (U, dim) float32.
+
+def bag_backward_rows(values, idx, w, dy) -> tuple[torch.Tensor, SparseRowGrads]:
+    """:func:`bag_backward` with the row gradients left in factored form.
+
+    This is what a table keeps pending until its optimizer step, which then fuses the
+    per-row reduction with the update.
     """
     _check_bag_args(values, idx, w)
     if idx.dim() != 2:
@@ -135,12 +133,21 @@ def bag_backward(values, idx, w, dy):
         )
     impl = cuda_impl("bag_backward", values, idx, w, dy)
     if impl is not None:
-        return impl(values, idx, w, dy)
-    if _native_bag(values, w):
-        B, M = idx.shape
-        dw, grad = bag_backward_csr(values, idx.reshape(-1), w.reshape(-1), _slot_offsets(B, M), dy)
-        return dw.reshape(B, M), grad
-    return bag_backward_reference(values, idx, w, dy)
+        dw, (rows, grads) = impl(values, idx, w, dy)
+        return dw, SparseRowGrads.from_dense(rows, grads)
+    B, M = idx.shape
+    dw, grads = bag_backward_sparse(values, idx.reshape(-1), w.reshape(-1), _slot_offsets(B, M), dy)
+    return dw.reshape(B, M), grads
+
+
+def bag_backward(values, idx, w, dy):
+    """Gradients of :func:`bag_forward`.
+
+    Returns dw (B, M) float32 and (rows, grads): the sorted unique rows (U,) int64 and
+    their summed gradients (U, dim) float32 (float64 when an input is float64).
+    """
+    dw, grads = bag_backward_rows(values, idx, w, dy)
+    return dw, (grads.rows, grads.dense())
 
 
 class BagFunction(torch.autograd.Function):

@@ -35,7 +35,7 @@ def half_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.matmul(halves, keys.transpose(-1, -2))
 
 
-def _select_native(s: torch.Tensor, k: int) -> torch.Tensor:
+def _select_native(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     H, _, B, n = s.shape
     scores = torch.empty(B, H, k, dtype=torch.float32)
     index = torch.empty(B, H, k, dtype=torch.int64)
@@ -43,7 +43,7 @@ def _select_native(s: torch.Tensor, k: int) -> torch.Tensor:
         _native.library().pk_topk, B * H, s.data_ptr(), H, s.stride(2), s.stride(0),
         s.stride(1), n, k, scores.data_ptr(), index.data_ptr(),
     )
-    return index
+    return scores, index
 
 
 def _sorted_topk(x: torch.Tensor, index: torch.Tensor, k: int):
@@ -54,7 +54,7 @@ def _sorted_topk(x: torch.Tensor, index: torch.Tensor, k: int):
     return x.gather(-1, order), index.gather(-1, order)
 
 
-def _select_composite(s: torch.Tensor, k: int) -> torch.Tensor:
+def _select_composite(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact selection with torch ops for dtypes or devices without a fast path."""
     H, _, B, n = s.shape
     kk = min(k, n)
@@ -62,8 +62,8 @@ def _select_composite(s: torch.Tensor, k: int) -> torch.Tensor:
     top, pos = _sorted_topk(s, arange, kk)  # (H, 2, B, kk)
     sums = top[:, 0, :, :, None] + top[:, 1, :, None, :]
     index = pos[:, 0, :, :, None] * n + pos[:, 1, :, None, :]
-    _, best = _sorted_topk(sums.flatten(-2), index.flatten(-2), k)
-    return best.permute(1, 0, 2)
+    scores, best = _sorted_topk(sums.flatten(-2), index.flatten(-2), k)
+    return scores.permute(1, 0, 2), best.permute(1, 0, 2)
 
 
 def product_key_topk(q: torch.Tensor, keys: torch.Tensor, k: int):
@@ -81,7 +81,10 @@ def product_key_topk(q: torch.Tensor, keys: torch.Tensor, k: int):
     s = half_scores(q, keys)
     selector = _select_native if native_ok(s, dtypes=(torch.float32,)) else _select_composite
     with torch.no_grad():
-        index = selector(s.detach(), k)
+        scores, index = selector(s.detach(), k)
+    if not s.requires_grad:
+        return scores.to(q.dtype), index
+    # Re-gather the selected half scores so that autograd reaches q and keys.
     i, j = index // n, index % n
     s1 = s[:, 0].permute(1, 0, 2)  # (B, H, n)
     s2 = s[:, 1].permute(1, 0, 2)

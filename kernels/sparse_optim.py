@@ -7,12 +7,14 @@ their optimizer state, are left alone (the "lazy" semantics of SparseAdam).
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
 
 from . import _native
 from ._dispatch import cuda_impl, native_ok
+from .row_grads import SparseRowGrads, c_view
 from .reference import (
     adagrad_step_reference,
     adam_step_reference,
@@ -33,10 +35,14 @@ def _check(values, rows, grads, states=()):
         # Sorted rows (what bag_backward returns) pass the cheap check above.
         if torch.unique(rows).numel() != rows.numel():
             raise ValueError("rows: expected unique rows (a duplicate would be applied twice)")
-    if grads.shape != (rows.numel(), values.shape[1]) or grads.dtype != torch.float32:
+    if isinstance(grads, SparseRowGrads):
+        shape, dtype = (grads.rows.numel(), grads.dim), grads.dy.dtype
+    else:
+        shape, dtype = tuple(grads.shape), grads.dtype
+    if shape != (rows.numel(), values.shape[1]) or dtype != torch.float32:
         raise ValueError(
             f"grads: expected float32 of shape {(rows.numel(), values.shape[1])}, "
-            f"got {grads.dtype} {tuple(grads.shape)}"
+            f"got {dtype} {shape}"
         )
     for name, state, shape in states:
         if state.dtype != torch.float32 or not state.is_contiguous():
@@ -48,37 +54,47 @@ def _check(values, rows, grads, states=()):
 
 
 def _native_ready(values, rows, grads) -> bool:
-    return (native_ok(values) and values.stride(1) == 1 and grads.is_contiguous()
-            and rows.is_contiguous())
+    if isinstance(grads, SparseRowGrads):
+        grads_ok = grads.native()
+    else:
+        grads_ok = grads.is_contiguous()
+    return native_ok(values) and values.stride(1) == 1 and grads_ok and rows.is_contiguous()
+
+
+def _dense(grads) -> torch.Tensor:
+    return grads.dense() if isinstance(grads, SparseRowGrads) else grads
 
 
 def sgd_step(values, rows, grads, *, lr: float, weight_decay: float = 0.0) -> None:
     _check(values, rows, grads)
-    impl = cuda_impl("sgd_step", values, rows, grads)
+    impl = cuda_impl("sgd_step", values, rows)
     if impl is not None:
-        return impl(values, rows, grads, lr=lr, weight_decay=weight_decay)
+        return impl(values, rows, _dense(grads), lr=lr, weight_decay=weight_decay)
     if not _native_ready(values, rows, grads):
-        return sgd_step_reference(values, rows, grads, lr=lr, weight_decay=weight_decay)
+        return sgd_step_reference(values, rows, _dense(grads), lr=lr, weight_decay=weight_decay)
+    view = c_view(grads)
     _native.parallel_for(
         _native.typed("sgd", values.dtype), rows.numel(), values.data_ptr(), values.stride(0),
-        rows.data_ptr(), grads.data_ptr(), values.shape[1], lr, weight_decay,
+        rows.data_ptr(), ctypes.addressof(view), values.shape[1], lr, weight_decay,
     )
 
 
 def adagrad_step(values, state_sum, rows, grads, *, lr, eps, lr_decay=0.0, step=1) -> None:
     """torch.optim.Adagrad on a sparse gradient; ``step`` is the 1-based step count."""
     _check(values, rows, grads, [("state_sum", state_sum, tuple(values.shape))])
-    impl = cuda_impl("adagrad_step", values, rows, grads)
+    impl = cuda_impl("adagrad_step", values, rows)
     if impl is not None:
-        return impl(values, state_sum, rows, grads, lr=lr, eps=eps, lr_decay=lr_decay, step=step)
+        return impl(values, state_sum, rows, _dense(grads), lr=lr, eps=eps, lr_decay=lr_decay,
+                    step=step)
     if not _native_ready(values, rows, grads):
         return adagrad_step_reference(
             values, state_sum, rows, grads, lr=lr, eps=eps, lr_decay=lr_decay, step=step
         )
     clr = lr / (1 + (step - 1) * lr_decay)
+    view = c_view(grads)
     _native.parallel_for(
         _native.typed("adagrad", values.dtype), rows.numel(), values.data_ptr(),
-        values.stride(0), state_sum.data_ptr(), rows.data_ptr(), grads.data_ptr(),
+        values.stride(0), state_sum.data_ptr(), rows.data_ptr(), ctypes.addressof(view),
         values.shape[1], clr, eps,
     )
 
@@ -86,14 +102,16 @@ def adagrad_step(values, state_sum, rows, grads, *, lr, eps, lr_decay=0.0, step=
 def rowwise_adagrad_step(values, state_sum, rows, grads, *, lr, eps) -> None:
     """Adagrad with one accumulator per row (state_sum (R,)), fed by mean(g²)."""
     _check(values, rows, grads, [("state_sum", state_sum, (values.shape[0],))])
-    impl = cuda_impl("rowwise_adagrad_step", values, rows, grads)
+    impl = cuda_impl("rowwise_adagrad_step", values, rows)
     if impl is not None:
-        return impl(values, state_sum, rows, grads, lr=lr, eps=eps)
+        return impl(values, state_sum, rows, _dense(grads), lr=lr, eps=eps)
     if not _native_ready(values, rows, grads):
-        return rowwise_adagrad_step_reference(values, state_sum, rows, grads, lr=lr, eps=eps)
+        return rowwise_adagrad_step_reference(values, state_sum, rows, _dense(grads), lr=lr,
+                                              eps=eps)
+    view = c_view(grads)
     _native.parallel_for(
         _native.typed("rowwise_adagrad", values.dtype), rows.numel(), values.data_ptr(),
-        values.stride(0), state_sum.data_ptr(), rows.data_ptr(), grads.data_ptr(),
+        values.stride(0), state_sum.data_ptr(), rows.data_ptr(), ctypes.addressof(view),
         values.shape[1], lr, eps,
     )
 
@@ -107,18 +125,19 @@ def adam_step(
                                  ("exp_avg_sq", exp_avg_sq, tuple(values.shape))])
     kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay, decoupled=decoupled)
-    impl = cuda_impl("adam_step", values, rows, grads)
+    impl = cuda_impl("adam_step", values, rows)
     if impl is not None:
-        return impl(values, exp_avg, exp_avg_sq, rows, grads, **kwargs)
+        return impl(values, exp_avg, exp_avg_sq, rows, _dense(grads), **kwargs)
     if not _native_ready(values, rows, grads):
-        return adam_step_reference(values, exp_avg, exp_avg_sq, rows, grads, **kwargs)
+        return adam_step_reference(values, exp_avg, exp_avg_sq, rows, _dense(grads), **kwargs)
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2**step
     step_size = lr * math.sqrt(bc2) / bc1
     eps_term = eps * math.sqrt(bc2) if decoupled else eps
     shrink = 1 - lr * weight_decay if decoupled else 1.0
+    view = c_view(grads)
     _native.parallel_for(
         _native.typed("adam", values.dtype), rows.numel(), values.data_ptr(), values.stride(0),
-        exp_avg.data_ptr(), exp_avg_sq.data_ptr(), rows.data_ptr(), grads.data_ptr(),
+        exp_avg.data_ptr(), exp_avg_sq.data_ptr(), rows.data_ptr(), ctypes.addressof(view),
         values.shape[1], beta1, beta2, 1.0 - beta1, 1.0 - beta2, step_size, eps_term, shrink,
     )

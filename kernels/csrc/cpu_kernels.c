@@ -121,60 +121,95 @@ static inline void prefetch_row(const void *row) {
 DEFINE_BAG_KERNELS(f32, float)
 DEFINE_BAG_KERNELS(bf16, uint16_t)
 
-/* Deduplicated row gradients without atomics: the slots are pre-sorted by row, so
- * unique row u owns slots order[seg[u] .. seg[u+1]) and one thread sums them.
- * order: (P,) slot ids sorted by row  seg: (U+1,)  slot_bag: (P,)  w: (P,)
- * dy: (B, dim)  out: (U, dim) */
-void row_grads(const int64_t *order, const int64_t *seg, const int64_t *slot_bag,
-               const float *w, const float *dy, int64_t dim, float *out, int64_t lo,
-               int64_t hi) {
-    for (int64_t u = lo; u < hi; ++u) {
-        float *restrict o = out + u * dim;
-        for (int64_t d = 0; d < dim; ++d) o[d] = 0.0f;
-        for (int64_t q = seg[u]; q < seg[u + 1]; ++q) {
-            const int64_t p = order[q];
-            const float wp = w[p];
-            const float *restrict g = dy + slot_bag[p] * dim;
-            for (int64_t d = 0; d < dim; ++d) o[d] += wp * g[d];
-        }
+/* The gradient of each unique row of a step, kept in factored form: the slots that
+ * feed row u are [seg[u], seg[u+1]) of the slot arrays (sorted by row), and
+ * g_u = sum_q slot_w[q] * dy[slot_bag[q]]. The optimizers sum a row's slots into
+ * an L1-resident scratch row just before updating it, so the (U, dim) gradient
+ * never goes to memory; ``grads`` (dense (U, dim)) is used instead when given. */
+typedef struct {
+    const float *grads;      /* (U, dim) or NULL */
+    const int64_t *seg;      /* (U+1,) */
+    const int64_t *slot_bag; /* (P,) */
+    const float *slot_w;     /* (P,) */
+    const float *dy;         /* (B, dim) */
+} RowGrads;
+
+static void sum_slots(const RowGrads *rg, int64_t u, int64_t dim, float *restrict out) {
+    for (int64_t d = 0; d < dim; ++d) out[d] = 0.0f;
+    for (int64_t q = rg->seg[u]; q < rg->seg[u + 1]; ++q) {
+        const float wq = rg->slot_w[q];
+        const float *restrict g = rg->dy + rg->slot_bag[q] * dim;
+        for (int64_t d = 0; d < dim; ++d) out[d] += wq * g[d];
     }
 }
 
+/* Dense row gradients without atomics: one thread owns each unique row. out: (U, dim) */
+void row_grads(const RowGrads *rg, int64_t dim, float *out, int64_t lo, int64_t hi) {
+    for (int64_t u = lo; u < hi; ++u) sum_slots(rg, u, dim, out + u * dim);
+}
+
+static inline const float *grad_of(const RowGrads *rg, int64_t u, int64_t dim, float *scratch) {
+    if (rg->grads) return rg->grads + u * dim;
+    sum_slots(rg, u, dim, scratch);
+    return scratch;
+}
+
+static inline float *scratch_for(const RowGrads *rg, int64_t dim) {
+    return rg->grads ? NULL : malloc(sizeof(float) * dim);
+}
+
+/* Prefetch the rows of update u + PREFETCH_AHEAD: the updates are random row
+ * read-modify-writes, as latency bound as the gathers. */
+static inline void prefetch_update(const void *base, int64_t stride_bytes, const int64_t *rows,
+                                   int64_t u, int64_t hi) {
+    if (base && u + PREFETCH_AHEAD < hi)
+        prefetch_row((const char *)base + rows[u + PREFETCH_AHEAD] * stride_bytes);
+}
+
 /* Fused sparse optimizer steps over the unique rows of a block.
- * values: (R, ld)  states: (R, dim) or (R,)  rows: (U,) block-local, unique
- * grads: (U, dim) float32. Each row is read and written once. */
+ * values: (R, ld)  states: (R, dim) or (R,)  rows: (U,) block-local, unique.
+ * Each touched row of values and state is read and written once. */
 #define DEFINE_OPTIMIZERS(SFX, T)                                                         \
-    void sgd_##SFX(T *values, int64_t ld, const int64_t *rows, const float *grads,       \
+    void sgd_##SFX(T *values, int64_t ld, const int64_t *rows, const RowGrads *rg,       \
                    int64_t dim, float lr, float weight_decay, int64_t lo, int64_t hi) {  \
+        float *scratch = scratch_for(rg, dim);                                           \
         for (int64_t u = lo; u < hi; ++u) {                                              \
+            prefetch_update(values, ld * (int64_t)sizeof(T), rows, u, hi);               \
             T *restrict v = values + rows[u] * ld;                                       \
-            const float *restrict g = grads + u * dim;                                   \
+            const float *restrict g = grad_of(rg, u, dim, scratch);                      \
             for (int64_t d = 0; d < dim; ++d) {                                          \
                 const float x = load_##SFX(v + d);                                       \
                 store_##SFX(v + d, x - lr * (g[d] + weight_decay * x));                  \
             }                                                                            \
         }                                                                                \
+        free(scratch);                                                                   \
     }                                                                                    \
     void adagrad_##SFX(T *values, int64_t ld, float *sum, const int64_t *rows,           \
-                       const float *grads, int64_t dim, float clr, float eps,            \
+                       const RowGrads *rg, int64_t dim, float clr, float eps,            \
                        int64_t lo, int64_t hi) {                                         \
+        float *scratch = scratch_for(rg, dim);                                           \
         for (int64_t u = lo; u < hi; ++u) {                                              \
+            prefetch_update(values, ld * (int64_t)sizeof(T), rows, u, hi);               \
+            prefetch_update(sum, dim * (int64_t)sizeof(float), rows, u, hi);             \
             T *restrict v = values + rows[u] * ld;                                       \
             float *restrict s = sum + rows[u] * dim;                                     \
-            const float *restrict g = grads + u * dim;                                   \
+            const float *restrict g = grad_of(rg, u, dim, scratch);                      \
             for (int64_t d = 0; d < dim; ++d) {                                          \
                 const float sd = s[d] + g[d] * g[d];                                     \
                 s[d] = sd;                                                               \
                 store_##SFX(v + d, load_##SFX(v + d) - clr * g[d] / (sqrtf(sd) + eps));  \
             }                                                                            \
         }                                                                                \
+        free(scratch);                                                                   \
     }                                                                                    \
     void rowwise_adagrad_##SFX(T *values, int64_t ld, float *sum, const int64_t *rows,   \
-                               const float *grads, int64_t dim, float lr, float eps,     \
+                               const RowGrads *rg, int64_t dim, float lr, float eps,     \
                                int64_t lo, int64_t hi) {                                 \
+        float *scratch = scratch_for(rg, dim);                                           \
         for (int64_t u = lo; u < hi; ++u) {                                              \
+            prefetch_update(values, ld * (int64_t)sizeof(T), rows, u, hi);               \
             T *restrict v = values + rows[u] * ld;                                       \
-            const float *restrict g = grads + u * dim;                                   \
+            const float *restrict g = grad_of(rg, u, dim, scratch);                      \
             float sq = 0.0f;                                                             \
             for (int64_t d = 0; d < dim; ++d) sq += g[d] * g[d];                         \
             const float s = sum[rows[u]] + sq / (float)dim;                              \
@@ -183,27 +218,33 @@ void row_grads(const int64_t *order, const int64_t *seg, const int64_t *slot_bag
             for (int64_t d = 0; d < dim; ++d)                                            \
                 store_##SFX(v + d, load_##SFX(v + d) - scale * g[d]);                    \
         }                                                                                \
+        free(scratch);                                                                   \
     }                                                                                    \
     /* Lazy Adam; omb = 1 - beta, from double; shrink = 1 - lr*wd for AdamW. */        \
     void adam_##SFX(T *values, int64_t ld, float *exp_avg, float *exp_avg_sq,            \
-                    const int64_t *rows, const float *grads, int64_t dim, float beta1,   \
-                    float beta2, float omb1, float omb2, float step_size,               \
-                    float eps_term, float shrink,                                       \
-                    int64_t lo, int64_t hi) {                                            \
+                    const int64_t *rows, const RowGrads *rg, int64_t dim, float beta1,   \
+                    float beta2, float omb1, float omb2, float step_size,                \
+                    float eps_term, float shrink, int64_t lo, int64_t hi) {              \
+        float *scratch = scratch_for(rg, dim);                                           \
+        const int64_t state_stride = dim * (int64_t)sizeof(float);                       \
         for (int64_t u = lo; u < hi; ++u) {                                              \
+            prefetch_update(values, ld * (int64_t)sizeof(T), rows, u, hi);               \
+            prefetch_update(exp_avg, state_stride, rows, u, hi);                         \
+            prefetch_update(exp_avg_sq, state_stride, rows, u, hi);                      \
             T *restrict v = values + rows[u] * ld;                                       \
             float *restrict m = exp_avg + rows[u] * dim;                                 \
             float *restrict s = exp_avg_sq + rows[u] * dim;                              \
-            const float *restrict g = grads + u * dim;                                   \
+            const float *restrict g = grad_of(rg, u, dim, scratch);                      \
             for (int64_t d = 0; d < dim; ++d) {                                          \
-                const float md = m[d] * beta1 + omb1 * g[d];                            \
-                const float sd = s[d] * beta2 + omb2 * g[d] * g[d];                     \
+                const float md = m[d] * beta1 + omb1 * g[d];                             \
+                const float sd = s[d] * beta2 + omb2 * g[d] * g[d];                      \
                 m[d] = md;                                                               \
                 s[d] = sd;                                                               \
                 const float x = load_##SFX(v + d) * shrink;                              \
                 store_##SFX(v + d, x - step_size * md / (sqrtf(sd) + eps_term));         \
             }                                                                            \
         }                                                                                \
+        free(scratch);                                                                   \
     }
 
 DEFINE_OPTIMIZERS(f32, float)
@@ -216,24 +257,53 @@ static inline int better(float s1, int64_t i1, float s2, int64_t i2) {
     return s1 > s2 || (s1 == s2 && i1 < i2);
 }
 
+
+static inline void insert_half(float *val, int32_t *pos, int64_t *len, int64_t kk, float xt,
+                               int32_t t) {
+    int64_t at = *len < kk ? (*len)++ : kk - 1;
+    while (at > 0 && val[at - 1] < xt) {
+        val[at] = val[at - 1];
+        pos[at] = pos[at - 1];
+        --at;
+    }
+    val[at] = xt;
+    pos[at] = t;
+}
+
 /* Top-kk of x[0..n) into (val, pos), sorted by the total order. Elements arrive in
  * increasing position, so an element equal to the current worst loses. */
-static int64_t top_of_half(const float *x, int64_t n, int64_t kk, float *val, int32_t *pos) {
+static void top_of_half_scan(const float *x, int64_t n, int64_t kk, float *val, int32_t *pos) {
     int64_t len = 0;
-    for (int64_t t = 0; t < n; ++t) {
-        const float xt = x[t];
-        if (len == kk && !(xt > val[len - 1])) continue;
-        int64_t at = len < kk ? len : kk - 1;
-        while (at > 0 && val[at - 1] < xt) {
-            val[at] = val[at - 1];
-            pos[at] = pos[at - 1];
-            --at;
-        }
-        val[at] = xt;
-        pos[at] = (int32_t)t;
-        if (len < kk) ++len;
+    for (int64_t t = 0; t < n; ++t)
+        if (len < kk || x[t] > val[kk - 1]) insert_half(val, pos, &len, kk, x[t], (int32_t)t);
+}
+
+#define BLOCK 16
+
+/* Same result as top_of_half_scan, faster for n >= BLOCK·kk. The kk-th largest of
+ * the block maxima is a lower bound of the kk-th largest element (kk blocks hold an
+ * element at least that large), so one predictable pass keeps only the few elements
+ * at or above it, and only those pay for the insertion. bm: scratch of n/BLOCK. */
+static void top_of_half(const float *x, int64_t n, int64_t kk, float *val, int32_t *pos,
+                        float *bm) {
+    const int64_t nb = n / BLOCK;
+    if (nb < kk) {
+        top_of_half_scan(x, n, kk, val, pos);
+        return;
     }
-    return len;
+    for (int64_t b = 0; b < nb; ++b) {
+        float m = x[b * BLOCK];
+        for (int l = 1; l < BLOCK; ++l) m = x[b * BLOCK + l] > m ? x[b * BLOCK + l] : m;
+        bm[b] = m;
+    }
+    int64_t len = 0;
+    for (int64_t b = 0; b < nb; ++b)
+        if (len < kk || bm[b] > val[kk - 1]) insert_half(val, pos, &len, kk, bm[b], 0);
+    const float bound = val[kk - 1];
+    len = 0;
+    for (int64_t t = 0; t < n; ++t)
+        if (x[t] >= bound && (len < kk || x[t] > val[kk - 1]))
+            insert_half(val, pos, &len, kk, x[t], (int32_t)t);
 }
 
 /* Insert (s, index) into the sorted list (val, idx) of at most k entries. */
@@ -261,6 +331,7 @@ void pk_topk(const float *s, int64_t H, int64_t sb, int64_t sh, int64_t sp, int6
              int64_t k, float *out_scores, int64_t *out_index, int64_t lo, int64_t hi) {
     const int64_t kk = k < n ? k : n;
     float *va = malloc(sizeof(float) * kk * 2);
+    float *bm = malloc(sizeof(float) * (n / BLOCK + 1));
     int32_t *pa = malloc(sizeof(int32_t) * kk * 2);
     float *vb = va + kk;
     int32_t *pb = pa + kk;
@@ -268,8 +339,8 @@ void pk_topk(const float *s, int64_t H, int64_t sb, int64_t sh, int64_t sp, int6
         const float *x = s + (t / H) * sb + (t % H) * sh;
         float *val = out_scores + t * k;
         int64_t *idx = out_index + t * k;
-        top_of_half(x, n, kk, va, pa);
-        top_of_half(x + sp, n, kk, vb, pb);
+        top_of_half(x, n, kk, va, pa, bm);
+        top_of_half(x + sp, n, kk, vb, pb, bm);
         int64_t len = 0;
         for (int64_t i = 0; i < kk; ++i) {
             if (len == k && va[i] + vb[0] < val[k - 1]) break;
@@ -282,4 +353,5 @@ void pk_topk(const float *s, int64_t H, int64_t sb, int64_t sh, int64_t sp, int6
     }
     free(va);
     free(pa);
+    free(bm);
 }

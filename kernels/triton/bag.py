@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import register_cuda
-from ..reference import bag_forward_reference
+from ..reference import accumulation_dtype, bag_backward_reference, bag_forward_reference
 
 __all__ = ["bag_forward_triton", "bag_backward_triton", "sort_slots_by_row"]
 
@@ -28,7 +28,7 @@ def _block_d(dim: int) -> int:
     return min(_MAX_BLOCK_D, max(16, triton.next_power_of_2(dim)))
 
 
-# Dtypes the kernels read (and accumulate in float32); float64 (gradcheck) stays in torch.
+# Value dtypes the kernels read (and accumulate in float32).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -36,14 +36,9 @@ def _row_major(values: torch.Tensor) -> torch.Tensor:
     return values if values.stride(1) == 1 else values.contiguous()
 
 
-def _backward_torch(values, idx, w, dy):
-    """Device-agnostic composite for dtypes the kernels do not take."""
-    dy = dy.float()
-    dw = torch.einsum("bmd,bd->bm", values[idx].float(), dy)
-    rows, inverse = torch.unique(idx.reshape(-1).to(torch.int64), sorted=True, return_inverse=True)
-    slot_grads = (w.float()[..., None] * dy[:, None, :]).reshape(-1, dy.shape[1])
-    grads = torch.zeros(rows.numel(), dy.shape[1], dtype=torch.float32, device=dy.device)
-    return dw, (rows, grads.index_add_(0, inverse, slot_grads))
+def _kernel_ok(values: torch.Tensor, w: torch.Tensor) -> bool:
+    """The kernels accumulate in float32: float64 inputs (gradcheck) stay in torch."""
+    return values.dtype in KERNEL_DTYPES and accumulation_dtype(values, w) == torch.float32
 
 
 @triton.jit
@@ -155,7 +150,7 @@ def _bag_row_grad_kernel(
 @register_cuda("bag_forward")
 def bag_forward_triton(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]], float32 accumulation."""
-    if values.dtype not in KERNEL_DTYPES:
+    if not _kernel_ok(values, w):
         return bag_forward_reference(values, idx, w)
     values = _row_major(values)
     B, M = idx.shape
@@ -192,8 +187,8 @@ def sort_slots_by_row(idx: torch.Tensor):
 @register_cuda("bag_backward")
 def bag_backward_triton(values, idx, w, dy):
     """dw (B, M) float32 = <values[idx], dy> and (rows (U,) int64, grads (U, dim) float32)."""
-    if values.dtype not in KERNEL_DTYPES:
-        return _backward_torch(values, idx, w, dy)
+    if not _kernel_ok(values, w):
+        return bag_backward_reference(values, idx, w, dy)
     values = _row_major(values)
     B, M = idx.shape
     dim = values.shape[1]

@@ -136,13 +136,15 @@ def _adam_update(
     dim,
     beta1,
     beta2,
+    omb1,  # 1 - beta1, rounded once from float64 as the reference's (1 - beta1) * g
+    omb2,
     step_size,
     eps_term,
     shrink,
 ):
     v = tl.load(values_ptr + voffs, mask=cmask, other=0.0).to(tl.float32) * shrink
-    m = tl.load(m_ptr + row * dim + cols, mask=cmask, other=0.0) * beta1 + (1 - beta1) * g
-    s = tl.load(s_ptr + row * dim + cols, mask=cmask, other=0.0) * beta2 + (1 - beta2) * g * g
+    m = tl.load(m_ptr + row * dim + cols, mask=cmask, other=0.0) * beta1 + omb1 * g
+    s = tl.load(s_ptr + row * dim + cols, mask=cmask, other=0.0) * beta2 + omb2 * g * g
     tl.store(m_ptr + row * dim + cols, m, mask=cmask)
     tl.store(s_ptr + row * dim + cols, s, mask=cmask)
     v = v - step_size * m / (tl.sqrt(s) + eps_term)
@@ -160,6 +162,8 @@ def _adam_fwd_kernel(
     stride_v,
     beta1,
     beta2,
+    omb1,
+    omb2,
     step_size,
     eps_term,
     shrink,
@@ -168,7 +172,7 @@ def _adam_fwd_kernel(
     u, row, voffs, cols, cmask = _row_tile(rows_ptr, dim, stride_v, BLOCK_D)
     g = tl.load(grads_ptr + u * dim + cols, mask=cmask, other=0.0)
     _adam_update(values_ptr, m_ptr, s_ptr, row, voffs, cols, cmask, g, dim,
-                 beta1, beta2, step_size, eps_term, shrink)
+                 beta1, beta2, omb1, omb2, step_size, eps_term, shrink)
 
 
 @triton.jit
@@ -186,6 +190,8 @@ def _bag_bwd_adam_kernel(
     stride_v,
     beta1,
     beta2,
+    omb1,
+    omb2,
     step_size,
     eps_term,
     shrink,
@@ -198,7 +204,7 @@ def _bag_bwd_adam_kernel(
     g = segment_row_grad(order_ptr, w_ptr, dy_ptr, start, end, M, dim, cols, cmask,
                          BLOCK_P, BLOCK_D)
     _adam_update(values_ptr, m_ptr, s_ptr, row, voffs, cols, cmask, g, dim,
-                 beta1, beta2, step_size, eps_term, shrink)
+                 beta1, beta2, omb1, omb2, step_size, eps_term, shrink)
 
 
 @register_cuda("sgd_step")
@@ -253,7 +259,8 @@ def _adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled):
     step_size = lr * math.sqrt(bc2) / bc1
     eps_term = eps * math.sqrt(bc2) if decoupled else eps
     shrink = 1 - lr * weight_decay if decoupled else 1.0
-    return float(beta1), float(beta2), float(step_size), float(eps_term), float(shrink)
+    return (float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(step_size),
+            float(eps_term), float(shrink))
 
 
 @register_cuda("adam_step")
