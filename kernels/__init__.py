@@ -5,14 +5,19 @@ a C fast path for CPU tensors, and a dispatch point for CUDA tensors that the Tr
 kernels plug into.
 """
 
-from .bag import BagFunction, bag_backward, bag_forward
+from .bag import BagFunction, bag_backward, bag_backward_rows, bag_forward
+from ._native import empty_hugepages as empty_table
 from .product_key import product_key_topk
+from .row_grads import SparseRowGrads
 from .sparse_optim import adagrad_step, adam_step, rowwise_adagrad_step, sgd_step
 
 __all__ = [
     "product_key_topk",
+    "empty_table",
     "bag_forward",
     "bag_backward",
+    "bag_backward_rows",
+    "SparseRowGrads",
     "BagFunction",
     "sgd_step",
     "adagrad_step",

@@ -47,6 +47,13 @@ class OptimizerKind(enum.Enum):
         return 4 * len(self.state_names()) * math.prod(self.state_shape(rows, dim))
 
 
+def _state_tensor(shape: tuple[int, ...], device) -> torch.Tensor:
+    """Uninitialised float32 state; on CPU backed by huge pages, as the values are."""
+    if torch.device(device).type == "cpu":
+        return kernels.empty_table(shape, torch.float32)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def _positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise InvalidArgument(name, "a finite number > 0", value)
@@ -71,9 +78,12 @@ class _Optimizer:
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
 
+    def initial_state_value(self) -> float:
+        return 0.0
+
     def init_state(self, rows: int, dim: int, device) -> dict[str, torch.Tensor]:
         shape = self.kind.state_shape(rows, dim)
-        return {name: torch.zeros(shape, dtype=torch.float32, device=device)
+        return {name: _state_tensor(shape, device).fill_(self.initial_state_value())
                 for name in self.kind.state_names()}
 
     def apply(self, values, state, rows, grads, *, step: int) -> None:
@@ -112,8 +122,8 @@ class Adagrad(_Optimizer):
         _non_negative("lr_decay", self.lr_decay)
         _non_negative("initial_accumulator_value", self.initial_accumulator_value)
 
-    def init_state(self, rows, dim, device):
-        return {"sum": torch.full((rows, dim), float(self.initial_accumulator_value), device=device)}
+    def initial_state_value(self) -> float:
+        return float(self.initial_accumulator_value)
 
     def apply(self, values, state, rows, grads, *, step):
         kernels.adagrad_step(values, state["sum"], rows, grads, lr=self.lr, eps=self.eps,

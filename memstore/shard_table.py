@@ -70,7 +70,7 @@ class BlockSpec:
 
 def initial_values(spec: BlockSpec, seed: int, std: float, dtype: torch.dtype) -> torch.Tensor:
     """N(0, std²) values of the block, identical for a row whatever the grid."""
-    out = torch.empty(spec.shape, dtype=dtype)
+    out = kernels.empty_table(spec.shape, dtype)
     first = spec.row_start // _INIT_CHUNK_ROWS
     last = (spec.row_stop - 1) // _INIT_CHUNK_ROWS
     for chunk in range(first, last + 1):
@@ -123,7 +123,8 @@ class ShardTable:
         self.state = optimizer.init_state(*self.spec.shape, self.device)
         self.last_step = 0  # the last step applied; steps are numbered from 1
         self.updates = 0  # optimizer steps taken (bias correction count)
-        self._pending: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # step -> worker -> that worker's row gradients, in factored form
+        self._pending: dict[int, dict[int, kernels.SparseRowGrads]] = {}
         self._counters = {"lookups": 0, "tokens": 0, "pushes": 0, "duplicate_pushes": 0,
                           "rows_updated": 0, "lookup_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
 
@@ -169,7 +170,7 @@ class ShardTable:
         step = self._check_open_step(step)
         check_step("worker", worker)
         start = time.perf_counter()
-        dw, (rows, grads) = kernels.bag_backward(
+        dw, grads = kernels.bag_backward_rows(
             self.values, local, w.to(self.device, torch.float32), dy.to(self.device, torch.float32)
         )
         pushes = self._pending.setdefault(step, {})
@@ -177,7 +178,7 @@ class ShardTable:
             self._counters["duplicate_pushes"] += 1
             log.info("ignoring a repeated push of worker %d for step %d", worker, step)
         else:
-            pushes[worker] = (rows, grads)
+            pushes[worker] = grads
             self._counters["pushes"] += 1
         self._count("backward_s", start)
         return dw
@@ -190,13 +191,16 @@ class ShardTable:
         for stale in [s for s in self._pending if s < step]:
             log.warning("dropping gradients of step %d, never applied before step %d", stale, step)
             del self._pending[stale]
-        rows, grads = _merge_pushes([pushes[w] for w in sorted(pushes)], self.spec.shape[1])
+        if pushes:
+            grads = kernels.SparseRowGrads.merge([pushes[w] for w in sorted(pushes)])
+        else:
+            grads = kernels.SparseRowGrads.empty(self.spec.shape[1], self.device)
         self.updates += 1
-        self.optimizer.apply(self.values, self.state, rows, grads, step=self.updates)
+        self.optimizer.apply(self.values, self.state, grads.rows, grads, step=self.updates)
         self.last_step = step
-        self._counters["rows_updated"] += rows.numel()
+        self._counters["rows_updated"] += grads.rows.numel()
         self._count("step_s", start)
-        return rows.numel()
+        return grads.rows.numel()
 
     def _check_open_step(self, step: int | None) -> int:
         if step is None:
@@ -261,16 +265,3 @@ class ShardTable:
         if tokens:
             self._counters["lookups"] += 1
             self._counters["tokens"] += tokens
-
-
-def _merge_pushes(pushes, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (unique sorted rows, summed grads) from the pushes of several workers."""
-    if not pushes:
-        return torch.empty(0, dtype=torch.int64), torch.empty(0, dim, dtype=torch.float32)
-    if len(pushes) == 1:
-        return pushes[0]
-    rows = torch.cat([r for r, _ in pushes])
-    grads = torch.cat([g for _, g in pushes])
-    unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-    summed = torch.zeros(unique.numel(), dim, dtype=torch.float32, device=grads.device)
-    return unique, summed.index_add_(0, inverse, grads)
