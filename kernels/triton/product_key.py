@@ -214,7 +214,8 @@ def product_key_select_triton(q: torch.Tensor, keys: torch.Tensor, k: int):
     n, D2 = keys.shape[2], keys.shape[3]
     kk = min(k, n)
     if n * n > 2**32:
-        raise ValueError(f"keys: n = {n} sub-keys per half exceeds the packed index range (n² <= 2³²)")
+        raise ValueError(f"keys: n = {n} sub-keys per half exceeds the packed index range "
+                         "(n² <= 2³²)")
     index = torch.empty(B, H, k, dtype=torch.int64, device=q.device)
     scores = torch.empty(B, H, k, dtype=torch.float32, device=q.device)
     if B == 0 or H == 0:

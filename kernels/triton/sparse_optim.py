@@ -22,7 +22,14 @@ from ..reference import (
     rowwise_adagrad_step_reference,
     sgd_step_reference,
 )
-from .bag import KERNEL_DTYPES, _bag_dw_kernel, _block_d, _BLOCK_M, segment_row_grad, sort_slots_by_row
+from .bag import (
+    _BLOCK_M,
+    KERNEL_DTYPES,
+    _bag_dw_kernel,
+    _block_d,
+    segment_row_grad,
+    sort_slots_by_row,
+)
 
 __all__ = [
     "sgd_step_triton",
@@ -215,7 +222,8 @@ def sgd_step_triton(values, rows, grads, *, lr: float, weight_decay: float = 0.0
     if rows.numel() == 0 or dim == 0:
         return None
     _sgd_fwd_kernel[_grid(rows, dim)](
-        values, rows.contiguous(), grads.contiguous(), dim, values.stride(0), float(lr), float(weight_decay),
+        values, rows.contiguous(), grads.contiguous(), dim, values.stride(0), float(lr),
+        float(weight_decay),
         BLOCK_D=_block_d(dim),
     )
     return None
@@ -300,7 +308,9 @@ def bag_backward_adam_step(
         raise ValueError("values: expected float32/bfloat16/float16 with unit column stride")
     for name, state in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if state.dtype != torch.float32 or not state.is_contiguous() or state.shape != values.shape:
-            raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {tuple(values.shape)}")
+            raise ValueError(
+                f"{name}: expected a contiguous float32 tensor of shape {tuple(values.shape)}"
+            )
     B, M = idx.shape
     dim = values.shape[1]
     idx, w = idx.contiguous(), w.contiguous()
