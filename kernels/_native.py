@@ -2,8 +2,8 @@
 
 The library compiles on first use with the system C compiler (about a second) into a
 cache directory keyed by the source, the flags and the CPU, so ``-march=native`` is
-safe. Calls go through ctypes, which releases the GIL, and are split over a thread
-pool of ``torch.get_num_threads()`` workers. When no compiler is present, or
+safe. Calls go through ctypes, which releases the GIL; the C code splits its work over
+OpenMP threads of torch's own runtime (``torch.set_num_threads`` sizes it). When no compiler is present, or
 ``MEMSTORE_NATIVE=0``, ``library()`` returns None and callers use torch composites.
 """
 
@@ -19,7 +19,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -44,13 +43,10 @@ _SIGNATURES = {
     "rowwise_adagrad": [_P, _I, _P, _P, _P, _I, _F, _F],
     "adam": [_P, _I, _P, _P, _P, _P, _I, _F, _F, _F, _F, _F, _F, _F],
     "pk_topk": [_P, _I, _I, _I, _I, _I, _I, _P, _P],
+    "pk_scores_backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _P],
 }
 _TYPED = ("bag_forward", "bag_dw", "sgd", "adagrad", "rowwise_adagrad", "adam")
 DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-
-# Below this many items per thread the pool costs more than it saves.
-_MIN_ITEMS_PER_THREAD = 64
-
 
 def _cache_dir() -> Path:
     root = os.environ.get("MEMSTORE_CACHE_DIR") or os.path.join(
@@ -118,22 +114,9 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-@functools.lru_cache(maxsize=1)
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memstore-kernel")
-
-
 def parallel_for(fn, count: int, *args) -> None:
-    """Run ``fn(*args, lo, hi)`` over [0, count) split in contiguous chunks."""
-    threads = max(1, min(torch.get_num_threads(), count // _MIN_ITEMS_PER_THREAD))
-    if threads == 1:
-        fn(*args, 0, count)
-        return
-    bounds = [count * t // threads for t in range(threads + 1)]
-    pool = _pool(threads)
-    futures = [pool.submit(fn, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    for f in futures:
-        f.result()
+    """Run ``fn(*args, 0, count)``: the C function splits [0, count) over threads."""
+    fn(*args, 0, count)
 
 
 def typed(name: str, dtype: torch.dtype):

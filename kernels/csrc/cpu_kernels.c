@@ -2,13 +2,16 @@
  *
  * Plain C with no torch headers, so that it compiles in about a second on first use
  * (kernels/_native.py) and is called through ctypes, which releases the GIL. Every
- * function works on a half-open range [lo, hi) of its outer loop: the Python side
- * splits the range over threads, so no OpenMP runtime is loaded beside torch's.
+ * function works on a half-open range [lo, hi) of its outer loop, split over OpenMP
+ * threads. The library links libgomp.so.1 by soname, so inside a torch process it
+ * shares torch's own OpenMP runtime: one pool, sized by torch.set_num_threads. (A
+ * separate pool would fight torch's workers, which spin for a while after each op.)
  *
  * Values are float32 ("f32") or bfloat16 ("bf16", raw uint16 bits); every sum and
  * every optimizer state is float32.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,7 +94,9 @@ static inline void prefetch_row(const void *row) {
                            const float *w, const int64_t *offsets, int64_t dim,          \
                            float *out, int64_t lo, int64_t hi) {                         \
         const int64_t last = offsets[hi];                                                \
+        _Pragma("omp parallel") {                                                   \
         float acc[TILE];                                                                 \
+        _Pragma("omp for schedule(static)")                                       \
         for (int64_t b = lo; b < hi; ++b) {                                              \
             for (int64_t c0 = 0; c0 < dim; c0 += TILE) {                                 \
                 const int64_t width = dim - c0 < TILE ? dim - c0 : TILE;                 \
@@ -100,6 +105,7 @@ static inline void prefetch_row(const void *row) {
                 memcpy(out + b * dim + c0, acc, sizeof(float) * width);                  \
             }                                                                            \
         }                                                                                \
+        }                                                                                \
     }                                                                                    \
     /* dw[p] = <values[rows[p]], dy[b]> for every slot p of bag b.                       \
        dy: (B, dim) dw: (P,) */                                                          \
@@ -107,6 +113,7 @@ static inline void prefetch_row(const void *row) {
                       const int64_t *offsets, const float *dy, int64_t dim, float *dw,   \
                       int64_t lo, int64_t hi) {                                          \
         const int64_t last = offsets[hi];                                                \
+        _Pragma("omp parallel for schedule(static)")                                     \
         for (int64_t b = lo; b < hi; ++b) {                                              \
             const float *restrict g = dy + b * dim;                                      \
             for (int64_t p = offsets[b]; p < offsets[b + 1]; ++p) {                      \
@@ -145,6 +152,7 @@ static void sum_slots(const RowGrads *rg, int64_t u, int64_t dim, float *restric
 
 /* Dense row gradients without atomics: one thread owns each unique row. out: (U, dim) */
 void row_grads(const RowGrads *rg, int64_t dim, float *out, int64_t lo, int64_t hi) {
+#pragma omp parallel for schedule(static)
     for (int64_t u = lo; u < hi; ++u) sum_slots(rg, u, dim, out + u * dim);
 }
 
@@ -172,7 +180,9 @@ static inline void prefetch_update(const void *base, int64_t stride_bytes, const
 #define DEFINE_OPTIMIZERS(SFX, T)                                                         \
     void sgd_##SFX(T *values, int64_t ld, const int64_t *rows, const RowGrads *rg,       \
                    int64_t dim, float lr, float weight_decay, int64_t lo, int64_t hi) {  \
+        _Pragma("omp parallel") {                                                   \
         float *scratch = scratch_for(rg, dim);                                           \
+        _Pragma("omp for schedule(static)")                                       \
         for (int64_t u = lo; u < hi; ++u) {                                              \
             prefetch_update(values, ld * (int64_t)sizeof(T), rows, u, hi);               \
             T *restrict v = values + rows[u] * ld;                                       \
@@ -183,11 +193,14 @@ static inline void prefetch_update(const void *base, int64_t stride_bytes, const
             }                                                                            \
         }                                                                                \
         free(scratch);                                                                   \
+        }                                                                                \
     }                                                                                    \
     void adagrad_##SFX(T *values, int64_t ld, float *sum, const int64_t *rows,           \
                        const RowGrads *rg, int64_t dim, float clr, float eps,            \
                        int64_t lo, int64_t hi) {                                         \
+        _Pragma("omp parallel") {                                                   \
         float *scratch = scratch_for(rg, dim);                                           \
+        _Pragma("omp for schedule(static)")                                       \
         for (int64_t u = lo; u < hi; ++u) {                                              \
             prefetch_update(values, ld * (int64_t)sizeof(T), rows, u, hi);               \
             prefetch_update(sum, dim * (int64_t)sizeof(float), rows, u, hi);             \
@@ -201,11 +214,14 @@ static inline void prefetch_update(const void *base, int64_t stride_bytes, const
             }                                                                            \
         }                                                                                \
         free(scratch);                                                                   \
+        }                                                                                \
     }                                                                                    \
     void rowwise_adagrad_##SFX(T *values, int64_t ld, float *sum, const int64_t *rows,   \
                                const RowGrads *rg, int64_t dim, float lr, float eps,     \
                                int64_t lo, int64_t hi) {                                 \
+        _Pragma("omp parallel") {                                                   \
         float *scratch = scratch_for(rg, dim);                                           \
+        _Pragma("omp for schedule(static)")                                       \
         for (int64_t u = lo; u < hi; ++u) {                                              \
             prefetch_update(values, ld * (int64_t)sizeof(T), rows, u, hi);               \
             T *restrict v = values + rows[u] * ld;                                       \
@@ -219,14 +235,17 @@ static inline void prefetch_update(const void *base, int64_t stride_bytes, const
                 store_##SFX(v + d, load_##SFX(v + d) - scale * g[d]);                    \
         }                                                                                \
         free(scratch);                                                                   \
+        }                                                                                \
     }                                                                                    \
     /* Lazy Adam; omb = 1 - beta, from double; shrink = 1 - lr*wd for AdamW. */        \
     void adam_##SFX(T *values, int64_t ld, float *exp_avg, float *exp_avg_sq,            \
                     const int64_t *rows, const RowGrads *rg, int64_t dim, float beta1,   \
                     float beta2, float omb1, float omb2, float step_size,                \
                     float eps_term, float shrink, int64_t lo, int64_t hi) {              \
+        _Pragma("omp parallel") {                                                   \
         float *scratch = scratch_for(rg, dim);                                           \
         const int64_t state_stride = dim * (int64_t)sizeof(float);                       \
+        _Pragma("omp for schedule(static)")                                       \
         for (int64_t u = lo; u < hi; ++u) {                                              \
             prefetch_update(values, ld * (int64_t)sizeof(T), rows, u, hi);               \
             prefetch_update(exp_avg, state_stride, rows, u, hi);                         \
@@ -245,6 +264,7 @@ static inline void prefetch_update(const void *base, int64_t stride_bytes, const
             }                                                                            \
         }                                                                                \
         free(scratch);                                                                   \
+        }                                                                                \
     }
 
 DEFINE_OPTIMIZERS(f32, float)
@@ -330,11 +350,14 @@ static inline void insert_best(float *val, int64_t *idx, int64_t *len, int64_t k
 void pk_topk(const float *s, int64_t H, int64_t sb, int64_t sh, int64_t sp, int64_t n,
              int64_t k, float *out_scores, int64_t *out_index, int64_t lo, int64_t hi) {
     const int64_t kk = k < n ? k : n;
+#pragma omp parallel
+    {
     float *va = malloc(sizeof(float) * kk * 2);
     float *bm = malloc(sizeof(float) * (n / BLOCK + 1));
     int32_t *pa = malloc(sizeof(int32_t) * kk * 2);
     float *vb = va + kk;
     int32_t *pb = pa + kk;
+#pragma omp for schedule(static)
     for (int64_t t = lo; t < hi; ++t) {
         const float *x = s + (t / H) * sb + (t % H) * sh;
         float *val = out_scores + t * k;
@@ -354,4 +377,53 @@ void pk_topk(const float *s, int64_t H, int64_t sb, int64_t sh, int64_t sp, int6
     free(va);
     free(pa);
     free(bm);
+    }
+}
+
+/* Backward of the selected scores s[t, r] = <q1[t], K1[h, i]> + <q2[t], K2[h, j]>,
+ * (i, j) = divmod(index[t, r], n), t = b*H + h. Only the k selected sub-key pairs of a
+ * query get a gradient, so this costs O(B·H·k·Dk) where autograd through the dense half
+ * scores would cost two (B·H) x Dk x n matmuls. Sub-key gradients collide across
+ * tokens: each thread accumulates into its own copy, and the copies are summed.
+ * q, dq: (B*H, 2*hd)  keys, dkeys: (H, 2, n, hd)  index: (B*H, k) int64  ds: (B*H, k) */
+void pk_scores_backward(const float *q, const float *keys, const int64_t *index,
+                        const float *ds, int64_t H, int64_t n, int64_t hd, int64_t k,
+                        float *dq, float *dkeys, int64_t lo, int64_t hi) {
+    const int64_t nk = H * 2 * n * hd;
+    const int threads = omp_get_max_threads();
+    float *part = calloc((size_t)threads * (size_t)nk, sizeof(float));
+#pragma omp parallel
+    {
+        float *mine = part + (int64_t)omp_get_thread_num() * nk;
+#pragma omp for schedule(static)
+        for (int64_t t = lo; t < hi; ++t) {
+            const int64_t h = t % H;
+            const float *restrict q1 = q + t * 2 * hd;
+            const float *restrict q2 = q1 + hd;
+            float *restrict dq1 = dq + t * 2 * hd;
+            float *restrict dq2 = dq1 + hd;
+            for (int64_t d = 0; d < 2 * hd; ++d) dq1[d] = 0.0f;
+            for (int64_t r = 0; r < k; ++r) {
+                const float g = ds[t * k + r];
+                const int64_t i = index[t * k + r] / n, j = index[t * k + r] % n;
+                const float *restrict k1 = keys + ((h * 2) * n + i) * hd;
+                const float *restrict k2 = keys + ((h * 2 + 1) * n + j) * hd;
+                float *restrict d1 = mine + ((h * 2) * n + i) * hd;
+                float *restrict d2 = mine + ((h * 2 + 1) * n + j) * hd;
+                for (int64_t d = 0; d < hd; ++d) {
+                    dq1[d] += g * k1[d];
+                    dq2[d] += g * k2[d];
+                    d1[d] += g * q1[d];
+                    d2[d] += g * q2[d];
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t e = 0; e < nk; ++e) {
+            float acc = 0.0f;
+            for (int th = 0; th < threads; ++th) acc += part[(int64_t)th * nk + e];
+            dkeys[e] = acc;
+        }
+    }
+    free(part);
 }
