@@ -143,13 +143,37 @@ class ShardTable:
         idx = idx.to(device=self.device, dtype=torch.int64)
         return idx - s.row_start if s.row_start else idx
 
-    def lookup(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """(B, cols) float32: Σ_m w[b, m] · values[idx[b, m]] over this block's columns."""
+    def _bags(self, idx, w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validated (B, M) bags as block-local CSR: rows (P,), w (P,), offsets (B+1,)."""
         local = self._local_index(idx, 2)
         check_float("w", w, tuple(idx.shape))
+        B, M = idx.shape
+        offsets = torch.arange(B + 1, dtype=torch.int64, device=self.device) * M
+        return local.reshape(-1), w.reshape(-1).to(self.device, torch.float32), offsets
+
+    def _csr_bags(self, rows, w, offsets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validated ragged bags (what a router sends a row block) as block-local CSR."""
+        local = self._local_index(rows, 1, field="rows")
+        check_float("w", w, (rows.shape[0],))
+        check_index("offsets", offsets, 1, 0, rows.shape[0] + 1)
+        if (offsets.numel() == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != rows.shape[0]
+                or bool((offsets.diff() < 0).any())):
+            raise InvalidArgument("offsets", f"non-decreasing from 0 to {rows.shape[0]}",
+                                  "another sequence")
+        return local, w.to(self.device, torch.float32), offsets.to(self.device, torch.int64)
+
+    def lookup(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(B, cols) float32: Σ_m w[b, m] · values[idx[b, m]] over this block's columns."""
+        return self._lookup(*self._bags(idx, w))
+
+    def lookup_csr(self, rows, w, offsets) -> torch.Tensor:
+        """(B, cols) float32 for ragged bags: bag b is rows[offsets[b]:offsets[b+1]]."""
+        return self._lookup(*self._csr_bags(rows, w, offsets))
+
+    def _lookup(self, local, w, offsets) -> torch.Tensor:
         start = time.perf_counter()
-        y = kernels.bag_forward(self.values, local, w.to(self.device, torch.float32))
-        self._count("lookup_s", start, tokens=idx.shape[0])
+        y = kernels.bag.bag_forward_csr(self.values, local, w, offsets)
+        self._count("lookup_s", start, tokens=offsets.numel() - 1)
         return y
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
@@ -164,14 +188,20 @@ class ShardTable:
         ``step`` defaults to the step after the last applied one. A second push of the
         same (step, worker) returns dw again but is not applied twice.
         """
-        local = self._local_index(idx, 2)
-        check_float("w", w, tuple(idx.shape))
-        check_float("dy", dy, (idx.shape[0], self.spec.shape[1]))
+        local, flat_w, offsets = self._bags(idx, w)
+        return self._backward(local, flat_w, offsets, dy, step, worker).reshape(idx.shape)
+
+    def backward_csr(self, rows, w, offsets, dy, step: int | None = None, worker: int = 0):
+        """dw (P,) for ragged bags; see :meth:`backward`."""
+        return self._backward(*self._csr_bags(rows, w, offsets), dy, step, worker)
+
+    def _backward(self, local, w, offsets, dy, step, worker) -> torch.Tensor:
+        check_float("dy", dy, (offsets.numel() - 1, self.spec.shape[1]))
         step = self._check_open_step(step)
         check_step("worker", worker)
         start = time.perf_counter()
-        dw, grads = kernels.bag_backward_rows(
-            self.values, local, w.to(self.device, torch.float32), dy.to(self.device, torch.float32)
+        dw, grads = kernels.bag.bag_backward_sparse(
+            self.values, local, w, offsets, dy.to(self.device, torch.float32)
         )
         pushes = self._pending.setdefault(step, {})
         if worker in pushes:
@@ -182,6 +212,10 @@ class ShardTable:
             self._counters["pushes"] += 1
         self._count("backward_s", start)
         return dw
+
+    def pushes(self, step: int) -> list[int]:
+        """The workers whose gradients are pending for ``step``."""
+        return sorted(self._pending.get(step, {}))
 
     def step(self, step: int | None = None) -> int:
         """Apply the optimizer to the gradients pending for ``step``; returns the rows updated."""
