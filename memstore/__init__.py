@@ -11,11 +11,17 @@ from .errors import (
     TableExists,
     TableNotFound,
 )
+from .api import connect, create_table, load_table
 from .memory_layer import MemoryLayer, MemoryLayerArgs
 from .optim import SGD, Adagrad, Adam, AdamW, OptimizerKind, RowWiseAdagrad
 from .shard_table import ShardTable
+from .table import Table
 
 __all__ = [
+    "create_table",
+    "connect",
+    "load_table",
+    "Table",
     "MemoryLayer",
     "MemoryLayerArgs",
     "ShardTable",

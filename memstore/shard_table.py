@@ -213,6 +213,10 @@ class ShardTable:
         self._count("backward_s", start)
         return dw
 
+    def discard(self, step: int) -> None:
+        """Forget the gradients pending for ``step`` without applying them."""
+        self._pending.pop(step, None)
+
     def pushes(self, step: int) -> list[int]:
         """The workers whose gradients are pending for ``step``."""
         return sorted(self._pending.get(step, {}))

@@ -1,0 +1,135 @@
+"""The shard: a plain class that a Ray actor hosts.
+
+``ShardWorker`` owns one block of a table (a :class:`ShardTable`) and speaks numpy
+on the wire: Ray moves numpy arrays through its object store without copying, and
+the arrays come back as tensors with ``torch.from_numpy``. It is wrapped with
+``ray.remote(...)`` only when spawned, so tests can spawn a failing subclass.
+
+Every data call returns ``(incarnation, result)``. The incarnation is new each time
+the actor process starts, so a client that sees it change knows that the shard
+restarted and reloaded its last checkpoint (``restored_step``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import numpy as np
+import torch
+
+from .. import checkpoint
+from ..errors import InvalidArgument
+from ..grid import ShardGrid
+from ..optim import optimizer_from_dict
+from ..shard_table import ShardTable
+from .wire import to_tensor
+
+log = logging.getLogger(__name__)
+
+
+class ShardWorker:
+    def __init__(self, config: dict, r: int, c: int):
+        torch.set_num_threads(max(1, int(config.get("threads", 1))))
+        self.config = config
+        self.block_id = f"{r}-{c}"
+        grid = ShardGrid.from_dict(config["grid"])
+        self.spec = grid.block(r, c)
+        self.table = ShardTable(
+            config["rows"], config["dim"], optimizer=optimizer_from_dict(config["optimizer"]),
+            dtype=config["dtype"], seed=config["seed"], device=config.get("device", "cpu"),
+            row_range=(self.spec.row_start, self.spec.row_stop),
+            col_range=(self.spec.col_start, self.spec.col_stop),
+        )
+        self.incarnation = uuid.uuid4().hex
+        self.async_applied: set[tuple[int, int]] = set()
+        self.max_seen_step = 0
+        self.staleness: list[int] = []
+        self.restored_step = self._restore()
+
+    def _restore(self) -> int:
+        """Load the newest committed checkpoint of the table, if there is one."""
+        root = self.config.get("checkpoint_root")
+        path = (checkpoint.latest_checkpoint(root) if root else None) or self.config.get("restore_from")
+        if not path:
+            return 0
+        self.table.load_state_dict(checkpoint.load_block(path, self.spec))
+        log.info("shard %s of %s restored step %d from %s", self.block_id,
+                 self.config["name"], self.table.last_step, path)
+        return self.table.last_step
+
+    # ---- control -------------------------------------------------------------
+    def info(self) -> dict:
+        import ray
+
+        return {
+            "incarnation": self.incarnation,
+            "restored_step": self.restored_step,
+            "last_step": self.table.last_step,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "block": self.block_id,
+        }
+
+    def reload(self, path: str) -> tuple[str, int]:
+        """Roll this block back to the checkpoint at ``path`` (after another shard died)."""
+        self.table.load_state_dict(checkpoint.load_block(path, self.spec))
+        self.async_applied.clear()
+        return self.incarnation, self.table.last_step
+
+    # ---- data ----------------------------------------------------------------
+    def lookup(self, rows, w, offsets):
+        y = self.table.lookup_csr(to_tensor(rows), to_tensor(w), to_tensor(offsets))
+        return self.incarnation, y.numpy()
+
+    def gather(self, rows):
+        return self.incarnation, self.table.gather(to_tensor(rows)).float().numpy()
+
+    def backward(self, rows, w, offsets, dy, step: int, worker: int):
+        args = (to_tensor(rows), to_tensor(w), to_tensor(offsets), to_tensor(dy))
+        if self.config.get("mode") != "async":
+            return self.incarnation, self.table.backward_csr(*args, step=step, worker=worker).numpy()
+        return self.incarnation, self._backward_async(args, step, worker)
+
+    def _backward_async(self, args, step: int, worker: int) -> np.ndarray:
+        """Parameter-server style: each push is applied on arrival as its own update."""
+        max_staleness = self.config.get("max_staleness")
+        lag = self.max_seen_step - step
+        if max_staleness is not None and lag > max_staleness:
+            raise InvalidArgument("step", f"at most {max_staleness} steps behind the newest "
+                                  f"push ({self.max_seen_step})", step)
+        internal = self.table.last_step + 1
+        dw = self.table.backward_csr(*args, step=internal, worker=worker)
+        if (worker, step) not in self.async_applied:
+            self.async_applied.add((worker, step))
+            self.table.step(internal)
+            self.max_seen_step = max(self.max_seen_step, step)
+            self.staleness.append(max(lag, 0))
+        else:
+            self.table.discard(internal)
+        return dw.numpy()
+
+    def step(self, step: int, workers: int | None):
+        if self.config.get("mode") == "async":
+            return self.incarnation, 0
+        if workers is not None:
+            arrived = self.table.pushes(step)
+            if len(arrived) < workers:
+                raise InvalidArgument("step", f"pushes from {workers} workers before step {step}",
+                                      f"pushes from workers {arrived}")
+        return self.incarnation, self.table.step(step)
+
+    # ---- state ---------------------------------------------------------------
+    def save(self, path: str) -> dict:
+        return checkpoint.write_block(path, self.block_id, self.table.state_dict())
+
+    def fingerprint(self) -> str:
+        return self.table.fingerprint()
+
+    def stats(self) -> dict:
+        out = {"block": self.block_id, "pid": os.getpid(), **self.table.stats()}
+        if self.staleness:
+            out["staleness_mean"] = float(np.mean(self.staleness))
+            out["staleness_max"] = int(np.max(self.staleness))
+        return out

@@ -1,0 +1,162 @@
+"""create_table, connect and load_table: the entry points of the distributed store."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from . import checkpoint
+from ._internal.shard_actor import ShardWorker
+from ._internal.validation import check_dtype_name, check_positive_int
+from .errors import InvalidArgument
+from .grid import ShardGrid
+from .optim import Adam, _Optimizer, optimizer_from_dict
+from .table import (
+    DEFAULT_TIMEOUT_S,
+    NAMESPACE,
+    Table,
+    TableCatalog,
+    catalog_name,
+    check_budget,
+    find_table,
+    raise_if_exists,
+    shard_bytes,
+    shard_name,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_table", "connect", "load_table"]
+
+
+def _attach():
+    """The Ray of this process: the cluster it is attached to, else a local instance."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    return ray
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise InvalidArgument("name", "a non-empty string without '/'", name)
+    return name
+
+
+def _grid(rows: int, dim: int, shards, config: dict, budget: int | None) -> ShardGrid:
+    if shards != "auto":
+        return ShardGrid.make(rows, dim, shards)
+    if budget is None:
+        raise InvalidArgument("shards", "an int or (R, C); 'auto' needs max_shard_bytes", shards)
+    whole = shard_bytes(config, ShardGrid.make(rows, dim, 1))
+    count = max(1, math.ceil(whole / budget))
+    while shard_bytes(config, ShardGrid.make(rows, dim, (count, 1))) > budget:
+        count += 1
+    return ShardGrid.make(rows, dim, (count, 1))
+
+
+def create_table(
+    name: str,
+    rows: int,
+    dim: int,
+    *,
+    shards=1,
+    optimizer: _Optimizer | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    mode: str = "sync",
+    max_staleness: int | None = None,
+    workers: int | None = None,
+    checkpoint_root: str | None = None,
+    save_every: int | None = None,
+    max_shard_bytes: int | None = None,
+    max_restarts: int = 3,
+    threads_per_shard: int = 1,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    worker_cls=ShardWorker,
+    restore_from: str | None = None,
+) -> Table:
+    """Create a table of rows × dim values sharded over Ray actors; returns its handle.
+
+    ``shards``: S, (R, C), or "auto" (enough row blocks for ``max_shard_bytes``).
+    ``mode``: "sync" (gradients pend until ``step``) or "async" (applied on arrival,
+    a push at most ``max_staleness`` steps behind the newest is accepted).
+    ``workers``: pushes that ``step`` waits for in sync mode. Restarted shards reload the
+    newest checkpoint under ``checkpoint_root``; ``save_every`` saves there every N steps.
+    """
+    _check_name(name)
+    check_positive_int("rows", rows)
+    check_positive_int("dim", dim)
+    check_dtype_name("dtype", dtype)
+    optimizer = Adam() if optimizer is None else optimizer
+    if not isinstance(optimizer, _Optimizer):
+        raise InvalidArgument("optimizer", "a memstore optimizer", type(optimizer).__name__)
+    if mode not in ("sync", "async"):
+        raise InvalidArgument("mode", "'sync' or 'async'", mode)
+    for field, value in (("max_staleness", max_staleness), ("workers", workers),
+                         ("save_every", save_every), ("max_shard_bytes", max_shard_bytes)):
+        if value is not None:
+            check_positive_int(field, value, minimum=0 if field == "max_staleness" else 1)
+    ray = _attach()
+    raise_if_exists(name)
+    config = {
+        "name": name, "rows": rows, "dim": dim, "dtype": dtype, "seed": seed,
+        "optimizer": optimizer.to_dict(), "mode": mode, "max_staleness": max_staleness,
+        "workers": workers, "checkpoint_root": checkpoint_root, "save_every": save_every,
+        "threads": threads_per_shard, "restore_from": restore_from,
+    }
+    grid = _grid(rows, dim, shards, config, max_shard_bytes)
+    config["grid"] = grid.to_dict()
+    check_budget(config, grid, max_shard_bytes)
+    gpus = ray.cluster_resources().get("GPU", 0) >= len(grid.blocks())
+    config["device"] = "cuda" if gpus else "cpu"
+    shards_by_block = _spawn(ray, config, grid, worker_cls, max_restarts, gpus, timeout_s)
+    log.info("created table %s: %d x %d over a %s grid", name, rows, dim, grid.shape)
+    return Table(config, shards_by_block, timeout_s=timeout_s)
+
+
+def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout_s) -> dict:
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    name = config["name"]
+    bundle = {"CPU": config["threads"], **({"GPU": 1} if gpus else {})}
+    pg = placement_group([bundle] * len(grid.blocks()), strategy="SPREAD",
+                         name=f"memstore/{name}", lifetime="detached")
+    ray.get(pg.ready(), timeout=timeout_s)
+    ray.remote(TableCatalog).options(
+        name=catalog_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+    ).remote(config)
+    actor_cls = ray.remote(worker_cls)
+    shards = {}
+    for i, (r, c) in enumerate(grid.blocks()):
+        shards[(r, c)] = actor_cls.options(
+            name=shard_name(name, r, c), namespace=NAMESPACE, lifetime="detached",
+            max_restarts=max_restarts, max_task_retries=0, num_cpus=config["threads"],
+            num_gpus=1 if gpus else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(config, r, c)
+    return shards
+
+
+def connect(name: str, worker: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> Table:
+    """A handle on an existing table from any driver attached to the same cluster."""
+    _check_name(name)
+    ray = _attach()
+    config = find_table(name)
+    grid = ShardGrid.from_dict(config["grid"])
+    shards = {(r, c): ray.get_actor(shard_name(name, r, c), namespace=NAMESPACE)
+              for r, c in grid.blocks()}
+    return Table(config, shards, worker=worker, timeout_s=timeout_s)
+
+
+def load_table(path: str, name: str, shards=1, **options) -> Table:
+    """Create table ``name`` from the checkpoint at ``path``, on any grid."""
+    manifest = checkpoint.read_manifest(path)
+    t = manifest["table"]
+    return create_table(
+        name, t["rows"], t["dim"], shards=shards, optimizer=optimizer_from_dict(t["optimizer"]),
+        dtype=t["dtype"], seed=t.get("seed", 0), restore_from=str(path), **options,
+    )

@@ -1,0 +1,338 @@
+"""The distributed table: a grid of shard actors on Ray, and the handle that routes to them.
+
+``create_table`` places one detached, named actor per block (namespace ``memstore``)
+with a SPREAD placement group, plus a small catalog actor that holds the table's
+config and published keys, so that ``connect(name)`` works from any driver of the
+cluster. The handle validates every call before anything leaves the process, sends
+each shard one call per operation with all shards in flight, and assembles results.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+import kernels
+
+from . import checkpoint
+from ._internal.validation import check_float, check_index, check_step
+from .errors import (
+    InvalidArgument,
+    MemoryBudgetExceeded,
+    ShardUnavailable,
+    StepOutOfOrder,
+    StoreRolledBack,
+    TableExists,
+    TableNotFound,
+)
+from ._internal.wire import to_tensor
+from .grid import ShardGrid
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "memstore"
+DEFAULT_TIMEOUT_S = 120.0
+
+__all__ = ["Table", "NAMESPACE"]
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+class TableCatalog:
+    """Config and published keys of one table (a detached actor)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.keys: np.ndarray | None = None
+
+    def get_config(self) -> dict:
+        return self.config
+
+    def publish_keys(self, keys: np.ndarray) -> None:
+        self.keys = keys
+
+    def get_keys(self) -> np.ndarray | None:
+        return self.keys
+
+
+def shard_name(table: str, r: int, c: int) -> str:
+    return f"{table}/shard-{r}-{c}"
+
+
+def catalog_name(table: str) -> str:
+    return f"{table}/catalog"
+
+
+class Table:
+    """Handle of a distributed table; cheap to create, one per process or worker."""
+
+    def __init__(self, config: dict, shards: dict, worker: int = 0,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.config = config
+        self.name = config["name"]
+        self.grid = ShardGrid.from_dict(config["grid"])
+        self.shards = shards  # (r, c) -> actor handle
+        self.worker = worker
+        self.timeout_s = timeout_s
+        self._incarnations: dict[tuple[int, int], str] = {}
+        self.last_step = 0
+        for block, info in self._call_all("info").items():
+            self._incarnations[block] = info["incarnation"]
+            self.last_step = max(self.last_step, info["last_step"])
+
+    @property
+    def rows(self) -> int:
+        return self.grid.rows
+
+    @property
+    def dim(self) -> int:
+        return self.grid.dim
+
+    # ---- transport -----------------------------------------------------------
+    def _wait(self, refs: dict):
+        """ray.get of {block: ref}, translating timeouts and dead actors."""
+        ray = _ray()
+        out = {}
+        deadline = time.monotonic() + self.timeout_s
+        for block, ref in refs.items():
+            name = shard_name(self.name, *block)
+            try:
+                out[block] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError as e:
+                raise ShardUnavailable(name, self.timeout_s, "timed out") from e
+            except ray.exceptions.RayActorError as e:
+                self._recover_or_raise(block, e)
+        return out
+
+    def _call_all(self, method: str, *args) -> dict:
+        return self._wait({b: getattr(a, method).remote(*args) for b, a in self.shards.items()})
+
+    def _checked(self, results: dict) -> dict:
+        """Strip incarnations; a changed one means a shard restarted from a checkpoint."""
+        for block, (incarnation, _) in results.items():
+            if self._incarnations.get(block) != incarnation:
+                self._roll_back(block)
+        return {block: result for block, (_, result) in results.items()}
+
+    def _recover_or_raise(self, block, error):
+        """A call failed because the shard died: wait for its restart, then roll back."""
+        ray = _ray()
+        name = shard_name(self.name, *block)
+        try:
+            ray.get(self.shards[block].info.remote(), timeout=self.timeout_s)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+            raise ShardUnavailable(name, self.timeout_s, str(error).splitlines()[0]) from e
+        self._roll_back(block)
+
+    def _roll_back(self, block) -> None:
+        """Bring every shard to the restarted shard's checkpoint, then tell the caller."""
+        ray = _ray()
+        info = ray.get(self.shards[block].info.remote(), timeout=self.timeout_s)
+        root = self.config.get("checkpoint_root")
+        path = checkpoint.latest_checkpoint(root) if root else None
+        for other, actor in self.shards.items():
+            if other != block and path:
+                ray.get(actor.reload.remote(path), timeout=self.timeout_s)
+        for b, i in self._call_all("info").items():
+            self._incarnations[b] = i["incarnation"]
+        self.last_step = info["restored_step"]
+        raise StoreRolledBack(info["restored_step"], shard_name(self.name, *block))
+
+    # ---- validation ------------------------------------------------------------
+    def _check_pairs(self, idx, w) -> None:
+        check_index("idx", idx, 2, 0, self.rows)
+        check_float("w", w, tuple(idx.shape))
+
+    def _check_step(self, step) -> int:
+        if step is None:
+            return self.last_step + 1
+        check_step("step", step)
+        if step <= self.last_step and self.config.get("mode") != "async":
+            raise StepOutOfOrder(step, self.last_step)
+        return step
+
+    # ---- data ------------------------------------------------------------------
+    def lookup(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]]."""
+        self._check_pairs(idx, w)
+        routes = self.grid.route(idx, w)
+        refs = {(r, c): a.lookup.remote(routes[r].rows.numpy(), routes[r].w.numpy(),
+                                        routes[r].offsets.numpy())
+                for (r, c), a in self.shards.items()}
+        parts = self._checked(self._wait(refs))
+        y = torch.zeros(idx.shape[0], self.dim)
+        for (r, c), part in parts.items():
+            y[:, self.grid.col_bounds[c]: self.grid.col_bounds[c + 1]] += to_tensor(part)
+        return y
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, dim) float32 copies of the given rows."""
+        check_index("rows", rows, 1, 0, self.rows)
+        out = torch.zeros(rows.shape[0], self.dim)
+        inner = torch.tensor(self.grid.row_bounds[1:-1], dtype=rows.dtype)
+        block_of = torch.bucketize(rows, inner, right=True)
+        refs = {(r, c): a.gather.remote(rows[block_of == r].numpy())
+                for (r, c), a in self.shards.items()}
+        for (r, c), part in self._checked(self._wait(refs)).items():
+            c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
+            out[block_of == r, c0:c1] = to_tensor(part)
+        return out
+
+    def backward(self, idx, w, dy, step: int | None = None, worker: int | None = None):
+        """dw (B, M); the row gradients pend at the shards for (step, worker)."""
+        self._check_pairs(idx, w)
+        check_float("dy", dy, (idx.shape[0], self.dim))
+        step = self._check_step(step)
+        worker = self.worker if worker is None else check_step("worker", worker)
+        routes = self.grid.route(idx, w)
+        dy = dy.to(torch.float32)
+        refs = {}
+        for (r, c), a in self.shards.items():
+            c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
+            route = routes[r]
+            refs[(r, c)] = a.backward.remote(route.rows.numpy(), route.w.numpy(),
+                                             route.offsets.numpy(),
+                                             dy[:, c0:c1].contiguous().numpy(), step, worker)
+        dw = torch.zeros(idx.shape, dtype=torch.float32)
+        for (r, c), part in self._checked(self._wait(refs)).items():
+            dw[routes[r].mask] += to_tensor(part)
+        return dw
+
+    def step(self, step: int | None = None, workers: int | None = None) -> int:
+        """Apply the optimizer for ``step`` on every shard; ``workers`` (default: the
+        table's ``workers``) pushes must have arrived. Returns the rows updated."""
+        step = self._check_step(step)
+        workers = self.config.get("workers") if workers is None else workers
+        done = self._checked(self._call_all("step", step, workers))
+        self.last_step = step
+        return sum(done.values())
+
+    # ---- keys and queries ----------------------------------------------------------
+    def publish_keys(self, keys: torch.Tensor) -> None:
+        """Publish product keys (H, 2, n, Dk/2) so that jobs without the model can query."""
+        n = math.isqrt(self.rows)
+        if keys.dim() != 4 or keys.shape[1] != 2 or keys.shape[2] != n or n * n != self.rows:
+            raise InvalidArgument("keys", f"shape (H, 2, {n}, Dk/2) for a table of n² = "
+                                  f"{self.rows} rows", tuple(keys.shape))
+        check_float("keys", keys, tuple(keys.shape))
+        _ray().get(self._catalog().publish_keys.remote(keys.detach().float().numpy()))
+
+    def query(self, q: torch.Tensor, k: int = 32):
+        """Batched top-k query with the published keys: (indices, scores, output)."""
+        keys = _ray().get(self._catalog().get_keys.remote())
+        if keys is None:
+            raise InvalidArgument("keys", "keys published with publish_keys first", None)
+        keys = torch.from_numpy(keys)
+        with torch.no_grad():
+            scores, indices = kernels.product_key_topk(q.float(), keys, k)
+        w = torch.softmax(scores, dim=-1).flatten(1)
+        return indices, scores, self.lookup(indices.flatten(1), w)
+
+    # ---- state and admin -------------------------------------------------------------
+    def save(self, path: str | os.PathLike | None = None) -> str:
+        """Write a checkpoint (one file per block, manifest last). Without ``path``, it
+        goes under the table's checkpoint_root, where restarted shards look."""
+        if path is None:
+            root = self.config.get("checkpoint_root")
+            if not root:
+                raise InvalidArgument("path", "a directory (the table has no checkpoint_root)",
+                                      None)
+            path = checkpoint.checkpoint_dir(root, self.last_step)
+        entries = list(self._call_all("save", str(path)).values())
+        table_config = {k: self.config[k] for k in ("name", "rows", "dim", "dtype", "optimizer",
+                                                   "seed")}
+        checkpoint.commit(path, table_config, entries, self.last_step)
+        return str(path)
+
+    def stats(self) -> dict:
+        per_shard = self._call_all("stats")
+        blocks = sorted(per_shard)
+        return {
+            "name": self.name,
+            "rows": self.rows,
+            "dim": self.dim,
+            "grid": self.grid.shape,
+            "bytes": sum(s["bytes"] for s in per_shard.values()),
+            "last_step": self.last_step,
+            "shards": [per_shard[b] for b in blocks],
+        }
+
+    def fingerprints(self) -> dict:
+        return self._call_all("fingerprint")
+
+    def drop(self) -> None:
+        """Kill the shards and the catalog and free the placement group."""
+        ray = _ray()
+        for actor in self.shards.values():
+            ray.kill(actor, no_restart=True)
+        ray.kill(self._catalog(), no_restart=True)
+        from ray.util.placement_group import get_placement_group, remove_placement_group
+
+        try:
+            remove_placement_group(get_placement_group(f"memstore/{self.name}"))
+        except ValueError:
+            log.warning("placement group of table %s was already gone", self.name)
+
+    def _catalog(self):
+        return _ray().get_actor(catalog_name(self.name), namespace=NAMESPACE)
+
+    def __repr__(self) -> str:
+        return f"Table({self.name!r}, rows={self.rows}, dim={self.dim}, grid={self.grid.shape})"
+
+
+def shard_bytes(config: dict, grid: ShardGrid) -> int:
+    """Bytes of the largest block: values plus optimizer state."""
+    from .optim import optimizer_from_dict
+
+    kind = optimizer_from_dict(config["optimizer"]).kind
+    elem = torch.empty((), dtype=getattr(torch, config["dtype"])).element_size()
+    worst = 0
+    for r, c in grid.blocks():
+        rows, cols = grid.block(r, c).shape
+        worst = max(worst, rows * cols * elem + kind.state_bytes(rows, cols))
+    return worst
+
+
+def check_budget(config: dict, grid: ShardGrid, budget: int | None) -> None:
+    """Refuse a grid whose shard would not fit the per-shard budget or a node's memory."""
+    need = shard_bytes(config, grid)
+    if budget is not None and need > budget:
+        raise MemoryBudgetExceeded(need, budget, "max_shard_bytes")
+    nodes = [n for n in _ray().nodes() if n.get("Alive")]
+    memory = max((n["Resources"].get("memory", 0) for n in nodes), default=0)
+    if memory and need > memory:
+        raise MemoryBudgetExceeded(need, int(memory), "the largest node's Ray memory")
+
+
+def table_exists(name: str) -> bool:
+    try:
+        _ray().get_actor(catalog_name(name), namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def find_table(name: str) -> dict:
+    ray = _ray()
+    try:
+        catalog = ray.get_actor(catalog_name(name), namespace=NAMESPACE)
+    except ValueError as e:
+        known = sorted(a["name"][: -len("/catalog")] for a in
+                       ray.util.list_named_actors(all_namespaces=True)
+                       if a.get("namespace") == NAMESPACE and a["name"].endswith("/catalog"))
+        raise TableNotFound(name, known) from e
+    return ray.get(catalog.get_config.remote())
+
+
+def raise_if_exists(name: str) -> None:
+    if table_exists(name):
+        raise TableExists(name)
