@@ -11,7 +11,7 @@ from .errors import (
     TableExists,
     TableNotFound,
 )
-from .api import connect, create_table, load_table
+from .api import connect, create_table, drop_table, load_table
 from .memory_layer import MemoryLayer, MemoryLayerArgs
 from .optim import SGD, Adagrad, Adam, AdamW, OptimizerKind, RowWiseAdagrad
 from .shard_table import ShardTable
@@ -21,6 +21,7 @@ __all__ = [
     "create_table",
     "connect",
     "load_table",
+    "drop_table",
     "Table",
     "MemoryLayer",
     "MemoryLayerArgs",

@@ -14,6 +14,7 @@ from .grid import ShardGrid
 from .optim import Adam, _Optimizer, optimizer_from_dict
 from .table import (
     DEFAULT_TIMEOUT_S,
+    drop_table,
     NAMESPACE,
     Table,
     TableCatalog,
@@ -27,7 +28,7 @@ from .table import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_table", "connect", "load_table"]
+__all__ = ["create_table", "connect", "load_table", "drop_table"]
 
 
 def _attach():
@@ -74,7 +75,7 @@ def create_table(
     max_shard_bytes: int | None = None,
     max_restarts: int = 3,
     threads_per_shard: int = 1,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeout_s: float | None = None,
     worker_cls=ShardWorker,
     restore_from: str | None = None,
 ) -> Table:
@@ -125,7 +126,7 @@ def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout
     bundle = {"CPU": config["threads"], **({"GPU": 1} if gpus else {})}
     pg = placement_group([bundle] * len(grid.blocks()), strategy="SPREAD",
                          name=f"memstore/{name}", lifetime="detached")
-    ray.get(pg.ready(), timeout=timeout_s)
+    ray.get(pg.ready(), timeout=timeout_s or DEFAULT_TIMEOUT_S)
     ray.remote(TableCatalog).options(
         name=catalog_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
     ).remote(config)
@@ -141,7 +142,7 @@ def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout
     return shards
 
 
-def connect(name: str, worker: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> Table:
+def connect(name: str, worker: int = 0, timeout_s: float | None = None) -> Table:
     """A handle on an existing table from any driver attached to the same cluster."""
     _check_name(name)
     ray = _attach()

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 NAMESPACE = "memstore"
 DEFAULT_TIMEOUT_S = 120.0
 
-__all__ = ["Table", "NAMESPACE"]
+__all__ = ["Table", "NAMESPACE", "drop_table"]
 
 
 def _ray():
@@ -76,13 +76,13 @@ class Table:
     """Handle of a distributed table; cheap to create, one per process or worker."""
 
     def __init__(self, config: dict, shards: dict, worker: int = 0,
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 timeout_s: float | None = None):
         self.config = config
         self.name = config["name"]
         self.grid = ShardGrid.from_dict(config["grid"])
         self.shards = shards  # (r, c) -> actor handle
         self.worker = worker
-        self.timeout_s = timeout_s
+        self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
         self._incarnations: dict[tuple[int, int], str] = {}
         self.last_step = 0
         for block, info in self._call_all("info").items():
@@ -271,16 +271,7 @@ class Table:
 
     def drop(self) -> None:
         """Kill the shards and the catalog and free the placement group."""
-        ray = _ray()
-        for actor in self.shards.values():
-            ray.kill(actor, no_restart=True)
-        ray.kill(self._catalog(), no_restart=True)
-        from ray.util.placement_group import get_placement_group, remove_placement_group
-
-        try:
-            remove_placement_group(get_placement_group(f"memstore/{self.name}"))
-        except ValueError:
-            log.warning("placement group of table %s was already gone", self.name)
+        drop_table(self.name)
 
     def _catalog(self):
         return _ray().get_actor(catalog_name(self.name), namespace=NAMESPACE)
@@ -336,3 +327,22 @@ def find_table(name: str) -> dict:
 def raise_if_exists(name: str) -> None:
     if table_exists(name):
         raise TableExists(name)
+
+
+def drop_table(name: str) -> None:
+    """Kill every actor of table ``name`` and free its placement group; works even when
+    shards are dead (no shard is called)."""
+    ray = _ray()
+    config = find_table(name)
+    grid = ShardGrid.from_dict(config["grid"])
+    for actor_name in [catalog_name(name), *(shard_name(name, r, c) for r, c in grid.blocks())]:
+        try:
+            ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            log.info("actor %s of table %s was already gone", actor_name, name)
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    try:
+        remove_placement_group(get_placement_group(f"memstore/{name}"))
+    except ValueError:
+        log.info("placement group of table %s was already gone", name)

@@ -1,0 +1,42 @@
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="module")
+def ray_start_4_cpus():
+    """One local Ray instance per test module, on loopback."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch):
+    """Handles made in the test give up on a silent shard after 20 s, not minutes."""
+    import memstore.table
+
+    monkeypatch.setattr(memstore.table, "DEFAULT_TIMEOUT_S", 20.0)
+
+
+@pytest.fixture
+def table_names():
+    """Unique table names, dropped after the test whatever happens."""
+    import memstore
+
+    made = []
+
+    def name(prefix: str) -> str:
+        made.append(f"{prefix}-{len(made)}")
+        return made[-1]
+
+    yield name
+    for n in made:
+        try:
+            memstore.drop_table(n)
+        except memstore.TableNotFound:
+            pass
