@@ -9,7 +9,7 @@ import os
 from . import checkpoint
 from ._internal.shard_actor import ShardWorker
 from ._internal.validation import check_dtype_name, check_positive_int
-from .errors import InvalidArgument
+from .errors import InvalidArgument, ShardUnavailable
 from .grid import ShardGrid
 from .optim import Adam, _Optimizer, optimizer_from_dict
 from .table import (
@@ -119,14 +119,22 @@ def create_table(
 
 
 def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout_s) -> dict:
-    from ray.util.placement_group import placement_group
+    """A SPREAD placement group, the catalog, and one detached actor per block."""
+    from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     name = config["name"]
     bundle = {"CPU": config["threads"], **({"GPU": 1} if gpus else {})}
     pg = placement_group([bundle] * len(grid.blocks()), strategy="SPREAD",
                          name=f"memstore/{name}", lifetime="detached")
-    ray.get(pg.ready(), timeout=timeout_s or DEFAULT_TIMEOUT_S)
+    wait_s = timeout_s or DEFAULT_TIMEOUT_S
+    try:
+        ray.get(pg.ready(), timeout=wait_s)
+    except ray.exceptions.GetTimeoutError as e:
+        remove_placement_group(pg)
+        raise ShardUnavailable(f"memstore/{name}", wait_s, f"the cluster has no room for "
+                               f"{len(grid.blocks())} shards of {bundle}; free resources or "
+                               "use fewer shards or threads_per_shard") from e
     ray.remote(TableCatalog).options(
         name=catalog_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
     ).remote(config)

@@ -127,10 +127,19 @@ class Table:
         """A call failed because the shard died: wait for its restart, then roll back."""
         ray = _ray()
         name = shard_name(self.name, *block)
-        try:
-            ray.get(self.shards[block].info.remote(), timeout=self.timeout_s)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
-            raise ShardUnavailable(name, self.timeout_s, str(error).splitlines()[0]) from e
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                ray.get(self.shards[block].info.remote(),
+                        timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except ray.exceptions.ActorUnavailableError:
+                # Restarting: Ray answers at once, so poll until the deadline.
+                if time.monotonic() > deadline:
+                    raise ShardUnavailable(name, self.timeout_s, "still restarting") from error
+                time.sleep(0.2)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+                raise ShardUnavailable(name, self.timeout_s, str(error).splitlines()[0]) from e
         self._roll_back(block)
 
     def _roll_back(self, block) -> None:
@@ -214,6 +223,9 @@ class Table:
         workers = self.config.get("workers") if workers is None else workers
         done = self._checked(self._call_all("step", step, workers))
         self.last_step = step
+        every = self.config.get("save_every")
+        if every and step % every == 0:
+            self.save()
         return sum(done.values())
 
     # ---- keys and queries ----------------------------------------------------------

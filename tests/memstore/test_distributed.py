@@ -1,0 +1,291 @@
+"""The distributed table on a real local Ray instance: routing, consistency,
+checkpoints, faults, memory budget and input validation."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import torch
+import torch.nn.functional as F
+
+import memstore
+from kernels import product_key_topk
+from memstore import (
+    Adam,
+    InvalidArgument,
+    MemoryBudgetExceeded,
+    MemoryLayer,
+    MemoryLayerArgs,
+    ShardTable,
+    ShardUnavailable,
+    StepOutOfOrder,
+    StoreRolledBack,
+    TableNotFound,
+)
+
+pytestmark = pytest.mark.usefixtures("ray_start_16_cpus")
+
+ROWS, DIM, LR, SEED = 3000, 128, 0.05, 7
+
+
+def make(name, shards, **kw):
+    return memstore.create_table(name, ROWS, DIM, shards=shards, optimizer=Adam(lr=LR),
+                                 seed=SEED, timeout_s=120, **kw)
+
+
+def local():
+    return ShardTable(ROWS, DIM, optimizer=Adam(lr=LR), seed=SEED)
+
+
+def batch(B=13, M=9):
+    idx = torch.randint(0, ROWS, (B, M))
+    idx[0] = 5  # every slot of token 0 on one row, so on one row block
+    idx[1, :4] = idx[1, 4]  # duplicates inside a bag
+    idx[2] = torch.arange(ROWS - M, ROWS)  # a token whose slots all sit in the last block
+    return idx, torch.rand(B, M), torch.randn(B, DIM)
+
+
+def all_rows(table) -> torch.Tensor:
+    return table.gather(torch.arange(ROWS)).float()
+
+
+@pytest.mark.parametrize("shards", [1, 2, (3, 1), (2, 2)])
+def test_every_grid_equals_one_local_table(shards, table_names):
+    t, ref = make(table_names("grid"), shards), local()
+    for step in (1, 2, 3):
+        idx, w, dy = batch()
+        torch.testing.assert_close(t.lookup(idx, w), ref.lookup(idx, w), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(t.backward(idx, w, dy, step=step),
+                                   ref.backward(idx, w, dy, step=step), rtol=1e-5, atol=1e-5)
+        assert t.step(step) > 0
+        ref.step(step)
+    torch.testing.assert_close(all_rows(t), ref.values, rtol=1e-5, atol=1e-6)
+    stats = t.stats()
+    assert len(stats["shards"]) == (shards if isinstance(shards, int) else shards[0] * shards[1])
+    assert stats["bytes"] == ref.nbytes()
+
+
+def test_connect_from_another_driver_sees_the_same_table(table_names):
+    name = table_names("shared")
+    t = make(name, 2)
+    idx, w, dy = batch()
+    t.backward(idx, w, dy, step=1)
+    t.step(1)
+    expected = float(t.lookup(idx[:1], w[:1]).sum())
+    script = (
+        "import torch, ray, memstore\n"
+        "ray.init(address='auto', log_to_driver=False)\n"
+        f"t = memstore.connect({name!r})\n"
+        f"print(float(t.lookup(torch.tensor({idx[:1].tolist()}), torch.tensor({w[:1].tolist()})).sum()))\n"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-6)
+
+
+VALUE_OPTIMIZER = memstore.SGD(lr=0.5)
+
+
+class TrainerWorker:
+    """One data-parallel rank: a MemoryLayer whose values live in the store."""
+
+    def __init__(self, args: dict, table: str | None, worker: int, seed: int):
+        torch.manual_seed(seed)
+        if table is None:
+            a = MemoryLayerArgs(**args)
+            value_table = ShardTable(a.n_keys**2, a.value_dim, optimizer=VALUE_OPTIMIZER, seed=SEED)
+        else:
+            value_table = memstore.connect(table, worker=worker)
+        self.layer = MemoryLayer(MemoryLayerArgs(**args), table=value_table)
+        self.head = torch.nn.Linear(args["dim"], 4)
+        self.params = [*self.layer.parameters(), *self.head.parameters()]
+        # SGD on both sides: Adam's first steps behave like sign(g), which would turn
+        # the last-bit differences of a different summation order into lr-sized ones.
+        self.opt = torch.optim.SGD(self.params, lr=0.1)
+
+    def forward_backward(self, step, x, y, weight):
+        self.layer.step = step
+        loss = F.cross_entropy(self.head(self.layer(x)), y) * weight
+        self.opt.zero_grad()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in self.params]
+
+    def apply(self, grads):
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.opt.step()
+
+    def keys(self):
+        return self.layer.keys.detach().clone()
+
+
+def test_two_workers_and_three_shards_train_like_one_process(table_names):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    args = dict(dim=16, heads=2, k=4, n_keys=16, key_dim=8, value_lr=0.05, seed=SEED)
+    name = table_names("dp")
+    table = memstore.create_table(name, 256, 16, shards=3, optimizer=VALUE_OPTIMIZER, seed=SEED,
+                                  workers=2, timeout_s=120)
+    workers = [ray.remote(TrainerWorker).remote(args, name, rank, 0) for rank in range(2)]
+    single = TrainerWorker(args, None, 0, 0)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    for step in range(1, 21):
+        rows = torch.randint(0, 64, (16,))
+        halves = [(x[rows[:8]], y[rows[:8]]), (x[rows[8:]], y[rows[8:]])]
+        results = ray.get([w.forward_backward.remote(step, hx, hy, 0.5)
+                           for w, (hx, hy) in zip(workers, halves)])
+        grads = [a + b for a, b in zip(results[0][1], results[1][1])]
+        ray.get([w.apply.remote(grads) for w in workers])
+        table.step(step)
+        loss, dense = single.forward_backward(None, x[rows], y[rows], 1.0)
+        single.apply(dense)
+        single.layer.table.step(step)
+        assert results[0][0] + results[1][0] == pytest.approx(loss, abs=1e-5)
+    torch.testing.assert_close(ray.get(workers[0].keys.remote()), single.keys(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(table.gather(torch.arange(256)), single.layer.table.values,
+                               atol=1e-5, rtol=0)
+
+
+def train(table, steps, first=1):
+    gen = torch.Generator().manual_seed(11)
+    for step in range(first, first + steps):
+        idx = torch.randint(0, ROWS, (13, 9), generator=gen)
+        w, dy = torch.rand(13, 9, generator=gen), torch.randn(13, DIM, generator=gen)
+        table.backward(idx, w, dy, step=step)
+        table.step(step)
+
+
+def test_checkpoint_of_four_shards_loads_into_one_and_six(tmp_path, table_names):
+    t = make(table_names("ckpt"), (2, 2))
+    train(t, 2)
+    path = t.save(tmp_path / "ckpt")
+    assert sorted(os.listdir(path))[-1] == "manifest.json"
+    idx, w, dy = batch()
+    expected = t.lookup(idx, w)
+    for shards in (1, (3, 2)):
+        loaded = memstore.load_table(path, table_names("loaded"), shards=shards, timeout_s=120)
+        assert loaded.last_step == 2
+        torch.testing.assert_close(loaded.lookup(idx, w), expected, rtol=1e-6, atol=1e-6)
+        train(loaded, 1, first=3)
+    train(t, 1, first=3)
+    for name in ("loaded-1", "loaded-2"):
+        torch.testing.assert_close(all_rows(memstore.connect(name)), all_rows(t), rtol=1e-6,
+                                   atol=1e-6)
+
+
+def test_periodic_save_writes_under_the_checkpoint_root(tmp_path, table_names):
+    t = make(table_names("periodic"), 2, checkpoint_root=str(tmp_path), save_every=2)
+    train(t, 3)
+    assert memstore.checkpoint.latest_checkpoint(tmp_path).endswith("step-000000002")
+
+
+def test_a_killed_shard_restarts_and_the_table_rolls_back(tmp_path, table_names):
+    t = make(table_names("crash"), (2, 1), checkpoint_root=str(tmp_path), max_restarts=2)
+    ref = local()
+    train(t, 2)
+    train(ref, 2)
+    t.save()
+    train(t, 1, first=3)  # a step after the checkpoint, lost in the crash
+    pid = ray.get(t.shards[(1, 0)].info.remote())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    idx, w, _ = batch()
+    with pytest.raises(StoreRolledBack) as e:
+        for _ in range(50):  # the next call that reaches the dead shard raises
+            t.lookup(idx, w)
+            time.sleep(0.2)
+    assert e.value.step == 2
+    torch.testing.assert_close(all_rows(t), ref.values)  # no post-crash rows survive
+    train(t, 1, first=3)
+    train(ref, 1, first=3)
+    torch.testing.assert_close(all_rows(t), ref.values, rtol=1e-6, atol=1e-6)
+
+
+def test_a_shard_that_stays_down_is_unavailable_not_a_hang(table_names):
+    t = memstore.create_table(table_names("down"), ROWS, DIM, shards=2, max_restarts=0,
+                              timeout_s=15)
+    os.kill(ray.get(t.shards[(0, 1)].info.remote())["pid"], signal.SIGKILL)
+    idx, w, _ = batch()
+    start = time.monotonic()
+    with pytest.raises(ShardUnavailable, match="shard-0-1"):
+        for _ in range(50):
+            t.lookup(idx, w)
+            time.sleep(0.2)
+    assert time.monotonic() - start < 60
+
+
+def test_memory_budget_refuses_a_grid_and_auto_shards_fit_it(table_names):
+    whole = ROWS * DIM * 4 * 3  # values + Adam's two moments
+    with pytest.raises(MemoryBudgetExceeded) as e:
+        make(table_names("budget"), 2, max_shard_bytes=whole // 4)
+    assert e.value.bytes_per_shard == whole // 2 and e.value.budget_bytes == whole // 4
+    t = make(table_names("auto"), "auto", max_shard_bytes=whole // 4)
+    assert t.grid.shape[0] * t.grid.shape[1] >= 4
+    ref = local()
+    train(t, 2)
+    train(ref, 2)
+    torch.testing.assert_close(all_rows(t), ref.values, rtol=1e-6, atol=1e-6)
+
+
+BAD_CALLS = [
+    ("idx", lambda t, i, w, d: t.lookup(i.float(), w)),
+    ("idx", lambda t, i, w, d: t.lookup(i - ROWS, w)),
+    ("idx", lambda t, i, w, d: t.backward(i + ROWS, w, d, step=2)),
+    ("w", lambda t, i, w, d: t.lookup(i, w[:, :2])),
+    ("w", lambda t, i, w, d: t.backward(i, w.masked_fill(w > 0.5, float("nan")), d, step=2)),
+    ("dy", lambda t, i, w, d: t.backward(i, w, d.masked_fill(d > 1, float("inf")), step=2)),
+    ("dy", lambda t, i, w, d: t.backward(i, w, d[:, :5], step=2)),
+    ("step", lambda t, i, w, d: t.backward(i, w, d, step=1)),
+    ("step", lambda t, i, w, d: t.step(1)),
+    ("rows", lambda t, i, w, d: t.gather(torch.tensor([ROWS]))),
+]
+
+
+def test_bad_input_names_the_field_and_changes_no_shard(table_names):
+    t = make(table_names("bad"), (2, 2))
+    train(t, 1)
+    idx, w, dy = batch()
+    before = t.fingerprints()
+    for field, call in BAD_CALLS:
+        with pytest.raises(InvalidArgument) as e:
+            call(t, idx, w, dy)
+        assert e.value.field == field
+    assert isinstance(pytest.raises(StepOutOfOrder, t.step, 1).value, InvalidArgument)
+    assert t.fingerprints() == before
+    with pytest.raises(TableNotFound):
+        memstore.connect("no-such-table")
+
+
+def test_async_mode_applies_on_arrival_once_and_bounds_staleness(table_names):
+    t = make(table_names("async"), 2, mode="async", max_staleness=1)
+    idx, w, dy = batch()
+    before = t.lookup(idx, w)
+    t.backward(idx, w, dy, step=1)
+    after = t.lookup(idx, w)
+    assert not torch.allclose(before, after)
+    prints = t.fingerprints()
+    t.backward(idx, w, dy, step=1)  # a retried push
+    assert t.fingerprints() == prints
+    t.backward(idx, w, dy, step=5, worker=1)
+    with pytest.raises(InvalidArgument, match="steps behind"):
+        t.backward(idx, w, dy, step=2, worker=0)
+    assert t.stats()["shards"][0]["staleness_max"] == 0
+
+
+def test_published_keys_answer_queries_without_the_model(table_names):
+    n, H, half = 16, 2, 4
+    t = memstore.create_table(table_names("query"), n * n, 64, seed=SEED, timeout_s=120)
+    keys = torch.randn(H, 2, n, half)
+    t.publish_keys(keys)
+    q = torch.randn(5, H, 2 * half)
+    idx, scores, y = t.query(q, k=6)
+    ref_scores, ref_idx = product_key_topk(q, keys, 6)
+    assert torch.equal(idx, ref_idx)
+    ref = ShardTable(n * n, 64, seed=SEED)
+    torch.testing.assert_close(y, ref.lookup(ref_idx.flatten(1), torch.softmax(ref_scores, -1).flatten(1)))
+    with pytest.raises(InvalidArgument) as e:
+        t.publish_keys(torch.randn(H, 2, n + 1, half))
+    assert e.value.field == "keys"
