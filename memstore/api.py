@@ -96,6 +96,7 @@ def create_table(
         raise InvalidArgument("optimizer", "a memstore optimizer", type(optimizer).__name__)
     if mode not in ("sync", "async"):
         raise InvalidArgument("mode", "'sync' or 'async'", mode)
+    check_positive_int("threads_per_shard", threads_per_shard)
     for field, value in (("max_staleness", max_staleness), ("workers", workers),
                          ("save_every", save_every), ("max_shard_bytes", max_shard_bytes)):
         if value is not None:
@@ -111,6 +112,10 @@ def create_table(
     grid = _grid(rows, dim, shards, config, max_shard_bytes)
     config["grid"] = grid.to_dict()
     check_budget(config, grid, max_shard_bytes)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if len(grid.blocks()) * threads_per_shard > cpus:
+        raise InvalidArgument("shards", f"at most {int(cpus)} CPUs in all ({len(grid.blocks())} "
+                              f"shards x {threads_per_shard} threads_per_shard)", shards)
     gpus = ray.cluster_resources().get("GPU", 0) >= len(grid.blocks())
     config["device"] = "cuda" if gpus else "cpu"
     shards_by_block = _spawn(ray, config, grid, worker_cls, max_restarts, gpus, timeout_s)

@@ -174,14 +174,22 @@ class Table:
         """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]]."""
         self._check_pairs(idx, w)
         routes = self.grid.route(idx, w)
-        refs = {(r, c): a.lookup.remote(routes[r].rows.numpy(), routes[r].w.numpy(),
-                                        routes[r].offsets.numpy())
-                for (r, c), a in self.shards.items()}
+        sent = self._put_routes(routes)
+        refs = {(r, c): a.lookup.remote(*sent[r]) for (r, c), a in self.shards.items()}
         parts = self._checked(self._wait(refs))
         y = torch.zeros(idx.shape[0], self.dim)
         for (r, c), part in parts.items():
             y[:, self.grid.col_bounds[c]: self.grid.col_bounds[c + 1]] += to_tensor(part)
         return y
+
+    def _put_routes(self, routes) -> list[tuple]:
+        """Each row block's arrays, put in the object store once when several column
+        blocks read them (else passed inline)."""
+        arrays = [(r.rows.numpy(), r.w.numpy(), r.offsets.numpy()) for r in routes]
+        if self.grid.shape[1] == 1:
+            return arrays
+        ray = _ray()
+        return [tuple(ray.put(a) for a in triple) for triple in arrays]
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, dim) float32 copies of the given rows."""
@@ -203,14 +211,13 @@ class Table:
         step = self._check_step(step)
         worker = self.worker if worker is None else check_step("worker", worker)
         routes = self.grid.route(idx, w)
+        sent = self._put_routes(routes)
         dy = dy.to(torch.float32)
         refs = {}
         for (r, c), a in self.shards.items():
             c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
-            route = routes[r]
-            refs[(r, c)] = a.backward.remote(route.rows.numpy(), route.w.numpy(),
-                                             route.offsets.numpy(),
-                                             dy[:, c0:c1].contiguous().numpy(), step, worker)
+            refs[(r, c)] = a.backward.remote(*sent[r], dy[:, c0:c1].contiguous().numpy(), step,
+                                             worker)
         dw = torch.zeros(idx.shape, dtype=torch.float32)
         for (r, c), part in self._checked(self._wait(refs)).items():
             dw[routes[r].mask] += to_tensor(part)
@@ -345,13 +352,21 @@ def drop_table(name: str) -> None:
     """Kill every actor of table ``name`` and free its placement group; works even when
     shards are dead (no shard is called)."""
     ray = _ray()
-    config = find_table(name)
+    try:
+        config = find_table(name)
+    except TableNotFound:
+        _remove_placement_group(name)  # a create that failed before its catalog existed
+        raise
     grid = ShardGrid.from_dict(config["grid"])
     for actor_name in [catalog_name(name), *(shard_name(name, r, c) for r, c in grid.blocks())]:
         try:
             ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
         except ValueError:
             log.info("actor %s of table %s was already gone", actor_name, name)
+    _remove_placement_group(name)
+
+
+def _remove_placement_group(name: str) -> None:
     from ray.util.placement_group import get_placement_group, remove_placement_group
 
     try:

@@ -289,3 +289,20 @@ def test_published_keys_answer_queries_without_the_model(table_names):
     with pytest.raises(InvalidArgument) as e:
         t.publish_keys(torch.randn(H, 2, n + 1, half))
     assert e.value.field == "keys"
+
+
+@pytest.mark.parametrize("options, field", [
+    (dict(shards=17), "shards"),  # 17 shards x 1 CPU on a 16-CPU instance
+    (dict(shards=(2, 3)), "shards"),  # 3 column blocks of 128 columns < 64 each
+    (dict(shards=2, threads_per_shard=0), "threads_per_shard"),
+    (dict(shards=2, mode="eventual"), "mode"),
+    (dict(shards=2, dtype="float16"), "dtype"),
+    (dict(shards="auto"), "shards"),  # auto needs max_shard_bytes
+])
+def test_create_table_validates_options_before_placing_anything(options, field, table_names):
+    name = table_names("opts")
+    with pytest.raises(InvalidArgument) as e:
+        memstore.create_table(name, ROWS, DIM, **options)
+    assert e.value.field == field
+    with pytest.raises(TableNotFound):
+        memstore.connect(name)
