@@ -84,16 +84,17 @@ class TableLookup(torch.autograd.Function):
     """y = table.lookup(idx, w); backward sends dy to the table and returns dw."""
 
     @staticmethod
-    def forward(ctx, w, idx, table, step):
+    def forward(ctx, w, idx, table, step, worker):
         ctx.save_for_backward(w, idx)
-        ctx.table, ctx.step = table, step
+        ctx.table, ctx.step, ctx.worker = table, step, worker
         return table.lookup(idx, w.detach())
 
     @staticmethod
     def backward(ctx, dy):
         w, idx = ctx.saved_tensors
-        dw = ctx.table.backward(idx, w.detach(), dy.contiguous(), step=ctx.step)
-        return dw.to(device=w.device, dtype=w.dtype), None, None, None
+        kwargs = {} if ctx.worker is None else {"worker": ctx.worker}
+        dw = ctx.table.backward(idx, w.detach(), dy.contiguous(), step=ctx.step, **kwargs)
+        return dw.to(device=w.device, dtype=w.dtype), None, None, None, None
 
 
 class MemoryLayer(nn.Module):
@@ -102,7 +103,8 @@ class MemoryLayer(nn.Module):
     ``table=None`` creates a local :class:`ShardTable` of n_keys² × value_dim rows with
     lazy Adam at ``value_lr``. Pass a distributed table to keep the values in the store.
     Set ``step`` before a training step to tag its gradients (default: the table's
-    next step).
+    next step). Several layers sharing one table must push under distinct ``worker``
+    ids (a repeated (step, worker) push is ignored as a retry); default: the table's.
     """
 
     def __init__(self, args: MemoryLayerArgs, table: ValueTable | None = None):
@@ -117,6 +119,7 @@ class MemoryLayer(nn.Module):
                                   f"{table.rows} x {table.dim}")
         self.table = table
         self.step: int | None = None
+        self.worker: int | None = None
         half = args.key_dim // 2
         self.query = nn.Linear(args.dim, args.heads * args.key_dim, bias=False)
         self.keys = nn.Parameter(torch.randn(args.heads, 2, args.n_keys, half) * half**-0.5)
@@ -141,7 +144,7 @@ class MemoryLayer(nn.Module):
         flat = x.reshape(-1, a.dim)
         scores, idx = self.topk(flat)
         w = torch.softmax(scores.float(), dim=-1).flatten(1)  # (N, heads·k)
-        y = TableLookup.apply(w, idx.flatten(1), self.table, self.step).to(x.dtype)
+        y = TableLookup.apply(w, idx.flatten(1), self.table, self.step, self.worker).to(x.dtype)
         if a.memory_plus:
             y = self.out(y * F.silu(self.gate(flat)))
         return y.reshape(x.shape)
