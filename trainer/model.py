@@ -1,0 +1,352 @@
+"""A decoder-only transformer whose chosen FFNs are memory layers.
+
+Read top to bottom: the config (:class:`ModelArgs`), the value tables it needs
+(:func:`table_specs`), the blocks (RMSNorm, rotary attention, SwiGLU FFN), the model
+(:class:`Transformer`), and the dense baseline (:func:`dense_equivalent`).
+
+Each layer is ``h = x + attn(norm(x)); out = h + ffn(norm(h))``. At the layers listed in
+``memory_layers`` the FFN is a :class:`memstore.MemoryLayer` (PKM, or Memory+ with a
+silu gate) instead. Its keys and query net are ordinary parameters of this model; its
+values live in a value table that the model either creates (a local
+:class:`memstore.ShardTable`) or is given (e.g. a distributed :class:`memstore.Table`).
+
+Worker ids (``MemoryLayer.worker``, set by :meth:`Transformer.set_step`). A table
+ignores a second push of the same (step, worker) as a retry, so every backward that
+reaches a table within one step must push under its own worker id, or its row
+gradients are silently dropped. Two things push more than once per step:
+the memory layers sharing a pool (``shared_memory=True``, the published default), and
+the micro-batches of gradient accumulation. Layer ``position`` (of the ``n`` layers
+reading a table) of rank ``worker`` in micro-batch ``micro`` (of ``micro_batches``)
+pushes as ``(worker · micro_batches + micro) · n + position``. A trainer with W
+data-parallel ranks closes a step of table ``name`` after
+``W * model.workers_per_rank()[name]`` pushes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memstore
+from memstore import InvalidArgument, MemoryLayer, MemoryLayerArgs
+from memstore.memory_layer import ValueTable
+
+if TYPE_CHECKING:
+    from .data import Batch
+
+__all__ = ["ModelArgs", "Transformer", "table_specs", "table_users", "dense_equivalent",
+           "ffn_slot_macs"]
+
+SHARED_TABLE = "memory"  # the name of the shared pool; per-layer tables are "memory.<i>"
+# Dense weights are N(0, 0.02²); residual outputs (attention and FFN projections) are
+# scaled by 1/sqrt(2·n_layers) (GPT-2). Memory layers keep their own init.
+INIT_STD = 0.02
+
+
+# ---- config ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int | None = None  # default: 8·dim/3 rounded up to a multiple of 8
+    layer_ffn_hidden: list[int] | None = None  # per-layer FFN widths (dense_equivalent)
+    max_seq_len: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    memory_layers: list[int] = dataclasses.field(default_factory=list)
+    memory_plus: bool = True  # Memory+ (silu gate, output projection); False: PKM
+    mem_heads: int = 4
+    mem_k: int = 32  # rows read per head and token
+    mem_n_keys: int = 256  # sub-keys per half: a table has mem_n_keys² rows
+    mem_key_dim: int = 128
+    mem_value_dim: int | None = None  # row width; default dim (required for PKM)
+    mem_qk_norm: bool = True
+    shared_memory: bool = True  # one value pool for all memory layers
+    value_lr: float = 1e-3  # Adam lr of the local value tables
+    seed: int = 0  # dense init and local table values
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InvalidArgument("model config", f"keys among {sorted(known)}", unknown)
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden is None and isinstance(self.dim, int):
+            self.ffn_hidden = 8 * math.ceil(8 * self.dim / 3 / 8)
+        if self.mem_value_dim is None:
+            self.mem_value_dim = self.dim
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("seed", self.seed, 0)
+        for name in ("norm_eps", "rope_theta", "value_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise InvalidArgument(name, "a finite number > 0", value)
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise InvalidArgument("n_heads", f"a divisor of dim={self.dim} leaving an even "
+                                  "head width (rotary pairs)", self.n_heads)
+        self._check_layer_lists()
+        if self.memory_layers:
+            self.memory_args()  # validates the mem_* fields
+
+    def _check_layer_lists(self) -> None:
+        layers = self.memory_layers
+        if not isinstance(layers, (list, tuple)) or any(
+                isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise InvalidArgument("memory_layers", "a list of layer indices", layers)
+        if len(set(layers)) != len(layers) or any(not 0 <= i < self.n_layers for i in layers):
+            raise InvalidArgument("memory_layers", f"distinct indices in [0, {self.n_layers})",
+                                  layers)
+        self.memory_layers = sorted(layers)
+        widths = self.layer_ffn_hidden
+        if widths is not None:
+            if not isinstance(widths, (list, tuple)) or len(widths) != self.n_layers:
+                raise InvalidArgument("layer_ffn_hidden", f"a list of {self.n_layers} ints",
+                                      widths)
+            for width in widths:
+                _check_int("layer_ffn_hidden", width, 1)
+            self.layer_ffn_hidden = list(widths)
+
+    def memory_args(self) -> MemoryLayerArgs:
+        """The MemoryLayerArgs of every memory layer; errors name the mem_* field."""
+        fields = dict(heads="mem_heads", k="mem_k", n_keys="mem_n_keys", key_dim="mem_key_dim",
+                      value_dim="mem_value_dim", qk_norm="mem_qk_norm")
+        try:
+            return MemoryLayerArgs(dim=self.dim, memory_plus=self.memory_plus,
+                                   value_lr=self.value_lr, seed=self.seed,
+                                   **{ours: getattr(self, f) for ours, f in fields.items()})
+        except InvalidArgument as e:
+            raise InvalidArgument(fields.get(e.field, e.field), e.expected, e.got) from None
+
+    def ffn_width(self, layer: int) -> int:
+        return self.layer_ffn_hidden[layer] if self.layer_ffn_hidden else self.ffn_hidden
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgument(name, f"an int >= {minimum}", value)
+
+
+# ---- value tables ------------------------------------------------------------------
+
+def table_users(args: ModelArgs) -> dict[str, list[int]]:
+    """Table name -> the memory layers that read it, in layer order."""
+    if not args.memory_layers:
+        return {}
+    if args.shared_memory:
+        return {SHARED_TABLE: list(args.memory_layers)}
+    return {f"{SHARED_TABLE}.{i}": [i] for i in args.memory_layers}
+
+
+def table_specs(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """Table name -> (rows, dim), so a trainer can create the distributed tables."""
+    return {name: (args.mem_n_keys**2, args.mem_value_dim) for name in table_users(args)}
+
+
+def _local_tables(args: ModelArgs) -> dict[str, ValueTable]:
+    """One local ShardTable per name, with lazy Adam at value_lr."""
+    specs, tables = table_specs(args), {}
+    for name, users in table_users(args).items():
+        rows, dim = specs[name]
+        tables[name] = memstore.ShardTable(rows, dim, optimizer=memstore.Adam(lr=args.value_lr),
+                                           seed=args.seed + users[0])
+    return tables
+
+
+# ---- blocks ------------------------------------------------------------------------
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, ...]:
+    """cos and sin (max_seq_len, head_dim/2) of the rotary angles."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x (B, heads, T, head_dim) by position."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.head_dim = args.n_heads, args.dim // args.n_heads
+        self.qkv = nn.Linear(args.dim, 3 * args.dim, bias=False)
+        self.proj = nn.Linear(args.dim, args.dim, bias=False)
+        nn.init.normal_(self.qkv.weight, std=INIT_STD)
+        nn.init.normal_(self.proj.weight, std=INIT_STD / math.sqrt(2 * args.n_layers))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos[:T], sin[:T]), apply_rotary(k, cos[:T], sin[:T])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) ⊙ w3 x)."""
+
+    def __init__(self, dim: int, hidden: int, n_layers: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        for linear in (self.w1, self.w3):
+            nn.init.normal_(linear.weight, std=INIT_STD)
+        nn.init.normal_(self.w2.weight, std=INIT_STD / math.sqrt(2 * n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, table: ValueTable | None):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attn = Attention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        if table is None:
+            self.ffn = FeedForward(args.dim, args.ffn_width(layer), args.n_layers)
+        else:
+            self.ffn = MemoryLayer(args.memory_args(), table=table)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+# ---- model -------------------------------------------------------------------------
+
+class Transformer(nn.Module):
+    """Decoder-only LM: tokens (B, T) -> logits (B, T, vocab_size).
+
+    ``tables`` maps each name of :func:`table_specs` to a value table; None creates
+    local ShardTables. ``worker`` is this process's data-parallel rank and
+    ``micro_batches`` the backward passes it makes per step (gradient accumulation);
+    they set the worker ids of the pushes (module docstring).
+    """
+
+    def __init__(self, args: ModelArgs, tables: dict[str, ValueTable] | None = None,
+                 worker: int = 0, micro_batches: int = 1):
+        super().__init__()
+        _check_int("worker", worker, 0)
+        _check_int("micro_batches", micro_batches, 1)
+        self.args, self.worker, self.micro_batches = args, worker, micro_batches
+        self._tables = _local_tables(args) if tables is None else dict(tables)
+        if set(self._tables) != set(table_specs(args)):
+            raise InvalidArgument("tables", f"exactly the tables {sorted(table_specs(args))}",
+                                  sorted(self._tables))
+        tables = {layer: self._tables[name] for name, users in table_users(args).items()
+                  for layer in users}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            self.embed = nn.Embedding(args.vocab_size, args.dim)
+            self.layers = nn.ModuleList(Block(args, i, tables.get(i)) for i in range(args.n_layers))
+            self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+            nn.init.normal_(self.embed.weight, std=INIT_STD)
+            nn.init.normal_(self.output.weight, std=INIT_STD)
+        cos, sin = rotary_tables(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.set_step(None)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or not 1 <= tokens.shape[1] <= self.args.max_seq_len:
+            raise InvalidArgument("tokens", f"(B, T) with 1 <= T <= {self.args.max_seq_len}",
+                                  tuple(tokens.shape))
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, self.rope_cos, self.rope_sin)
+        return self.output(self.norm(x)).float()
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy over the target positions where ``batch.mask`` is True
+        (every position when the mask is None)."""
+        logits = self(batch.inputs)
+        nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
+        if batch.mask is None:
+            return nll.mean()
+        mask = batch.mask.flatten().to(nll.dtype)
+        return (nll * mask).sum() / mask.sum().clamp_min(1)
+
+    # ---- value tables --------------------------------------------------------------
+    def value_tables(self) -> dict[str, ValueTable]:
+        """Name -> value table (one entry when shared). Call ``table.step(s)`` on each
+        after the dense optimizer's step."""
+        return dict(self._tables)
+
+    def table_specs(self) -> dict[str, tuple[int, int]]:
+        return table_specs(self.args)
+
+    def workers_per_rank(self) -> dict[str, int]:
+        """Name -> distinct worker ids one rank pushes under per step."""
+        return {name: len(users) * self.micro_batches
+                for name, users in table_users(self.args).items()}
+
+    def memory_layers(self) -> list[MemoryLayer]:
+        return [self.layers[i].ffn for i in self.args.memory_layers]
+
+    def set_step(self, step: int | None, micro: int = 0) -> None:
+        """Tag the row gradients of the next backward with ``step`` (None: each
+        table's next step) and micro-batch ``micro`` in [0, micro_batches)."""
+        if isinstance(micro, bool) or not isinstance(micro, int) or not (
+                0 <= micro < self.micro_batches):
+            raise InvalidArgument("micro", f"an int in [0, {self.micro_batches})", micro)
+        slot = self.worker * self.micro_batches + micro
+        for users in table_users(self.args).values():
+            for position, i in enumerate(users):
+                self.layers[i].ffn.step = step
+                self.layers[i].ffn.worker = slot * len(users) + position
+
+
+# ---- the dense baseline ------------------------------------------------------------
+
+def ffn_slot_macs(args: ModelArgs, layer: int) -> int:
+    """Multiply-adds per token of layer ``layer``'s FFN slot (FFN or memory layer).
+
+    A memory layer counts its query net, the sub-key scores of both halves, the
+    weighted bag of heads·k rows and, for Memory+, the gate and output projection.
+    Top-k selection (comparisons) and the sparse value update are not counted.
+    """
+    if layer not in args.memory_layers:
+        return 3 * args.dim * args.ffn_width(layer)
+    macs = args.dim * args.mem_heads * args.mem_key_dim  # query net
+    macs += args.mem_heads * args.mem_n_keys * args.mem_key_dim  # 2 halves × n × key_dim/2
+    macs += args.mem_heads * args.mem_k * args.mem_value_dim  # bag of value rows
+    if args.memory_plus:
+        macs += 2 * args.dim * args.mem_value_dim  # gate and output projection
+    return macs
+
+
+def dense_equivalent(args: ModelArgs) -> ModelArgs:
+    """The dense baseline of the same per-token compute.
+
+    Every memory layer becomes a SwiGLU FFN whose width makes its multiply-adds per
+    token (3·dim·hidden) match the memory layer's (:func:`ffn_slot_macs`), rounded to
+    the nearest width >= 1; every other layer keeps its FFN. The memory parameters
+    (values and keys) are gone: this is the iso-FLOP baseline, not an
+    iso-parameter one. Attention, embeddings and the other layers are unchanged.
+    """
+    widths = [args.ffn_width(i) for i in range(args.n_layers)]
+    for i in args.memory_layers:
+        widths[i] = max(1, round(ffn_slot_macs(args, i) / (3 * args.dim)))
+    return dataclasses.replace(args, memory_layers=[], layer_ffn_hidden=widths)
