@@ -144,7 +144,8 @@ class MemoryLayer(nn.Module):
         flat = x.reshape(-1, a.dim)
         scores, idx = self.topk(flat)
         w = torch.softmax(scores.float(), dim=-1).flatten(1)  # (N, heads·k)
-        y = TableLookup.apply(w, idx.flatten(1), self.table, self.step, self.worker).to(x.dtype)
+        y = TableLookup.apply(w, idx.flatten(1), self.table, self.step, self.worker)
+        y = y.to(device=x.device, dtype=x.dtype)  # a remote table answers on the host
         if a.memory_plus:
             y = self.out(y * F.silu(self.gate(flat)))
         return y.reshape(x.shape)

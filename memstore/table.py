@@ -157,9 +157,11 @@ class Table:
         raise StoreRolledBack(info["restored_step"], shard_name(self.name, *block))
 
     # ---- validation ------------------------------------------------------------
-    def _check_pairs(self, idx, w) -> None:
+    def _check_pairs(self, idx, w) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated pairs on the host, where the wire (numpy) starts."""
         check_index("idx", idx, 2, 0, self.rows)
         check_float("w", w, tuple(idx.shape))
+        return idx.cpu(), w.cpu()
 
     def _check_step(self, step) -> int:
         if step is None:
@@ -172,7 +174,7 @@ class Table:
     # ---- data ------------------------------------------------------------------
     def lookup(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]]."""
-        self._check_pairs(idx, w)
+        idx, w = self._check_pairs(idx, w)
         routes = self.grid.route(idx, w)
         sent = self._put_routes(routes)
         refs = {(r, c): a.lookup.remote(*sent[r]) for (r, c), a in self.shards.items()}
@@ -194,6 +196,7 @@ class Table:
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, dim) float32 copies of the given rows."""
         check_index("rows", rows, 1, 0, self.rows)
+        rows = rows.cpu()
         out = torch.zeros(rows.shape[0], self.dim)
         inner = torch.tensor(self.grid.row_bounds[1:-1], dtype=rows.dtype)
         block_of = torch.bucketize(rows, inner, right=True)
@@ -206,13 +209,13 @@ class Table:
 
     def backward(self, idx, w, dy, step: int | None = None, worker: int | None = None):
         """dw (B, M); the row gradients pend at the shards for (step, worker)."""
-        self._check_pairs(idx, w)
+        idx, w = self._check_pairs(idx, w)
         check_float("dy", dy, (idx.shape[0], self.dim))
         step = self._check_step(step)
         worker = self.worker if worker is None else check_step("worker", worker)
         routes = self.grid.route(idx, w)
         sent = self._put_routes(routes)
-        dy = dy.to(torch.float32)
+        dy = dy.to(device="cpu", dtype=torch.float32)
         refs = {}
         for (r, c), a in self.shards.items():
             c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
