@@ -23,6 +23,7 @@ from torch import nn
 
 from kernels import product_key_topk
 
+from ._internal.validation import dataclass_from_dict
 from .errors import InvalidArgument
 from .optim import Adam
 from .shard_table import ShardTable
@@ -58,11 +59,7 @@ class MemoryLayerArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemoryLayerArgs":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidArgument("memory layer config", f"keys among {sorted(known)}", unknown)
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "memory layer config")
 
     def __post_init__(self) -> None:
         if self.value_dim is None:

@@ -17,6 +17,7 @@ import torch
 
 import kernels
 
+from ._internal.validation import dataclass_from_dict
 from .errors import InvalidArgument
 
 __all__ = ["OptimizerKind", "SGD", "Adagrad", "RowWiseAdagrad", "Adam", "AdamW", "optimizer_from_dict"]
@@ -198,11 +199,6 @@ def optimizer_from_dict(d: dict) -> _Optimizer:
     except (KeyError, ValueError) as e:
         raise InvalidArgument("optimizer.kind", f"one of {[k.value for k in OptimizerKind]}",
                               d.get("kind")) from e
-    cls = _BY_KIND[kind]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise InvalidArgument("optimizer", f"options among {sorted(known)}", sorted(unknown))
     if "betas" in d:
         d["betas"] = tuple(d["betas"])
-    return cls(**d)
+    return dataclass_from_dict(_BY_KIND[kind], d, "optimizer")

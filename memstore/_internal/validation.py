@@ -6,6 +6,8 @@ and runs before anything is modified, so a rejected call changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import InvalidArgument
@@ -61,3 +63,13 @@ def check_step(field: str, step) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise InvalidArgument(field, "an int >= 0", step)
     return step
+
+
+def dataclass_from_dict(cls, d: dict, field: str):
+    """``cls(**d)``, refusing keys that are not fields of ``cls`` (a typo in a config
+    must not silently fall back to a default)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise InvalidArgument(field, f"keys among {sorted(known)}", unknown)
+    return cls(**d)
