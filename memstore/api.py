@@ -140,8 +140,11 @@ def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout
         raise ShardUnavailable(f"memstore/{name}", wait_s, f"the cluster has no room for "
                                f"{len(grid.blocks())} shards of {bundle}; free resources or "
                                "use fewer shards or threads_per_shard") from e
+    # The catalog restarts without limit: losing its node must not orphan the shards.
+    # A restart rebuilds it from the config; published keys must then be published again.
     ray.remote(TableCatalog).options(
         name=catalog_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+        max_restarts=-1, max_task_retries=-1,
     ).remote(config)
     actor_cls = ray.remote(worker_cls)
     shards = {}

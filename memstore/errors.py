@@ -98,8 +98,8 @@ class ShardUnavailable(MemstoreError):
         self.timeout_s = timeout_s
         self.cause = cause
         super().__init__(
-            f"shard {shard} did not answer within {timeout_s:g} s{': ' + cause if cause else ''}; "
-            "check the Ray cluster (ray status) and the shard's logs"
+            f"shard {shard} is unavailable ({cause or 'no answer'}; waited at most "
+            f"{timeout_s:g} s); check the Ray cluster (ray status) and the shard's logs"
         )
 
 

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Start a local multi-node Ray cluster: one head and N worker raylets on this machine,
+# each a real `ray start` process with its own loopback address (127.0.0.2, .3, ...).
+#
+#   cluster/start-local.sh [WORKERS]        # default 2 workers (3 nodes in all)
+#   eval "$(cluster/start-local.sh 2)"      # or run it and copy the export lines it prints
+#   python my_driver.py                     # ray.init() / memstore.connect() join the cluster
+#   cluster/stop-local.sh
+#
+# stdout is exactly three lines (progress and Ray's own output go to stderr):
+#   export RAY_ADDRESS=127.0.0.2:6379
+#   export RAY_AUTH_MODE=token
+#   export RAY_AUTH_TOKEN_PATH=/tmp/ray-local-6379/auth_token
+#
+# Environment (all optional):
+#   RAY_PORT        GCS port of the head (default 6379)
+#   HEAD_IP         head address (default 127.0.0.2); worker i gets HEAD_IP's last octet + i
+#   HEAD_CPUS       CPUs the head offers to tasks (default 1)
+#   WORKER_CPUS     CPUs each worker offers (default 2)
+#   OBJECT_STORE_MB object store per node in MiB (default 256)
+#   RAY             the ray CLI (default: `ray` on PATH, else .venv/bin/ray of this repo)
+#   RAY_LOCAL_DIR   Ray temp dir of this cluster (default /tmp/ray-local-$RAY_PORT); logs
+#                   live under it, and stop-local.sh finds this cluster's processes by it
+#
+# Addresses 127.0.0.2-127.0.0.254 all route to the loopback interface on Linux. Ray
+# rewrites 127.0.0.1 (and localhost) to the machine's interface address, but keeps these,
+# so every raylet, object manager and GCS connection stays on loopback.
+set -Eeuo pipefail
+
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0   # Ray picks loopback, never the interface IP
+export RAY_USAGE_STATS_ENABLED=0             # no usage report leaves the machine
+
+WORKERS="${1:-2}"
+RAY_PORT="${RAY_PORT:-6379}"
+HEAD_IP="${HEAD_IP:-127.0.0.2}"
+HEAD_CPUS="${HEAD_CPUS:-1}"
+WORKER_CPUS="${WORKER_CPUS:-2}"
+OBJECT_STORE_MB="${OBJECT_STORE_MB:-256}"
+RAY_LOCAL_DIR="${RAY_LOCAL_DIR:-/tmp/ray-local-$RAY_PORT}"
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [[ -z "${RAY:-}" ]]; then
+  if command -v ray >/dev/null 2>&1; then RAY="$(command -v ray)"
+  elif [[ -x "$here/../.venv/bin/ray" ]]; then RAY="$here/../.venv/bin/ray"
+  else echo "start-local.sh: no ray CLI (install ray or set RAY=/path/to/ray)" >&2; exit 2
+  fi
+fi
+# The Python that runs the CLI (for joining workers, below).
+PYTHON="$(head -n1 "$RAY" | sed -n 's/^#!//p')"
+
+if ! [[ "$WORKERS" =~ ^[0-9]+$ ]]; then
+  echo "start-local.sh: WORKERS must be a number, got '$WORKERS'" >&2; exit 2
+fi
+if ! [[ "$HEAD_IP" =~ ^127\.0\.0\.([0-9]+)$ ]] || (( BASH_REMATCH[1] < 2 )); then
+  echo "start-local.sh: HEAD_IP must be 127.0.0.N with N >= 2 (got $HEAD_IP)" >&2; exit 2
+fi
+first="${BASH_REMATCH[1]}"
+if (( first + WORKERS > 254 )); then
+  echo "start-local.sh: too many workers for 127.0.0.$first..254" >&2; exit 2
+fi
+
+store=$((OBJECT_STORE_MB * 1024 * 1024))
+common=(--object-store-memory="$store" --disable-usage-stats --temp-dir="$RAY_LOCAL_DIR")
+mkdir -p "$RAY_LOCAL_DIR"
+# stop-local.sh finds the head's Ray client server by this address.
+echo "$HEAD_IP:$RAY_PORT" > "$RAY_LOCAL_DIR/address"
+
+# Token authentication with a token of this cluster's own. Left unset, `ray start --head`
+# turns token auth on when ~/.ray/auth_token exists while `ray start --address` does not,
+# and the workers cannot join; explicit settings make every node and driver agree.
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH="$RAY_LOCAL_DIR/auth_token"
+if [[ ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
+  (umask 077; "$PYTHON" -c 'import secrets; print(secrets.token_hex(32), end="")' \
+     > "$RAY_AUTH_TOKEN_PATH")
+fi
+
+# Whatever fails below, leave no half-started cluster behind.
+trap 'echo "start-local.sh: failed; stopping what was started" >&2
+      RAY_LOCAL_DIR="$RAY_LOCAL_DIR" "$here/stop-local.sh" >&2 || true' ERR
+
+echo "starting head on $HEAD_IP:$RAY_PORT ($HEAD_CPUS CPU)" >&2
+"$RAY" start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" \
+  --num-cpus="$HEAD_CPUS" --include-dashboard=false "${common[@]}" >&2
+
+# `ray start --address` refuses to join a worker while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
+# Lift that one check inside the CLI process only; the raylets it spawns keep the
+# variable at 0, and the explicit --node-ip-address keeps them on loopback.
+join() {
+  "$PYTHON" -c '
+import sys
+import ray._private.ray_constants as c
+c.ENABLE_RAY_CLUSTER = True
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+sys.exit(main())
+' "$@"
+}
+
+for ((i = 1; i <= WORKERS; i++)); do
+  ip="127.0.0.$((first + i))"
+  echo "starting worker $i on $ip ($WORKER_CPUS CPU)" >&2
+  join start --address="$HEAD_IP:$RAY_PORT" --node-ip-address="$ip" \
+    --num-cpus="$WORKER_CPUS" "${common[@]}" >&2
+done
+
+trap - ERR
+echo "cluster up: head $HEAD_IP:$RAY_PORT + $WORKERS worker(s), logs in $RAY_LOCAL_DIR;" \
+  "stop with: RAY_PORT=$RAY_PORT cluster/stop-local.sh" >&2
+echo "export RAY_ADDRESS=$HEAD_IP:$RAY_PORT"
+echo "export RAY_AUTH_MODE=token"
+echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
