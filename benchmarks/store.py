@@ -106,11 +106,18 @@ def one_token_ms(table, iters: int) -> float:
 
 
 # ---- wire accounting ---------------------------------------------------------------
-def _payload(obj) -> int:
+def _payload(obj, seen: set | None = None) -> int:
+    """Array bytes in ``obj``; an ObjectRef (an array put once for several shards) counts
+    its array the first time it is seen."""
     if isinstance(obj, np.ndarray):
         return obj.nbytes
     if isinstance(obj, (tuple, list)):
-        return sum(_payload(o) for o in obj)
+        return sum(_payload(o, seen) for o in obj)
+    if isinstance(obj, ray.ObjectRef) and seen is not None:
+        if obj in seen:
+            return 0
+        seen.add(obj)
+        return _payload(ray.get(obj))
     return 0
 
 
@@ -120,7 +127,7 @@ class _CountingMethod:
 
     def remote(self, *args):
         ref = self.method.remote(*args)
-        self.log["sent"] += _payload(args)
+        self.log["sent"] += _payload(args, self.log["seen"])
         self.log["refs"].append(ref)
         return ref
 
@@ -137,7 +144,7 @@ class _CountingShard:
 
 def wire_bytes(table, batches) -> tuple[float, float]:
     """(sent, received) array bytes per token of one untimed round through ``table``."""
-    log = {"sent": 0, "refs": []}
+    log = {"sent": 0, "refs": [], "seen": set()}
     real = table.shards
     table.shards = {block: _CountingShard(a, log) for block, a in real.items()}
     try:
