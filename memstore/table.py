@@ -146,10 +146,12 @@ class Table:
         """Bring every shard to the restarted shard's checkpoint, then tell the caller."""
         ray = _ray()
         info = ray.get(self.shards[block].info.remote(), timeout=self.timeout_s)
+        # The same choice the restarted shard made in its constructor.
         root = self.config.get("checkpoint_root")
-        path = checkpoint.latest_checkpoint(root) if root else None
+        path = (checkpoint.latest_checkpoint(root) if root else None) or self.config.get(
+            "restore_from")
         for other, actor in self.shards.items():
-            if other != block and path:
+            if other != block:
                 ray.get(actor.reload.remote(path), timeout=self.timeout_s)
         for b, i in self._call_all("info").items():
             self._incarnations[b] = i["incarnation"]

@@ -36,17 +36,22 @@ class ShardWorker:
         self.block_id = f"{r}-{c}"
         grid = ShardGrid.from_dict(config["grid"])
         self.spec = grid.block(r, c)
-        self.table = ShardTable(
-            config["rows"], config["dim"], optimizer=optimizer_from_dict(config["optimizer"]),
-            dtype=config["dtype"], seed=config["seed"], device=config.get("device", "cpu"),
-            row_range=(self.spec.row_start, self.spec.row_stop),
-            col_range=(self.spec.col_start, self.spec.col_stop),
-        )
+        self.table = self._new_table()
         self.incarnation = uuid.uuid4().hex
         self.async_applied: set[tuple[int, int]] = set()
         self.max_seen_step = 0
         self.staleness: list[int] = []
         self.restored_step = self._restore()
+
+    def _new_table(self) -> ShardTable:
+        """This block with its initial values (the seed fixes them for any grid)."""
+        c = self.config
+        return ShardTable(
+            c["rows"], c["dim"], optimizer=optimizer_from_dict(c["optimizer"]), dtype=c["dtype"],
+            seed=c["seed"], device=c.get("device", "cpu"),
+            row_range=(self.spec.row_start, self.spec.row_stop),
+            col_range=(self.spec.col_start, self.spec.col_stop),
+        )
 
     def _restore(self) -> int:
         """Load the newest committed checkpoint of the table, if there is one."""
@@ -72,9 +77,13 @@ class ShardWorker:
             "block": self.block_id,
         }
 
-    def reload(self, path: str) -> tuple[str, int]:
-        """Roll this block back to the checkpoint at ``path`` (after another shard died)."""
-        self.table.load_state_dict(checkpoint.load_block(path, self.spec))
+    def reload(self, path: str | None) -> tuple[str, int]:
+        """Roll this block back to the checkpoint at ``path``, or to its initial values
+        when there is none (after another shard restarted from the same state)."""
+        if path:
+            self.table.load_state_dict(checkpoint.load_block(path, self.spec))
+        else:
+            self.table = self._new_table()
         self.async_applied.clear()
         return self.incarnation, self.table.last_step
 

@@ -306,3 +306,16 @@ def test_create_table_validates_options_before_placing_anything(options, field, 
     assert e.value.field == field
     with pytest.raises(TableNotFound):
         memstore.connect(name)
+
+
+def test_without_a_checkpoint_a_restart_resets_every_shard(table_names):
+    t = make(table_names("nockpt"), (2, 1), max_restarts=2)
+    train(t, 2)
+    os.kill(ray.get(t.shards[(0, 0)].info.remote())["pid"], signal.SIGKILL)
+    idx, w, _ = batch()
+    with pytest.raises(StoreRolledBack) as e:
+        for _ in range(50):
+            t.lookup(idx, w)
+            time.sleep(0.2)
+    assert e.value.step == 0
+    torch.testing.assert_close(all_rows(t), local().values)  # both blocks back at the start
