@@ -50,6 +50,21 @@ INIT_STD = 0.02
 
 # ---- config ------------------------------------------------------------------------
 
+def strict_from_dict(cls, d, where: str):
+    """cls(**d), rejecting keys cls does not have, naming them with their path."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise InvalidArgument(where or "config", "a mapping", type(d).__name__)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise InvalidArgument(where or "config", f"keys among {sorted(known)}",
+                              "unknown keys " + ", ".join(prefix + k for k in unknown))
+    return cls(**d)
+
+
 @dataclasses.dataclass
 class ModelArgs:
     vocab_size: int
@@ -75,11 +90,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidArgument("model config", f"keys among {sorted(known)}", unknown)
-        return cls(**d)
+        return strict_from_dict(cls, d, "model")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -65,7 +65,14 @@ from memstore import InvalidArgument, StoreRolledBack
 from memstore import checkpoint as store_checkpoint
 
 from .data import Batch, ByteDataset, FactsCorpus, evaluate
-from .model import ModelArgs, Transformer, dense_equivalent, table_specs, table_users
+from .model import (
+    ModelArgs,
+    Transformer,
+    dense_equivalent,
+    strict_from_dict,
+    table_specs,
+    table_users,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +86,6 @@ _CKPT_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
 # ---- config ------------------------------------------------------------------------
-
-def _from_dict(cls, d, where: str):
-    """cls(**d), rejecting keys cls does not have, naming them with their path."""
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise InvalidArgument(where or "config", "a mapping", type(d).__name__)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise InvalidArgument(where or "config", f"keys among {sorted(known)}",
-                              "unknown keys " + ", ".join(prefix + k for k in unknown))
-    return cls(**d)
-
 
 @dataclasses.dataclass
 class DataArgs:
@@ -170,8 +162,8 @@ class TrainArgs:
         if bad:
             raise InvalidArgument("model", f"keys among {sorted(model_known)}",
                                   "unknown keys " + ", ".join("model." + k for k in bad))
-        d["data"] = _from_dict(DataArgs, d.get("data"), "data")
-        d["store"] = _from_dict(StoreArgs, d.get("store"), "store")
+        d["data"] = strict_from_dict(DataArgs, d.get("data"), "data")
+        d["store"] = strict_from_dict(StoreArgs, d.get("store"), "store")
         return cls(**d)
 
     def __post_init__(self) -> None:
