@@ -26,7 +26,10 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -fno-math-errno lets sqrtf vectorise (results unchanged: sqrt is correctly rounded);
+# -ffp-contract=off keeps a*b+c unfused, as torch's reference computes it.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared",
+          "-fPIC", "-std=c11"]
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -44,6 +47,7 @@ _SIGNATURES = {
     "adam": [_P, _I, _P, _P, _P, _P, _I, _F, _F, _F, _F, _F, _F, _F],
     "pk_topk": [_P, _I, _I, _I, _I, _I, _I, _P, _P],
     "pk_scores_backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _P],
+    "group_rows": [_P, _I, _P, _P, _P, _P, _P],
 }
 _TYPED = ("bag_forward", "bag_dw", "sgd", "adagrad", "rowwise_adagrad", "adam")
 DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}

@@ -105,7 +105,7 @@ def bag_backward_sparse(values, rows, w, offsets, dy) -> tuple[torch.Tensor, Spa
             _native.typed("bag_dw", values.dtype), B, values.data_ptr(), values.stride(0),
             rows.data_ptr(), offsets.data_ptr(), dy.data_ptr(), values.shape[1], dw.data_ptr(),
         )
-        return dw, SparseRowGrads.from_slots(rows, w, bag_of_slot, dy)
+        return dw, SparseRowGrads.from_slots(rows, w, bag_of_slot, dy, values.shape[0])
     acc = accumulation_dtype(values, w)
     slot_dy = dy.to(acc)[bag_of_slot]
     dw = (values[rows].to(acc) * slot_dy).sum(dim=1)

@@ -35,17 +35,27 @@ class SparseRowGrads:
     dy: torch.Tensor  # (B, dim) output gradient of each bag
 
     @classmethod
-    def from_slots(cls, slot_rows, slot_w, slot_bag, dy) -> "SparseRowGrads":
-        """Group slots (any order) by row."""
-        sorted_rows, order = torch.sort(slot_rows.to(torch.int64), stable=True)
-        rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-        seg = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=rows.device)
-        torch.cumsum(counts, 0, out=seg[1:])
+    def from_slots(cls, slot_rows, slot_w, slot_bag, dy, num_rows: int | None = None
+                   ) -> "SparseRowGrads":
+        """Group slots (any order) by row; stable, so each row keeps its slots' order.
+
+        ``num_rows`` (rows lie in [0, num_rows)) allows a counting sort in C when it is
+        not much larger than the slot count.
+        """
+        slot_rows = slot_rows.to(torch.int64)
+        if num_rows is not None and _counting_sort_ok(slot_rows, num_rows):
+            rows, seg, order = _group_rows_native(slot_rows.contiguous(), num_rows)
+        else:
+            sorted_rows, order = torch.sort(slot_rows, stable=True)
+            rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+            seg = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=rows.device)
+            torch.cumsum(counts, 0, out=seg[1:])
         return cls(rows, seg, slot_bag[order].contiguous(), slot_w[order].contiguous(),
                    dy.contiguous())
 
     @classmethod
-    def merge(cls, parts: list["SparseRowGrads"]) -> "SparseRowGrads":
+    def merge(cls, parts: list["SparseRowGrads"], num_rows: int | None = None
+              ) -> "SparseRowGrads":
         """One gradient holding the sum of several pushes (one per worker)."""
         if len(parts) == 1:
             return parts[0]
@@ -58,6 +68,7 @@ class SparseRowGrads:
             torch.cat([p.slot_w for p in parts]),
             torch.cat(bags),
             torch.cat([p.dy for p in parts]),
+            num_rows,
         )
 
     @classmethod
@@ -92,6 +103,31 @@ class SparseRowGrads:
         row_of_slot = torch.repeat_interleave(torch.arange(U, device=self.dy.device), self.seg.diff())
         out = torch.zeros(U, self.dim, dtype=self.dy.dtype, device=self.dy.device)
         return out.index_add_(0, row_of_slot, self.dy[self.slot_bag] * self.slot_w[:, None].to(out.dtype))
+
+
+# A counting sort sweeps all num_rows counters once: worth it up to this many per slot.
+_COUNTING_ROWS_PER_SLOT = 16
+
+
+def _counting_sort_ok(slot_rows: torch.Tensor, num_rows: int) -> bool:
+    return (num_rows < 2**31
+            and num_rows <= _COUNTING_ROWS_PER_SLOT * max(slot_rows.numel(), 4096)
+            and native_ok(slot_rows, dtypes=(torch.int64,)))
+
+
+def _group_rows_native(slot_rows: torch.Tensor, num_rows: int):
+    """(unique rows, seg, order) of slot_rows by the C counting sort."""
+    P = slot_rows.numel()
+    counts = torch.zeros(num_rows, dtype=torch.int32)
+    order = torch.empty(P, dtype=torch.int64)
+    uniq = torch.empty(P, dtype=torch.int64)
+    seg = torch.empty(P + 1, dtype=torch.int64)
+    n_uniq = torch.zeros(1, dtype=torch.int64)
+    _native.parallel_for(_native.library().group_rows, P, slot_rows.data_ptr(), num_rows,
+                         counts.data_ptr(), order.data_ptr(), uniq.data_ptr(), seg.data_ptr(),
+                         n_uniq.data_ptr())
+    U = int(n_uniq)
+    return uniq[:U], seg[: U + 1], order
 
 
 def c_view(grads: "SparseRowGrads | torch.Tensor") -> _RowGradsStruct:

@@ -70,6 +70,8 @@ def create_table(
     mode: str = "sync",
     max_staleness: int | None = None,
     workers: int | None = None,
+    step_on_push: bool = False,
+    data_channel: str = "socket",
     checkpoint_root: str | None = None,
     save_every: int | None = None,
     max_shard_bytes: int | None = None,
@@ -84,7 +86,12 @@ def create_table(
     ``shards``: S, (R, C), or "auto" (enough row blocks for ``max_shard_bytes``).
     ``mode``: "sync" (gradients pend until ``step``) or "async" (applied on arrival,
     a push at most ``max_staleness`` steps behind the newest is accepted).
-    ``workers``: pushes that ``step`` waits for in sync mode. Restarted shards reload the
+    ``data_channel``: "socket" (lookups and pushes over a TCP connection per shard,
+    everything else over Ray) or "ray" (every call over Ray).
+    ``workers``: pushes that ``step`` waits for in sync mode. ``step_on_push`` (sync mode,
+    needs ``workers``): a shard applies step s within the call that brings its
+    ``workers``-th push of s, so a trainer needs no ``step`` round of its own; once a
+    caller's pushes of s have returned, s is applied on every shard. Restarted shards reload the
     newest checkpoint under ``checkpoint_root``; ``save_every`` saves there every N steps.
     """
     _check_name(name)
@@ -97,6 +104,13 @@ def create_table(
     if mode not in ("sync", "async"):
         raise InvalidArgument("mode", "'sync' or 'async'", mode)
     check_positive_int("threads_per_shard", threads_per_shard)
+    if data_channel not in ("socket", "ray"):
+        raise InvalidArgument("data_channel", "'socket' or 'ray'", data_channel)
+    if not isinstance(step_on_push, bool):
+        raise InvalidArgument("step_on_push", "True or False", step_on_push)
+    if step_on_push and (mode != "sync" or workers is None):
+        raise InvalidArgument("step_on_push", "False unless mode='sync' and workers is given",
+                              f"True with mode={mode!r}, workers={workers}")
     for field, value in (("max_staleness", max_staleness), ("workers", workers),
                          ("save_every", save_every), ("max_shard_bytes", max_shard_bytes)):
         if value is not None:
@@ -106,7 +120,9 @@ def create_table(
     config = {
         "name": name, "rows": rows, "dim": dim, "dtype": dtype, "seed": seed,
         "optimizer": optimizer.to_dict(), "mode": mode, "max_staleness": max_staleness,
-        "workers": workers, "checkpoint_root": checkpoint_root, "save_every": save_every,
+        "workers": workers, "step_on_push": step_on_push, "data_channel": data_channel,
+        "checkpoint_root": checkpoint_root,
+        "save_every": save_every,
         "threads": threads_per_shard, "restore_from": restore_from,
     }
     grid = _grid(rows, dim, shards, config, max_shard_bytes)

@@ -230,7 +230,8 @@ class ShardTable:
             log.warning("dropping gradients of step %d, never applied before step %d", stale, step)
             del self._pending[stale]
         if pushes:
-            grads = kernels.SparseRowGrads.merge([pushes[w] for w in sorted(pushes)])
+            grads = kernels.SparseRowGrads.merge([pushes[w] for w in sorted(pushes)],
+                                                 self.spec.shape[0])
         else:
             grads = kernels.SparseRowGrads.empty(self.spec.shape[1], self.device)
         self.updates += 1

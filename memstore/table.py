@@ -30,6 +30,7 @@ from .errors import (
     TableExists,
     TableNotFound,
 )
+from ._internal.data_channel import DataClient
 from ._internal.wire import to_tensor
 from .grid import ShardGrid
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "memstore"
 DEFAULT_TIMEOUT_S = 120.0
+# A row block's routed arrays at least this large are put in the object store once for
+# all its column blocks rather than sent with each call.
+PUT_BYTES = 1 << 20
 
 __all__ = ["Table", "NAMESPACE", "drop_table"]
 
@@ -84,10 +88,24 @@ class Table:
         self.worker = worker
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
         self._incarnations: dict[tuple[int, int], str] = {}
+        self._addresses: dict[tuple[int, int], tuple | None] = {}
+        self._channel: DataClient | None = None
         self.last_step = 0
-        for block, info in self._call_all("info").items():
+        infos = self._call_all("info")
+        self._note(infos)
+        self.last_step = max(i["last_step"] for i in infos.values())
+
+    def _note(self, infos: dict) -> None:
+        """Remember each shard's incarnation and data-channel address."""
+        for block, info in infos.items():
             self._incarnations[block] = info["incarnation"]
-            self.last_step = max(self.last_step, info["last_step"])
+            address = info.get("data_address")
+            self._addresses[block] = tuple(address) if address else None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_channel"] = None  # sockets belong to the process that opened them
+        return state
 
     @property
     def rows(self) -> int:
@@ -153,8 +171,7 @@ class Table:
         for other, actor in self.shards.items():
             if other != block:
                 ray.get(actor.reload.remote(path), timeout=self.timeout_s)
-        for b, i in self._call_all("info").items():
-            self._incarnations[b] = i["incarnation"]
+        self._note(self._call_all("info"))
         self.last_step = info["restored_step"]
         raise StoreRolledBack(info["restored_step"], shard_name(self.name, *block))
 
@@ -178,19 +195,52 @@ class Table:
         """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]]."""
         idx, w = self._check_pairs(idx, w)
         routes = self.grid.route(idx, w)
-        sent = self._put_routes(routes)
-        refs = {(r, c): a.lookup.remote(*sent[r]) for (r, c), a in self.shards.items()}
-        parts = self._checked(self._wait(refs))
+        parts = self._data_call("lookup", routes, {b: ((), ()) for b in self.shards})
         y = torch.zeros(idx.shape[0], self.dim)
         for (r, c), part in parts.items():
             y[:, self.grid.col_bounds[c]: self.grid.col_bounds[c + 1]] += to_tensor(part)
         return y
 
+    def _data_call(self, op: str, routes, extra: dict) -> dict:
+        """``op`` (lookup or backward) on every shard with its row block's routed pairs
+        plus ``extra[block]`` = (more arrays, scalars); incarnations checked.
+
+        Over the data channel where the shards have one; a shard whose connection
+        failed (it died, restarted, or the socket broke) gets the call over Ray, where
+        a dead or restarted shard is recognised and handled.
+        """
+        arrays = [(r.rows.numpy(), r.w.numpy(), r.offsets.numpy()) for r in routes]
+        todo = list(self.shards)
+        results = {}
+        if all(self._addresses.get(b) for b in todo):
+            requests = {(r, c): (self._addresses[(r, c)], op, arrays[r] + extra[(r, c)][0],
+                                 extra[(r, c)][1]) for r, c in todo}
+            try:
+                results, todo = self._data_channel().call_all(requests)
+            except TimeoutError as e:
+                raise ShardUnavailable(self.name, self.timeout_s, "no reply on the data "
+                                       "channel") from e
+            for block in todo:
+                log.info("data channel to %s failed: the call goes over Ray",
+                         shard_name(self.name, *block))
+        if todo:
+            sent = self._put_routes(routes)
+            results.update(self._wait({
+                (r, c): getattr(self.shards[(r, c)], op).remote(
+                    *sent[r], *extra[(r, c)][0], *extra[(r, c)][1]) for r, c in todo}))
+        return self._checked(results)
+
+    def _data_channel(self) -> DataClient:
+        if self._channel is None:
+            self._channel = DataClient(self.timeout_s)
+        return self._channel
+
     def _put_routes(self, routes) -> list[tuple]:
         """Each row block's arrays, put in the object store once when several column
-        blocks read them (else passed inline)."""
+        blocks read them and they are large; small ones travel inline with each call,
+        which costs less than a put (Ray inlines arguments up to 100 KiB)."""
         arrays = [(r.rows.numpy(), r.w.numpy(), r.offsets.numpy()) for r in routes]
-        if self.grid.shape[1] == 1:
+        if self.grid.shape[1] == 1 or max(sum(a.nbytes for a in t) for t in arrays) < PUT_BYTES:
             return arrays
         ray = _ray()
         return [tuple(ray.put(a) for a in triple) for triple in arrays]
@@ -216,15 +266,13 @@ class Table:
         step = self._check_step(step)
         worker = self.worker if worker is None else check_step("worker", worker)
         routes = self.grid.route(idx, w)
-        sent = self._put_routes(routes)
         dy = dy.to(device="cpu", dtype=torch.float32)
-        refs = {}
-        for (r, c), a in self.shards.items():
+        extra = {}
+        for r, c in self.shards:
             c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
-            refs[(r, c)] = a.backward.remote(*sent[r], dy[:, c0:c1].contiguous().numpy(), step,
-                                             worker)
+            extra[(r, c)] = ((dy[:, c0:c1].contiguous().numpy(),), (step, worker))
         dw = torch.zeros(idx.shape, dtype=torch.float32)
-        for (r, c), part in self._checked(self._wait(refs)).items():
+        for (r, c), part in self._data_call("backward", routes, extra).items():
             dw[routes[r].mask] += to_tensor(part)
         return dw
 
@@ -233,6 +281,7 @@ class Table:
         table's ``workers``) pushes must have arrived. Returns the rows updated."""
         step = self._check_step(step)
         workers = self.config.get("workers") if workers is None else workers
+        # With step_on_push the shards applied s with its last push; this confirms it.
         done = self._checked(self._call_all("step", step, workers))
         self.last_step = step
         every = self.config.get("save_every")
@@ -270,8 +319,12 @@ class Table:
             if not root:
                 raise InvalidArgument("path", "a directory (the table has no checkpoint_root)",
                                       None)
+            if self.config.get("step_on_push"):  # shards step without this handle
+                self.last_step = max(i["last_step"] for i in self._call_all("info").values())
             path = checkpoint.checkpoint_dir(root, self.last_step)
         entries = list(self._call_all("save", str(path)).values())
+        # The blocks' own step: with step_on_push it can be ahead of this handle's.
+        self.last_step = max(int(e["last_step"]) for e in entries)
         table_config = {k: self.config[k] for k in ("name", "rows", "dim", "dtype", "optimizer",
                                                    "seed")}
         checkpoint.commit(path, table_config, entries, self.last_step)

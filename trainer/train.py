@@ -17,8 +17,12 @@ How a step works with W workers (``workers: W`` >= 1):
 - The dense gradients are clipped to ``grad_clip`` by their global norm and Adam(W)
   steps them with warm-up and cosine decay. Value rows are not clipped (their
   gradients never leave the store) and use the store's constant ``value_lr``.
-- The driver then calls ``table.step(s)`` on every table; in sync mode a shard applies
-  step s only after all ``W · workers_per_rank`` pushes arrived.
+- In sync mode a shard applies step s once all ``W · workers_per_rank`` pushes of s
+  arrived, within the call of the last one (``store.step_on_push``, the default): a
+  rank's backward returns only after its pushes, and the all-reduce waits for every
+  rank's backward, so no lookup of step s+1 can precede the update of step s. With
+  ``step_on_push: false`` the driver calls ``table.step(s)`` after the workers, one
+  more blocking round per step.
 
 Why own worker actors rather than Ray Train's TorchTrainer: fewer moving parts. The
 store is already Ray-native (named actors that a worker reaches with
@@ -112,6 +116,9 @@ class StoreArgs:
     shards: int | list[int] = 1  # S or [R, C] per table
     mode: str = "sync"  # "sync" or "async"
     max_staleness: int | None = None
+    # Sync mode: shards apply step s with its last push (no driver round per step).
+    # None: on in sync mode; False: the driver calls table.step(s) after the workers.
+    step_on_push: bool | None = None
     threads_per_shard: int = 1
     timeout_s: float | None = None
     keep: bool = False  # leave the tables on the cluster after training
@@ -123,6 +130,10 @@ class StoreArgs:
             raise InvalidArgument("store.mode", "'sync' or 'async'", self.mode)
         if isinstance(self.shards, list):
             self.shards = tuple(self.shards)
+        if self.step_on_push is None:
+            self.step_on_push = self.mode == "sync"
+        if self.step_on_push and self.mode != "sync":
+            raise InvalidArgument("store.step_on_push", "false in async mode", True)
 
 
 @dataclasses.dataclass
@@ -568,6 +579,7 @@ class RayBackend:
         s = self.args.store
         return dict(shards=s.shards, mode=s.mode, max_staleness=s.max_staleness,
                     workers=self.args.workers * self.per_rank[name],
+                    step_on_push=s.step_on_push,
                     checkpoint_root=str(self.run_dir / STORE / name),
                     threads_per_shard=s.threads_per_shard, timeout_s=s.timeout_s)
 
@@ -642,8 +654,9 @@ class RayBackend:
         if errors:
             rolled = [e for e in errors if isinstance(e, StoreRolledBack)]
             raise rolled[0] if rolled else errors[0]
-        for table in self.tables.values():
-            table.step(step)
+        if not self.args.store.step_on_push:
+            for table in self.tables.values():
+                table.step(step)
         return {"loss": sum(o["loss"] for o in outs), "grad_norm": outs[0]["grad_norm"],
                 "tokens": sum(o["tokens"] for o in outs)}
 

@@ -128,6 +128,30 @@ static inline void prefetch_row(const void *row) {
 DEFINE_BAG_KERNELS(f32, float)
 DEFINE_BAG_KERNELS(bf16, uint16_t)
 
+/* Group slots [lo, hi) by block-local row, stably, with a counting sort: O(P + R)
+ * against O(P log P) for a comparison sort, which dominated a shard's push. The
+ * caller uses it when R is not much larger than P.
+ * rows: (P,) in [0, R)  counts: (R,) zeroed scratch, left zeroed  order: (P,) slot
+ * of each sorted position  uniq: (U,) sorted unique rows  seg: (U+1,)  n_uniq: (1,) */
+void group_rows(const int64_t *rows, int64_t R, int32_t *counts, int64_t *order,
+                int64_t *uniq, int64_t *seg, int64_t *n_uniq, int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) counts[rows[p]]++;
+    int64_t U = 0, acc = 0;
+    for (int64_t r = 0; r < R; ++r) {
+        const int32_t c = counts[r];
+        if (c) {
+            uniq[U] = r;
+            seg[U++] = acc;
+            counts[r] = (int32_t)acc; /* from here on: the next free position of row r */
+            acc += c;
+        }
+    }
+    seg[U] = acc;
+    for (int64_t p = lo; p < hi; ++p) order[counts[rows[p]]++] = p - lo;
+    for (int64_t u = 0; u < U; ++u) counts[uniq[u]] = 0;
+    *n_uniq = U;
+}
+
 /* The gradient of each unique row of a step, kept in factored form: the slots that
  * feed row u are [seg[u], seg[u+1]) of the slot arrays (sorted by row), and
  * g_u = sum_q slot_w[q] * dy[slot_bag[q]]. The optimizers sum a row's slots into

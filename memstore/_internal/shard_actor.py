@@ -12,8 +12,10 @@ restarted and reloaded its last checkpoint (``restored_step``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import uuid
 
 import numpy as np
@@ -24,14 +26,37 @@ from ..errors import InvalidArgument
 from ..grid import ShardGrid
 from ..optim import optimizer_from_dict
 from ..shard_table import ShardTable
+from .data_channel import DataServer
 from .wire import to_tensor
 
 log = logging.getLogger(__name__)
 
 
+def _locked(method):
+    """Run under the shard's lock: Ray calls and data-channel calls arrive on different
+    threads, and every one of them reads or changes the block."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray (tests of the plain class): loopback
+        return "127.0.0.1"
+
+
 class ShardWorker:
     def __init__(self, config: dict, r: int, c: int):
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
+        self._lock = threading.RLock()
         self.config = config
         self.block_id = f"{r}-{c}"
         grid = ShardGrid.from_dict(config["grid"])
@@ -42,6 +67,10 @@ class ShardWorker:
         self.max_seen_step = 0
         self.staleness: list[int] = []
         self.restored_step = self._restore()
+        self.data_server = None
+        if config.get("data_channel", "socket") == "socket":
+            self.data_server = DataServer(_node_ip(), {"lookup": self.lookup,
+                                                       "backward": self.backward})
 
     def _new_table(self) -> ShardTable:
         """This block with its initial values (the seed fixes them for any grid)."""
@@ -75,8 +104,10 @@ class ShardWorker:
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "block": self.block_id,
+            "data_address": self.data_server.address if self.data_server else None,
         }
 
+    @_locked
     def reload(self, path: str | None) -> tuple[str, int]:
         """Roll this block back to the checkpoint at ``path``, or to its initial values
         when there is none (after another shard restarted from the same state)."""
@@ -88,18 +119,25 @@ class ShardWorker:
         return self.incarnation, self.table.last_step
 
     # ---- data ----------------------------------------------------------------
+    @_locked
     def lookup(self, rows, w, offsets):
         y = self.table.lookup_csr(to_tensor(rows), to_tensor(w), to_tensor(offsets))
         return self.incarnation, y.numpy()
 
+    @_locked
     def gather(self, rows):
         return self.incarnation, self.table.gather(to_tensor(rows)).float().numpy()
 
+    @_locked
     def backward(self, rows, w, offsets, dy, step: int, worker: int):
         args = (to_tensor(rows), to_tensor(w), to_tensor(offsets), to_tensor(dy))
-        if self.config.get("mode") != "async":
-            return self.incarnation, self.table.backward_csr(*args, step=step, worker=worker).numpy()
-        return self.incarnation, self._backward_async(args, step, worker)
+        if self.config.get("mode") == "async":
+            return self.incarnation, self._backward_async(args, step, worker)
+        dw = self.table.backward_csr(*args, step=step, worker=worker)
+        closing = len(self.table.pushes(step)) >= (self.config.get("workers") or 0)
+        if self.config.get("step_on_push") and closing:
+            self.table.step(step)
+        return self.incarnation, dw.numpy()
 
     def _backward_async(self, args, step: int, worker: int) -> np.ndarray:
         """Parameter-server style: each push is applied on arrival as its own update."""
@@ -119,9 +157,12 @@ class ShardWorker:
             self.table.discard(internal)
         return dw.numpy()
 
+    @_locked
     def step(self, step: int, workers: int | None):
         if self.config.get("mode") == "async":
             return self.incarnation, 0
+        if self.config.get("step_on_push") and step <= self.table.last_step:
+            return self.incarnation, 0  # applied by its last push: step only confirms it
         if workers is not None:
             arrived = self.table.pushes(step)
             if len(arrived) < workers:
@@ -130,12 +171,15 @@ class ShardWorker:
         return self.incarnation, self.table.step(step)
 
     # ---- state ---------------------------------------------------------------
+    @_locked
     def save(self, path: str) -> dict:
         return checkpoint.write_block(path, self.block_id, self.table.state_dict())
 
+    @_locked
     def fingerprint(self) -> str:
         return self.table.fingerprint()
 
+    @_locked
     def stats(self) -> dict:
         out = {"block": self.block_id, "pid": os.getpid(), **self.table.stats()}
         if self.staleness:

@@ -356,3 +356,21 @@ def test_bag_csr_equals_dense_form(path, dtype):
     assert_close(dw.reshape(B, M), dw2)
     assert torch.equal(rows, rows2)
     assert_close(grads, grads2)
+
+
+@pytest.mark.parametrize("P, R", [(0, 10), (1, 1), (9, 5), (41, 1000), (341, 341), (4096, 7),
+                                  (20000, 65536)])
+def test_row_grads_counting_sort_equals_comparison_sort(P, R):
+    """from_slots with num_rows (the C counting sort) groups exactly as torch.sort does,
+    and so does merge."""
+    from kernels import SparseRowGrads
+
+    rows = torch.randint(0, R, (P,))
+    w, bag, dy = torch.randn(P), torch.randint(0, 3, (P,)), torch.randn(3, 5)
+    counted = SparseRowGrads.from_slots(rows, w, bag, dy, num_rows=R)
+    sorted_ = SparseRowGrads.from_slots(rows, w, bag, dy)
+    for field in ("rows", "seg", "slot_bag", "slot_w"):
+        assert torch.equal(getattr(counted, field), getattr(sorted_, field)), field
+    merged = SparseRowGrads.merge([counted, sorted_], num_rows=R)
+    assert torch.equal(merged.rows, SparseRowGrads.merge([counted, sorted_]).rows)
+    assert torch.allclose(merged.dense(), 2 * sorted_.dense(), atol=1e-5)
