@@ -3,6 +3,7 @@ checkpoints, faults, memory budget and input validation."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -298,6 +299,9 @@ def test_published_keys_answer_queries_without_the_model(table_names):
     (dict(shards=2, mode="eventual"), "mode"),
     (dict(shards=2, dtype="float16"), "dtype"),
     (dict(shards="auto"), "shards"),  # auto needs max_shard_bytes
+    (dict(shards=2, data_channel="tcp"), "data_channel"),
+    (dict(shards=2, step_on_push=True), "step_on_push"),  # needs workers
+    (dict(shards=2, step_on_push=True, workers=2, mode="async"), "step_on_push"),
 ])
 def test_create_table_validates_options_before_placing_anything(options, field, table_names):
     name = table_names("opts")
@@ -319,3 +323,50 @@ def test_without_a_checkpoint_a_restart_resets_every_shard(table_names):
             time.sleep(0.2)
     assert e.value.step == 0
     torch.testing.assert_close(all_rows(t), local().values)  # both blocks back at the start
+
+
+@pytest.mark.parametrize("channel", ["socket", "ray"])
+def test_both_data_channels_answer_like_a_local_table(channel, table_names):
+    t, ref = make(table_names("chan"), (2, 2), data_channel=channel), local()
+    train(t, 2)
+    train(ref, 2)
+    idx, w, dy = batch()
+    torch.testing.assert_close(t.lookup(idx, w), ref.lookup(idx, w), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t.backward(idx, w, dy, step=3), ref.backward(idx, w, dy, step=3),
+                               rtol=1e-5, atol=1e-5)
+    opened = t._channel is not None and len(t._channel.socks) == 4
+    assert opened == (channel == "socket")
+    with pytest.raises(InvalidArgument) as e:  # a shard's own error crosses the channel
+        t.backward(idx, w, dy, step=3, worker=-1)
+    assert e.value.field == "worker"
+
+
+def test_a_broken_data_connection_falls_back_to_ray(table_names):
+    t, ref = make(table_names("fallback"), 2), local()
+    train(t, 1)
+    train(ref, 1)
+    with socket.socket() as s:  # an address where nobody listens
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()
+    t._addresses[(0, 1)] = dead
+    idx, w, _ = batch()
+    torch.testing.assert_close(t.lookup(idx, w), ref.lookup(idx, w), rtol=1e-5, atol=1e-6)
+
+
+def test_step_on_push_applies_a_step_with_its_last_push(tmp_path, table_names):
+    t = make(table_names("onpush"), 2, workers=2, step_on_push=True)
+    other = memstore.connect(t.name)  # a handle that never calls step
+    ref = local()
+    idx, w, dy = batch()
+    before = t.fingerprints()
+    t.backward(idx[:6], w[:6], dy[:6], step=1, worker=0)
+    assert t.fingerprints() == before  # one push of two: nothing applied yet
+    t.backward(idx[6:], w[6:], dy[6:], step=1, worker=1)
+    ref.backward(idx[:6], w[:6], dy[:6], step=1, worker=0)
+    ref.backward(idx[6:], w[6:], dy[6:], step=1, worker=1)
+    ref.step(1)
+    torch.testing.assert_close(all_rows(t), ref.values, rtol=1e-6, atol=1e-6)
+    assert t.step(1) == 0  # already applied: step only confirms it
+    assert t.last_step == 1
+    path = other.save(tmp_path / "ckpt")
+    assert memstore.checkpoint.read_manifest(path)["step"] == 1
