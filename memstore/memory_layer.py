@@ -39,9 +39,10 @@ class ValueTable(Protocol):
 
     def lookup(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
 
-    def backward(self, idx, w, dy, step: int | None = None, worker: int = 0) -> torch.Tensor: ...
+    def backward(self, idx, w, dy, step: int | None = None, worker: int = 0,
+                 lr: float | None = None) -> torch.Tensor: ...
 
-    def step(self, step: int | None = None) -> int: ...
+    def step(self, step: int | None = None, lr: float | None = None) -> int: ...
 
 
 @dataclasses.dataclass
@@ -81,17 +82,19 @@ class TableLookup(torch.autograd.Function):
     """y = table.lookup(idx, w); backward sends dy to the table and returns dw."""
 
     @staticmethod
-    def forward(ctx, w, idx, table, step, worker):
+    def forward(ctx, w, idx, table, step, worker, lr):
         ctx.save_for_backward(w, idx)
-        ctx.table, ctx.step, ctx.worker = table, step, worker
+        ctx.table, ctx.step, ctx.worker, ctx.lr = table, step, worker, lr
         return table.lookup(idx, w.detach())
 
     @staticmethod
     def backward(ctx, dy):
         w, idx = ctx.saved_tensors
         kwargs = {} if ctx.worker is None else {"worker": ctx.worker}
+        if ctx.lr is not None:
+            kwargs["lr"] = ctx.lr
         dw = ctx.table.backward(idx, w.detach(), dy.contiguous(), step=ctx.step, **kwargs)
-        return dw.to(device=w.device, dtype=w.dtype), None, None, None, None
+        return dw.to(device=w.device, dtype=w.dtype), None, None, None, None, None
 
 
 class MemoryLayer(nn.Module):
@@ -102,6 +105,8 @@ class MemoryLayer(nn.Module):
     Set ``step`` before a training step to tag its gradients (default: the table's
     next step). Several layers sharing one table must push under distinct ``worker``
     ids (a repeated (step, worker) push is ignored as a retry); default: the table's.
+    ``value_lr``, when set, is the learning rate the table applies that step with (a
+    schedule for the values); default: the table optimizer's own.
     """
 
     def __init__(self, args: MemoryLayerArgs, table: ValueTable | None = None):
@@ -116,6 +121,7 @@ class MemoryLayer(nn.Module):
                                   f"{table.rows} x {table.dim}")
         self.table = table
         self.step: int | None = None
+        self.value_lr: float | None = None  # this step's value lr (schedules); None: the table's
         self.worker: int | None = None
         half = args.key_dim // 2
         self.query = nn.Linear(args.dim, args.heads * args.key_dim, bias=False)
@@ -141,7 +147,8 @@ class MemoryLayer(nn.Module):
         flat = x.reshape(-1, a.dim)
         scores, idx = self.topk(flat)
         w = torch.softmax(scores.float(), dim=-1).flatten(1)  # (N, heads·k)
-        y = TableLookup.apply(w, idx.flatten(1), self.table, self.step, self.worker)
+        y = TableLookup.apply(w, idx.flatten(1), self.table, self.step, self.worker,
+                              self.value_lr)
         y = y.to(device=x.device, dtype=x.dtype)  # a remote table answers on the host
         if a.memory_plus:
             y = self.out(y * F.silu(self.gate(flat)))

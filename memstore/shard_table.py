@@ -23,6 +23,7 @@ from ._internal.validation import (
     check_dtype_name,
     check_float,
     check_index,
+    check_lr,
     check_positive_int,
     check_step,
 )
@@ -125,6 +126,7 @@ class ShardTable:
         self.updates = 0  # optimizer steps taken (bias correction count)
         # step -> worker -> that worker's row gradients, in factored form
         self._pending: dict[int, dict[int, kernels.SparseRowGrads]] = {}
+        self._step_lr: dict[int, float] = {}  # step -> the lr its pushes asked for
         self._counters = {"lookups": 0, "tokens": 0, "pushes": 0, "duplicate_pushes": 0,
                           "rows_updated": 0, "lookup_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
 
@@ -182,23 +184,32 @@ class ShardTable:
         return self.values[local].clone()
 
     # ---- updates -------------------------------------------------------------
-    def backward(self, idx, w, dy, step: int | None = None, worker: int = 0) -> torch.Tensor:
+    def backward(self, idx, w, dy, step: int | None = None, worker: int = 0,
+                 lr: float | None = None) -> torch.Tensor:
         """dw (B, M) = <values[idx], dy>; the row gradients pend for (step, worker).
 
         ``step`` defaults to the step after the last applied one. A second push of the
-        same (step, worker) returns dw again but is not applied twice.
+        same (step, worker) returns dw again but is not applied twice. ``lr`` is the
+        learning rate to apply step s with (a schedule); every push of s must agree.
         """
         local, flat_w, offsets = self._bags(idx, w)
-        return self._backward(local, flat_w, offsets, dy, step, worker).reshape(idx.shape)
+        return self._backward(local, flat_w, offsets, dy, step, worker, lr).reshape(idx.shape)
 
-    def backward_csr(self, rows, w, offsets, dy, step: int | None = None, worker: int = 0):
+    def backward_csr(self, rows, w, offsets, dy, step: int | None = None, worker: int = 0,
+                     lr: float | None = None):
         """dw (P,) for ragged bags; see :meth:`backward`."""
-        return self._backward(*self._csr_bags(rows, w, offsets), dy, step, worker)
+        return self._backward(*self._csr_bags(rows, w, offsets), dy, step, worker, lr)
 
-    def _backward(self, local, w, offsets, dy, step, worker) -> torch.Tensor:
+    def _backward(self, local, w, offsets, dy, step, worker, lr) -> torch.Tensor:
         check_float("dy", dy, (offsets.numel() - 1, self.spec.shape[1]))
         step = self._check_open_step(step)
         check_step("worker", worker)
+        lr = check_lr("lr", lr)
+        asked = self._step_lr.get(step)
+        if lr is not None and asked is not None and lr != asked:
+            raise InvalidArgument("lr", f"{asked}, as the other pushes of step {step}", lr)
+        if lr is not None:
+            self._step_lr[step] = lr
         start = time.perf_counter()
         dw, grads = kernels.bag.bag_backward_sparse(
             self.values, local, w, offsets, dy.to(self.device, torch.float32)
@@ -216,26 +227,35 @@ class ShardTable:
     def discard(self, step: int) -> None:
         """Forget the gradients pending for ``step`` without applying them."""
         self._pending.pop(step, None)
+        self._step_lr.pop(step, None)
 
     def pushes(self, step: int) -> list[int]:
         """The workers whose gradients are pending for ``step``."""
         return sorted(self._pending.get(step, {}))
 
-    def step(self, step: int | None = None) -> int:
-        """Apply the optimizer to the gradients pending for ``step``; returns the rows updated."""
+    def step(self, step: int | None = None, lr: float | None = None) -> int:
+        """Apply the optimizer to the gradients pending for ``step``; returns the rows
+        updated. The learning rate is ``lr``, else the one the pushes of ``step`` asked
+        for, else the optimizer's own."""
         step = self._check_open_step(step)
+        lr = check_lr("lr", lr)
         start = time.perf_counter()
         pushes = self._pending.pop(step, {})
+        asked = self._step_lr.pop(step, None)
+        lr = asked if lr is None else lr
         for stale in [s for s in self._pending if s < step]:
             log.warning("dropping gradients of step %d, never applied before step %d", stale, step)
             del self._pending[stale]
+        for stale in [s for s in self._step_lr if s < step]:
+            del self._step_lr[stale]
         if pushes:
             grads = kernels.SparseRowGrads.merge([pushes[w] for w in sorted(pushes)],
                                                  self.spec.shape[0])
         else:
             grads = kernels.SparseRowGrads.empty(self.spec.shape[1], self.device)
         self.updates += 1
-        self.optimizer.apply(self.values, self.state, grads.rows, grads, step=self.updates)
+        optimizer = self.optimizer if lr is None else dataclasses.replace(self.optimizer, lr=lr)
+        optimizer.apply(self.values, self.state, grads.rows, grads, step=self.updates)
         self.last_step = step
         self._counters["rows_updated"] += grads.rows.numel()
         self._count("step_s", start)
@@ -277,6 +297,7 @@ class ShardTable:
         self.last_step = int(sd["last_step"])
         self.updates = int(sd["updates"])
         self._pending.clear()
+        self._step_lr.clear()
 
     def fingerprint(self) -> str:
         """sha256 of values and optimizer state: equal fingerprints, identical block."""

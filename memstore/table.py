@@ -20,7 +20,7 @@ import torch
 import kernels
 
 from . import checkpoint
-from ._internal.validation import check_float, check_index, check_step
+from ._internal.validation import check_float, check_index, check_lr, check_step
 from .errors import (
     InvalidArgument,
     MemoryBudgetExceeded,
@@ -259,30 +259,37 @@ class Table:
             out[block_of == r, c0:c1] = to_tensor(part)
         return out
 
-    def backward(self, idx, w, dy, step: int | None = None, worker: int | None = None):
-        """dw (B, M); the row gradients pend at the shards for (step, worker)."""
+    def backward(self, idx, w, dy, step: int | None = None, worker: int | None = None,
+                 lr: float | None = None):
+        """dw (B, M); the row gradients pend at the shards for (step, worker). ``lr``:
+        the learning rate step s is applied with (a schedule; all pushes of s agree),
+        default the table optimizer's."""
         idx, w = self._check_pairs(idx, w)
         check_float("dy", dy, (idx.shape[0], self.dim))
         step = self._check_step(step)
         worker = self.worker if worker is None else check_step("worker", worker)
+        lr = check_lr("lr", lr)
         routes = self.grid.route(idx, w)
         dy = dy.to(device="cpu", dtype=torch.float32)
         extra = {}
         for r, c in self.shards:
             c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
-            extra[(r, c)] = ((dy[:, c0:c1].contiguous().numpy(),), (step, worker))
+            extra[(r, c)] = ((dy[:, c0:c1].contiguous().numpy(),), (step, worker, lr))
         dw = torch.zeros(idx.shape, dtype=torch.float32)
         for (r, c), part in self._data_call("backward", routes, extra).items():
             dw[routes[r].mask] += to_tensor(part)
         return dw
 
-    def step(self, step: int | None = None, workers: int | None = None) -> int:
+    def step(self, step: int | None = None, workers: int | None = None,
+             lr: float | None = None) -> int:
         """Apply the optimizer for ``step`` on every shard; ``workers`` (default: the
-        table's ``workers``) pushes must have arrived. Returns the rows updated."""
+        table's ``workers``) pushes must have arrived. ``lr`` overrides the learning
+        rate of this step. Returns the rows updated."""
         step = self._check_step(step)
+        lr = check_lr("lr", lr)
         workers = self.config.get("workers") if workers is None else workers
         # With step_on_push the shards applied s with its last push; this confirms it.
-        done = self._checked(self._call_all("step", step, workers))
+        done = self._checked(self._call_all("step", step, workers, lr))
         self.last_step = step
         every = self.config.get("save_every")
         if every and step % every == 0:

@@ -316,9 +316,10 @@ class Transformer(nn.Module):
     def memory_layers(self) -> list[MemoryLayer]:
         return [self.layers[i].ffn for i in self.args.memory_layers]
 
-    def set_step(self, step: int | None, micro: int = 0) -> None:
+    def set_step(self, step: int | None, micro: int = 0, value_lr: float | None = None) -> None:
         """Tag the row gradients of the next backward with ``step`` (None: each
-        table's next step) and micro-batch ``micro`` in [0, micro_batches)."""
+        table's next step) and micro-batch ``micro`` in [0, micro_batches); the tables
+        apply that step with ``value_lr`` (None: their optimizer's lr)."""
         if isinstance(micro, bool) or not isinstance(micro, int) or not (
                 0 <= micro < self.micro_batches):
             raise InvalidArgument("micro", f"an int in [0, {self.micro_batches})", micro)
@@ -327,6 +328,7 @@ class Transformer(nn.Module):
             for position, i in enumerate(users):
                 self.layers[i].ffn.step = step
                 self.layers[i].ffn.worker = slot * len(users) + position
+                self.layers[i].ffn.value_lr = value_lr
 
 
 # ---- the dense baseline ------------------------------------------------------------

@@ -16,7 +16,8 @@ How a step works with W workers (``workers: W`` >= 1):
   that mean; value gradients are summed by the store over the W pushes, so both agree.
 - The dense gradients are clipped to ``grad_clip`` by their global norm and Adam(W)
   steps them with warm-up and cosine decay. Value rows are not clipped (their
-  gradients never leave the store) and use the store's constant ``value_lr``.
+  gradients never leave the store); their lr follows the same schedule scaled to
+  ``value_lr`` and travels with each push, so the shard applies the step with it.
 - In sync mode a shard applies step s once all ``W · workers_per_rank`` pushes of s
   arrived, within the call of the last one (``store.step_on_push``, the default): a
   rank's backward returns only after its pushes, and the all-reduce waits for every
@@ -145,7 +146,9 @@ class TrainArgs:
     steps: int = 100
     batch_size: int = 64  # global, over all workers
     lr: float = 1e-3  # dense peak lr
-    value_lr: float = 1e-2  # the value tables' Adam lr (constant)
+    value_lr: float = 1e-2  # the value tables' Adam lr (the peak, when scheduled)
+    # "cosine": the dense lr's warm-up and cosine scaled to value_lr; "constant"
+    value_schedule: str = "cosine"
     warmup: int = 10
     min_lr: float = 1e-4  # cosine floor
     weight_decay: float = 0.0
@@ -186,6 +189,8 @@ class TrainArgs:
             _check_float(name, getattr(self, name), positive=True)
         for name in ("min_lr", "weight_decay", "grad_clip"):
             _check_float(name, getattr(self, name), positive=False)
+        if self.value_schedule not in ("cosine", "constant"):
+            raise InvalidArgument("value_schedule", "'cosine' or 'constant'", self.value_schedule)
         if self.device not in ("cpu", "cuda", "auto"):
             raise InvalidArgument("device", "'cpu', 'cuda' or 'auto'", self.device)
         if self.workers and self.batch_size % self.workers:
@@ -333,6 +338,14 @@ def lr_at(args: TrainArgs, step: int) -> float:
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def value_lr_at(args: TrainArgs, step: int) -> float:
+    """The values' lr: :func:`lr_at`'s shape scaled to ``value_lr`` (its floor is
+    ``value_lr · min_lr / lr``), or ``value_lr`` with ``value_schedule: constant``."""
+    if args.value_schedule == "constant":
+        return args.value_lr
+    return args.value_lr * lr_at(args, step) / args.lr
+
+
 # ---- one rank ----------------------------------------------------------------------
 
 class PeerFailed(RuntimeError):
@@ -414,7 +427,7 @@ class Replica:
         count = batch.targets.numel() if batch.mask is None else int(batch.mask.sum())
         per = batch.inputs.shape[0] // self.world
         rows = slice(self.rank * per, (self.rank + 1) * per)
-        self.model.set_step(step)
+        self.model.set_step(step, value_lr=value_lr_at(self.args, step))
         self.opt.zero_grad(set_to_none=True)
         error, loss = None, torch.zeros(())
         try:
@@ -940,8 +953,9 @@ def _loop(args, backend, run_dir, resume, stop_after, on_step) -> dict:
 # ---- CLI ---------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.train`` and ``memstore train``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="memstore train", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (trainer/configs/*.yaml)")
     parser.add_argument("--resume", action="store_true",

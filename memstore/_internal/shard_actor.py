@@ -129,17 +129,17 @@ class ShardWorker:
         return self.incarnation, self.table.gather(to_tensor(rows)).float().numpy()
 
     @_locked
-    def backward(self, rows, w, offsets, dy, step: int, worker: int):
+    def backward(self, rows, w, offsets, dy, step: int, worker: int, lr: float | None = None):
         args = (to_tensor(rows), to_tensor(w), to_tensor(offsets), to_tensor(dy))
         if self.config.get("mode") == "async":
-            return self.incarnation, self._backward_async(args, step, worker)
-        dw = self.table.backward_csr(*args, step=step, worker=worker)
+            return self.incarnation, self._backward_async(args, step, worker, lr)
+        dw = self.table.backward_csr(*args, step=step, worker=worker, lr=lr)
         closing = len(self.table.pushes(step)) >= (self.config.get("workers") or 0)
         if self.config.get("step_on_push") and closing:
             self.table.step(step)
         return self.incarnation, dw.numpy()
 
-    def _backward_async(self, args, step: int, worker: int) -> np.ndarray:
+    def _backward_async(self, args, step: int, worker: int, lr: float | None) -> np.ndarray:
         """Parameter-server style: each push is applied on arrival as its own update."""
         max_staleness = self.config.get("max_staleness")
         lag = self.max_seen_step - step
@@ -147,7 +147,7 @@ class ShardWorker:
             raise InvalidArgument("step", f"at most {max_staleness} steps behind the newest "
                                   f"push ({self.max_seen_step})", step)
         internal = self.table.last_step + 1
-        dw = self.table.backward_csr(*args, step=internal, worker=worker)
+        dw = self.table.backward_csr(*args, step=internal, worker=worker, lr=lr)
         if (worker, step) not in self.async_applied:
             self.async_applied.add((worker, step))
             self.table.step(internal)
@@ -158,7 +158,7 @@ class ShardWorker:
         return dw.numpy()
 
     @_locked
-    def step(self, step: int, workers: int | None):
+    def step(self, step: int, workers: int | None, lr: float | None = None):
         if self.config.get("mode") == "async":
             return self.incarnation, 0
         if self.config.get("step_on_push") and step <= self.table.last_step:
@@ -168,7 +168,7 @@ class ShardWorker:
             if len(arrived) < workers:
                 raise InvalidArgument("step", f"pushes from {workers} workers before step {step}",
                                       f"pushes from workers {arrived}")
-        return self.incarnation, self.table.step(step)
+        return self.incarnation, self.table.step(step, lr=lr)
 
     # ---- state ---------------------------------------------------------------
     @_locked

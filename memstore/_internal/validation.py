@@ -6,6 +6,8 @@ and runs before anything is modified, so a rejected call changes nothing.
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 
 import torch
@@ -57,6 +59,16 @@ def check_float(field: str, t, shape: tuple[int, ...]) -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
         raise InvalidArgument(field, "finite values (no NaN or Inf)", "NaN or Inf")
     return t
+
+
+def check_lr(field: str, lr) -> float | None:
+    """None (the optimizer's own lr) or a finite number > 0."""
+    if lr is None:
+        return None
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
+            or lr <= 0:
+        raise InvalidArgument(field, "None or a finite number > 0", lr)
+    return float(lr)
 
 
 def check_step(field: str, step) -> int:

@@ -61,6 +61,30 @@ def test_pushes_of_two_workers_sum_and_a_repeated_push_is_ignored():
     assert t.stats()["duplicate_pushes"] == 1
 
 
+def test_a_step_takes_the_lr_its_pushes_asked_for():
+    """A schedule: pushes of step s carry s's lr; the table applies s with it, exactly
+    like a table whose optimizer has that lr. Pushes that disagree are refused."""
+    t = make()
+    fixed = ShardTable(ROWS, DIM, optimizer=memstore.Adam(lr=0.02), seed=3)
+    idx, w, dy = batch()
+    t.backward(idx[:4], w[:4], dy[:4], step=1, worker=0, lr=0.02)
+    t.backward(idx[4:], w[4:], dy[4:], step=1, worker=1, lr=0.02)
+    before = t.pending_steps()
+    with pytest.raises(InvalidArgument) as e:
+        t.backward(idx, w, dy, step=1, worker=2, lr=0.03)
+    assert e.value.field == "lr" and t.pending_steps() == before
+    fixed.backward(idx, w, dy, step=1)
+    t.step(1)
+    fixed.step(1)
+    torch.testing.assert_close(t.values, fixed.values, rtol=1e-6, atol=1e-6)
+    t.backward(idx, w, dy, step=2)
+    t.step(2, lr=0.02)  # the step's own lr overrides, without touching the optimizer
+    fixed.backward(idx, w, dy, step=2)
+    fixed.step(2)
+    torch.testing.assert_close(t.values, fixed.values, rtol=1e-6, atol=1e-6)
+    assert t.optimizer.lr == 0.05
+
+
 def test_row_and_column_block_answers_its_part():
     whole = make()
     block = make(row_range=(100, 250), col_range=(5, 30))
@@ -93,6 +117,9 @@ def test_bfloat16_table_lookup_and_step():
         (lambda t, i, w, d: t.backward(i, w, d.masked_fill(d > 1, float("inf")), step=2), "dy"),
         (lambda t, i, w, d: t.backward(i, w, d, step=-1), "step"),
         (lambda t, i, w, d: t.backward(i, w, d, step=2, worker=-2), "worker"),
+        (lambda t, i, w, d: t.backward(i, w, d, step=2, lr=float("nan")), "lr"),
+        (lambda t, i, w, d: t.backward(i, w, d, step=2, lr=0.0), "lr"),
+        (lambda t, i, w, d: t.step(2, lr=-1.0), "lr"),
         (lambda t, i, w, d: t.gather(i), "rows"),
     ],
 )

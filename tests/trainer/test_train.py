@@ -56,6 +56,16 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[-1] == pytest.approx(0.1)
 
 
+def test_value_lr_follows_the_dense_schedule_scaled_or_stays_constant():
+    args = tr.TrainArgs(steps=100, warmup=10, lr=1.0, min_lr=0.1, value_lr=0.5)
+    for step in (1, 10, 50, 100):
+        assert tr.value_lr_at(args, step) == pytest.approx(0.5 * tr.lr_at(args, step))
+    const = tr.TrainArgs(steps=100, warmup=10, value_lr=0.5, value_schedule="constant")
+    assert {tr.value_lr_at(const, s) for s in (1, 50, 100)} == {0.5}
+    with pytest.raises(InvalidArgument, match="value_schedule"):
+        tr.TrainArgs(value_schedule="linear")
+
+
 # ---- in-process training -----------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["tiny", "facts-memory", "facts-dense"])
@@ -131,6 +141,17 @@ def test_cli_main(tmp_path, capsys):
     assert "2 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         tr.main(["--config", str(CONFIGS / "tiny.yaml"), "--set", "bogus=1"])
+
+
+def test_memstore_train_command_runs_the_trainer(tmp_path, capsys):
+    """``memstore train`` reaches trainer.train.main through the memstore.commands entry
+    point (installed by pip install -e .), without memstore importing the trainer."""
+    from memstore import cli
+
+    assert "train" in cli._plugins()
+    assert cli.main(["train", "--config", str(CONFIGS / "tiny.yaml"), "--set",
+                     f"run_dir={tmp_path}", "--set", "progress=false", "--set", "steps=2"]) == 0
+    assert "2 steps" in capsys.readouterr().out
 
 
 # ---- Ray: W workers, a sharded store -----------------------------------------------
