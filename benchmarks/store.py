@@ -7,13 +7,16 @@ slots per token (random rows, w = softmax of random scores, dy random), on a
 
 * ``memstore.ShardTable`` in this process (the baseline), and
 * ``memstore.create_table`` with 1, 2 and 4 shards (``shards=N`` cuts column blocks
-  first) and, unless ``--no-row-grids``, the (2, 1) and (4, 1) row grids.
+  first) and, unless ``--no-row-grids``, the (2, 1) and (4, 1) row grids, lookups and
+  pushes over each shard's TCP data channel (the default), and 2 shards once more with
+  ``data_channel="ray"`` (every call an actor call) for comparison.
 
 Each Ray round is timed alternately with an in-process round on the same inputs, so
 that drift in the machine (other tenants) hits both sides alike; the ratio is taken
-within that pair of series. Wire bytes are the array payloads the handle hands to Ray
+within that pair of series. Wire bytes are the array payloads the handle sends
 (indices, weights, offsets, dy slices) and gets back (y and dw parts) in one round,
-counted from the arrays themselves, per token. Prints one markdown table.
+counted from the arrays themselves, per token (the same arrays on either channel; the
+channel adds a JSON header of about 150 B per call). Prints one markdown table.
 
     python -m benchmarks.store [--rounds 9] [--latency 200] [--no-row-grids]
 
@@ -145,12 +148,13 @@ class _CountingShard:
 def wire_bytes(table, batches) -> tuple[float, float]:
     """(sent, received) array bytes per token of one untimed round through ``table``."""
     log = {"sent": 0, "refs": [], "seen": set()}
-    real = table.shards
+    real, addresses = table.shards, table._addresses
     table.shards = {block: _CountingShard(a, log) for block, a in real.items()}
+    table._addresses = {block: None for block in real}  # every call through the counters
     try:
         Round(table, batches)(record=False)
     finally:
-        table.shards = real
+        table.shards, table._addresses = real, addresses
     received = sum(_payload(ray.get(ref)) for ref in log["refs"])
     return log["sent"] / B, received / B
 
@@ -173,8 +177,8 @@ def shard_seconds(table) -> list[float]:
 
 
 # ---- the run -----------------------------------------------------------------------
-def bench_ray(label, shards, threads, local_round, batches, args, bar) -> dict:
-    name = f"bench-store-{label.replace(' ', '').replace(',', 'x').strip('()')}"
+def bench_ray(label, shards, threads, channel, local_round, batches, args, bar) -> dict:
+    name = "bench-store-" + "".join(ch for ch in label if ch.isalnum())
     try:
         memstore.drop_table(name)  # left over from an interrupted run
     except memstore.TableNotFound:
@@ -182,7 +186,8 @@ def bench_ray(label, shards, threads, local_round, batches, args, bar) -> dict:
     bar.set_postfix_str(f"{label}: create")
     start = time.perf_counter()
     table = memstore.create_table(name, ROWS, DIM, shards=shards,
-                                  optimizer=memstore.Adam(lr=LR), threads_per_shard=threads)
+                                  optimizer=memstore.Adam(lr=LR), threads_per_shard=threads,
+                                  data_channel=channel)
     create_s = time.perf_counter() - start
     bar.update()
     try:
@@ -234,16 +239,19 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    # (label, shards, threads per shard): shards x threads <= cores where integers allow
-    configs = [("1 shard", 1, cores), ("2 shards", 2, max(1, cores // 2)),
-               ("4 shards", 4, max(1, cores // 4))]
+    # (label, shards, threads per shard, data channel): shards x threads <= cores where
+    # integers allow
+    half, quarter = max(1, cores // 2), max(1, cores // 4)
+    configs = [("1 shard", 1, cores, "socket"), ("2 shards", 2, half, "socket"),
+               ("2 shards, all calls over Ray", 2, half, "ray"),
+               ("4 shards", 4, quarter, "socket")]
     if not args.no_row_grids:
-        configs += [("(2,1) rows", (2, 1), max(1, cores // 2)),
-                    ("(4,1) rows", (4, 1), max(1, cores // 4))]
+        configs += [("(2,1) rows", (2, 1), half, "socket"),
+                    ("(4,1) rows", (4, 1), quarter, "socket")]
     # Ray places each shard in a bundle of threads_per_shard CPUs: a 4-shard grid on
     # fewer cores needs that many logical CPUs, or create_table waits for placement.
     ray_cpus = max(cores, max((s if isinstance(s, int) else s[0] * s[1]) * t
-                              for _, s, t in configs))
+                              for _, s, t, _ in configs))
     # address="local": a fresh instance of our own, even when another job on this machine
     # has started a cluster that a bare ray.init() would join.
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
@@ -261,8 +269,9 @@ def main() -> None:
         local_latency = one_token_ms(local, args.latency)
         bar.update()
         all_local = []
-        for label, shards, threads in configs:
-            rows.append(bench_ray(label, shards, threads, local_round, batches, args, bar))
+        for label, shards, threads, channel in configs:
+            rows.append(bench_ray(label, shards, threads, channel, local_round, batches, args,
+                                  bar))
             all_local += local_round.parts
     local_round.parts = all_local
     local_ms, l_lookup, l_backward, l_step = local_round.median_ms()
@@ -277,10 +286,11 @@ def main() -> None:
     print(f"B={B} tokens, H·k={M} slots/token, {ROWS:,} x {DIM} float32, Adam (lazy), random "
           f"rows; median of {args.rounds} rounds after {args.warmup} warm-up, each Ray round "
           f"paired with an in-process round; runtime {runtime:.0f} s\n")
-    print("| table | grid (R, C) | threads/shard | tokens/s | vs in-process (paired "
+    print("| table (data channel: socket unless said) | grid (R, C) | threads/shard | "
+          "tokens/s | vs in-process (paired "
           "in-process round ms) | wire B/token (sent + received) | 1-token lookup ms | "
           "round ms = lookup + backward + step | slowest shard compute ms | client routing ms "
-          "| Ray + rest ms | create s |")
+          "| transport + rest ms | create s |")
     print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     print(f"| in-process ShardTable | (1, 1) | {cores} (torch) | {B / local_ms * 1e3:,.0f} | "
           f"1.00× | 0 | {local_latency:.3f} | {local_ms:.0f} = {l_lookup:.0f} + "
@@ -299,9 +309,10 @@ def main() -> None:
     print("\nvs in-process: median in-process round / median Ray round, from the rounds "
           "paired with that table. Slowest shard compute: the shard's own lookup + "
           "backward + step timers (ShardTable stats), the largest over shards. Client "
-          "routing: grid.route + dy slices, twice a round. Ray + rest: the remainder "
-          "(serialization, object store, scheduling, shard-side input checks and conversions, "
-          "assembling the result). Ray shards beyond the cores share them (logical CPUs).")
+          "routing: grid.route + dy slices, twice a round. Transport + rest: the remainder "
+          "(the data channel or Ray: serialization, scheduling; shard-side input checks and "
+          "conversions, assembling the result). Shards beyond the cores share them (logical "
+          "CPUs).")
 
 
 if __name__ == "__main__":
