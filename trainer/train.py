@@ -120,6 +120,7 @@ class StoreArgs:
     # Sync mode: shards apply step s with its last push (no driver round per step).
     # None: on in sync mode; False: the driver calls table.step(s) after the workers.
     step_on_push: bool | None = None
+    data_channel: str = "socket"  # lookups and pushes over TCP ("socket") or Ray ("ray")
     threads_per_shard: int = 1
     timeout_s: float | None = None
     keep: bool = False  # leave the tables on the cluster after training
@@ -131,6 +132,8 @@ class StoreArgs:
             raise InvalidArgument("store.mode", "'sync' or 'async'", self.mode)
         if isinstance(self.shards, list):
             self.shards = tuple(self.shards)
+        if self.data_channel not in ("socket", "ray"):
+            raise InvalidArgument("store.data_channel", "'socket' or 'ray'", self.data_channel)
         if self.step_on_push is None:
             self.step_on_push = self.mode == "sync"
         if self.step_on_push and self.mode != "sync":
@@ -592,7 +595,7 @@ class RayBackend:
         s = self.args.store
         return dict(shards=s.shards, mode=s.mode, max_staleness=s.max_staleness,
                     workers=self.args.workers * self.per_rank[name],
-                    step_on_push=s.step_on_push,
+                    step_on_push=s.step_on_push, data_channel=s.data_channel,
                     checkpoint_root=str(self.run_dir / STORE / name),
                     threads_per_shard=s.threads_per_shard, timeout_s=s.timeout_s)
 

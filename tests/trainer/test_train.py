@@ -46,6 +46,11 @@ def test_overrides_and_validation():
         tr.load_config(CONFIGS / "tiny.yaml", ["workers=3"])
     with pytest.raises(InvalidArgument, match="lr"):
         tr.load_config(CONFIGS / "tiny.yaml", ["lr=-1"])
+    with pytest.raises(InvalidArgument, match="store.data_channel"):
+        tr.load_config(CONFIGS / "tiny.yaml", ["store.data_channel=grpc"])
+    with pytest.raises(InvalidArgument, match="store.step_on_push"):
+        tr.load_config(CONFIGS / "tiny.yaml", ["store.mode=async", "store.step_on_push=true"])
+    assert tr.load_config(CONFIGS / "tiny.yaml", ["store.mode=async"]).store.step_on_push is False
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
