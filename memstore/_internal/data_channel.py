@@ -22,7 +22,7 @@ pickled exception as data.
 from __future__ import annotations
 
 import json
-import logging
+import math
 import pickle
 import socket
 import struct
@@ -31,8 +31,6 @@ import threading
 import numpy as np
 
 from ..errors import MemstoreError
-
-log = logging.getLogger(__name__)
 
 _PREFIX = struct.Struct("<IQ")
 MAX_HEADER_BYTES = 1 << 20
@@ -82,10 +80,13 @@ def recv_frame(sock: socket.socket) -> tuple[dict, list[np.ndarray], bytes]:
     head = bytearray(head_len)
     _recv_exact(sock, memoryview(head))
     header = json.loads(head)
+    described = header.pop("arrays")
+    if any(dtype not in _DTYPES for dtype, _ in described):
+        raise ChannelBroken(f"malformed frame: dtypes {[d for d, _ in described]}")
+    if sum(np.dtype(d).itemsize * math.prod(shape) for d, shape in described) > data_len:
+        raise ChannelBroken("malformed frame: arrays larger than its data")
     arrays = []
-    for dtype, shape in header.pop("arrays"):
-        if dtype not in _DTYPES:
-            raise ChannelBroken(f"malformed frame: dtype {dtype}")
+    for dtype, shape in described:
         a = np.empty(shape, dtype=dtype)
         if a.nbytes:
             _recv_exact(sock, memoryview(a).cast("B"))
