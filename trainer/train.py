@@ -124,6 +124,9 @@ class StoreArgs:
     threads_per_shard: int = 1
     timeout_s: float | None = None
     keep: bool = False  # leave the tables on the cluster after training
+    # Use tables "<name>-<table>" that already exist (created by another job) instead of
+    # creating them; they are left on the cluster afterwards.
+    connect: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
@@ -600,12 +603,30 @@ class RayBackend:
                     threads_per_shard=s.threads_per_shard, timeout_s=s.timeout_s)
 
     def _create_tables(self) -> None:
+        if self.args.store.connect:
+            return self._connect_tables()
         users = table_users(self.model_args)
         for name, (rows, dim) in self.specs.items():
             self.tables[name] = memstore.create_table(
                 self.args.table_name(name), rows, dim,
                 optimizer=memstore.Adam(lr=self.args.value_lr),
                 seed=self.model_args.seed + users[name][0], **self._table_options(name))
+
+    def _connect_tables(self) -> None:
+        """The existing tables, checked against the model: same shape, and a table that
+        steps on its last push must expect this job's number of pushes."""
+        for name, (rows, dim) in self.specs.items():
+            table = memstore.connect(self.args.table_name(name),
+                                     timeout_s=self.args.store.timeout_s)
+            pushes = self.args.workers * self.per_rank[name]
+            if (table.rows, table.dim) != (rows, dim):
+                raise InvalidArgument("store.connect", f"a table {table.name} of {rows} x {dim} "
+                                      "for this model", f"{table.rows} x {table.dim}")
+            if table.config.get("step_on_push") and table.config.get("workers") != pushes:
+                raise InvalidArgument("store.connect", f"a table {table.name} that steps "
+                                      f"after {pushes} pushes (workers x memory layers)",
+                                      f"workers={table.config.get('workers')}")
+            self.tables[name] = table
 
     def _tables_at(self, step: int) -> None:
         """Every table at the store checkpoint of ``step``: a running table already
@@ -670,8 +691,8 @@ class RayBackend:
         if errors:
             rolled = [e for e in errors if isinstance(e, StoreRolledBack)]
             raise rolled[0] if rolled else errors[0]
-        if not self.args.store.step_on_push:
-            for table in self.tables.values():
+        for table in self.tables.values():
+            if not table.config.get("step_on_push"):
                 table.step(step)
         return {"loss": sum(o["loss"] for o in outs), "grad_norm": outs[0]["grad_norm"],
                 "tokens": sum(o["tokens"] for o in outs)}
@@ -707,7 +728,7 @@ class RayBackend:
                 pass
             ray.kill(w)
         self.workers = []
-        if not self.args.store.keep:
+        if not (self.args.store.keep or self.args.store.connect):
             for name in self.specs:
                 try:
                     memstore.drop_table(self.args.table_name(name))

@@ -193,6 +193,28 @@ def test_ray_workers_match_in_process(tmp_path, ray_whole):
     assert result["rollbacks"] == 0
 
 
+def test_ray_training_connects_to_an_existing_table_and_leaves_it(tmp_path, ray_local):
+    """store.connect: the values live in a table another job created (driver steps it,
+    as it was created without step_on_push); it is still there afterwards."""
+    args = config("tiny", tmp_path, "workers=2", "store.name=t-ext", "store.connect=true",
+                  "checkpoint_every=0", "steps=3")
+    rows, dim = tr.table_specs(args.model_args(tr.StepData(args).vocab_size))["memory"]
+    with pytest.raises(InvalidArgument, match="store.connect"):
+        memstore.create_table("t-ext-memory", rows, dim + 1, shards=2)
+        try:
+            tr.train(args)
+        finally:
+            memstore.drop_table("t-ext-memory")
+    table = memstore.create_table("t-ext-memory", rows, dim, shards=2, workers=2)
+    try:
+        before = table.fingerprints()
+        tr.train(args)
+        after = memstore.connect("t-ext-memory")
+        assert after.last_step == 3 and after.fingerprints() != before
+    finally:
+        memstore.drop_table("t-ext-memory")
+
+
 def test_ray_restore_after_a_shard_dies_then_resume(tmp_path, ray_local, ray_whole):
     from memstore.table import NAMESPACE, shard_name
 
