@@ -298,22 +298,49 @@ class Table:
 
     # ---- keys and queries ----------------------------------------------------------
     def publish_keys(self, keys: torch.Tensor) -> None:
-        """Publish product keys (H, 2, n, Dk/2) so that jobs without the model can query."""
+        """Publish product keys (H, 2, n, Dk/2) so that jobs without the model can query.
+
+        The catalog serves them; every shard keeps a copy, from which a restarted
+        catalog (which starts without keys) is refilled on the next query.
+        """
         n = math.isqrt(self.rows)
         if keys.dim() != 4 or keys.shape[1] != 2 or keys.shape[2] != n or n * n != self.rows:
             raise InvalidArgument("keys", f"shape (H, 2, {n}, Dk/2) for a table of n² = "
                                   f"{self.rows} rows", tuple(keys.shape))
         check_float("keys", keys, tuple(keys.shape))
-        _ray().get(self._catalog().publish_keys.remote(keys.detach().float().numpy()))
+        array = keys.detach().float().numpy()
+        ref = _ray().put(array)
+        _ray().get([self._catalog().publish_keys.remote(ref),
+                    *(a.publish_keys.remote(ref) for a in self.shards.values())],
+                   timeout=self.timeout_s)
 
-    def query(self, q: torch.Tensor, k: int = 32):
-        """Batched top-k query with the published keys: (indices, scores, output)."""
-        keys = _ray().get(self._catalog().get_keys.remote())
+    def _published_keys(self) -> np.ndarray:
+        ray = _ray()
+        catalog = self._catalog()
+        keys = ray.get(catalog.get_keys.remote(), timeout=self.timeout_s)
+        if keys is None:  # a restarted catalog: refill it from a shard's copy
+            for actor in self.shards.values():
+                keys = ray.get(actor.get_keys.remote(), timeout=self.timeout_s)
+                if keys is not None:
+                    ray.get(catalog.publish_keys.remote(keys), timeout=self.timeout_s)
+                    break
         if keys is None:
             raise InvalidArgument("keys", "keys published with publish_keys first", None)
-        keys = torch.from_numpy(keys)
+        return keys
+
+    def query(self, q: torch.Tensor, k: int = 32):
+        """Batched top-k query with the published keys: q (B, H, Dk) -> (indices (B, H, k),
+        scores (B, H, k), output (B, dim))."""
+        keys = torch.from_numpy(self._published_keys())
+        H, _, n, half = keys.shape
+        if not isinstance(q, torch.Tensor) or q.dim() != 3 or tuple(q.shape[1:]) != (H, 2 * half):
+            raise InvalidArgument("q", f"a (B, {H}, {2 * half}) tensor (heads and key width "
+                                  "of the published keys)", tuple(getattr(q, "shape", ())))
+        check_float("q", q, tuple(q.shape))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n * n:
+            raise InvalidArgument("k", f"an int in [1, {n * n}]", k)
         with torch.no_grad():
-            scores, indices = kernels.product_key_topk(q.float(), keys, k)
+            scores, indices = kernels.product_key_topk(q.float().cpu(), keys, k)
         w = torch.softmax(scores, dim=-1).flatten(1)
         return indices, scores, self.lookup(indices.flatten(1), w)
 

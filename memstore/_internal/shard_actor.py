@@ -67,6 +67,7 @@ class ShardWorker:
         self.max_seen_step = 0
         self.staleness: list[int] = []
         self.restored_step = self._restore()
+        self.keys: np.ndarray | None = None
         self.data_server = None
         if config.get("data_channel", "socket") == "socket":
             self.data_server = DataServer(_node_ip(), {"lookup": self.lookup,
@@ -169,6 +170,13 @@ class ShardWorker:
                 raise InvalidArgument("step", f"pushes from {workers} workers before step {step}",
                                       f"pushes from workers {arrived}")
         return self.incarnation, self.table.step(step, lr=lr)
+
+    # ---- published keys (a copy for a restarted catalog) ------------------------
+    def publish_keys(self, keys: np.ndarray) -> None:
+        self.keys = keys
+
+    def get_keys(self) -> np.ndarray | None:
+        return self.keys
 
     # ---- state ---------------------------------------------------------------
     @_locked

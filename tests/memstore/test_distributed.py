@@ -290,6 +290,25 @@ def test_published_keys_answer_queries_without_the_model(table_names):
     with pytest.raises(InvalidArgument) as e:
         t.publish_keys(torch.randn(H, 2, n + 1, half))
     assert e.value.field == "keys"
+    for bad, field in [(dict(q=torch.randn(5, H + 1, 2 * half)), "q"),
+                       (dict(q=torch.full((5, H, 2 * half), float("nan"))), "q"),
+                       (dict(q=q, k=0), "k"), (dict(q=q, k=n * n + 1), "k")]:
+        with pytest.raises(InvalidArgument) as e:
+            t.query(**bad)
+        assert e.value.field == field
+    # A restarted catalog starts without keys; the shards' copies refill it.
+    ray.kill(t._catalog(), no_restart=False)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            again = memstore.connect(t.name)
+            break
+        except Exception:  # noqa: BLE001 - restarting
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert ray.get(again._catalog().get_keys.remote()) is None  # restarted, empty
+    assert torch.equal(again.query(q, k=6)[0], ref_idx)
+    assert ray.get(t._catalog().get_keys.remote()) is not None
 
 
 @pytest.mark.parametrize("options, field", [
