@@ -157,7 +157,7 @@ def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout
                                f"{len(grid.blocks())} shards of {bundle}; free resources or "
                                "use fewer shards or threads_per_shard") from e
     # The catalog restarts without limit: losing its node must not orphan the shards.
-    # A restart rebuilds it from the config; published keys must then be published again.
+    # A restart rebuilds it from the config; the shards' copies refill published keys.
     ray.remote(TableCatalog).options(
         name=catalog_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
         max_restarts=-1, max_task_retries=-1,

@@ -14,9 +14,9 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-COMMANDS_GROUP = "memstore.commands"
-
 from .demo import DemoArgs, run_demo
+
+COMMANDS_GROUP = "memstore.commands"
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:

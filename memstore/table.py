@@ -195,21 +195,22 @@ class Table:
         """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]]."""
         idx, w = self._check_pairs(idx, w)
         routes = self.grid.route(idx, w)
-        parts = self._data_call("lookup", routes, {b: ((), ()) for b in self.shards})
+        parts = self._data_call("lookup", routes)
         y = torch.zeros(idx.shape[0], self.dim)
         for (r, c), part in parts.items():
             y[:, self.grid.col_bounds[c]: self.grid.col_bounds[c + 1]] += to_tensor(part)
         return y
 
-    def _data_call(self, op: str, routes, extra: dict) -> dict:
+    def _data_call(self, op: str, routes, extra: dict | None = None) -> dict:
         """``op`` (lookup or backward) on every shard with its row block's routed pairs
-        plus ``extra[block]`` = (more arrays, scalars); incarnations checked.
+        plus ``extra[block]`` = (more arrays, scalars), if given; incarnations checked.
 
         Over the data channel where the shards have one; a shard whose connection
         failed (it died, restarted, or the socket broke) gets the call over Ray, where
         a dead or restarted shard is recognised and handled.
         """
         arrays = [(r.rows.numpy(), r.w.numpy(), r.offsets.numpy()) for r in routes]
+        extra = {b: (extra or {}).get(b, ((), ())) for b in self.shards}
         todo = list(self.shards)
         results = {}
         if all(self._addresses.get(b) for b in todo):
@@ -224,7 +225,7 @@ class Table:
                 log.info("data channel to %s failed: the call goes over Ray",
                          shard_name(self.name, *block))
         if todo:
-            sent = self._put_routes(routes)
+            sent = self._put_routes(arrays)
             results.update(self._wait({
                 (r, c): getattr(self.shards[(r, c)], op).remote(
                     *sent[r], *extra[(r, c)][0], *extra[(r, c)][1]) for r, c in todo}))
@@ -235,11 +236,10 @@ class Table:
             self._channel = DataClient(self.timeout_s)
         return self._channel
 
-    def _put_routes(self, routes) -> list[tuple]:
-        """Each row block's arrays, put in the object store once when several column
-        blocks read them and they are large; small ones travel inline with each call,
-        which costs less than a put (Ray inlines arguments up to 100 KiB)."""
-        arrays = [(r.rows.numpy(), r.w.numpy(), r.offsets.numpy()) for r in routes]
+    def _put_routes(self, arrays: list[tuple]) -> list[tuple]:
+        """Each row block's (rows, w, offsets), put in the object store once when several
+        column blocks read them and they are large; small ones travel inline with each
+        call, which costs less than a put (Ray inlines arguments up to 100 KiB)."""
         if self.grid.shape[1] == 1 or max(sum(a.nbytes for a in t) for t in arrays) < PUT_BYTES:
             return arrays
         ray = _ray()
@@ -308,9 +308,9 @@ class Table:
             raise InvalidArgument("keys", f"shape (H, 2, {n}, Dk/2) for a table of n² = "
                                   f"{self.rows} rows", tuple(keys.shape))
         check_float("keys", keys, tuple(keys.shape))
-        array = keys.detach().float().numpy()
-        ref = _ray().put(array)
-        _ray().get([self._catalog().publish_keys.remote(ref),
+        ray = _ray()
+        ref = ray.put(keys.detach().float().numpy())
+        ray.get([self._catalog().publish_keys.remote(ref),
                     *(a.publish_keys.remote(ref) for a in self.shards.values())],
                    timeout=self.timeout_s)
 

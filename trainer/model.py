@@ -50,18 +50,23 @@ INIT_STD = 0.02
 
 # ---- config ------------------------------------------------------------------------
 
-def strict_from_dict(cls, d, where: str):
-    """cls(**d), rejecting keys cls does not have, naming them with their path."""
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise InvalidArgument(where or "config", "a mapping", type(d).__name__)
+def check_known_keys(cls, d: dict, where: str) -> None:
+    """Refuse keys of d that cls does not have, naming them with their path."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
         prefix = f"{where}." if where else ""
         raise InvalidArgument(where or "config", f"keys among {sorted(known)}",
                               "unknown keys " + ", ".join(prefix + k for k in unknown))
+
+
+def strict_from_dict(cls, d, where: str):
+    """cls(**d), rejecting keys cls does not have, naming them with their path."""
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise InvalidArgument(where or "config", "a mapping", type(d).__name__)
+    check_known_keys(cls, d, where)
     return cls(**d)
 
 

@@ -73,6 +73,7 @@ from .data import Batch, ByteDataset, FactsCorpus, evaluate
 from .model import (
     ModelArgs,
     Transformer,
+    check_known_keys,
     dense_equivalent,
     strict_from_dict,
     table_specs,
@@ -171,17 +172,8 @@ class TrainArgs:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainArgs":
         d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidArgument("config", f"keys among {sorted(known)}",
-                                  "unknown keys " + ", ".join(unknown))
-        model = d.get("model") or {}
-        model_known = {f.name for f in dataclasses.fields(ModelArgs)}
-        bad = sorted(set(model) - model_known)
-        if bad:
-            raise InvalidArgument("model", f"keys among {sorted(model_known)}",
-                                  "unknown keys " + ", ".join("model." + k for k in bad))
+        check_known_keys(cls, d, "")
+        check_known_keys(ModelArgs, d.get("model") or {}, "model")
         d["data"] = strict_from_dict(DataArgs, d.get("data"), "data")
         d["store"] = strict_from_dict(StoreArgs, d.get("store"), "store")
         return cls(**d)

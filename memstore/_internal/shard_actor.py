@@ -135,8 +135,9 @@ class ShardWorker:
         if self.config.get("mode") == "async":
             return self.incarnation, self._backward_async(args, step, worker, lr)
         dw = self.table.backward_csr(*args, step=step, worker=worker, lr=lr)
-        closing = len(self.table.pushes(step)) >= (self.config.get("workers") or 0)
-        if self.config.get("step_on_push") and closing:
+        # step_on_push implies workers (create_table checks it): the last push steps.
+        if self.config.get("step_on_push") and (
+                len(self.table.pushes(step)) >= self.config["workers"]):
             self.table.step(step)
         return self.incarnation, dw.numpy()
 
