@@ -2,7 +2,7 @@
 
 Two kinds of cluster, both on this machine and on loopback only:
 
-- ``cluster/start-local.sh``: real ``ray start`` processes, head and workers each on
+- ``cluster/local/start-local.sh``: real ``ray start`` processes, head and workers each on
   their own 127.0.0.N, joined by a driver in a subprocess (the first test);
 - ``ray.cluster_utils.Cluster`` (module fixture): a head with 1 CPU and worker raylets
   with 2 CPUs each, all on 127.0.0.1. Its GCS checks node health every 0.5 s so a
@@ -117,7 +117,7 @@ def _removable_shard(cluster, table) -> tuple[tuple[int, int], object]:
     pytest.fail(f"no shard on a removable worker node: {info}, catalog on {catalog_node}")
 
 
-# ---- cluster/start-local.sh: real `ray start` raylets on 127.0.0.N ---------------------
+# ---- cluster/local/start-local.sh: real `ray start` raylets on 127.0.0.N ---------------------
 DRIVER = textwrap.dedent("""
     import json, os, sys
     import ray, torch, memstore
@@ -171,7 +171,7 @@ def test_start_local_script_runs_a_two_raylet_cluster():
     for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
         env.pop(var, None)
     try:
-        started = subprocess.run([str(REPO / "cluster/start-local.sh"), "1"], env=env,
+        started = subprocess.run([str(REPO / "cluster/local/start-local.sh"), "1"], env=env,
                                  capture_output=True, text=True, timeout=90)
         assert started.returncode == 0, started.stderr[-3000:]
         exports = dict(line.removeprefix("export ").split("=", 1)
@@ -188,7 +188,7 @@ def test_start_local_script_runs_a_two_raylet_cluster():
         assert out["shards"] == [head_ip, worker_ip]  # one shard on each raylet
         assert out["err"] <= 1e-6
     finally:
-        stopped = subprocess.run([str(REPO / "cluster/stop-local.sh")], env=env,
+        stopped = subprocess.run([str(REPO / "cluster/local/stop-local.sh")], env=env,
                                  capture_output=True, text=True, timeout=60)
         left = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
         shutil.rmtree(local_dir, ignore_errors=True)

@@ -2,10 +2,10 @@
 # Start a local multi-node Ray cluster: one head and N worker raylets on this machine,
 # each a real `ray start` process with its own loopback address (127.0.0.2, .3, ...).
 #
-#   cluster/start-local.sh [WORKERS]        # default 2 workers (3 nodes in all)
-#   eval "$(cluster/start-local.sh 2)"      # or run it and copy the export lines it prints
+#   cluster/local/start-local.sh [WORKERS]        # default 2 workers (3 nodes in all)
+#   eval "$(cluster/local/start-local.sh 2)"      # or run it and copy the export lines it prints
 #   python my_driver.py                     # ray.init() / memstore.connect() join the cluster
-#   cluster/stop-local.sh
+#   cluster/local/stop-local.sh
 #
 # stdout is exactly three lines (progress and Ray's own output go to stderr):
 #   export RAY_ADDRESS=127.0.0.2:6379
@@ -18,9 +18,15 @@
 #   HEAD_CPUS       CPUs the head offers to tasks (default 1)
 #   WORKER_CPUS     CPUs each worker offers (default 2)
 #   OBJECT_STORE_MB object store per node in MiB (default 256)
+#   HEAD_SYSTEM_CONFIG  JSON of Ray system settings for the head, which the GCS applies
+#                   to the whole cluster (e.g. faster node health checks in tests)
 #   RAY             the ray CLI (default: `ray` on PATH, else .venv/bin/ray of this repo)
 #   RAY_LOCAL_DIR   Ray temp dir of this cluster (default /tmp/ray-local-$RAY_PORT); logs
 #                   live under it, and stop-local.sh finds this cluster's processes by it
+#
+# Each node's own processes (raylet, log monitor) are recorded by pid in
+# $RAY_LOCAL_DIR/node-<ip>.pids, so that `stop-local.sh --node <ip>` stops that node
+# alone, as a lost machine would leave the cluster.
 #
 # Addresses 127.0.0.2-127.0.0.254 all route to the loopback interface on Linux. Ray
 # rewrites 127.0.0.1 (and localhost) to the machine's interface address, but keeps these,
@@ -41,7 +47,7 @@ RAY_LOCAL_DIR="${RAY_LOCAL_DIR:-/tmp/ray-local-$RAY_PORT}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [[ -z "${RAY:-}" ]]; then
   if command -v ray >/dev/null 2>&1; then RAY="$(command -v ray)"
-  elif [[ -x "$here/../.venv/bin/ray" ]]; then RAY="$here/../.venv/bin/ray"
+  elif [[ -x "$here/../../.venv/bin/ray" ]]; then RAY="$here/../../.venv/bin/ray"
   else echo "start-local.sh: no ray CLI (install ray or set RAY=/path/to/ray)" >&2; exit 2
   fi
 fi
@@ -79,9 +85,25 @@ fi
 trap 'echo "start-local.sh: failed; stopping what was started" >&2
       RAY_LOCAL_DIR="$RAY_LOCAL_DIR" "$here/stop-local.sh" >&2 || true' ERR
 
+# The processes of the node at $1 (a raylet or log monitor naming that address and this
+# cluster's temp dir), one pid a line. The trailing space keeps 127.0.0.2 from matching
+# 127.0.0.21.
+node_pids() {
+  ps -eo pid=,args= | DIR="$RAY_LOCAL_DIR/" IP="$1" awk '
+    { line = $0 " " }
+    index(line, ENVIRON["DIR"]) > 0 &&
+    (index(line, "--node_ip_address=" ENVIRON["IP"] " ") > 0 ||
+     index(line, "--node-ip-address=" ENVIRON["IP"] " ") > 0) &&
+    (index(line, "/raylet ") > 0 || index(line, "log_monitor.py") > 0) { print $1 }'
+}
+
+head_extra=()
+[[ -n "${HEAD_SYSTEM_CONFIG:-}" ]] && head_extra=(--system-config="$HEAD_SYSTEM_CONFIG")
+
 echo "starting head on $HEAD_IP:$RAY_PORT ($HEAD_CPUS CPU)" >&2
 "$RAY" start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" \
-  --num-cpus="$HEAD_CPUS" --include-dashboard=false "${common[@]}" >&2
+  --num-cpus="$HEAD_CPUS" --include-dashboard=false "${head_extra[@]}" "${common[@]}" >&2
+node_pids "$HEAD_IP" > "$RAY_LOCAL_DIR/node-$HEAD_IP.pids"
 
 # `ray start --address` refuses to join a worker while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
 # Lift that one check inside the CLI process only; the raylets it spawns keep the
@@ -102,11 +124,12 @@ for ((i = 1; i <= WORKERS; i++)); do
   echo "starting worker $i on $ip ($WORKER_CPUS CPU)" >&2
   join start --address="$HEAD_IP:$RAY_PORT" --node-ip-address="$ip" \
     --num-cpus="$WORKER_CPUS" "${common[@]}" >&2
+  node_pids "$ip" > "$RAY_LOCAL_DIR/node-$ip.pids"
 done
 
 trap - ERR
 echo "cluster up: head $HEAD_IP:$RAY_PORT + $WORKERS worker(s), logs in $RAY_LOCAL_DIR;" \
-  "stop with: RAY_PORT=$RAY_PORT cluster/stop-local.sh" >&2
+  "stop with: RAY_PORT=$RAY_PORT cluster/local/stop-local.sh" >&2
 echo "export RAY_ADDRESS=$HEAD_IP:$RAY_PORT"
 echo "export RAY_AUTH_MODE=token"
 echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
