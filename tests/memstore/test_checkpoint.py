@@ -1,9 +1,12 @@
 import dataclasses
+import hashlib
 import json
 import os
 import signal
 import subprocess
+import re
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,12 +72,33 @@ def config(t, **extra):
             "optimizer": t.optimizer.to_dict(), "seed": 7, **extra}
 
 
+def manifest_sha256(m):
+    """The manifest checksum as the format defines it: sha256 of the canonical JSON
+    (sorted keys, no spaces) of every field but itself."""
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def write_manifest(file, m):
+    """Write an edited manifest with a valid checksum: only the content checks remain."""
+    file.write_text(json.dumps({**m, "manifest_sha256": manifest_sha256(m)}))
+
+
 def save_grid(path, whole, grid, step=2):
     """Cut ``whole`` into real ShardTable blocks of ``grid`` and checkpoint them."""
     sd = whole.state_dict()
-    entries = [ck.write_block(path, bid, as_table(whole, s, cut(sd, s)).state_dict())
+    staging = ck.begin(path)
+    entries = [ck.write_block(staging, bid, as_table(whole, s, cut(sd, s)).state_dict())
                for bid, s in specs(grid).items()]
-    return ck.commit(path, config(whole), entries, step)
+    return ck.commit(path, config(whole), entries, step, staging=staging)
+
+
+def save_blocks(path, blocks, cfg, step):
+    """Checkpoint ``{block_id: state_dict}`` at ``path`` through a fresh staging directory."""
+    staging = ck.begin(path)
+    entries = [ck.write_block(staging, bid, sd) for bid, sd in blocks.items()]
+    return ck.commit(path, cfg, entries, step, staging=staging)
 
 
 def assert_same(sd, expected):
@@ -101,20 +125,23 @@ def test_any_grid_loads_any_grid_exactly(tmp_path, stored, target):
 
 def test_manifest_contents(tmp_path):
     whole = trained()
-    save_grid(tmp_path, whole, "2x2", step=2)
-    m = ck.read_manifest(tmp_path)
+    path = tmp_path / "ck"
+    save_grid(path, whole, "2x2", step=2)
+    m = ck.read_manifest(path)
     assert (m["format"], m["version"], m["step"], m["last_step"], m["updates"]) == (
-        "memstore-checkpoint", 1, 2, 2, 2)
+        "memstore-checkpoint", 2, 2, 2, 2)
     assert m["table"]["name"] == "mem0" and m["table"]["seed"] == 7
     assert m["table"]["optimizer"] == {"kind": "adam", "lr": 0.05, "betas": [0.9, 0.999],
                                        "eps": 1e-8}
     assert sorted(e["file"] for e in m["blocks"]) == [f"block-r{i}c{j}.pt" for i in (0, 1)
                                                      for j in (0, 1)]
     for e in m["blocks"]:
-        assert len(e["sha256"]) == 64
-        assert e["bytes"] == os.path.getsize(tmp_path / e["file"])
-    assert json.loads((tmp_path / "manifest.json").read_text()) == m
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp files left
+        data = (path / e["file"]).read_bytes()
+        assert (e["sha256"], e["bytes"]) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert json.loads((path / "manifest.json").read_text()) == m
+    assert m["manifest_sha256"] == manifest_sha256(m)
+    assert not [n for n in os.listdir(path) if n.startswith(".")]  # no temp files left
+    assert os.listdir(tmp_path) == ["ck"]  # the staging directory became the checkpoint
 
 
 def route(spec, idx, w, dy):
@@ -148,12 +175,15 @@ def test_partial_checkpoint_is_ignored(tmp_path):
     whole = trained()
     save_grid(ck.checkpoint_dir(tmp_path, 1), whole, "2x2", step=1)
     partial = ck.checkpoint_dir(tmp_path, 2)
+    staging = ck.begin(partial)  # blocks written, never committed
     for bid, s in specs("2x2").items():
-        ck.write_block(partial, bid, cut(whole.state_dict(), s))
+        ck.write_block(staging, bid, cut(whole.state_dict(), s))
+    os.mkdir(partial)  # even a directory of that name without a manifest is no checkpoint
     with pytest.raises(CheckpointError, match="no manifest.json") as e:
         ck.read_manifest(partial)
     assert e.value.path == partial
     assert ck.latest_checkpoint(tmp_path) == ck.checkpoint_dir(tmp_path, 1)
+    assert ck.checkpoints(tmp_path) == [ck.checkpoint_dir(tmp_path, 1)]
     assert ck.latest_checkpoint(tmp_path / "nowhere") is None
     assert ck.latest_checkpoint(partial) is None  # a root with no step directories
 
@@ -165,7 +195,7 @@ def test_latest_checkpoint_picks_highest_committed_step(tmp_path):
     (tmp_path / "step-000000200").mkdir()  # empty: a save that died before any block
     (tmp_path / "notes").mkdir()
     assert ck.latest_checkpoint(tmp_path) == os.path.join(tmp_path, "step-100")
-    assert ck.checkpoint_dir("r", 123) == os.path.join("r", "step-000000123")
+    assert ck.checkpoint_dir("r", 123) == os.path.join(os.getcwd(), "r", "step-000000123")
 
 
 _CRASHING_SAVER = r"""
@@ -187,25 +217,26 @@ def train(step):
 
 def write_blocks(step):
     sd, path = t.state_dict(), ck.checkpoint_dir(root, step)
+    staging = ck.begin(path)
     entries = []
     for i, (r0, r1) in enumerate([(0, 120), (120, 300)]):
         part = {**sd, "spec": BlockSpec(300, 16, r0, r1, 0, 16),
                 "values": sd["values"][r0:r1],
                 "state": {k: v[r0:r1] for k, v in sd["state"].items()}}
-        entries.append(ck.write_block(path, f"r{i}", part))
-    return path, entries
+        entries.append(ck.write_block(staging, f"r{i}", part))
+    return path, staging, entries
 
 train(1)
-path, entries = write_blocks(1)
-ck.commit(path, cfg, entries, 1)
+path, staging, entries = write_blocks(1)
+ck.commit(path, cfg, entries, 1, staging=staging)
 open(os.path.join(root, "step1.fingerprint"), "w").write(t.fingerprint())
 train(2)
-path, entries = write_blocks(2)
-with open(os.path.join(path, ".manifest.json.tmp-half"), "w") as f:
+path, staging, entries = write_blocks(2)
+with open(os.path.join(staging, ".manifest.json.tmp-half"), "w") as f:
     f.write('{"format": "memstore-chec')  # a manifest being written, cut short
 open(os.path.join(root, "blocks-of-step-2-written"), "w").close()
 time.sleep(60)
-ck.commit(path, cfg, entries, 2)
+ck.commit(path, cfg, entries, 2, staging=staging)
 """
 
 
@@ -223,7 +254,9 @@ def test_save_killed_before_commit_falls_back_to_previous_step(tmp_path):
     proc.wait(timeout=10)
     proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    assert os.path.isfile(os.path.join(ck.checkpoint_dir(tmp_path, 2), "block-r1.pt"))
+    staged = [n for n in os.listdir(tmp_path) if n.startswith(".step-000000002.staging-")]
+    assert len(staged) == 1 and os.path.isfile(tmp_path / staged[0] / "block-r1.pt")
+    assert not os.path.exists(ck.checkpoint_dir(tmp_path, 2))
     latest = ck.latest_checkpoint(tmp_path)
     assert latest == ck.checkpoint_dir(tmp_path, 1)
     t = ShardTable(300, 16, optimizer=memstore.Adam(lr=0.1), seed=5)
@@ -250,14 +283,17 @@ def test_corrupt_or_unknown_manifest_raises(tmp_path):
     save_grid(tmp_path, trained(steps=1), "1x1", step=1)
     manifest = tmp_path / "manifest.json"
     good = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**good, "version": 99}))
+    write_manifest(manifest, {**good, "version": 99})
     with pytest.raises(CheckpointError, match="unknown format version 99"):
         ck.read_manifest(tmp_path)
-    manifest.write_text(manifest.read_text()[:40])
+    manifest.write_text(json.dumps(good)[:40])
     with pytest.raises(CheckpointError, match="corrupt"):
         ck.read_manifest(tmp_path)
-    manifest.write_text(json.dumps({**good, "blocks": good["blocks"] * 2}))
-    with pytest.raises(CheckpointError, match="do not tile"):
+    manifest.write_text(json.dumps({**good, "step": 5}))  # edited, checksum not updated
+    with pytest.raises(CheckpointError, match="manifest_sha256 does not match"):
+        ck.read_manifest(tmp_path)
+    write_manifest(manifest, {**good, "blocks": good["blocks"] * 2})
+    with pytest.raises(CheckpointError, match="same file|do not tile"):
         ck.read_manifest(tmp_path)
 
 
@@ -288,8 +324,7 @@ def test_rowwise_adagrad_round_trip_with_the_same_column_grid(tmp_path):
     blocks = rowwise_column_grid()
     b0, b1 = blocks["r0c0"], blocks["r0c1"]
     assert not torch.equal(b0.state["sum"], b1.state["sum"])  # per (row, column block)
-    entries = [ck.write_block(tmp_path, bid, t.state_dict()) for bid, t in blocks.items()]
-    ck.commit(tmp_path, config(b0), entries, 2)
+    save_blocks(tmp_path, {bid: t.state_dict() for bid, t in blocks.items()}, config(b0), 2)
     for t in blocks.values():  # same columns, rows re-gridded into 3
         sd = t.state_dict()
         for r0, r1 in [(0, 100), (100, 700), (700, ROWS)]:
@@ -304,8 +339,8 @@ def test_rowwise_adagrad_round_trip_with_the_same_column_grid(tmp_path):
 @pytest.mark.parametrize("cols", [(0, DIM), (0, 20), (20, 50)])
 def test_rowwise_adagrad_refuses_a_changed_column_grid(tmp_path, cols):
     blocks = rowwise_column_grid(steps=1)
-    entries = [ck.write_block(tmp_path, bid, t.state_dict()) for bid, t in blocks.items()]
-    ck.commit(tmp_path, config(blocks["r0c0"]), entries, 1)
+    save_blocks(tmp_path, {bid: t.state_dict() for bid, t in blocks.items()},
+                config(blocks["r0c0"]), 1)
     with pytest.raises(CheckpointError, match="rowwise_adagrad.*not one stored column block"):
         ck.load_block(tmp_path, BlockSpec(ROWS, DIM, 0, ROWS, *cols))
 
@@ -313,20 +348,177 @@ def test_rowwise_adagrad_refuses_a_changed_column_grid(tmp_path, cols):
 def test_parallel_writers_and_commit_checks(tmp_path):
     whole = trained(steps=1)
     sd, path = whole.state_dict(), tmp_path / "ck"
+    staging = ck.begin(path)
     with ThreadPoolExecutor(4) as pool:  # shards write their blocks concurrently
-        entries = list(pool.map(lambda item: ck.write_block(path, item[0], cut(sd, item[1])),
+        entries = list(pool.map(lambda item: ck.write_block(staging, item[0], cut(sd, item[1])),
                                 specs("2x2").items()))
     with pytest.raises(CheckpointError, match="do not tile"):
-        ck.commit(path, config(whole), entries[:3], 1)
+        ck.commit(path, config(whole), entries[:3], 1, staging=staging)
     with pytest.raises(CheckpointError, match="disagree"):
-        ck.commit(path, config(whole), [entries[0], {**entries[1], "updates": 5}, *entries[2:]], 1)
+        ck.commit(path, config(whole), [entries[0], {**entries[1], "updates": 5}, *entries[2:]],
+                  1, staging=staging)
     with pytest.raises(InvalidArgument, match="table_config"):
-        ck.commit(path, {"rows": ROWS, "dim": DIM}, entries, 1)
+        ck.commit(path, {"rows": ROWS, "dim": DIM}, entries, 1, staging=staging)
+    with pytest.raises(InvalidArgument, match="staging"):
+        ck.commit(path, config(whole), entries, 1, staging=str(tmp_path / "elsewhere"))
     with pytest.raises(InvalidArgument, match="block_id"):
-        ck.write_block(path, "../evil", sd)
-    assert not (path / "manifest.json").exists()
-    ck.commit(path, config(whole), entries, 1)
+        ck.write_block(staging, "../evil", sd)
+    assert not path.exists()  # rejected commits changed nothing
+    ck.commit(path, config(whole), entries, 1, staging=staging)
+    assert not os.path.exists(staging)
+    with pytest.raises(CheckpointError, match="already committed"):
+        ck.begin(path)
     with pytest.raises(CheckpointError, match="already committed"):
         ck.write_block(path, "r0c0", cut(sd, specs("2x2")["r0c0"]))
     with pytest.raises(CheckpointError, match="checkpoint of a 1000 x 70 table"):
         ck.load_block(path, BlockSpec.whole(ROWS, DIM + 1))
+
+
+def test_commit_rehashes_every_block(tmp_path):
+    whole = trained(steps=1)
+    sd, path = whole.state_dict(), tmp_path / "ck"
+    staging = ck.begin(path)
+    entries = [ck.write_block(staging, bid, cut(sd, s)) for bid, s in specs("2x2").items()]
+    # Another writer replaces one block after it was written: same name, other bytes.
+    other = trained(steps=2).state_dict()
+    ck.write_block(staging, "r1c0", cut(other, specs("2x2")["r1c0"]))
+    with pytest.raises(CheckpointError, match="block file block-r1c0.pt is not the one written"):
+        ck.commit(path, config(whole), entries, 1, staging=staging)
+    assert not path.exists() and not os.path.exists(staging)
+    assert ck.latest_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("file", "../block-r0c0.pt", "file: block-<block>.pt"),
+    ("file", "/etc/passwd", "file: block-<block>.pt"),
+    ("file", "data-0123/block-r0c0.pt", "file: block-<block>.pt"),
+    ("file", "block-r1c1.pt", "file: block-<block>.pt"),  # another block's file
+    ("block", "r0c0/../x", "block: 1-64"),
+    ("sha256", "0" * 63, "sha256: 64"),
+    ("bytes", 1 << 40, "bytes: at most"),
+    ("bytes", -1, "counters malformed"),
+    ("spec", {"rows": ROWS, "dim": DIM, "row_start": 0, "row_stop": ROWS + 5,
+              "col_start": 0, "col_stop": DIM}, "spec or counters malformed"),
+    ("extra", 1, "exactly the fields"),
+])
+def test_hostile_manifest_entries_refused_before_any_file_is_opened(tmp_path, field, value,
+                                                                    message):
+    save_grid(tmp_path, trained(steps=1), "1x1", step=1)
+    file = tmp_path / "manifest.json"
+    good = json.loads(file.read_text())
+    block = dict(good["blocks"][0], **{field: value})
+    write_manifest(file, {**good, "blocks": [block]})
+    os.remove(tmp_path / "block-r0c0.pt")  # an open would say "unreadable", not the field
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        ck.read_manifest(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        ck.load_block(tmp_path, BlockSpec.whole(ROWS, DIM))
+    assert ck.latest_checkpoint(tmp_path.parent) is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dtype": "float64"}, "dtype: one of"),
+    ({"dtype": "object"}, "dtype: one of"),
+    ({"rows": ROWS + 1}, "table shape differs"),
+    ({"rows": True}, "rows: an int"),
+    ({"optimizer": {"kind": "evil"}}, "unknown optimizer"),
+])
+def test_manifest_table_config_is_constrained(tmp_path, change, message):
+    save_grid(tmp_path, trained(steps=1), "2x2", step=1)
+    file = tmp_path / "manifest.json"
+    good = json.loads(file.read_text())
+    write_manifest(file, {**good, "table": {**good["table"], **change}})
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        ck.read_manifest(tmp_path)
+
+
+_EVIL = """
+import os
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+"""
+
+
+def test_a_pickled_payload_never_runs(tmp_path):
+    """A block file whose checksum matches but whose pickle calls os.system is refused."""
+    save_grid(tmp_path / "ck", trained(steps=1), "1x1", step=1)
+    marker = tmp_path / "pwned"
+    namespace = {}
+    exec(_EVIL.format(marker=marker), namespace)  # noqa: S102 - builds the hostile payload
+    block = tmp_path / "ck" / "block-r0c0.pt"
+    torch.save({"values": namespace["Evil"]()}, block)
+    data = block.read_bytes()
+    file = tmp_path / "ck" / "manifest.json"
+    m = json.loads(file.read_text())
+    m["blocks"][0].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    write_manifest(file, m)
+    with pytest.raises(CheckpointError, match="does not load"):
+        ck.load_block(tmp_path / "ck", BlockSpec.whole(ROWS, DIM))
+    assert not marker.exists()
+
+
+def test_concurrent_saves_to_one_path_commit_one_whole_checkpoint(tmp_path):
+    """Eight savers of eight different tables race to one path: one wins whole."""
+    tables = [trained(steps=s) for s in range(1, 9)]
+    path = tmp_path / "ck"
+    barrier = threading.Barrier(len(tables))
+
+    def save(t):
+        sd, staging = t.state_dict(), ck.begin(path)
+        entries = [ck.write_block(staging, bid, cut(sd, s)) for bid, s in specs("2x2").items()]
+        barrier.wait()
+        try:
+            ck.commit(path, config(t), entries, t.last_step, staging=staging)
+            return t
+        except CheckpointError as e:
+            assert "already exists" in e.reason
+            return None
+
+    with ThreadPoolExecutor(len(tables)) as pool:
+        results = list(pool.map(save, tables))
+    winners = [t for t in results if t is not None]
+    assert len(winners) == 1
+    assert ck.read_manifest(path)["step"] == winners[0].last_step
+    got = ck.load_block(path, BlockSpec.whole(ROWS, DIM))
+    assert_same(got, winners[0].state_dict())
+    assert os.listdir(tmp_path) == ["ck"]  # the losers' staging directories are gone
+
+
+def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    old, new = trained(steps=1), trained(steps=2)
+    save_grid(ck.checkpoint_dir(tmp_path, 1), old, "2x2", step=1)
+    save_grid(ck.checkpoint_dir(tmp_path, 2), new, "2x2", step=2)
+    block = os.path.join(ck.checkpoint_dir(tmp_path, 2), "block-r0c1.pt")
+    data = bytearray(open(block, "rb").read())
+    data[-100] ^= 0xFF
+    open(block, "wb").write(bytes(data))
+    spec = specs("2x2")["r0c1"]
+    with caplog.at_level("WARNING", logger="memstore.checkpoint"):
+        path, sd = ck.restore_block(tmp_path, spec)
+    assert path == ck.checkpoint_dir(tmp_path, 1)
+    assert_same(sd, cut(old.state_dict(), spec))
+    assert any("falling back to" in r.getMessage() for r in caplog.records)
+    # A block that is intact in the newest checkpoint loads from it.
+    path, sd = ck.restore_block(tmp_path, specs("2x2")["r0c0"])
+    assert path == ck.checkpoint_dir(tmp_path, 2)
+    assert ck.restore_block(tmp_path / "none", spec) is None
+
+
+def test_paths_resolve_on_the_caller_and_unknown_schemes_are_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ck.resolve("rel/ck") == str(tmp_path / "rel" / "ck")
+    assert ck.resolve(f"file://{tmp_path}/x") == str(tmp_path / "x")
+    assert ck.checkpoint_dir("rel", 7) == str(tmp_path / "rel" / "step-000000007")
+    uri = "s3://bucket/root?endpoint_override=127.0.0.1:1&scheme=http"
+    assert ck.resolve(uri) == uri
+    assert ck.checkpoint_dir(uri, 3) == ("s3://bucket/root/step-000000003"
+                                          "?endpoint_override=127.0.0.1:1&scheme=http")
+    for bad in ("foo://bucket/x", "memstore://x", ""):
+        with pytest.raises(InvalidArgument, match="checkpoint_root: expected a local path"):
+            ck.resolve(bad, "checkpoint_root")
+    with pytest.raises(InvalidArgument, match="path: expected a local path"):
+        ck.begin("foo://bucket/x")
+    save_grid("rel/ck", trained(steps=1), "1x1", step=1)
+    assert ck.read_manifest(tmp_path / "rel" / "ck")["step"] == 1
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(("foo:", "s3:"))]
