@@ -215,3 +215,20 @@ def test_launchers_open_and_fix_the_ports_they_document():
             assert flag in head and flag in worker, (path.name, flag)
         assert re.search(r"--port=6379\b", head)
         assert "--address=$RAY_HEAD_IP:6379" in worker
+
+
+def test_documented_data_channel_ports_are_the_ones_the_shards_bind():
+    """The shards' data channel binds with pyzmq's bind_to_random_port and no range of
+    its own, so its ports are pyzmq's default range, which the configs document."""
+    import inspect
+
+    import zmq
+
+    import memstore._internal.data_channel as data_channel
+
+    source = inspect.getsource(data_channel)
+    assert re.search(r"bind_to_random_port\(f\"tcp://\{host\}\"\)", source)
+    defaults = inspect.signature(zmq.Socket.bind_to_random_port).parameters
+    low, high = defaults["min_port"].default, defaults["max_port"].default - 1
+    for path in [*LAUNCHERS, CLUSTER / "README.md"]:
+        assert f"{low}-{high}" in path.read_text(), path.name
