@@ -1,13 +1,20 @@
-"""bag_forward / bag_backward (dense and CSR forms) and BagFunction against references."""
+"""bag_forward / bag_backward (dense and CSR forms) and BagFunction against
+``F.embedding_bag`` in float64 and against autograd of plain torch expressions.
+
+On CPU the composite of ``bag_forward`` is ``kernels.reference``, so the reference is
+never the oracle here. Tests taking the ``path`` fixture assert which implementation
+each op ran (``_took_bag``): on "fast" the one the dispatch picks, on "composite" no C
+code and no library kernel at all.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from kernels import BagFunction, bag_backward, bag_forward
+from kernels import BagFunction, SparseRowGrads, bag_backward, bag_forward
 from kernels.bag import bag_backward_csr, bag_forward_csr
-from kernels.reference import accumulation_dtype, bag_backward_reference, bag_forward_reference
 
 from .conftest import assert_close, use_composite
 
@@ -35,38 +42,71 @@ def _inputs(B, M, R, dim, dtype, idx=None):
     return values, idx, w, dy
 
 
+def embedding_bag64(values, rows, w, offsets, dy):
+    """Oracle in float64: y (B, dim), dw (P,) and the dense value gradient (R, dim) of
+    CSR bags, from F.embedding_bag and its autograd."""
+    v = values.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    y = F.embedding_bag(rows.long(), v, offsets[:-1].long(), mode="sum", per_sample_weights=w64,
+                        include_last_offset=False)
+    y.backward(dy.double())
+    return y.detach(), w64.grad, v.grad
+
+
+def _dense_oracle(values, idx, w, dy):
+    B, M = idx.shape
+    offsets = torch.arange(B + 1) * M
+    y, dw, dvalues = embedding_bag64(values, idx.reshape(-1), w.reshape(-1), offsets, dy)
+    return y, dw.reshape(B, M), dvalues
+
+
 def _composite(values, idx, w):
     """The bag as plain torch, for autograd."""
     return (values[idx] * w[..., None]).sum(dim=1)
 
 
 def _check(values, idx, w, dy):
-    acc = accumulation_dtype(values, w)
+    """bag_forward and bag_backward against the float64 oracle."""
+    acc = torch.float64 if torch.float64 in (values.dtype, w.dtype) else torch.float32
+    ref_y, ref_dw, ref_dvalues = _dense_oracle(values, idx, w, dy)
     y = bag_forward(values, idx, w)
     assert y.dtype == acc and y.shape == (idx.shape[0], values.shape[1])
-    assert_close(y, bag_forward_reference(values, idx, w))
+    assert_close(y, ref_y)
 
     dw, (rows, grads) = bag_backward(values, idx, w, dy)
-    ref_dw, (ref_rows, ref_grads) = bag_backward_reference(values, idx, w, dy)
     assert rows.dtype == torch.int64 and grads.dtype == acc
-    assert torch.equal(rows, ref_rows)
     assert torch.equal(rows, torch.unique(idx.flatten().long(), sorted=True))
     assert dw.shape == idx.shape
     assert_close(dw, ref_dw)
-    assert_close(grads, ref_grads)
+    assert_close(grads, ref_dvalues[rows])
     return y, dw, rows, grads
+
+
+def _took_bag(path, values, forward=True, backward=True):
+    """Assert the CPU dispatch: the forward of float32 values goes to F.embedding_bag
+    (measured faster than the C loop), of bfloat16 values to the C kernel (embedding_bag
+    would accumulate in bfloat16); the backward always to the C kernel."""
+    expected = {}
+    if forward:
+        expected["bag_forward_csr"] = "library" if values.dtype == torch.float32 else "native"
+    if backward:
+        expected["bag_backward_sparse"] = "native"
+    path.took(**expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, M, R, dim", SHAPES)
-def test_bag_matches_reference(path, B, M, R, dim, dtype):
-    _check(*_inputs(B, M, R, dim, dtype))
+def test_bag_matches_embedding_bag(path, B, M, R, dim, dtype):
+    values, idx, w, dy = _inputs(B, M, R, dim, dtype)
+    _check(values, idx, w, dy)
+    _took_bag(path, values)
 
 
 @pytest.mark.parametrize("B, M, R, dim", [(1, 7, 5, 9), (41, 8, 100, 41), (33, 16, 2000, 341)])
-def test_bag_float64_matches_reference(B, M, R, dim):
-    # float64 always takes the torch composite.
+def test_bag_float64_takes_the_composite(native_calls, B, M, R, dim):
+    """float64 inputs accumulate in float64, which only the composite does."""
     _check(*_inputs(B, M, R, dim, torch.float64))
+    native_calls.took(bag_forward="composite", bag_backward_sparse="composite")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -86,17 +126,18 @@ def test_bag_duplicate_indices(path, make_idx, dtype):
     _, _, rows, grads = _check(values, idx, w, dy)
     # Every slot pointing at one row: its gradient is Σ_b Σ_m w[b, m] dy[b].
     if rows.numel() == 1:
-        assert_close(grads[0], (w.sum(1, keepdim=True) * dy).sum(0))
+        assert_close(grads[0], (w.double().sum(1, keepdim=True) * dy.double()).sum(0))
+    _took_bag(path, values)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, M, R, dim", [(1, 1, 1, 1), (9, 5, 13, 41), (41, 8, 100, 341)])
 def test_bag_gradients_match_autograd(path, B, M, R, dim, dtype):
     values, idx, w, dy = _inputs(B, M, R, dim, dtype)
-    v_leaf = values.float().requires_grad_()
-    w_leaf = w.clone().requires_grad_()
+    v_leaf = values.double().requires_grad_()
+    w_leaf = w.double().requires_grad_()
     y_ref = _composite(v_leaf, idx, w_leaf)
-    y_ref.backward(dy)
+    y_ref.backward(dy.double())
 
     y = bag_forward(values, idx, w)
     dw, (rows, grads) = bag_backward(values, idx, w, dy)
@@ -104,31 +145,20 @@ def test_bag_gradients_match_autograd(path, B, M, R, dim, dtype):
     assert_close(dw, w_leaf.grad)
     dense = torch.zeros(R, dim).index_put_((rows,), grads)
     assert_close(dense, v_leaf.grad)
+    _took_bag(path, values)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bag_int32_idx_and_float64_w(request, path, dtype):
+def test_bag_int32_idx(path, dtype):
+    values, idx, w, dy = _inputs(17, 6, 30, 9, dtype, torch.randint(0, 30, (17, 6), dtype=torch.int32))
+    _check(values, idx, w, dy)
+    _took_bag(path, values)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bag_float64_w_accumulates_in_float64(dtype):
     values, idx, w, dy = _inputs(17, 6, 30, 9, dtype)
-    y = bag_forward(values, idx, w)
-    assert_close(bag_forward(values, idx.int(), w.double()), y.double(), dtype=torch.float32)
-    dw, (rows, grads) = bag_backward(values, idx, w, dy)
-    dw32, (rows32, grads32) = bag_backward(values, idx.int(), w.double(), dy.double())
-    assert torch.equal(rows32, rows) and rows32.dtype == torch.int64
-    assert_close(dw32, dw.double(), dtype=torch.float32)
-    assert_close(grads32, grads.double(), dtype=torch.float32)
-
-
-def test_bag_int32_idx_float64_values_same_rows():
-    values, idx, w, dy = _inputs(5, 4, 12, 9, torch.float64)
-    _, (rows, _) = bag_backward(values, idx, w, dy)
-    _, (rows32, _) = bag_backward(values, idx.int(), w, dy)
-    assert torch.equal(rows32.long(), rows)
-
-
-def test_bag_int32_idx_float64_values_rows_are_int64():
-    values, idx, w, dy = _inputs(5, 4, 12, 9, torch.float64)
-    _, (rows32, _) = bag_backward(values, idx.int(), w, dy)
-    assert rows32.dtype == torch.int64
+    _check(values, idx.int(), w.double(), dy.double())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,6 +169,7 @@ def test_bag_strided_values(path, dtype):
     for values in (base[:, 7:48], base.t()[:, 3:40]):  # row stride != dim; column-major
         dy = torch.randn(23, values.shape[1])
         _check(values, idx, w, dy)
+    _took_bag(path, base)
 
 
 def test_bag_empty_batch(path):
@@ -150,17 +181,11 @@ def test_bag_empty_batch(path):
     assert dw.shape == (0, 4) and rows.shape == (0,) and grads.shape == (0, 9)
 
 
-def test_bag_forward_no_slots_native(native):
+def test_bag_forward_no_slots(path):
     values = torch.randn(5, 3)
     y = bag_forward(values, torch.zeros(4, 0, dtype=torch.int64), torch.zeros(4, 0))
-    torch.testing.assert_close(y, torch.zeros(4, 3))
-
-
-def test_bag_forward_no_slots_composite(monkeypatch):
-    use_composite(monkeypatch)
-    values = torch.randn(5, 3)
-    y = bag_forward(values, torch.zeros(4, 0, dtype=torch.int64), torch.zeros(4, 0))
-    torch.testing.assert_close(y, torch.zeros(4, 3))
+    assert torch.equal(y, torch.zeros(4, 3))
+    _took_bag(path, values, backward=False)
 
 
 # ---- BagFunction --------------------------------------------------------------------
@@ -185,6 +210,7 @@ def test_bag_function_matches_torch_autograd(path, B, M, R, dim, dtype):
     assert_close(w1.grad, w_ref.grad)
     assert v.grad.is_sparse and v.grad.dtype == dtype and v.grad.shape == values.shape
     assert_close(v.grad.to_dense(), v_ref.grad)
+    _took_bag(path, values)
 
 
 def test_bag_function_bf16_weights(path):
@@ -197,6 +223,7 @@ def test_bag_function_bf16_weights(path):
     _composite(values.float(), idx, w_ref).backward(dy.bfloat16().float())
     assert w.grad.dtype == torch.bfloat16
     assert_close(w.grad, w_ref.grad.bfloat16())
+    _took_bag(path, values)
 
 
 def test_bag_function_no_value_grad(path):
@@ -207,6 +234,7 @@ def test_bag_function_no_value_grad(path):
     _composite(values, idx, w_ref).backward(dy)
     assert values.grad is None
     assert_close(w.grad, w_ref.grad)
+    _took_bag(path, values)
 
 
 class _Densify(torch.autograd.Function):
@@ -300,15 +328,6 @@ def _csr_inputs(counts, R, dim, dtype):
     return values, rows, w, offsets, dy
 
 
-def _csr_composite(values, rows, w, offsets):
-    return torch.stack(
-        [
-            (values[rows[a:b]] * w[a:b, None]).sum(0)
-            for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())
-        ]
-    )
-
-
 CSR_CASES = [
     pytest.param([3], 5, 9, id="one-bag"),
     pytest.param([0], 5, 9, id="one-empty-bag"),
@@ -321,56 +340,47 @@ CSR_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("counts, R, dim", CSR_CASES)
-def test_bag_csr_matches_composite(path, counts, R, dim, dtype):
+def test_bag_csr_matches_embedding_bag(path, counts, R, dim, dtype):
     values, rows, w, offsets, dy = _csr_inputs(counts, R, dim, dtype)
-    v_leaf = values.float().requires_grad_()
-    w_leaf = w.clone().requires_grad_()
-    y_ref = _csr_composite(v_leaf, rows, w_leaf, offsets)
-    y_ref.backward(dy)
+    ref_y, ref_dw, ref_dvalues = embedding_bag64(values, rows, w, offsets, dy)
 
     y = bag_forward_csr(values, rows, w, offsets)
     assert y.shape == (len(counts), dim) and y.dtype == torch.float32
-    assert_close(y, y_ref.detach())
+    assert_close(y, ref_y)
 
     dw, (urows, grads) = bag_backward_csr(values, rows, w, offsets, dy)
     assert dw.shape == rows.shape
-    assert_close(dw, w_leaf.grad)
+    assert_close(dw, ref_dw)
     assert urows.dtype == torch.int64
     assert torch.equal(urows, torch.unique(rows, sorted=True))
     assert grads.shape == (urows.numel(), dim)
-    assert_close(grads, v_leaf.grad[urows])
-    untouched = torch.ones(R, dtype=torch.bool)
-    untouched[urows] = False
-    assert not v_leaf.grad[untouched].any()
+    assert_close(grads, ref_dvalues[urows])
+    _took_bag(path, values)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_bag_csr_equals_dense_form(path, dtype):
-    B, M, R, dim = 17, 6, 25, 41
-    values, idx, w, dy = _inputs(B, M, R, dim, dtype)
-    offsets = torch.arange(0, B * M + 1, M)
-    assert_close(bag_forward_csr(values, idx.flatten(), w.flatten(), offsets),
-                 bag_forward(values, idx, w))
-    dw, (rows, grads) = bag_backward_csr(values, idx.flatten(), w.flatten(), offsets, dy)
-    dw2, (rows2, grads2) = bag_backward(values, idx, w, dy)
-    assert_close(dw.reshape(B, M), dw2)
-    assert torch.equal(rows, rows2)
-    assert_close(grads, grads2)
+def _slot_sums64(rows, w, bag, dy, R):
+    """(R, dim) float64: Σ over slots of row r of w · dy[bag], by a loop over slots."""
+    out = torch.zeros(R, dy.shape[1], dtype=torch.float64)
+    for r, wt, b in zip(rows.tolist(), w.double().tolist(), bag.tolist()):
+        out[r] += wt * dy[b].double()
+    return out
 
 
 @pytest.mark.parametrize("P, R", [(0, 10), (1, 1), (9, 5), (41, 1000), (341, 341), (4096, 7),
                                   (20000, 65536)])
-def test_row_grads_counting_sort_equals_comparison_sort(P, R):
-    """from_slots with num_rows (the C counting sort) groups exactly as torch.sort does,
-    and so does merge."""
-    from kernels import SparseRowGrads
-
+def test_row_grads_counting_sort_equals_comparison_sort(native_calls, P, R):
+    """from_slots with num_rows (the C counting sort) groups exactly as torch.sort does;
+    merge of two pushes sums them, as a float64 loop over the slots does."""
     rows = torch.randint(0, R, (P,))
     w, bag, dy = torch.randn(P), torch.randint(0, 3, (P,)), torch.randn(3, 5)
     counted = SparseRowGrads.from_slots(rows, w, bag, dy, num_rows=R)
+    if P:  # the C counting sort takes blocks of at most 16 rows per slot
+        assert ("group_rows" in native_calls.symbols) == (R <= 16 * max(P, 4096))
     sorted_ = SparseRowGrads.from_slots(rows, w, bag, dy)
     for field in ("rows", "seg", "slot_bag", "slot_w"):
         assert torch.equal(getattr(counted, field), getattr(sorted_, field)), field
+    assert torch.equal(counted.rows, torch.unique(rows))
     merged = SparseRowGrads.merge([counted, sorted_], num_rows=R)
-    assert torch.equal(merged.rows, SparseRowGrads.merge([counted, sorted_]).rows)
-    assert torch.allclose(merged.dense(), 2 * sorted_.dense(), atol=1e-5)
+    assert torch.equal(merged.rows, torch.unique(rows))
+    expected = 2 * _slot_sums64(rows, w, bag, dy, R)[merged.rows]
+    assert_close(merged.dense(), expected)

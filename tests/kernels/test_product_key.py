@@ -1,4 +1,10 @@
-"""product_key_topk against the brute-force reference (kernels.reference)."""
+"""product_key_topk against the brute-force reference (kernels.reference).
+
+The reference scores all n² pairs and sorts them; neither the C selection nor the
+composite (``_select_composite``: top-k of each half, then of the k×k sums) shares
+that code, and gradients are checked against autograd through the reference's
+einsum. Tests taking ``path`` assert which selection ran.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import torch
 from kernels import product_key_topk
 from kernels.reference import product_key_topk_reference
 
-from .conftest import assert_close, use_composite
+from .conftest import assert_close
 
 # (B, H, n, Dk, k): k=1, n=1, k > n, k = n², odd Dk/2, odd sizes, >= 128 (b, h) rows
 # (so the C path splits over threads).
@@ -56,6 +62,7 @@ def _check_against_reference(q, keys, k):
 def test_topk_matches_brute_force(path, B, H, n, Dk, k):
     q, keys = _inputs(B, H, n, Dk)
     _check_against_reference(q, keys, k)
+    path.took(product_key_topk="native")
 
 
 @pytest.mark.parametrize("B, H, n, Dk, k", SHAPES)
@@ -63,6 +70,7 @@ def test_topk_ties_break_by_smaller_index(path, B, H, n, Dk, k):
     # Small integers: the half scores and their sums are exact and tie often.
     q, keys = _inputs(B, H, n, Dk, integer=True)
     _check_against_reference(q, keys, k)
+    path.took(product_key_topk="native")
 
 
 @pytest.mark.parametrize("k", [1, 5, 16])
@@ -73,6 +81,7 @@ def test_topk_all_scores_equal(path, k):
     keys = torch.ones(H, 2, n, Dk // 2)
     scores, index = _check_against_reference(q, keys, k)
     assert torch.equal(index, torch.arange(k).expand(B, H, k))
+    path.took(product_key_topk="native")
 
 
 def test_topk_ties_on_one_half(path):
@@ -82,21 +91,17 @@ def test_topk_ties_on_one_half(path):
     keys = torch.zeros(H, 2, n, Dk // 2)
     keys[:, 1] = torch.tensor([1.0, 3.0, 3.0, 0.0, 1.0, 3.0, 2.0])[:, None]
     _check_against_reference(q, keys, k)
+    path.took(product_key_topk="native")
 
 
-def test_topk_rounding_ties_native(native):
+def test_topk_rounding_ties(path):
     # s1 = [1e8, 0], s2 = [0.5, 1.0]: in float32 1e8 + 0.5 == 1e8 + 1.0 == 1e8, so
     # indices 0 and 1 tie and the spec orders them 0, 1.
     q = torch.tensor([[[1e8, 1.0]]])
     keys = torch.tensor([[[[1.0], [0.0]], [[0.5], [1.0]]]])
     _check_against_reference(q, keys, 2)
-
-
-def test_topk_rounding_ties_composite(monkeypatch):
-    use_composite(monkeypatch)
-    q = torch.tensor([[[1e8, 1.0]]])
-    keys = torch.tensor([[[[1.0], [0.0]], [[0.5], [1.0]]]])
-    _check_against_reference(q, keys, 2)
+    assert torch.equal(product_key_topk(q, keys, 2)[1], torch.tensor([[[0, 1]]]))
+    path.took(product_key_topk="native")
 
 
 def test_topk_non_contiguous_query(path):
@@ -105,6 +110,7 @@ def test_topk_non_contiguous_query(path):
     assert not q.is_contiguous()
     keys = torch.randn(H, n, 2, Dk // 2).transpose(1, 2)
     _check_against_reference(q, keys, k)
+    path.took(product_key_topk="native")
 
 
 @pytest.mark.parametrize("B, H, n, Dk, k", [(1, 1, 1, 2, 1), (2, 1, 3, 4, 7), (9, 4, 16, 32, 8),
@@ -122,6 +128,9 @@ def test_topk_gradients_match_reference(path, B, H, n, Dk, k):
     assert_close(scores, ref_scores.detach())
     assert_close(q.grad, q_ref.grad)
     assert_close(keys.grad, keys_ref.grad)
+    path.took(product_key_topk="native")
+    if path.name == "fast":  # the backward of the selected scores runs in C too
+        assert "pk_scores_backward" in path.symbols
 
 
 @pytest.mark.parametrize("B, H, n, Dk, k", [(2, 1, 3, 4, 7), (3, 2, 4, 6, 3), (2, 2, 5, 2, 1)])
