@@ -328,7 +328,8 @@ def print_table(results, ceiling, a) -> None:
 
 # ----------------------------------------------------------------------- compile only
 
-_I64_PTRS = ("idx_ptr", "rows_ptr", "order_ptr", "seg_ptr", "scratch_ptr", "index_ptr")
+_I64_PTRS = ("idx_ptr", "rows_ptr", "order_ptr", "seg_ptr", "scratch_ptr", "index_ptr",
+             "offsets_ptr", "slot_bag_ptr")
 _F32_SCALARS = ("lr", "weight_decay", "clr", "eps", "beta1", "beta2", "omb1", "omb2", "step_size",
                 "eps_term", "shrink")
 
@@ -343,7 +344,8 @@ def _signature(fn, dtype: str, consts: dict) -> dict:
         elif name.endswith("_ptr"):
             sig[name] = "*i64" if name in _I64_PTRS else "*i32" if name.startswith("pair") else "*fp32"
         else:
-            sig[name] = "fp32" if name in _F32_SCALARS else "i64" if name == "stride_v" else "i32"
+            sig[name] = ("fp32" if name in _F32_SCALARS
+                         else "i64" if name in ("stride_v", "stride_c") else "i32")
     return sig
 
 
@@ -357,10 +359,12 @@ def compile_report() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.triton import bag, product_key, sparse_optim
+    from kernels.triton import bag, csr, product_key, sparse_optim
 
-    rows_d = dict(BLOCK_D=256)
+    rows_d = dict(BLOCK_P=8, BLOCK_D=256)
     kernels = [(bag._bag_fwd_kernel, dict(BLOCK_M=16, BLOCK_D=256), 4),
+               (csr._bag_csr_fwd_kernel, dict(BLOCK_P=16, BLOCK_D=256), 4),
+               (csr._bag_csr_dw_kernel, dict(BLOCK_P=16, BLOCK_D=256), 4),
                (bag._bag_dw_kernel, dict(BLOCK_M=16, BLOCK_D=256), 4),
                (bag._bag_row_grad_kernel, dict(BLOCK_P=8, BLOCK_D=256), 4),
                (product_key._pk_topk_fwd_kernel,

@@ -8,9 +8,10 @@ a ragged share of each token's slots.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _native
-from ._dispatch import cuda_impl, native_ok
+from ._dispatch import TRITON_DTYPES, cuda_impl, force_triton, native_ok, record
 from .reference import accumulation_dtype, bag_forward_reference
 from .row_grads import SparseRowGrads
 
@@ -54,25 +55,58 @@ def _native_bag(values, w) -> bool:
     return native_ok(values) and accumulation_dtype(values, w) == torch.float32
 
 
+def _triton_impl(name: str, values, w, *tensors):
+    """The Triton implementation for these tensors (the kernels accumulate in float32)."""
+    if values.dtype in TRITON_DTYPES and accumulation_dtype(values, w) == torch.float32:
+        return cuda_impl(name, values, w, *tensors)
+    return None
+
+
+def _library_bag(values, w) -> bool:
+    """float32 CPU bags go to ``F.embedding_bag``: measured faster than the C forward on
+    float32 (``benchmarks/kernels.py``). For bfloat16 values it would accumulate and
+    return bfloat16, so bfloat16 stays on the C path, which accumulates in float32."""
+    return (values.device.type == "cpu" and values.dtype == torch.float32
+            and w.dtype != torch.float64 and not force_triton())
+
+
 def bag_forward_csr(values, rows, w, offsets) -> torch.Tensor:
     """CSR bags: out[b] = Σ_{p in [offsets[b], offsets[b+1])} w[p] · values[rows[p]]."""
     B = offsets.numel() - 1
+    impl = _triton_impl("bag_forward_csr", values, w, rows, offsets)
+    if impl is not None:
+        record("bag_forward_csr", "triton")
+        return impl(values, rows, w, offsets)
+    if _library_bag(values, w):
+        record("bag_forward_csr", "library")
+        rows = rows.to(torch.int64)
+        return F.embedding_bag(rows, values, offsets.to(torch.int64), mode="sum",
+                               per_sample_weights=w.to(torch.float32),
+                               include_last_offset=True)
     if _native_bag(values, w):
-        values = _row_major(values)
-        rows = rows.to(torch.int64).contiguous()
-        w = w.to(torch.float32).contiguous()
-        offsets = offsets.to(torch.int64).contiguous()
-        out = torch.empty(B, values.shape[1], dtype=torch.float32)
-        fn = _native.typed("bag_forward", values.dtype)
-        _native.parallel_for(
-            fn, B, values.data_ptr(), values.stride(0), rows.data_ptr(), w.data_ptr(),
-            offsets.data_ptr(), values.shape[1], out.data_ptr(),
-        )
-        return out
+        record("bag_forward_csr", "native")
+        return bag_forward_csr_native(values, rows, w, offsets)
+    record("bag_forward_csr", "composite")
     acc = accumulation_dtype(values, w)
     bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
     out = torch.zeros(B, values.shape[1], dtype=acc, device=values.device)
     return out.index_add_(0, bag_of_slot, values[rows].to(acc) * w.to(acc)[:, None])
+
+
+def bag_forward_csr_native(values, rows, w, offsets) -> torch.Tensor:
+    """The C forward (float32 or bfloat16 values, float32 accumulation), whatever the
+    dispatch prefers: ``benchmarks/kernels.py`` times it against ``F.embedding_bag``."""
+    values = _row_major(values)
+    rows = rows.to(torch.int64).contiguous()
+    w = w.to(torch.float32).contiguous()
+    offsets = offsets.to(torch.int64).contiguous()
+    out = torch.empty(offsets.numel() - 1, values.shape[1], dtype=torch.float32)
+    fn = _native.typed("bag_forward", values.dtype)
+    _native.parallel_for(
+        fn, out.shape[0], values.data_ptr(), values.stride(0), rows.data_ptr(), w.data_ptr(),
+        offsets.data_ptr(), values.shape[1], out.data_ptr(),
+    )
+    return out
 
 
 def bag_forward(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -81,20 +115,27 @@ def bag_forward(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> tor
     _check_bag_args(values, idx, w)
     if idx.dim() != 2:
         raise ValueError(f"idx: expected a 2-d (B, M) tensor, got shape {tuple(idx.shape)}")
-    impl = cuda_impl("bag_forward", values, idx, w)
+    impl = _triton_impl("bag_forward", values, w, idx)
     if impl is not None:
+        record("bag_forward", "triton")
         return impl(values, idx, w)
-    if _native_bag(values, w):
+    if _library_bag(values, w) or _native_bag(values, w):
         B, M = idx.shape
         return bag_forward_csr(values, idx.reshape(-1), w.reshape(-1), _slot_offsets(B, M))
+    record("bag_forward", "composite")
     return bag_forward_reference(values, idx, w)
 
 
 def bag_backward_sparse(values, rows, w, offsets, dy) -> tuple[torch.Tensor, SparseRowGrads]:
     """CSR bag backward: dw (P,) and the row gradients in factored form (no (U, dim) tensor)."""
+    impl = _triton_impl("bag_backward_sparse", values, w, rows, offsets, dy)
+    if impl is not None:
+        record("bag_backward_sparse", "triton")
+        return impl(values, rows, w, offsets, dy)
     B = offsets.numel() - 1
     bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
     if _native_bag(values, w):
+        record("bag_backward_sparse", "native")
         values = _row_major(values)
         rows = rows.to(torch.int64).contiguous()
         w = w.to(torch.float32).contiguous()
@@ -106,6 +147,7 @@ def bag_backward_sparse(values, rows, w, offsets, dy) -> tuple[torch.Tensor, Spa
             rows.data_ptr(), offsets.data_ptr(), dy.data_ptr(), values.shape[1], dw.data_ptr(),
         )
         return dw, SparseRowGrads.from_slots(rows, w, bag_of_slot, dy, values.shape[0])
+    record("bag_backward_sparse", "composite")
     acc = accumulation_dtype(values, w)
     slot_dy = dy.to(acc)[bag_of_slot]
     dw = (values[rows].to(acc) * slot_dy).sum(dim=1)
@@ -131,8 +173,9 @@ def bag_backward_rows(values, idx, w, dy) -> tuple[torch.Tensor, SparseRowGrads]
         raise ValueError(
             f"dy: expected shape {(idx.shape[0], values.shape[1])} (B, dim), got {tuple(dy.shape)}"
         )
-    impl = cuda_impl("bag_backward", values, idx, w, dy)
+    impl = _triton_impl("bag_backward", values, w, idx, dy)
     if impl is not None:
+        record("bag_backward", "triton")
         dw, (rows, grads) = impl(values, idx, w, dy)
         return dw, SparseRowGrads.from_dense(rows, grads)
     B, M = idx.shape

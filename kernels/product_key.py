@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _native
-from ._dispatch import cuda_impl, native_ok
+from ._dispatch import cuda_impl, native_ok, record
 
 __all__ = ["product_key_topk", "half_scores"]
 
@@ -131,8 +131,11 @@ def product_key_topk(q: torch.Tensor, keys: torch.Tensor, k: int):
     _check_args(q, keys, k)
     impl = cuda_impl("product_key_topk", q, keys)
     if impl is not None:
+        record("product_key_topk", "triton")
         return impl(q, keys, k)
-    selector = _select_native if native_ok(q, dtypes=(torch.float32,)) else _select_composite
+    native = native_ok(q, dtypes=(torch.float32,))
+    record("product_key_topk", "native" if native else "composite")
+    selector = _select_native if native else _select_composite
     with torch.no_grad():
         scores, index = selector(half_scores(q, keys), k)
     scores = scores.to(q.dtype)

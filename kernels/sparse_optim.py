@@ -13,7 +13,7 @@ import math
 import torch
 
 from . import _native
-from ._dispatch import cuda_impl, native_ok
+from ._dispatch import TRITON_DTYPES, cuda_impl, native_ok, record
 from .row_grads import SparseRowGrads, c_view
 from .reference import (
     adagrad_step_reference,
@@ -65,12 +65,30 @@ def _dense(grads) -> torch.Tensor:
     return grads.dense() if isinstance(grads, SparseRowGrads) else grads
 
 
+def _triton_impl(name: str, values, rows, grads):
+    """The Triton step for these tensors; it takes factored or dense gradients."""
+    if values.dtype not in TRITON_DTYPES:
+        return None
+    dy = grads.dy if isinstance(grads, SparseRowGrads) else grads
+    impl = cuda_impl(name, values, rows, dy)
+    if impl is not None:
+        record(name, "triton")
+    return impl
+
+
+def _cpu_path(name: str, values, rows, grads) -> bool:
+    """True for the C step (recorded), False for the torch reference (recorded)."""
+    ready = _native_ready(values, rows, grads)
+    record(name, "native" if ready else "composite")
+    return ready
+
+
 def sgd_step(values, rows, grads, *, lr: float, weight_decay: float = 0.0) -> None:
     _check(values, rows, grads)
-    impl = cuda_impl("sgd_step", values, rows)
+    impl = _triton_impl("sgd_step", values, rows, grads)
     if impl is not None:
-        return impl(values, rows, _dense(grads), lr=lr, weight_decay=weight_decay)
-    if not _native_ready(values, rows, grads):
+        return impl(values, rows, grads, lr=lr, weight_decay=weight_decay)
+    if not _cpu_path("sgd_step", values, rows, grads):
         return sgd_step_reference(values, rows, _dense(grads), lr=lr, weight_decay=weight_decay)
     view = c_view(grads)
     _native.parallel_for(
@@ -82,13 +100,12 @@ def sgd_step(values, rows, grads, *, lr: float, weight_decay: float = 0.0) -> No
 def adagrad_step(values, state_sum, rows, grads, *, lr, eps, lr_decay=0.0, step=1) -> None:
     """torch.optim.Adagrad on a sparse gradient; ``step`` is the 1-based step count."""
     _check(values, rows, grads, [("state_sum", state_sum, tuple(values.shape))])
-    impl = cuda_impl("adagrad_step", values, rows)
+    impl = _triton_impl("adagrad_step", values, rows, grads)
     if impl is not None:
-        return impl(values, state_sum, rows, _dense(grads), lr=lr, eps=eps, lr_decay=lr_decay,
-                    step=step)
-    if not _native_ready(values, rows, grads):
+        return impl(values, state_sum, rows, grads, lr=lr, eps=eps, lr_decay=lr_decay, step=step)
+    if not _cpu_path("adagrad_step", values, rows, grads):
         return adagrad_step_reference(
-            values, state_sum, rows, grads, lr=lr, eps=eps, lr_decay=lr_decay, step=step
+            values, state_sum, rows, _dense(grads), lr=lr, eps=eps, lr_decay=lr_decay, step=step
         )
     clr = lr / (1 + (step - 1) * lr_decay)
     view = c_view(grads)
@@ -102,10 +119,10 @@ def adagrad_step(values, state_sum, rows, grads, *, lr, eps, lr_decay=0.0, step=
 def rowwise_adagrad_step(values, state_sum, rows, grads, *, lr, eps) -> None:
     """Adagrad with one accumulator per row (state_sum (R,)), fed by mean(g²)."""
     _check(values, rows, grads, [("state_sum", state_sum, (values.shape[0],))])
-    impl = cuda_impl("rowwise_adagrad_step", values, rows)
+    impl = _triton_impl("rowwise_adagrad_step", values, rows, grads)
     if impl is not None:
-        return impl(values, state_sum, rows, _dense(grads), lr=lr, eps=eps)
-    if not _native_ready(values, rows, grads):
+        return impl(values, state_sum, rows, grads, lr=lr, eps=eps)
+    if not _cpu_path("rowwise_adagrad_step", values, rows, grads):
         return rowwise_adagrad_step_reference(values, state_sum, rows, _dense(grads), lr=lr,
                                               eps=eps)
     view = c_view(grads)
@@ -125,10 +142,10 @@ def adam_step(
                                  ("exp_avg_sq", exp_avg_sq, tuple(values.shape))])
     kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay, decoupled=decoupled)
-    impl = cuda_impl("adam_step", values, rows)
+    impl = _triton_impl("adam_step", values, rows, grads)
     if impl is not None:
-        return impl(values, exp_avg, exp_avg_sq, rows, _dense(grads), **kwargs)
-    if not _native_ready(values, rows, grads):
+        return impl(values, exp_avg, exp_avg_sq, rows, grads, **kwargs)
+    if not _cpu_path("adam_step", values, rows, grads):
         return adam_step_reference(values, exp_avg, exp_avg_sq, rows, _dense(grads), **kwargs)
     bc1 = 1 - beta1**step
     bc2 = 1 - beta2**step

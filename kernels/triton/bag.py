@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import register_cuda
-from ..reference import accumulation_dtype, bag_backward_reference, bag_forward_reference
+from ..reference import accumulation_dtype
 
 __all__ = ["bag_forward_triton", "bag_backward_triton", "sort_slots_by_row"]
 
@@ -36,9 +36,11 @@ def _row_major(values: torch.Tensor) -> torch.Tensor:
     return values if values.stride(1) == 1 else values.contiguous()
 
 
-def _kernel_ok(values: torch.Tensor, w: torch.Tensor) -> bool:
-    """The kernels accumulate in float32: float64 inputs (gradcheck) stay in torch."""
-    return values.dtype in KERNEL_DTYPES and accumulation_dtype(values, w) == torch.float32
+def _check_kernel_dtypes(values: torch.Tensor, w: torch.Tensor) -> None:
+    """The kernels accumulate in float32: the dispatcher keeps float64 (gradcheck) in torch."""
+    if values.dtype not in KERNEL_DTYPES or accumulation_dtype(values, w) != torch.float32:
+        raise TypeError(f"values, w: the Triton bag kernels take {KERNEL_DTYPES} values and "
+                        f"float32 accumulation, got {values.dtype} and {w.dtype}")
 
 
 @triton.jit
@@ -150,8 +152,7 @@ def _bag_row_grad_kernel(
 @register_cuda("bag_forward")
 def bag_forward_triton(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]], float32 accumulation."""
-    if not _kernel_ok(values, w):
-        return bag_forward_reference(values, idx, w)
+    _check_kernel_dtypes(values, w)
     values = _row_major(values)
     B, M = idx.shape
     dim = values.shape[1]
@@ -187,8 +188,7 @@ def sort_slots_by_row(idx: torch.Tensor):
 @register_cuda("bag_backward")
 def bag_backward_triton(values, idx, w, dy):
     """dw (B, M) float32 = <values[idx], dy> and (rows (U,) int64, grads (U, dim) float32)."""
-    if not _kernel_ok(values, w):
-        return bag_backward_reference(values, idx, w, dy)
+    _check_kernel_dtypes(values, w)
     values = _row_major(values)
     B, M = idx.shape
     dim = values.shape[1]

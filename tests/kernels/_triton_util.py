@@ -2,17 +2,19 @@
 
 With a GPU the kernels are compiled and run on CUDA tensors. Without one they run under
 the Triton interpreter on CPU tensors, which is how CPU-only CI checks them. The
-interpreter is chosen when ``@triton.jit`` decorates a function: Triton 3.x reads
-``TRITON_INTERPRET`` (through ``triton.knobs``) at that moment, not at launch. Triton's
-own library functions (``tl.sum``, ``tl.max``, ...) are decorated when ``triton`` is
-imported, and some of its modules are imported lazily at the first launch, so the
-variable is set before anything imports triton and stays set for the whole process.
-This module must therefore be imported before triton is (the Triton test modules import
-it first; nothing else in ``kernels`` imports triton on a machine without CUDA).
+interpreter is chosen when ``@triton.jit`` decorates a function: Triton reads
+``TRITON_INTERPRET`` (through ``triton.knobs``) at that moment, not at launch. The
+kernels of ``kernels.triton`` are decorated when that package is first imported, which
+only happens here (nothing else imports it on a machine without CUDA), after the
+variable is set. Triton's own library functions (``tl.sum``, ``tl.max``, ...) are
+decorated when ``triton`` itself is imported: when something imported triton before
+this module, :func:`_interpret_triton_library` swaps them for interpreted ones, so the
+tests run whatever the import order.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import os
 import sys
@@ -31,17 +33,35 @@ TOLERANCES = {
 }
 
 
+def _interpret_triton_library() -> int:
+    """Make the jitted functions of ``triton.language`` callable by the interpreter.
+
+    Imported without TRITON_INTERPRET, triton decorates ``tl.sum`` & co. as compiled
+    JITFunctions, which raise when an interpreted kernel calls them. Each is replaced by
+    an InterpretedFunction of the same Python source. Returns the number replaced.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    replaced = 0
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("triton.language"):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                setattr(module, attr, InterpretedFunction(value.fn))
+                replaced += 1
+    return replaced
+
+
 def _import_interpreted():
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        # Triton's own library functions (tl.sum, tl.max, ...) are jitted when triton is
-        # imported, so they are already compiled-mode; a C extension cannot be re-imported.
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run the "
-                    "Triton tests in their own process or export TRITON_INTERPRET=1",
-                    allow_module_level=True)
+    pytest.importorskip("triton", reason="Triton is not installed")
+    was_compiled = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
     # Left set for the rest of the process: triton imports some of its modules lazily at
     # the first launch, and they must agree with the interpreted kernels.
     os.environ["TRITON_INTERPRET"] = "1"
-    pytest.importorskip("triton", reason="Triton is not installed")
+    if was_compiled:
+        _interpret_triton_library()
     return importlib.import_module("kernels.triton")
 
 
@@ -50,6 +70,19 @@ if INTERPRETED:
 else:
     pytest.importorskip("triton", reason="Triton is not installed")
     triton_kernels = importlib.import_module("kernels.triton")
+
+
+@pytest.fixture
+def triton_dispatch(monkeypatch):
+    """Public ops on DEVICE tensors dispatch to Triton: CUDA tensors do by themselves; on
+    CPU the ``MEMSTORE_FORCE_TRITON`` switch sends them there (through the interpreter).
+    Returns a function giving the dispatches ``kernels._dispatch`` recorded since."""
+    from kernels import _dispatch
+
+    if INTERPRETED:
+        monkeypatch.setenv(_dispatch.FORCE_TRITON_ENV, "1")
+    start = collections.Counter(_dispatch.COUNTS)
+    return lambda: collections.Counter(_dispatch.COUNTS) - start
 
 
 def assert_close(actual, expected, dtype=None, **overrides):

@@ -8,7 +8,7 @@ import torch
 from kernels import _dispatch
 from kernels.reference import bag_backward_reference, bag_forward_reference
 
-from ._triton_util import DEVICE, assert_close, generator, triton_kernels
+from ._triton_util import DEVICE, assert_close, generator, triton_dispatch, triton_kernels  # noqa: F401
 
 bag_forward_triton = triton_kernels.bag_forward_triton
 bag_backward_triton = triton_kernels.bag_backward_triton
@@ -111,30 +111,39 @@ def test_empty_batch():
 
 @pytest.mark.parametrize("values_dtype, w_dtype", [(torch.float64, torch.float32),
                                                      (torch.float32, torch.float64)])
-def test_float64_inputs_accumulate_in_float64(values_dtype, w_dtype):
-    # The kernels accumulate in float32; float64 (gradcheck) goes to the torch reference.
+def test_float64_inputs_stay_in_torch(values_dtype, w_dtype, triton_dispatch):
+    # The kernels accumulate in float32: the launchers refuse float64 (gradcheck) inputs,
+    # and the public ops keep them on the torch composite, in float64.
     values, idx, w, dy = _inputs(4, 3, 7, 5, torch.float32)
     values, w = values.to(values_dtype), w.to(w_dtype)
-    out = bag_forward_triton(*_on_device(values, idx, w))
+    dev = _on_device(values, idx, w, dy)
+    with pytest.raises(TypeError, match="float32 accumulation"):
+        bag_forward_triton(*dev[:3])
+    with pytest.raises(TypeError, match="float32 accumulation"):
+        bag_backward_triton(*dev)
+    from kernels import bag_forward
+
+    out = bag_forward(*dev[:3])
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out.cpu(), bag_forward_reference(values, idx, w))
-    dw, (rows, grads) = bag_backward_triton(*_on_device(values, idx, w, dy))
-    dw_ref, (rows_ref, grads_ref) = bag_backward_reference(values, idx, w, dy)
-    assert torch.equal(rows.cpu(), rows_ref) and grads.dtype == torch.float64
-    torch.testing.assert_close(dw.cpu(), dw_ref)
-    torch.testing.assert_close(grads.cpu(), grads_ref)
+    assert triton_dispatch() == {("bag_forward", "composite"): 1}
+    # Independent float64 loop over the slots.
+    expected = torch.zeros(4, 5, dtype=torch.float64)
+    for b in range(4):
+        for m in range(3):
+            expected[b] += w[b, m].double() * values[idx[b, m]].double()
+    torch.testing.assert_close(out.cpu(), expected)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="dispatch to Triton needs CUDA tensors")
-def test_public_ops_dispatch_to_triton():
+def test_public_ops_dispatch_to_triton(triton_dispatch):
     from kernels import bag_backward, bag_forward
 
-    values, idx, w, dy = _on_device(*_inputs(33, 16, 2000, 341, torch.float32))
+    values, idx, w, dy = _on_device(*_inputs(9, 16, 200, 41, torch.float32))
     assert_close(bag_forward(values, idx, w), bag_forward_triton(values, idx, w), atol=0, rtol=0)
     dw, (rows, grads) = bag_backward(values, idx, w, dy)
     dw_ref, (rows_ref, grads_ref) = bag_backward_reference(*[t.cpu() for t in (values, idx, w, dy)])
     assert torch.equal(rows.cpu(), rows_ref)
     assert_close(grads, grads_ref, torch.float32)
+    assert triton_dispatch() == {("bag_forward", "triton"): 1, ("bag_backward", "triton"): 1}
 
 
 def test_all_kernels_compile_for_sm90_without_a_gpu():
@@ -152,4 +161,4 @@ def test_all_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--compile-only"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("\nok ") + proc.stdout.startswith("ok ") == 18
+    assert proc.stdout.count("\nok ") + proc.stdout.startswith("ok ") == 22

@@ -8,7 +8,7 @@ import torch
 from kernels import _dispatch
 from kernels.reference import product_key_topk_reference
 
-from ._triton_util import DEVICE, assert_close, generator, triton_kernels
+from ._triton_util import DEVICE, assert_close, generator, triton_dispatch, triton_kernels  # noqa: F401
 
 product_key_topk_triton = triton_kernels.product_key_topk_triton
 
@@ -118,13 +118,14 @@ def test_float64_uses_torch_selection():
     torch.testing.assert_close(scores.cpu(), scores_ref)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="dispatch to Triton needs CUDA tensors")
-def test_public_op_dispatches_to_triton():
+def test_public_op_dispatches_to_triton(triton_dispatch):
     from kernels import product_key_topk
 
-    q, keys = _random(300, 4, 256, 1024, seed=6)
-    scores_ref, _ = product_key_topk_reference(q, keys, 32)
-    scores, index = product_key_topk(q.cuda(), keys.cuda(), 32)
+    B, H, Dk, n, k = (300, 4, 256, 1024, 32) if DEVICE == "cuda" else (9, 2, 18, 41, 7)
+    q, keys = _random(B, H, Dk, n, seed=6)
+    scores_ref, _ = product_key_topk_reference(q, keys, k)
+    scores, index = product_key_topk(q.to(DEVICE), keys.to(DEVICE), k)
     chosen = _all_scores(q, keys).gather(-1, index.cpu())
     assert_close(chosen, scores_ref, torch.float32)
     assert_close(scores, scores_ref, torch.float32)
+    assert triton_dispatch() == {("product_key_topk", "triton"): 1}
