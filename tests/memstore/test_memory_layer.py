@@ -1,3 +1,6 @@
+"""MemoryLayer against the same layer written as one plain torch expression (dense
+values, brute-force product-key top-k, autograd), forward and every gradient."""
+
 import math
 
 import pytest
@@ -5,46 +8,61 @@ import torch
 import torch.nn.functional as F
 
 import memstore
-from kernels.reference import bag_forward_reference, product_key_topk_reference
+from kernels.reference import product_key_topk_reference
 from memstore import InvalidArgument, MemoryLayer, MemoryLayerArgs, ShardTable
 
 SMALL = dict(dim=24, heads=2, k=5, n_keys=9, key_dim=12)
 
 
-def test_forward_equals_a_plain_torch_composition():
-    layer = MemoryLayer(MemoryLayerArgs(**SMALL, qk_norm=False))
+def dense_layer(layer, x, values):
+    """The layer's forward as plain torch on a dense, differentiable ``values``: query,
+    optional RMS norm of the query halves and sub-keys, brute-force top-k (the spec),
+    softmax, weighted sum of value rows, optional Memory+ gate and projection."""
+    a = layer.args
+    flat = x.reshape(-1, a.dim)
+    q = layer.query(flat).view(-1, a.heads, 2, a.key_dim // 2)
+    keys = layer.keys
+    if a.qk_norm:
+        q = F.rms_norm(q, (a.key_dim // 2,))
+        keys = F.rms_norm(keys, (a.key_dim // 2,))
+    scores, idx = product_key_topk_reference(q.reshape(-1, a.heads, a.key_dim), keys, a.k)
+    w = torch.softmax(scores, -1).flatten(1)
+    y = (values[idx.flatten(1)] * w[..., None]).sum(1)
+    if a.memory_plus:
+        y = layer.out(y * F.silu(layer.gate(flat)))
+    return y.reshape(x.shape)
+
+
+LAYERS = [
+    pytest.param(dict(qk_norm=False), id="pkm"),
+    pytest.param(dict(qk_norm=True), id="pkm-qk-norm"),
+    pytest.param(dict(qk_norm=True, memory_plus=True, value_dim=16), id="memory-plus"),
+]
+
+
+@pytest.mark.parametrize("options", LAYERS)
+def test_forward_and_every_gradient_equal_a_plain_torch_composition(options):
+    """dy reaches the table (its row gradients, applied by SGD with lr 1, are the dense
+    values' gradient) and dw continues into the scores, the keys and the query net."""
+    args = MemoryLayerArgs(**SMALL, **options)
+    table = ShardTable(81, args.value_dim, optimizer=memstore.SGD(lr=1.0), seed=2)
+    layer = MemoryLayer(args, table=table)
     x = torch.randn(3, 7, SMALL["dim"])
-    flat = x.reshape(-1, SMALL["dim"])
-    q = layer.query(flat).view(-1, 2, 12)
-    scores, idx = product_key_topk_reference(q, layer.keys, 5)
-    w = torch.softmax(scores, -1).flatten(1)
-    expected = bag_forward_reference(layer.table.values, idx.flatten(1), w)
-    torch.testing.assert_close(layer(x), expected.reshape(x.shape), rtol=1e-5, atol=1e-5)
+    dense = table.values.clone().requires_grad_(True)
+    expected = dense_layer(layer, x, dense)
+    expected.sin().sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
 
-
-@pytest.mark.parametrize("memory_plus", [False, True])
-def test_gradients_reach_query_keys_and_table(memory_plus):
-    args = MemoryLayerArgs(**SMALL, memory_plus=memory_plus, value_dim=16 if memory_plus else None)
-    layer = MemoryLayer(args)
-    x = torch.randn(11, SMALL["dim"])
-    layer(x).square().sum().backward()
-    assert layer.query.weight.grad.abs().sum() > 0
-    assert layer.keys.grad.abs().sum() > 0
-    assert layer.table.pending_steps() == [1]
-    assert layer.table.step() > 0
-
-
-def test_value_gradients_equal_autograd_through_a_dense_table():
-    layer = MemoryLayer(MemoryLayerArgs(**SMALL), table=ShardTable(81, 24, optimizer=memstore.SGD(lr=1.0)))
-    x = torch.randn(6, SMALL["dim"])
-    dense = layer.table.values.clone().requires_grad_(True)
-    scores, idx = layer.topk(x)
-    w = torch.softmax(scores, -1).flatten(1)
-    (bag_forward_reference(dense, idx.flatten(1), w).sin().sum()).backward()
-    before = layer.table.values.clone()
-    layer(x).sin().sum().backward()
-    layer.table.step()
-    torch.testing.assert_close(before - layer.table.values, dense.grad, rtol=1e-5, atol=1e-6)
+    out = layer(x)
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)
+    out.sin().sum().backward()
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert table.pending_steps() == [1]
+    before = table.values.clone()
+    table.step()
+    torch.testing.assert_close(before - table.values, dense.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_recall_task_is_learned_well_below_chance():
@@ -61,6 +79,15 @@ def test_recall_task_is_learned_well_below_chance():
         opt.step()
         layer.table.step(step)
     assert loss.item() < 0.1 * math.log(classes)
+
+
+def test_default_table_is_a_local_shard_table_with_lazy_adam_at_value_lr():
+    args = MemoryLayerArgs(**SMALL, memory_plus=True, value_dim=16, value_lr=0.02, seed=4)
+    table = MemoryLayer(args).table
+    assert isinstance(table, ShardTable)
+    assert (table.rows, table.dim) == (81, 16)
+    assert table.optimizer == memstore.Adam(lr=0.02)
+    assert torch.equal(table.values, ShardTable(81, 16, seed=4).values)
 
 
 def test_config_rejects_unknown_keys_and_bad_values():
