@@ -12,6 +12,7 @@ import torch
 from kernels import _native, empty_table
 
 HUGE_PAGE = 2 << 20
+NATIVE_BUILDS = shutil.which("cc") is not None or shutil.which("gcc") is not None
 THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -67,3 +68,68 @@ def test_empty_table_large_tensor_is_2mib_aligned_and_advised(monkeypatch, dtype
     assert float(t.float().sum()) == t.numel()
     if os.path.exists(THP_SYSFS):  # the kernel knows THP: the advice is on the mapping
         assert "hg" in _vm_flags(t.data_ptr())
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_build_is_cached_by_source_and_renamed_into_place(monkeypatch, tmp_path):
+    """The library lands in the cache under a name keyed by source, flags and CPU, is
+    reused while they stay, and no temporary file is left beside it."""
+    monkeypatch.setenv("MEMSTORE_CACHE_DIR", str(tmp_path))
+    first = _native._build("cc")
+    assert first.parent == tmp_path / "native" and first.exists()
+    mtime = first.stat().st_mtime_ns
+    assert _native._build("cc") == first and first.stat().st_mtime_ns == mtime
+    edited = tmp_path / "cpu_kernels.c"
+    edited.write_text(_native._SOURCE.read_text() + "\n/* another source */\n")
+    monkeypatch.setattr(_native, "_SOURCE", edited)
+    second = _native._build("cc")
+    assert second != first and second.exists()
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == sorted([first.name, second.name])
+
+
+def _openmp_runtimes() -> set[str]:
+    with open("/proc/self/maps") as maps:
+        return {line.split()[-1] for line in maps
+                if "omp" in line.rsplit("/", 1)[-1] and line.split()[-1].startswith("/")}
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
+def test_c_kernels_share_torchs_openmp_runtime(native_calls):
+    """After a C kernel ran, one OpenMP runtime is loaded: the library links libgomp by
+    soname and so binds to the one torch already loaded."""
+    values = torch.randn(1000, 64).bfloat16()
+    from kernels import bag_forward
+
+    bag_forward(values, torch.randint(0, 1000, (300, 8)), torch.rand(300, 8))
+    native_calls.took(bag_forward_csr="native")
+    assert len(_openmp_runtimes()) == 1, _openmp_runtimes()
+
+
+def test_without_native_library_the_ops_use_the_composites(monkeypatch, caplog):
+    """MEMSTORE_NATIVE=0, or no compiler, turns the C path off (with a warning when a
+    compiler is missing) and every op still answers, through its composite."""
+    from kernels import _dispatch, adam_step
+
+    monkeypatch.setenv("MEMSTORE_NATIVE", "0")
+    _native.library.cache_clear()
+    try:
+        assert _native.library() is None
+        monkeypatch.setenv("MEMSTORE_NATIVE", "1")
+        monkeypatch.setenv("MEMSTORE_CACHE_DIR", "/nonexistent-memstore-cache")
+        monkeypatch.delenv("CC", raising=False)
+        monkeypatch.setenv("PATH", "")
+        _native.library.cache_clear()
+        with caplog.at_level("WARNING", logger="kernels._native"):
+            assert _native.library() is None
+        assert "no C compiler" in caplog.text
+        before = _dispatch.COUNTS[("adam_step", "composite")]
+        values, m, v = torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4, 3)
+        adam_step(values, m, v, torch.tensor([1]), torch.ones(1, 3), step=1, lr=0.1,
+                  beta1=0.9, beta2=0.999, eps=1e-8)
+        assert _dispatch.COUNTS[("adam_step", "composite")] == before + 1
+        torch.testing.assert_close(values[1], torch.full((3,), -0.1))  # Adam's first step: -lr·sign(g)
+        assert not values[[0, 2, 3]].any()
+    finally:
+        monkeypatch.undo()
+        _native.library.cache_clear()
+    assert _native.library() is not None or not NATIVE_BUILDS

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import adagrad_step, adam_step, rowwise_adagrad_step, sgd_step
+from kernels import SparseRowGrads, adagrad_step, adam_step, rowwise_adagrad_step, sgd_step
 
 ROWS = 300
 DIMS = [1, 9, 41, 341]
@@ -454,3 +454,33 @@ def test_step_validates_state_width(name, states, field):
         op(values, *states, rows, grads, **hyper(1))
 
 
+
+
+# ---- factored row gradients (what a table's step passes) ----------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_step_with_factored_gradients_matches_float64_oracle(path, name, dtype):
+    """SparseRowGrads (slots of each row, their weights and bags, and dy) go to the C
+    step unmaterialised; each row's gradient Σ w·dy[bag] is summed in float64 here."""
+    op, oracle, state_shapes, hyper = OPTIMIZERS[name]
+    R, dim, P, bags = ROWS, 41, 900, 60
+    values = torch.randn(R, dim).to(dtype)
+    states = _states(state_shapes(R, dim))
+    slot_rows = torch.randint(0, R, (P,))
+    slot_w, slot_bag, dy = torch.rand(P), torch.randint(0, bags, (P,)), torch.randn(bags, dim)
+    grads = SparseRowGrads.from_slots(slot_rows, slot_w, slot_bag, dy, num_rows=R)
+    rows = grads.rows
+    dense64 = torch.zeros(R, dim, dtype=torch.float64).index_add_(
+        0, slot_rows, slot_w.double()[:, None] * dy.double()[slot_bag])[rows]
+    before = values.clone()
+    expected = oracle(_f64(values[rows]), [_f64(s[rows]) for s in states], dense64.numpy(),
+                      **hyper(2))
+    op(values, *states, rows, grads, **hyper(2))
+    _check_step(values, states, rows, expected, before)
+    keep = _untouched(R, rows)
+    assert torch.equal(values[keep], before[keep])
+    path.took(**{OP[name]: "native"})
+    if path.name == "fast":  # the gradient stayed factored: never materialised in C
+        assert "row_grads" not in path.symbols

@@ -2,11 +2,13 @@
 validation. The optimizers' values against torch.optim are in test_optimizers_vs_torch."""
 
 import pickle
+import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 import memstore
 from memstore import InvalidArgument, ShardTable, StepOutOfOrder
 from memstore.shard_table import BlockSpec, initial_values
@@ -45,6 +47,41 @@ def test_initial_values_do_not_depend_on_the_grid():
     whole = initial_values(BlockSpec.whole(10_000, 8), 5, 1.0, torch.float32)
     block = initial_values(BlockSpec(10_000, 8, 4000, 9000, 2, 6), 5, 1.0, torch.float32)
     assert torch.equal(whole[4000:9000, 2:6], block)
+
+
+def test_initial_values_are_normal_with_std_one_over_sqrt_dim():
+    values = ShardTable(20_000, 64, seed=1).values
+    assert abs(float(values.mean())) < 3e-3
+    assert abs(float(values.std()) - 64**-0.5) < 0.01 * 64**-0.5
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="huge pages are asked for on Linux only")
+def test_values_state_and_dense_gradients_sit_on_2mib_aligned_memory():
+    """Values and optimizer state of a large block, and a large dense gradient, come
+    from kernels.empty_table (2 MiB-aligned, advised for transparent huge pages)."""
+    t = ShardTable(1 << 15, 128, optimizer=memstore.Adam())  # 16 MiB per tensor
+    for tensor in (t.values, t.state["exp_avg"], t.state["exp_avg_sq"]):
+        assert tensor.data_ptr() % (2 << 20) == 0
+    rows = torch.arange(1 << 15)
+    grads = kernels.SparseRowGrads.from_slots(rows, torch.ones(1 << 15), rows % 7,
+                                              torch.randn(7, 128), num_rows=1 << 15)
+    if kernels.row_grads.native_ok(grads.dy, dtypes=(torch.float32,)):
+        assert grads.dense().data_ptr() % (2 << 20) == 0
+
+
+def test_fingerprint_changes_with_any_value_or_state_bit():
+    t = make()
+    idx, w, dy = batch()
+    t.backward(idx, w, dy, step=1)
+    t.step(1)
+    base = t.fingerprint()
+    assert t.fingerprint() == base
+    for tensor in (t.values, t.state["exp_avg_sq"]):
+        bits = tensor.view(torch.int32)
+        bits[7, 3] ^= 1  # one ulp
+        assert t.fingerprint() != base
+        bits[7, 3] ^= 1
+        assert t.fingerprint() == base
 
 
 def test_backward_returns_dw_of_embedding_bag_and_pends_until_step():
@@ -168,8 +205,9 @@ def test_state_dict_round_trip_continues_identically():
     idx, w, dy = batch()
     a.backward(idx, w, dy, step=1)
     a.step(1)
+    b.backward(idx, w, dy, step=1)  # pending gradients are not part of a state
     b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
-    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() == b.fingerprint() and b.pending_steps() == []
     for t in (a, b):
         t.backward(idx, w, dy, step=2)
         t.step(2)
