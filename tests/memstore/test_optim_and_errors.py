@@ -56,3 +56,17 @@ def test_errors_pickle_with_their_data(err):
     assert str(back) == str(err)
     assert back.__dict__ == err.__dict__
     assert isinstance(back, memstore.MemstoreError)
+
+
+def test_error_hierarchy_as_documented():
+    """One hierarchy: every memstore error is a MemstoreError; InvalidArgument is also a
+    ValueError (callers catching ValueError keep working) and StepOutOfOrder is one."""
+    for name in ("InvalidArgument", "StepOutOfOrder", "TableNotFound", "TableExists",
+                 "StoreRolledBack", "ShardUnavailable", "MemoryBudgetExceeded",
+                 "CheckpointError"):
+        assert issubclass(getattr(memstore, name), memstore.MemstoreError), name
+    assert issubclass(InvalidArgument, ValueError)
+    assert issubclass(StepOutOfOrder, InvalidArgument)
+    e = InvalidArgument("idx", "int64", "float32")
+    assert (e.field, e.expected, e.got) == ("idx", "int64", "float32")
+    assert "idx" in str(e) and "int64" in str(e)
