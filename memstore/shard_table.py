@@ -318,6 +318,10 @@ class ShardTable:
             "last_step": self.last_step,
             "pending_steps": self.pending_steps(),
             **self._counters,
+            # Which implementation (triton, native, library, composite) each kernel op
+            # of this process took: a shard actor's process serves one block.
+            "kernel_paths": {f"{op}/{path}": n for (op, path), n in
+                             sorted(kernels._dispatch.COUNTS.items())},
         }
 
     def _count(self, timer: str, start: float, tokens: int = 0) -> None:

@@ -59,6 +59,22 @@ def _grid(rows: torch.Tensor, dim: int):
 
 
 @triton.jit
+def round_to_storage(x, dtype: tl.constexpr):
+    """float32 x in the values' storage dtype, rounded to nearest even.
+
+    Compiled Triton rounds float32 -> bfloat16 to nearest even, but the interpreter
+    truncates; rounding the bits by hand gives both the same result (and torch's).
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _row_tile(rows_ptr, dim, stride_v, stride_c, BLOCK_D: tl.constexpr):
     """(u, row, offsets into values, column offsets, column mask) of this program."""
     u = tl.program_id(0).to(tl.int64)
@@ -116,7 +132,8 @@ def _sgd_fwd_kernel(
                           BLOCK_P, BLOCK_D)
     v = tl.load(values_ptr + voffs, mask=cmask, other=0.0).to(tl.float32)
     g = g + weight_decay * v
-    tl.store(values_ptr + voffs, (v - lr * g).to(values_ptr.dtype.element_ty), mask=cmask)
+    out = round_to_storage(v - lr * g, values_ptr.dtype.element_ty)
+    tl.store(values_ptr + voffs, out, mask=cmask)
 
 
 @triton.jit
@@ -143,7 +160,7 @@ def _adagrad_fwd_kernel(
     tl.store(state_ptr + row * dim + cols, s, mask=cmask)
     v = tl.load(values_ptr + voffs, mask=cmask, other=0.0).to(tl.float32)
     v = v - clr * g / (tl.sqrt(s) + eps)
-    tl.store(values_ptr + voffs, v.to(values_ptr.dtype.element_ty), mask=cmask)
+    tl.store(values_ptr + voffs, round_to_storage(v, values_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -184,7 +201,8 @@ def _rowwise_adagrad_fwd_kernel(
                               BLOCK_P, BLOCK_D)
         voffs = row * stride_v + cols * stride_c
         v = tl.load(values_ptr + voffs, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(values_ptr + voffs, (v - scale * g).to(values_ptr.dtype.element_ty), mask=cmask)
+        out = round_to_storage(v - scale * g, values_ptr.dtype.element_ty)
+        tl.store(values_ptr + voffs, out, mask=cmask)
 
 
 @triton.jit
@@ -212,7 +230,7 @@ def _adam_update(
     tl.store(m_ptr + row * dim + cols, m, mask=cmask)
     tl.store(s_ptr + row * dim + cols, s, mask=cmask)
     v = v - step_size * m / (tl.sqrt(s) + eps_term)
-    tl.store(values_ptr + voffs, v.to(values_ptr.dtype.element_ty), mask=cmask)
+    tl.store(values_ptr + voffs, round_to_storage(v, values_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit

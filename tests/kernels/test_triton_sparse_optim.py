@@ -38,7 +38,9 @@ def _run_both(ref_fn, triton_fn, tensors, kwargs):
 
 def _compare(ref, dev, n_inplace, original_values):
     """The first n_inplace tensors were updated in place: values, then float32 states."""
-    assert not torch.equal(dev[0].cpu(), original_values), "values were not updated"
+    if not torch.equal(ref[0], original_values):
+        # (A bfloat16 update smaller than half an ulp rounds back to the old value.)
+        assert not torch.equal(dev[0].cpu(), original_values), "values were not updated"
     for r, d in zip(ref[:n_inplace], dev[:n_inplace]):
         assert d.dtype == r.dtype
         assert_close(d, r, **_ONE_ULP.get(d.dtype, {}))
