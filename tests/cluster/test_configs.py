@@ -224,7 +224,7 @@ def test_documented_data_channel_ports_are_the_ones_the_shards_bind():
 
     import zmq
 
-    import memstore._internal.data_channel as data_channel
+    from memstore._internal import data_channel
 
     source = inspect.getsource(data_channel)
     assert re.search(r"bind_to_random_port\(f\"tcp://\{host\}\"\)", source)
