@@ -2,6 +2,7 @@
 composites would skip every native-path test and lose the performance), and large
 tables get 2 MiB-aligned memory advised for transparent huge pages."""
 
+import ctypes
 import os
 import platform
 import shutil
@@ -19,7 +20,9 @@ THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="no C compiler")
 def test_native_library_builds_and_loads():
-    assert _native.library() is not None
+    lib = _native.library()
+    assert lib is not None
+    assert type(lib) is ctypes.CDLL  # calls release the GIL (a ctypes.PyDLL would hold it)
 
 
 def test_empty_table_is_a_writable_tensor_of_the_asked_shape():
@@ -103,6 +106,19 @@ def test_c_kernels_share_torchs_openmp_runtime(native_calls):
     bag_forward(values, torch.randint(0, 1000, (300, 8)), torch.rand(300, 8))
     native_calls.took(bag_forward_csr="native")
     assert len(_openmp_runtimes()) == 1, _openmp_runtimes()
+
+
+def test_c_kernels_thread_pool_is_sized_by_torch_set_num_threads(native_calls):
+    """The C kernels' OpenMP pool is torch's: torch.set_num_threads sizes it."""
+    omp_max_threads = _native.library().omp_get_max_threads  # libgomp, through the library
+    omp_max_threads.restype = ctypes.c_int
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert omp_max_threads() == n
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_without_native_library_the_ops_use_the_composites(monkeypatch, caplog):
