@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import memstore
+from kernels import _dispatch, _native
 from memstore import ShardTable
 
 ROWS, DIM, B, M = 200, 16, 24, 6
@@ -125,6 +126,13 @@ class RowWiseAdagradOracle:
         return out
 
 
+def _c_steps(kind) -> int:
+    """How many steps of this optimizer kind took the C path so far."""
+    op = {"sgd": "sgd_step", "adagrad": "adagrad_step", "rowwise_adagrad": "rowwise_adagrad_step",
+          "adam": "adam_step", "adamw": "adam_step"}[kind.value]
+    return _dispatch.COUNTS[(op, "native")]
+
+
 # name -> (memstore optimizer, oracle factory given the table)
 CASES = {
     "sgd": (memstore.SGD(lr=0.5), lambda t: SGDOracle(t, 0.5, 0.0)),
@@ -155,7 +163,10 @@ def test_shard_table_steps_match_torch(name, dtype):
         before = table.values.clone()
         expected = oracle.step(before, idx, w, dy)
         table.backward(idx, w, dy, step=step)
+        c_steps = _c_steps(optimizer.kind)
         assert table.step(step) == torch.unique(idx).numel()
+        # The production path on CPU: the C step on the factored gradient.
+        assert _c_steps(optimizer.kind) == c_steps + (_native.library() is not None)
         _check(table, expected, before, torch.unique(idx))
 
 
