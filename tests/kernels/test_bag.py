@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kernels import BagFunction, SparseRowGrads, bag_backward, bag_forward
 from kernels.bag import bag_backward_csr, bag_forward_csr
 
-from .conftest import assert_close, use_composite
+from .conftest import assert_close
 
 # (B, M, rows, dim): B=1, M=1, a single row, odd dims, duplicates (rows < B·M), and
 # sizes that the C path splits over threads (B >= 128 bags, >= 128 unique rows).

@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import SparseRowGrads, adagrad_step, adam_step, rowwise_adagrad_step, sgd_step
+from kernels import (
+    SparseRowGrads,
+    adagrad_step,
+    adam_step,
+    rowwise_adagrad_step,
+    sgd_step,
+)
 
 ROWS = 300
 DIMS = [1, 9, 41, 341]
