@@ -115,6 +115,11 @@ def create_table(
                          ("save_every", save_every), ("max_shard_bytes", max_shard_bytes)):
         if value is not None:
             check_positive_int(field, value, minimum=0 if field == "max_staleness" else 1)
+    # Resolved on the driver: shards on other nodes and directories see the same place.
+    if checkpoint_root is not None:
+        checkpoint_root = checkpoint.resolve(checkpoint_root, "checkpoint_root")
+    if restore_from is not None:
+        restore_from = checkpoint.resolve(restore_from, "restore_from")
     ray = _attach()
     raise_if_exists(name)
     config = {
@@ -187,9 +192,10 @@ def connect(name: str, worker: int = 0, timeout_s: float | None = None) -> Table
 
 def load_table(path: str, name: str, shards=1, **options) -> Table:
     """Create table ``name`` from the checkpoint at ``path``, on any grid."""
+    path = checkpoint.resolve(path)  # on the driver, before any shard sees it
     manifest = checkpoint.read_manifest(path)
     t = manifest["table"]
     return create_table(
         name, t["rows"], t["dim"], shards=shards, optimizer=optimizer_from_dict(t["optimizer"]),
-        dtype=t["dtype"], seed=t.get("seed", 0), restore_from=str(path), **options,
+        dtype=t["dtype"], seed=t.get("seed", 0), restore_from=path, **options,
     )

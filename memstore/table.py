@@ -356,13 +356,16 @@ class Table:
             if self.config.get("step_on_push"):  # shards step without this handle
                 self.last_step = max(i["last_step"] for i in self._call_all("info").values())
             path = checkpoint.checkpoint_dir(root, self.last_step)
-        entries = list(self._call_all("save", str(path)).values())
+        # Resolved here, on the driver: a relative path means this process's directory.
+        path = checkpoint.resolve(path)
+        staging = checkpoint.begin(path)  # fresh per save; commit makes it the checkpoint
+        entries = list(self._call_all("save", staging).values())
         # The blocks' own step: with step_on_push it can be ahead of this handle's.
         self.last_step = max(int(e["last_step"]) for e in entries)
         table_config = {k: self.config[k] for k in ("name", "rows", "dim", "dtype", "optimizer",
                                                    "seed")}
-        checkpoint.commit(path, table_config, entries, self.last_step)
-        return str(path)
+        checkpoint.commit(path, table_config, entries, self.last_step, staging=staging)
+        return path
 
     def stats(self) -> dict:
         per_shard = self._call_all("stats")

@@ -85,11 +85,13 @@ class ShardWorker:
 
     def _restore(self) -> int:
         """Load the newest committed checkpoint of the table, if there is one."""
-        root = self.config.get("checkpoint_root")
-        path = (checkpoint.latest_checkpoint(root) if root else None) or self.config.get("restore_from")
-        if not path:
+        # A damaged newest checkpoint falls back to the previous one (with a warning).
+        found = checkpoint.restore_block(self.config.get("checkpoint_root"), self.spec,
+                                         self.config.get("restore_from"))
+        if found is None:
             return 0
-        self.table.load_state_dict(checkpoint.load_block(path, self.spec))
+        path, state = found
+        self.table.load_state_dict(state)
         log.info("shard %s of %s restored step %d from %s", self.block_id,
                  self.config["name"], self.table.last_step, path)
         return self.table.last_step
