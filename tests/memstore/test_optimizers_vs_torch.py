@@ -8,12 +8,13 @@ Before each step the oracle's parameter is set to the table's current values, so
 check is per step and its tolerance does not grow with the number of steps; the
 oracle's optimizer state is its own, so a wrong state or step count shows up.
 
-Tolerances, against one step's size: the learning rates make a step move a touched
-value by about 1e-2 or more (asserted in ``_check``). float32 tables must match the
-float64 update to 2e-6 (float32 rounding of values below 2, and of the float32
-gradient and state). bfloat16 tables must hold the bfloat16 nearest to the float64
-update: at most half a bfloat16 ulp (2^-9 for |v| < 1, so at least 10x below a step)
-plus the float32 error of computing it.
+Tolerances, against one step's size: the learning rates make a step move the median
+touched value by more than 1e-2 (asserted in ``_check``). float32 tables must match
+the float64 update to 2e-6 (float32 rounding of values below 2, and of the float32
+gradient and state), thousands of times below a step. bfloat16 tables must hold the
+bfloat16 nearest to the float64 update: at most half a bfloat16 ulp (at most 2^-9
+for the |v| < 1 of a table of std 1/4, five times below a step, and 2^-11 for the
+typical |v| ~ 1/4) plus the float32 error of computing it.
 """
 
 from __future__ import annotations
