@@ -18,14 +18,6 @@ def ray_start_16_cpus():
 
 
 @pytest.fixture
-def short_timeouts(monkeypatch):
-    """Handles made in the test give up on a silent shard after 20 s, not minutes."""
-    import memstore.table
-
-    monkeypatch.setattr(memstore.table, "DEFAULT_TIMEOUT_S", 20.0)
-
-
-@pytest.fixture
 def table_names():
     """Unique table names, dropped after the test whatever happens."""
     import memstore
