@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from memstore import InvalidArgument
 
-__all__ = ["Batch", "FactsCorpus", "evaluate", "ByteDataset"]
+__all__ = ["Batch", "ByteDataset", "FactsCorpus", "evaluate", "text_nll", "text_splits"]
 
 
 class Batch(NamedTuple):
@@ -130,30 +130,58 @@ def evaluate(model: torch.nn.Module, corpus: FactsCorpus, batch_size: int = 1024
 # ---- byte-level text ---------------------------------------------------------------
 
 class ByteDataset:
-    """Random windows of a file's bytes: vocabulary 256, token = byte.
+    """Windows of a byte range of a file: vocabulary 256, token = byte.
 
-    The file (any UTF-8 text; any bytes work) is memory-mapped, not read. A window of
-    seq_len + 1 bytes starting at a uniform offset gives inputs window[:-1] and
-    targets window[1:], every position counted.
+    The file (any UTF-8 text; any bytes work) is memory-mapped, not read. The data set
+    is the bytes ``[start, stop)`` of the file (default: all of it). A window of
+    seq_len + 1 bytes at file offset o gives inputs bytes[o : o + seq_len] and targets
+    bytes[o + 1 : o + seq_len + 1], every position counted; every window lies inside
+    the range, so two data sets over disjoint ranges of one file never share a byte
+    (:func:`text_splits`).
     """
 
     vocab_size = 256
 
-    def __init__(self, path: str | os.PathLike, seq_len: int):
+    def __init__(self, path: str | os.PathLike, seq_len: int, start: int = 0,
+                 stop: int | None = None):
         _check_int("seq_len", seq_len, 1)
+        if not os.path.isfile(path):
+            raise InvalidArgument("path", "an existing file", os.fspath(path))
         size = os.path.getsize(path)
-        if size < seq_len + 1:
-            raise InvalidArgument("path", f"a file of at least seq_len + 1 = {seq_len + 1} "
-                                  "bytes", f"{size} bytes")
+        stop = size if stop is None else stop
+        _check_int("start", start, 0)
+        if isinstance(stop, bool) or not isinstance(stop, int) or not start <= stop <= size:
+            raise InvalidArgument("stop", f"an int in [start={start}, size={size}]", stop)
+        if stop - start < seq_len + 1:
+            raise InvalidArgument("path", f"at least seq_len + 1 = {seq_len + 1} bytes",
+                                  f"{stop - start} bytes")
         self.path, self.seq_len = os.fspath(path), seq_len
+        self.start, self.stop = start, stop
         self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     def __len__(self) -> int:
         """Number of distinct windows."""
-        return len(self.data) - self.seq_len
+        return self.stop - self.start - self.seq_len
+
+    def sample_starts(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n file offsets of windows drawn uniformly from the range's windows."""
+        return self.start + rng.integers(0, len(self), size=n)
+
+    def fixed_starts(self, n: int) -> np.ndarray:
+        """min(n, len) file offsets of windows spread evenly over the range, first and
+        last window included: the same every time (evaluation)."""
+        _check_int("n", n, 1)
+        return np.unique(np.linspace(self.start, self.start + len(self) - 1,
+                                     min(n, len(self))).round().astype(np.int64))
 
     def window(self, starts: np.ndarray) -> Batch:
-        offsets = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(self.seq_len + 1)
+        """The windows at file offsets ``starts`` (each inside the range)."""
+        starts = np.asarray(starts, dtype=np.int64)
+        if starts.size and (starts.min() < self.start or starts.max() >= self.start + len(self)):
+            raise InvalidArgument("starts", f"offsets in [{self.start}, "
+                                  f"{self.start + len(self)})",
+                                  f"[{starts.min()}, {starts.max()}]")
+        offsets = starts[:, None] + np.arange(self.seq_len + 1)
         chunk = torch.from_numpy(self.data[offsets].astype(np.int64))
         return Batch(chunk[:, :-1], chunk[:, 1:], None)
 
@@ -162,7 +190,61 @@ class ByteDataset:
         _check_int("batch_size", batch_size, 1)
         rng = np.random.default_rng(seed)
         while True:
-            yield self.window(rng.integers(0, len(self), size=batch_size))
+            yield self.window(self.sample_starts(rng, batch_size))
 
     def bits_per_byte(self, loss_nats: float) -> float:
         return loss_nats / math.log(2)
+
+
+def text_splits(path: str | os.PathLike, seq_len: int, val_path: str | os.PathLike | None = None,
+                val_fraction: float | None = None) -> tuple[ByteDataset, ByteDataset | None]:
+    """(train, validation) data sets of a text corpus.
+
+    - ``val_path``: train on all of ``path``, validate on all of ``val_path``;
+    - ``val_fraction`` f in (0, 1): the last f of ``path``'s bytes (from byte
+      floor(size · (1 − f))) is held out for validation and the training windows stay
+      entirely before it;
+    - neither: no validation set (None).
+    Errors name the argument: a missing file, a part shorter than one window
+    (seq_len + 1 bytes), both sources given, or a fraction outside (0, 1).
+    """
+    if val_path is not None and val_fraction is not None:
+        raise InvalidArgument("val_fraction", "unset when val_path is given", val_fraction)
+    if val_fraction is None:
+        train = ByteDataset(path, seq_len)
+        if val_path is None:
+            return train, None
+        try:
+            return train, ByteDataset(val_path, seq_len)
+        except InvalidArgument as e:
+            raise InvalidArgument("val_path" if e.field == "path" else e.field, e.expected,
+                                  e.got) from None
+    ok = (not isinstance(val_fraction, bool) and isinstance(val_fraction, (int, float))
+          and 0 < val_fraction < 1)
+    if not ok:
+        raise InvalidArgument("val_fraction", "a number in (0, 1)", val_fraction)
+    whole = ByteDataset(path, seq_len)  # the file exists and holds a window
+    split = math.floor(whole.stop * (1 - val_fraction))
+    need = seq_len + 1
+    if split < need or whole.stop - split < need:
+        raise InvalidArgument("val_fraction", f"a split of the {whole.stop} bytes leaving "
+                              f"both parts at least seq_len + 1 = {need} bytes", val_fraction)
+    return ByteDataset(path, seq_len, 0, split), ByteDataset(path, seq_len, split)
+
+
+@torch.no_grad()
+def text_nll(model: torch.nn.Module, data: ByteDataset, starts: np.ndarray,
+             batch_size: int = 1024) -> float:
+    """Mean next-byte NLL (nats) of the model over the windows at file offsets
+    ``starts``, every position counted. The model's mode is restored afterwards."""
+    _check_int("batch_size", batch_size, 1)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        b = data.window(starts[i: i + batch_size])
+        nll = F.cross_entropy(model(b.inputs).float().flatten(0, 1), b.targets.flatten(),
+                              reduction="sum")
+        total, count = total + float(nll), count + b.targets.numel()
+    model.train(was_training)
+    return total / count

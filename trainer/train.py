@@ -69,7 +69,7 @@ import memstore
 from memstore import InvalidArgument, StoreRolledBack
 from memstore import checkpoint as store_checkpoint
 
-from .data import Batch, ByteDataset, FactsCorpus, evaluate
+from .data import Batch, ByteDataset, FactsCorpus, evaluate, text_nll, text_splits
 from .model import (
     ModelArgs,
     Transformer,
@@ -102,14 +102,28 @@ class DataArgs:
     seed: int = 0  # the facts table (not the batch order: TrainArgs.seed)
     path: str | None = None  # text file, for kind "text"
     seq_len: int = 128  # window length, for kind "text"
+    # text: validation data, never sampled for training; at most one of the two. A
+    # separate file, or the last val_fraction of path's bytes held out (training
+    # windows stay before it). Neither: evaluation scores training windows only.
+    val_path: str | None = None
+    val_fraction: float | None = None
     eval_batch_size: int = 1024
-    eval_windows: int = 64  # text: held-fixed windows scored at each evaluation
+    eval_windows: int = 64  # text: fixed windows, evenly spread, scored per part
 
     def __post_init__(self) -> None:
         if self.kind not in ("facts", "text"):
             raise InvalidArgument("data.kind", "'facts' or 'text'", self.kind)
         if self.kind == "text" and not self.path:
             raise InvalidArgument("data.path", "a text file for kind 'text'", self.path)
+        if self.val_fraction is not None and not (
+                not isinstance(self.val_fraction, bool)
+                and isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            raise InvalidArgument("data.val_fraction", "a number in (0, 1)", self.val_fraction)
+        if self.val_fraction is not None and self.val_path is not None:
+            raise InvalidArgument("data.val_fraction", "unset when data.val_path is given",
+                                  self.val_fraction)
+        _check_int("data.seq_len", self.seq_len, 1)
+        _check_int("data.eval_windows", self.eval_windows, 1)
 
 
 @dataclasses.dataclass
@@ -283,9 +297,14 @@ class StepData:
         d = args.data
         if d.kind == "facts":
             self.corpus = FactsCorpus(d.entities, d.attributes, d.values, seed=d.seed)
+            self.validation = None
             self.vocab_size = self.corpus.vocab_size
         else:
-            self.corpus = ByteDataset(d.path, d.seq_len)
+            try:
+                self.corpus, self.validation = text_splits(d.path, d.seq_len, d.val_path,
+                                                           d.val_fraction)
+            except InvalidArgument as e:  # name the config field
+                raise InvalidArgument(f"data.{e.field}", e.expected, e.got) from None
             self.vocab_size = ByteDataset.vocab_size
 
     def global_batch(self, step: int) -> Batch:
@@ -293,27 +312,27 @@ class StepData:
         B = self.args.batch_size
         if isinstance(self.corpus, FactsCorpus):
             return self.corpus.batch(rng.integers(0, self.corpus.n_facts, size=B))
-        return self.corpus.window(rng.integers(0, len(self.corpus), size=B))
+        return self.corpus.window(self.corpus.sample_starts(rng, B))
 
     def evaluate(self, model: Transformer) -> dict:
+        """Facts: trainer.data.evaluate. Text: NLL and bits per byte on eval_windows
+        fixed windows of the training part (``train_*``) and of the validation data
+        (``val_*``, when there is one); ``nll`` and ``bits_per_byte`` repeat the
+        validation figures, or the training ones without validation data."""
         d = self.args.data
         model = _OnDevice(model)
         if isinstance(self.corpus, FactsCorpus):
             return evaluate(model, self.corpus, batch_size=d.eval_batch_size)
-        rng = np.random.default_rng([self.args.seed, 1 << 40])
-        starts = rng.integers(0, len(self.corpus), size=d.eval_windows)
-        was = model.training
-        model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(starts), d.eval_batch_size):
-                b = self.corpus.window(starts[i: i + d.eval_batch_size])
-                nll = F.cross_entropy(model(b.inputs).flatten(0, 1), b.targets.flatten(),
-                                      reduction="sum")
-                total, count = total + float(nll), count + b.targets.numel()
-        model.train(was)
-        nll = total / count
-        return {"nll": nll, "bits_per_byte": nll / math.log(2)}
+        out = {}
+        parts = {"train": self.corpus, "val": self.validation}
+        for part, data in parts.items():
+            if data is not None:
+                nll = text_nll(model, data, data.fixed_starts(d.eval_windows),
+                               d.eval_batch_size)
+                out[f"{part}_nll"], out[f"{part}_bits_per_byte"] = nll, nll / math.log(2)
+        head = "val" if self.validation is not None else "train"
+        out["nll"], out["bits_per_byte"] = out[f"{head}_nll"], out[f"{head}_bits_per_byte"]
+        return out
 
 
 class _OnDevice(torch.nn.Module):
@@ -792,7 +811,8 @@ class Metrics:
     global batch's target tokens), ``lr`` (dense), ``grad_norm`` (dense, before
     clipping), ``tokens`` (input tokens seen so far), ``seconds`` (training time so
     far: the steps only, without evaluation and checkpoints, carried over resumes),
-    and ``eval`` (trainer.data.evaluate: recall, recall_any, nll) at evaluation steps.
+    and ``eval`` at evaluation steps (facts: trainer.data.evaluate's recall,
+    recall_any, nll; text: StepData.evaluate's train_ and val_ nll and bits_per_byte).
     On resume or restore, lines after the restored step are dropped so that the file
     is the history of the run that continues."""
 
@@ -835,16 +855,20 @@ def plot(metrics: Metrics, path: Path, title: str) -> None:
     ax.set_ylabel("loss (nats)")
     ax.set_yscale("log")
     evals = [r for r in metrics.rows if "eval" in r]
-    if evals:
+    for key, label in (("train_nll", "eval nll, training windows"),
+                       ("val_nll", "eval nll, validation windows")):
+        if evals and key in evals[0]["eval"]:
+            ax.plot([r["step"] for r in evals], [r["eval"][key] for r in evals], "o-", ms=3,
+                    label=label)
+    if evals and "recall" in evals[0]["eval"]:
         ax.plot([r["step"] for r in evals], [r["eval"]["nll"] for r in evals], "o-", ms=3,
                 label="eval nll")
-        if "recall" in evals[0]["eval"]:
-            ax2 = ax.twinx()
-            ax2.plot([r["step"] for r in evals], [r["eval"]["recall"] for r in evals], "s--",
-                     ms=3, color="tab:green", label="eval recall")
-            ax2.set_ylabel("recall")
-            ax2.set_ylim(0, 1)
-            ax2.legend(loc="center right")
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r["eval"]["recall"] for r in evals], "s--",
+                 ms=3, color="tab:green", label="eval recall")
+        ax2.set_ylabel("recall")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="center right")
     ax.legend(loc="upper right")
     ax.set_title(title)
     fig.tight_layout()

@@ -1,12 +1,22 @@
+import json
 import math
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from memstore import InvalidArgument
-from trainer.data import Batch, ByteDataset, FactsCorpus, evaluate
+from trainer import train as tr
+from trainer.data import (
+    Batch,
+    ByteDataset,
+    FactsCorpus,
+    evaluate,
+    text_nll,
+    text_splits,
+)
 
 
 def test_facts_use_disjoint_token_ranges_and_score_only_the_value():
@@ -118,3 +128,130 @@ def test_a_file_shorter_than_a_window_is_refused(tmp_path):
 def test_batch_is_a_named_tuple_with_an_optional_mask():
     inputs = torch.zeros(1, 2, dtype=torch.long)
     assert Batch(inputs, inputs).mask is None
+
+
+# ---- held-out evaluation -------------------------------------------------------------
+
+def _corpus(tmp_path, size: int, name: str = "corpus.txt", seed: int = 0):
+    raw = np.random.default_rng(seed).integers(32, 127, size=size, dtype=np.uint8).tobytes()
+    path = tmp_path / name
+    path.write_bytes(raw)
+    return path, raw
+
+
+def test_a_held_out_fraction_is_never_sampled_for_training(tmp_path):
+    path, raw = _corpus(tmp_path, 1000)
+    train, val = text_splits(path, seq_len=16, val_fraction=0.25)
+    split = 750  # floor(1000 * (1 - 0.25))
+    assert (train.start, train.stop, val.start, val.stop) == (0, split, split, 1000)
+    rng = np.random.default_rng(3)
+    starts = np.concatenate([train.sample_starts(rng, 512) for _ in range(200)])
+    # every training window [o, o + 17) ends at or before the split, and the draws reach
+    # both ends of the allowed range
+    assert starts.min() == 0 and starts.max() == split - 17
+    batch = train.window(starts[:64])
+    for o, row_in, row_out in zip(starts[:64].tolist(), batch.inputs.tolist(),
+                                  batch.targets.tolist()):
+        assert bytes(row_in + row_out[-1:]) == raw[o: o + 17]
+    fixed = val.fixed_starts(8)
+    assert fixed[0] == split and fixed[-1] == 1000 - 17 and len(fixed) == 8
+    assert np.array_equal(fixed, val.fixed_starts(8))  # the same windows every time
+    with pytest.raises(InvalidArgument) as e:  # a window crossing into the held-out part
+        train.window(np.array([split - 16]))
+    assert e.value.field == "starts"
+
+
+def test_a_validation_file_is_scored_and_never_trained_on(tmp_path):
+    path, _ = _corpus(tmp_path, 300)
+    val_path, val_raw = _corpus(tmp_path, 200, "val.txt", seed=1)
+    train, val = text_splits(path, seq_len=8, val_path=val_path)
+    assert (train.path, train.start, train.stop) == (str(path), 0, 300)
+    assert (val.path, val.start, val.stop) == (str(val_path), 0, 200)
+    batch = val.window(val.fixed_starts(4))
+    assert bytes(batch.inputs[0].tolist()) == val_raw[:8]
+    assert text_splits(path, seq_len=8)[1] is None
+
+
+class ByteUnigram(torch.nn.Module):
+    """Predicts every byte from fixed log-probabilities (no context): its NLL on a
+    window is the mean of -log p over the window's targets."""
+
+    def __init__(self, logp: torch.Tensor):
+        super().__init__()
+        self.logp = logp
+
+    def forward(self, inputs):
+        return self.logp.expand(*inputs.shape, 256)
+
+
+def test_text_nll_is_the_mean_over_every_target_of_the_windows(tmp_path):
+    path, raw = _corpus(tmp_path, 400)
+    data = ByteDataset(path, seq_len=10)
+    logp = torch.log_softmax(torch.randn(256, generator=torch.Generator().manual_seed(0)), 0)
+    starts = data.fixed_starts(7)
+    expected = np.mean([-float(logp[b]) for o in starts.tolist() for b in raw[o + 1: o + 11]])
+    model = ByteUnigram(logp).train()
+    assert text_nll(model, data, starts, batch_size=3) == pytest.approx(expected, rel=1e-6)
+    assert model.training
+
+
+def test_bad_text_inputs_name_the_field(tmp_path):
+    path, _ = _corpus(tmp_path, 100)
+    short, _ = _corpus(tmp_path, 5, "short.txt")
+    cases = [
+        ({"path": tmp_path / "missing.txt"}, "path"),
+        ({"path": path, "val_path": tmp_path / "missing.txt"}, "val_path"),
+        ({"path": short}, "path"),
+        ({"path": path, "val_path": short}, "val_path"),
+        ({"path": path, "val_fraction": 0.0}, "val_fraction"),
+        ({"path": path, "val_fraction": 1.0}, "val_fraction"),
+        ({"path": path, "val_fraction": -0.5}, "val_fraction"),
+        ({"path": path, "val_fraction": "0.1"}, "val_fraction"),
+        ({"path": path, "val_fraction": 0.01}, "val_fraction"),  # 1 byte held out: no window
+        ({"path": path, "val_fraction": 0.1, "val_path": path}, "val_fraction"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(InvalidArgument) as e:
+            text_splits(seq_len=8, **kwargs)
+        assert e.value.field == field, kwargs
+
+
+def test_bad_text_config_names_the_data_field(tmp_path):
+    path, _ = _corpus(tmp_path, 100)
+    short, _ = _corpus(tmp_path, 5, "short.txt")
+    base = ["data.kind=text", f"data.path={path}", "data.seq_len=8"]
+    for extra, field in [(["data.val_fraction=1.5"], "data.val_fraction"),
+                         (["data.val_fraction=0"], "data.val_fraction"),
+                         ([f"data.val_path={path}", "data.val_fraction=0.5"],
+                          "data.val_fraction")]:
+        with pytest.raises(InvalidArgument) as e:
+            tr.load_config(None, base + extra)
+        assert e.value.field == field
+    for extra, field in [([f"data.path={tmp_path / 'nope.txt'}"], "data.path"),
+                         ([f"data.val_path={short}"], "data.val_path"),
+                         (["data.val_fraction=0.05"], "data.val_fraction")]:
+        with pytest.raises(InvalidArgument) as e:
+            tr.StepData(tr.load_config(None, base + extra))
+        assert e.value.field == field
+
+
+def test_training_reports_train_and_validation_bits_per_byte(tmp_path):
+    text = "".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(120))
+    path = tmp_path / "code.py"
+    path.write_text(text)
+    configs = Path(__file__).resolve().parents[2] / "trainer" / "configs"
+    args = tr.load_config(configs / "tiny.yaml", [
+        f"run_dir={tmp_path / 'run'}", "progress=false", "data.kind=text",
+        f"data.path={path}", "data.seq_len=8", "data.val_fraction=0.2",
+        "data.eval_windows=16", "steps=4", "eval_every=2", "checkpoint_every=0"])
+    result = tr.train(args)
+    with open(Path(args.run_dir) / tr.METRICS, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    evals = [r["eval"] for r in rows if "eval" in r]
+    assert len(evals) == 2
+    for ev in evals:
+        assert {"train_bits_per_byte", "val_bits_per_byte", "train_nll", "val_nll"} <= set(ev)
+        assert ev["train_bits_per_byte"] == pytest.approx(ev["train_nll"] / math.log(2))
+        assert ev["bits_per_byte"] == ev["val_bits_per_byte"] != ev["train_bits_per_byte"]
+        assert 0 < ev["val_bits_per_byte"] < 9  # below 8 bits of a uniform byte guess + slack
+    assert result["eval"] == evals[-1]
