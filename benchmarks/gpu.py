@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -326,6 +327,190 @@ def print_table(results, ceiling, a) -> None:
             print(f"{name:26s} {impl:44s} {ms:9.3f} {gbs:8.0f} {100 * gbs / ceiling:6.1f}% {speedup:>9s}")
 
 
+# ------------------------------------------------------------------------ store level
+# The store's own operations, as a trainer calls them, against the torch path, in tokens/s.
+# Targets are printed beside the figures.
+
+STORE_TARGETS = {"ShardTable round": 5.0, "MemoryLayer train step": 10.0}
+
+
+def wall_ms(fn, device: str, warmup: int = 1, iters: int = 3) -> float:
+    """Median milliseconds of fn(), synchronised with the GPU when there is one."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def store_batch(tokens: int, slots: int, rows: int, dim: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, rows, (tokens, slots), generator=g)
+    w = torch.softmax(torch.randn(tokens, slots, generator=g), -1)
+    dy = torch.randn(tokens, dim, generator=g)
+    return idx.to(device), w.to(device), dy.to(device)
+
+
+def torch_store_path(values: torch.Tensor, lr: float = 1e-3):
+    """nn.EmbeddingBag(sparse=True) + SparseAdam from the same values: (bag, one_round)."""
+    bag = torch.nn.EmbeddingBag.from_pretrained(values.float().clone(), freeze=False, mode="sum",
+                                                sparse=True)
+    opt = torch.optim.SparseAdam(bag.parameters(), lr=lr)
+
+    def one_round(idx, w, dy):
+        y = bag(idx, per_sample_weights=w)
+        y.backward(dy)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return y.detach()
+
+    return bag, one_round
+
+
+def check_store_round(device: str, rows=41, dim=9, tokens=9, slots=5) -> None:
+    """One ShardTable round (lookup, backward, lazy Adam) against EmbeddingBag + SparseAdam
+    from the same values: lookups and updated values must agree."""
+    from memstore import Adam, ShardTable
+
+    table = ShardTable(rows, dim, optimizer=Adam(lr=1e-2), seed=1, device=device)
+    bag, torch_round = torch_store_path(table.values, lr=1e-2)
+    for seed in (0, 1):
+        idx, w, dy = store_batch(tokens, slots, rows, dim, device, seed)
+        close(table.lookup(idx, w), bag(idx, per_sample_weights=w).detach(), atol=1e-5, rtol=1e-5)
+        table.backward(idx, w, dy)
+        table.step()
+        torch_round(idx, w, dy)
+    close(table.values, bag.weight.detach(), atol=1e-5, rtol=1e-5)
+
+
+def time_store_round(s, device: str):
+    from memstore import Adam, ShardTable
+
+    table = ShardTable(s.rows, s.dim, optimizer=Adam(lr=1e-3), device=device)
+    idx, w, dy = store_batch(s.tokens, s.slots, s.rows, s.dim, device)
+
+    def ours():
+        table.lookup(idx, w)
+        table.backward(idx, w, dy)
+        table.step()
+
+    ours_ms = wall_ms(ours, device)
+    values = table.values
+    del table
+    _, torch_round = torch_store_path(values)
+    del values
+    torch_ms = wall_ms(lambda: torch_round(idx, w, dy), device)
+    return ("ShardTable round", "lookup + backward + lazy Adam", ours_ms,
+            "nn.EmbeddingBag(sparse) + SparseAdam", torch_ms, s.tokens)
+
+
+def time_layer_step(s, device: str):
+    import torch.nn.functional as F_
+
+    from memstore import Adam, MemoryLayer, MemoryLayerArgs, ShardTable
+
+    args = MemoryLayerArgs(dim=s.dim, heads=s.heads, k=s.k, n_keys=s.n, key_dim=s.dk)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, s.tokens, s.dim, generator=g).to(device)
+    target = torch.randn(1, s.tokens, s.dim, generator=g).to(device)
+    table = ShardTable(s.n**2, s.dim, optimizer=Adam(lr=1e-3), device=device)
+    layer = MemoryLayer(args, table=table).to(device)
+
+    def step(model, opt, after=None):
+        def run():
+            loss = F_.mse_loss(model(x), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if after is not None:
+                after()
+        return run
+
+    ours_ms = wall_ms(step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3),
+                           layer.table.step), device)
+    del layer, table
+    try:
+        from product_key_memory import PKM
+    except ImportError:
+        return ("MemoryLayer train step", "memstore MemoryLayer", ours_ms,
+                "lucidrains PKM: not installed (pip install product-key-memory)", NAN, s.tokens)
+    pkm = PKM(s.dim, heads=s.heads, num_keys=s.n, topk=s.k, dim_head=s.dk // 2).to(device)
+    pkm_ms = wall_ms(step(pkm, torch.optim.Adam(pkm.parameters(), lr=1e-3)), device)
+    return ("MemoryLayer train step", "memstore MemoryLayer", ours_ms,
+            "lucidrains PKM + Adam", pkm_ms, s.tokens)
+
+
+def time_ray_round(s, device: str):
+    """A 2-shard table over Ray on this node against one in-process ShardTable."""
+    import ray
+
+    import memstore
+    from memstore import Adam, ShardTable
+
+    env = {}
+    if device == "cpu":  # dry run: the shard actors take the Triton path in the interpreter
+        env = {"MEMSTORE_FORCE_TRITON": "1", "TRITON_INTERPRET": "1"}
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env})
+    try:
+        table = memstore.create_table("gpu-bench", s.ray_rows, s.dim, shards=2,
+                                      optimizer=Adam(lr=1e-3), timeout_s=600)
+        idx, w, dy = store_batch(s.ray_tokens, s.slots, s.ray_rows, s.dim, "cpu")
+
+        def remote_round():
+            table.lookup(idx, w)
+            table.backward(idx, w, dy)
+            table.step()
+
+        ray_ms = wall_ms(remote_round, "cpu")
+        paths = sorted({p.split("/")[1] for shard in table.stats()["shards"]
+                        for p in shard.get("kernel_paths", {})})
+        table.drop()
+    finally:
+        ray.shutdown()
+    local = ShardTable(s.ray_rows, s.dim, optimizer=Adam(lr=1e-3), device=device)
+    dev_batch = [t.to(device) for t in (idx, w, dy)]
+
+    def local_round():
+        local.lookup(*dev_batch[:2])
+        local.backward(*dev_batch)
+        local.step()
+
+    local_ms = wall_ms(local_round, device)
+    return (f"2-shard Ray table round (shards on: {'/'.join(paths)})", "memstore.create_table",
+            ray_ms, "one in-process ShardTable", local_ms, s.ray_tokens)
+
+
+def print_store_table(results) -> None:
+    print("\n| store op | ours | ours ms | ours tokens/s | baseline | baseline ms | "
+          "baseline tokens/s | speedup | target |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---|")
+    for name, ours_name, ours_ms, base_name, base_ms, tokens in results:
+        target = STORE_TARGETS.get(name)
+        print(f"| {name} | {ours_name} | {ours_ms:.1f} | {1e3 * tokens / ours_ms:,.0f} | "
+              f"{base_name} | {base_ms:.1f} | {1e3 * tokens / base_ms:,.0f} | "
+              f"{base_ms / ours_ms:.2f}× | {f'≥ {target:g}×' if target else '-'} |")
+
+
+def run_store(s, device: str) -> None:
+    check_store_round(device)
+    print("store check: ShardTable round = EmbeddingBag + SparseAdam (lookups, values)")
+    results = [time_store_round(s, device)]
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    results.append(time_layer_step(s, device))
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    results.append(time_ray_round(s, device))
+    print_store_table(results)
+
+
 # ----------------------------------------------------------------------- compile only
 
 _I64_PTRS = ("idx_ptr", "rows_ptr", "order_ptr", "seg_ptr", "scratch_ptr", "index_ptr",
@@ -397,6 +582,31 @@ def compile_report() -> int:
     return 1 if failed else 0
 
 
+def store_sizes(a, dry_run: bool) -> argparse.Namespace:
+    """Sizes of the store-level rows: the arguments, or tiny odd ones for a dry run."""
+    if dry_run:
+        return argparse.Namespace(tokens=9, heads=2, k=3, n=7, dim=41, dk=8, slots=6, rows=49,
+                                  ray_rows=49, ray_tokens=9)
+    return argparse.Namespace(tokens=a.tokens, heads=a.heads, k=a.k, n=a.n, dim=a.dim, dk=a.dk,
+                              slots=a.heads * a.k, rows=a.n * a.n, ray_rows=a.ray_rows,
+                              ray_tokens=a.ray_tokens)
+
+
+def dry_run(a) -> int:
+    """The store-level rows at tiny sizes on CPU, through the Triton kernels in the
+    interpreter: checks the script's logic and the kernels' results, not their speed."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["MEMSTORE_FORCE_TRITON"] = "1"
+    from kernels import _dispatch
+
+    started = time.perf_counter()
+    run_store(store_sizes(a, dry_run=True), "cpu")
+    used = sorted({path for (_, path) in _dispatch.COUNTS})
+    print(f"\ndry run: paths taken in this process {used}; "
+          f"{time.perf_counter() - started:.0f} s; timings are the interpreter's, not a GPU's")
+    return 0 if used == ["triton"] else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=16384)
@@ -405,18 +615,29 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--dk", type=int, default=256)
+    p.add_argument("--ray-rows", type=int, default=1 << 18, help="rows of the 2-shard Ray table")
+    p.add_argument("--ray-tokens", type=int, default=4096, help="tokens of a Ray table round")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    p.add_argument("--no-store", action="store_true", help="skip the store-level rows")
     p.add_argument("--compile-only", action="store_true",
                    help="compile every kernel for sm_90 and report registers/spills (no GPU needed)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="no GPU needed: the store-level rows at tiny sizes under the Triton "
+                        "interpreter (checks the script and the kernels, times nothing useful)")
     a = p.parse_args(argv)
     if a.compile_only:
         return compile_report()
+    if a.dry_run:
+        return dry_run(a)
     tk = require_gpu()
     torch.manual_seed(0)
     started = time.perf_counter()
     ok = True if a.no_check else run_checks(tk)
     ceiling = copy_bandwidth()
     print_table(run_timings(tk, a, ceiling), ceiling, a)
+    torch.cuda.empty_cache()
+    if not a.no_store:
+        run_store(store_sizes(a, dry_run=False), DEVICE)
     print(f"\ntotal {time.perf_counter() - started:.0f} s (including compiles)")
     return 0 if ok else 1
 
