@@ -16,6 +16,8 @@ __all__ = [
     "ShardUnavailable",
     "MemoryBudgetExceeded",
     "CheckpointError",
+    "PreconditionFailed",
+    "RemoteError",
 ]
 
 
@@ -119,3 +121,23 @@ class CheckpointError(MemstoreError):
         self.path = path
         self.reason = reason
         super().__init__(f"checkpoint {path}: {reason}")
+
+
+class PreconditionFailed(MemstoreError):
+    """The call is well formed but the store is not in a state to answer it."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+class RemoteError(MemstoreError):
+    """A memstore server answered a call with an error status (``code``: its name,
+    e.g. "INVALID_ARGUMENT"; ``details``: the server's message)."""
+
+    def __init__(self, method: str, code: str, details: str):
+        self.method = method
+        self.code = code
+        self.details = details
+        super().__init__(f"{method}: {code}: {details}")

@@ -1,0 +1,328 @@
+"""The memstore.v1.MemoryStore servicer: requests decoded and checked, then answered
+through the public Table API of the tables in the ``memstore`` namespace.
+
+Tables are looked up by name on each call, so tables created after the server
+started are served. Each server thread keeps its own handles (a handle owns
+data-channel sockets), cached by name and checked against the table's catalog actor
+at most once a second, so a table dropped and created again under the same name is
+reconnected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+
+import grpc
+import numpy as np
+import torch
+
+from .. import api
+from ..errors import (
+    InvalidArgument,
+    PreconditionFailed,
+    ShardUnavailable,
+    StepOutOfOrder,
+    TableNotFound,
+)
+from ..table import NAMESPACE, Table, catalog_name
+from ..v1 import memstore_pb2 as pb
+from ..v1 import memstore_pb2_grpc as pb_grpc
+from .grpc_codec import FLOATS, INTS, decode, encode
+from .grpc_errors import status_for
+from .validation import check_lr, check_step
+
+log = logging.getLogger(__name__)
+
+REVALIDATE_S = 1.0
+READ_ATTEMPTS = 3
+# Stats keys that are not counters; config fields are never copied (they may hold secrets).
+_SHARD_FIELDS = ("block", "rows", "cols", "bytes", "last_step", "pending_steps")
+
+
+@dataclasses.dataclass
+class _Entry:
+    table: Table
+    catalog_id: str
+    checked: float
+
+
+class TableCache:
+    """Per-thread table handles, keyed by name and the catalog actor's id."""
+
+    def __init__(self, timeout_s: float | None):
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+
+    def get(self, name: str) -> Table:
+        if not isinstance(name, str) or not name or "/" in name or len(name) > 256:
+            raise InvalidArgument("table", "a table name (non-empty, no '/')", name)
+        cache = self._local.__dict__.setdefault("tables", {})
+        entry = cache.get(name)
+        now = time.monotonic()
+        if entry is not None and now - entry.checked < REVALIDATE_S:
+            return entry.table
+        catalog_id = _catalog_id(name)
+        if entry is None or entry.catalog_id != catalog_id:
+            entry = _Entry(api.connect(name, timeout_s=self.timeout_s), catalog_id, now)
+            cache[name] = entry
+        entry.checked = now
+        return entry.table
+
+    def forget(self, name: str) -> None:
+        self._local.__dict__.setdefault("tables", {}).pop(name, None)
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def _catalog_id(name: str) -> str:
+    ray = _ray()
+    try:
+        return ray.get_actor(catalog_name(name), namespace=NAMESPACE)._actor_id.hex()
+    except ValueError:
+        raise TableNotFound(name, table_names()) from None
+
+
+def table_names() -> list[str]:
+    ray = _ray()
+    return sorted(a["name"][: -len("/catalog")] for a in ray.util.list_named_actors(True)
+                  if a.get("namespace") == NAMESPACE and a["name"].endswith("/catalog"))
+
+
+def shard_steps(table: Table) -> dict[str, int]:
+    """Each shard's last applied step, by block "r-c" (the shards' info, no lock taken)."""
+    ray = _ray()
+    blocks = list(table.shards)
+    try:
+        infos = ray.get([table.shards[b].info.remote() for b in blocks],
+                        timeout=table.timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+        raise ShardUnavailable(table.name, table.timeout_s, str(e).splitlines()[0]) from e
+    return {f"{r}-{c}": int(i["last_step"]) for (r, c), i in zip(blocks, infos)}
+
+
+def _seen(out, steps: dict[str, int], consistent: bool):
+    out.step = min(steps.values())
+    out.shard_steps.update(steps)
+    out.consistent = consistent
+    return out
+
+
+def _read(table: Table, read, seen_out):
+    """``read()`` bracketed by the shards' steps; repeated while a step lands during it."""
+    for _ in range(READ_ATTEMPTS):
+        before = shard_steps(table)
+        result = read()
+        after = shard_steps(table)
+        if before == after:
+            break
+    _seen(seen_out, after, before == after)
+    return result
+
+
+def _tensor(field, message, request, kinds, ndim) -> torch.Tensor:
+    a = decode(field, getattr(request, field), request.HasField(field), kinds, ndim)
+    return torch.from_numpy(np.array(a))  # a writable copy: the message's bytes are read-only
+
+
+def _shard_message(stats: dict) -> pb.ShardStats:
+    out = pb.ShardStats(**{k: stats[k] for k in _SHARD_FIELDS if k in stats})
+    for key, value in stats.items():
+        if key not in _SHARD_FIELDS and key != "pid" and isinstance(value, (int, float)) \
+                and not isinstance(value, bool):
+            out.counters[key] = float(value)
+    return out
+
+
+def _optimizer_params(config: dict) -> tuple[str, dict[str, float]]:
+    opt = dict(config.get("optimizer") or {})
+    kind = str(opt.pop("kind", ""))
+    params = {}
+    for key, value in opt.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for i, v in enumerate(values):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                params[key if len(values) == 1 else f"{key}{i + 1}"] = float(v)
+    return kind, params
+
+
+class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
+    def __init__(self, timeout_s: float | None = None, save_root: str | None = None):
+        self.tables = TableCache(timeout_s)
+        self.save_root = os.path.realpath(save_root) if save_root else None
+
+    # ---- reads -------------------------------------------------------------------
+    def ListTables(self, request, context):
+        reply = pb.ListTablesReply()
+        for name in table_names():
+            try:
+                table = self.tables.get(name)
+                steps = shard_steps(table)
+            except TableNotFound:
+                continue  # dropped meanwhile
+            summary = reply.tables.add(name=name, rows=table.rows, dim=table.dim)
+            _seen(summary.seen, steps, True)
+        return reply
+
+    def DescribeTable(self, request, context):
+        table = self.tables.get(request.table)
+        stats = table.stats()
+        cfg = table.config
+        kind, params = _optimizer_params(cfg)
+        reply = pb.DescribeTableReply(
+            name=table.name, rows=table.rows, dim=table.dim, grid=list(table.grid.shape),
+            dtype=str(cfg.get("dtype", "")), optimizer=kind, optimizer_params=params,
+            mode=str(cfg.get("mode", "")), keys_published=self._keys_published(table),
+            shards=[_shard_message(s) for s in stats["shards"]])
+        return _seen_from_stats(reply, stats)
+
+    def _keys_published(self, table: Table) -> bool:
+        ray = _ray()
+        catalog = ray.get_actor(catalog_name(table.name), namespace=NAMESPACE)
+        if ray.get(catalog.get_keys.remote(), timeout=table.timeout_s) is not None:
+            return True
+        copies = ray.get([a.get_keys.remote() for a in table.shards.values()],
+                         timeout=table.timeout_s)
+        return any(k is not None for k in copies)
+
+    def Stats(self, request, context):
+        table = self.tables.get(request.table)
+        stats = table.stats()
+        reply = pb.StatsReply(bytes=int(stats["bytes"]),
+                              shards=[_shard_message(s) for s in stats["shards"]])
+        return _seen_from_stats(reply, stats)
+
+    def Lookup(self, request, context):
+        table = self.tables.get(request.table)
+        idx = _tensor("idx", request.idx, request, INTS, 2)
+        w = _tensor("w", request.w, request, FLOATS, 2)
+        reply = pb.LookupReply()
+        y = _read(table, lambda: table.lookup(idx, w), reply.seen)
+        encode(y.numpy(), reply.y)
+        return reply
+
+    def Gather(self, request, context):
+        table = self.tables.get(request.table)
+        rows = _tensor("rows", request.rows, request, INTS, 1)
+        reply = pb.GatherReply()
+        values = _read(table, lambda: table.gather(rows), reply.seen)
+        encode(values.numpy(), reply.values)
+        return reply
+
+    def Query(self, request, context):
+        table = self.tables.get(request.table)
+        q = _tensor("q", request.q, request, FLOATS, 3)
+        reply = pb.QueryReply()
+        try:
+            indices, scores, values = _read(table, lambda: table.query(q, request.k), reply.seen)
+        except InvalidArgument as e:
+            if e.field == "keys" and e.got is None:
+                raise PreconditionFailed("keys", f"table {table.name} has no published keys; "
+                                         "publish them with PublishKeys") from e
+            raise
+        encode(indices.numpy().astype(np.int64), reply.indices)
+        encode(scores.float().numpy(), reply.scores)
+        if request.return_values:
+            encode(values.numpy(), reply.values)
+        return reply
+
+    # ---- writes ------------------------------------------------------------------
+    def _at_current_step(self, table: Table, step: int | None = None) -> dict[str, int]:
+        """The shards' steps; the handle learns the newest, and a sync-mode ``step``
+        at or before it is refused before anything is sent."""
+        steps = shard_steps(table)
+        newest = max(steps.values())
+        if step is not None and step <= newest and table.config.get("mode") != "async":
+            raise StepOutOfOrder(step, newest)
+        table.last_step = newest
+        return steps
+
+    def ApplyGradients(self, request, context):
+        table = self.tables.get(request.table)
+        idx = _tensor("idx", request.idx, request, INTS, 2)
+        w = _tensor("w", request.w, request, FLOATS, 2)
+        dy = _tensor("dy", request.dy, request, FLOATS, 2)
+        step = check_step("step", request.step)
+        push_id = check_step("push_id", request.push_id)
+        lr = check_lr("lr", request.lr) if request.HasField("lr") else None
+        steps = self._at_current_step(table, step)
+        dw = table.backward(idx, w, dy, step=step, worker=push_id, lr=lr)
+        reply = pb.ApplyGradientsReply()
+        _seen(reply.seen, steps, True)
+        encode(dw.numpy(), reply.dw)
+        return reply
+
+    def Step(self, request, context):
+        table = self.tables.get(request.table)
+        step = check_step("step", request.step)
+        workers = check_step("workers", request.workers) if request.HasField("workers") else None
+        lr = check_lr("lr", request.lr) if request.HasField("lr") else None
+        self._at_current_step(table, step)
+        updated = table.step(step, workers=workers, lr=lr)
+        reply = pb.StepReply(rows_updated=int(updated))
+        _seen(reply.seen, shard_steps(table), True)
+        return reply
+
+    def PublishKeys(self, request, context):
+        table = self.tables.get(request.table)
+        keys = _tensor("keys", request.keys, request, FLOATS, 4)
+        table.publish_keys(keys)
+        reply = pb.PublishKeysReply()
+        _seen(reply.seen, shard_steps(table), True)
+        return reply
+
+    def Save(self, request, context):
+        table = self.tables.get(request.table)
+        path = self._save_path(request.path)
+        written = table.save(path)
+        reply = pb.SaveReply(path=os.path.relpath(written, self.save_root))
+        _seen(reply.seen, shard_steps(table), True)
+        return reply
+
+    def _save_path(self, path: str) -> str:
+        if self.save_root is None:
+            raise PreconditionFailed("path", "this server has no save directory (serve "
+                                     "--save-root DIR)")
+        if not path or os.path.isabs(path) or "\x00" in path or "://" in path:
+            raise InvalidArgument("path", "a relative path under the server's save directory",
+                                  path)
+        full = os.path.realpath(os.path.join(self.save_root, path))
+        if full == self.save_root or os.path.commonpath([full, self.save_root]) != self.save_root:
+            raise InvalidArgument("path", "a path inside the server's save directory", path)
+        return full
+
+
+def _seen_from_stats(reply, stats: dict):
+    _seen(reply.seen, {s["block"]: int(s["last_step"]) for s in stats["shards"]}, True)
+    return reply
+
+
+def guarded(servicer: MemoryStoreServicer) -> MemoryStoreServicer:
+    """Wrap every RPC method so that any error becomes its one status (status_for);
+    a table whose call failed is reconnected on the next call."""
+    for name in pb.DESCRIPTOR.services_by_name["MemoryStore"].methods_by_name:
+        setattr(servicer, name, _guard(servicer, name, getattr(servicer, name)))
+    return servicer
+
+
+def _guard(servicer, name, method):
+    def call(request, context):
+        try:
+            return method(request, context)
+        except Exception as e:  # noqa: BLE001 - every error becomes a status
+            code, message = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", name)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
+                        grpc.StatusCode.INTERNAL):
+                servicer.tables.forget(getattr(request, "table", ""))
+            context.abort(code, message)
+
+    return call
