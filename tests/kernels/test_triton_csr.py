@@ -194,3 +194,18 @@ def test_interpreter_works_whatever_the_import_order():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[[15.0, 18.0, 21.0]]"
+
+
+def test_gpu_benchmark_store_check_runs(triton_dispatch):
+    """benchmarks/gpu.py's store-level check (a ShardTable round against EmbeddingBag +
+    SparseAdam) at tiny sizes, on the Triton path; the benchmark itself is not run."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    gpu.check_store_round(DEVICE)
+    taken = triton_dispatch()
+    assert {path for (_, path) in taken} == {"triton"}, taken
+    assert taken[("adam_step", "triton")] == 2
