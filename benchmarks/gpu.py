@@ -1,8 +1,9 @@
-"""Check and time the Triton kernels on a CUDA GPU against torch baselines.
+"""Check and time the Triton kernels and the store on a CUDA GPU against torch baselines.
 
-    PYTHONPATH=. python benchmarks/gpu.py            # checks, then the timing table
+    PYTHONPATH=. python benchmarks/gpu.py            # checks, op table, store table
     PYTHONPATH=. python benchmarks/gpu.py --no-check # timings only
     PYTHONPATH=. python benchmarks/gpu.py --compile-only  # no GPU needed: compile for sm_90
+    PYTHONPATH=. python benchmarks/gpu.py --dry-run  # no GPU needed: store rows, tiny, interpreted
 
 1. Checks every kernel against ``kernels.reference`` on fresh random data at several
    shapes, with the allocator poisoned with NaN first so that an output element the
@@ -11,6 +12,12 @@
 3. Times (median of CUDA-event timings after warm-up) each Triton kernel and its torch
    equivalent at B tokens, H heads, k per head (M = H·k slots per token), n sub-keys
    (N = n² value rows), dim, and Dk for the top-k; prints one table.
+4. The store level, in tokens/s with the targets beside them: a ``ShardTable`` round
+   (lookup + backward + lazy Adam) against ``nn.EmbeddingBag(sparse=True)`` +
+   ``SparseAdam`` (checked equal first), a ``MemoryLayer`` train step against lucidrains'
+   PKM (when ``product-key-memory`` is installed), and a 2-shard Ray table round on this
+   node against one in-process table (the row names the device its shards ran on: a
+   table gets GPU shards only when the node has a GPU per shard).
 
 "GB/s" counts the bytes an op must move at least once (the gathered value rows once
 per slot, as random rows do not stay in L2), so it is comparable to the copy figure.

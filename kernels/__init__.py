@@ -1,8 +1,10 @@
 """The memory-layer math as pure tensor functions, dispatched by device.
 
 Every op has a plain-torch reference in :mod:`kernels.reference` (its specification),
-a C fast path for CPU tensors, and a dispatch point for CUDA tensors that the Triton
-kernels plug into.
+the fastest CPU implementation measured for it (the C fast path, or the library kernel
+where that wins: ``F.embedding_bag`` for the float32 bag forward), and a Triton
+implementation for CUDA tensors (:mod:`kernels.triton`). :mod:`kernels._dispatch` picks
+one per call and counts the choice.
 """
 
 from .bag import BagFunction, bag_backward, bag_backward_rows, bag_forward
