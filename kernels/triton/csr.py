@@ -3,7 +3,7 @@
 Bag b is the slots [offsets[b], offsets[b+1]) of the flat rows (P,) and weights (P,);
 a shard gets a ragged share of each token's slots, so bags have any length, empty
 included. The forward is one program per (bag, column block); the backward computes
-dw (one program per bag) and leaves the row gradients in factored form
+dw (one program per (bag, slot tile)) and leaves the row gradients in factored form
 (:class:`kernels.SparseRowGrads`: slots grouped by row with ``torch.sort``), which the
 fused optimizer kernels of :mod:`.sparse_optim` reduce row by row inside the update.
 """
@@ -68,22 +68,21 @@ def _bag_csr_dw_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # Program (b, t) takes slot tile t of bag b; tiles past a short bag's end do nothing.
     b = tl.program_id(0).to(tl.int64)
-    start = tl.load(offsets_ptr + b)
     end = tl.load(offsets_ptr + b + 1)
-    for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < end
-        rows = tl.load(rows_ptr + p, mask=pmask, other=0)
-        acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            cmask = cols < dim
-            g = tl.load(dy_ptr + b * dim + cols, mask=cmask, other=0.0)
-            v_ptrs = values_ptr + rows[:, None] * stride_v + cols[None, :] * stride_c
-            v = tl.load(v_ptrs, mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(v * g[None, :], axis=1)
-        tl.store(dw_ptr + p, acc, mask=pmask)
+    p = tl.load(offsets_ptr + b) + tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < end
+    rows = tl.load(rows_ptr + p, mask=pmask, other=0)
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < dim
+        g = tl.load(dy_ptr + b * dim + cols, mask=cmask, other=0.0)
+        v_ptrs = values_ptr + rows[:, None] * stride_v + cols[None, :] * stride_c
+        v = tl.load(v_ptrs, mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(v * g[None, :], axis=1)
+    tl.store(dw_ptr + p, acc, mask=pmask)
 
 
 def _csr_args(rows, w, offsets):
@@ -119,7 +118,8 @@ def bag_backward_sparse_triton(values, rows, w, offsets, dy) -> tuple[torch.Tens
     dy = dy.to(torch.float32).contiguous()
     dw = torch.empty(P, dtype=torch.float32, device=values.device)
     if B and P and dim:
-        _bag_csr_dw_kernel[(B,)](
+        longest = int(offsets.diff().max())  # sizes the grid: one program per slot tile
+        _bag_csr_dw_kernel[(B, triton.cdiv(longest, _BLOCK_P))](
             values, rows, offsets, dy, dw, dim, values.stride(0), values.stride(1),
             BLOCK_P=_BLOCK_P, BLOCK_D=_block_d(dim),
         )
