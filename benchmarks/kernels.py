@@ -207,6 +207,7 @@ def main() -> None:
     w = torch.softmax(torch.randn(B, H * K), -1)
     dy = torch.randn(B, DIM)
     lib_bag = "F.embedding_bag(per_sample_weights)"
+    load_before = os.getloadavg()[0]
     rows = []
     with tqdm(total=5, desc="benchmarks", unit="case") as bar:
         copy_gbs = copy_bandwidth(args.repeats)
@@ -251,7 +252,8 @@ def main() -> None:
                          float("nan"), "ours", ""))
         bar.update()
     print(f"\nmachine: {os.cpu_count()} CPU threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}; copy {copy_gbs:.1f} GB/s (read + write)")
+          f"torch {torch.__version__}; copy {copy_gbs:.1f} GB/s (read + write); load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)")
     print(f"B={B}, H={H}, k={K}, n={N} ({ROWS:,} rows), dim={DIM}, Dk={DK}, float32\n")
     print("| op | ours | ours ms | library alternative | library ms | library / ours "
           "| faster in this run | store uses | note |")
