@@ -112,14 +112,16 @@ def run(name: str, config: Path, run_dir: Path, overrides: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def curve(run_dir: Path) -> dict[str, np.ndarray]:
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl", encoding="utf-8")]
+def curve(run_dir: Path, keys: tuple[str, ...] = ("recall", "nll")) -> dict[str, np.ndarray]:
+    """A run's evaluations from its metrics.jsonl: step, tokens, seconds and the
+    ``eval`` entries ``keys``, one value per evaluation; and the run's totals."""
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
     evals = [r for r in rows if "eval" in r]
     return {"step": np.array([r["step"] for r in evals]),
             "tokens": np.array([r["tokens"] for r in evals], dtype=float),
             "seconds": np.array([r["seconds"] for r in evals]),
-            "recall": np.array([r["eval"]["recall"] for r in evals]),
-            "nll": np.array([r["eval"]["nll"] for r in evals]),
+            **{k: np.array([r["eval"][k] for r in evals]) for k in keys},
             "total_seconds": rows[-1]["seconds"], "total_tokens": rows[-1]["tokens"]}
 
 

@@ -90,6 +90,13 @@ class ModelArgs:
     mem_value_dim: int | None = None  # row width; default dim (required for PKM)
     mem_qk_norm: bool = True
     shared_memory: bool = True  # one value pool for all memory layers
+    # The memory layers become lucidrains' product_key_memory.PKM (the `bench` extra)
+    # with the same heads, k, sub-keys and key width: a peer implementation whose
+    # values are an ordinary dense parameter of this model (no value table, no store).
+    pkm_peer: bool = False
+    # Its values train at pkm_value_scale x the dense lr (y = c·bag(p), p initialised
+    # at w/c: Adam's step ignores the gradient's scale, so w moves c times as far).
+    pkm_value_scale: float = 1.0
     value_lr: float = 1e-3  # Adam lr of the local value tables
     seed: int = 0  # dense init and local table values
 
@@ -108,7 +115,7 @@ class ModelArgs:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
             _check_int(name, getattr(self, name), 1)
         _check_int("seed", self.seed, 0)
-        for name in ("norm_eps", "rope_theta", "value_lr"):
+        for name in ("norm_eps", "rope_theta", "value_lr", "pkm_value_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                     math.isfinite(value) and value > 0):
@@ -119,6 +126,11 @@ class ModelArgs:
         self._check_layer_lists()
         if self.memory_layers:
             self.memory_args()  # validates the mem_* fields
+        if self.pkm_peer and (self.memory_plus or self.mem_value_dim != self.dim
+                              or self.mem_key_dim % 2):
+            raise InvalidArgument("pkm_peer", "memory_plus false, mem_value_dim = dim and "
+                                  "an even mem_key_dim (PKM: no gate, values of width "
+                                  "dim, two key halves)", self.pkm_peer)
 
     def _check_layer_lists(self) -> None:
         layers = self.memory_layers
@@ -162,7 +174,7 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 def table_users(args: ModelArgs) -> dict[str, list[int]]:
     """Table name -> the memory layers that read it, in layer order."""
-    if not args.memory_layers:
+    if not args.memory_layers or args.pkm_peer:
         return {}
     if args.shared_memory:
         return {SHARED_TABLE: list(args.memory_layers)}
@@ -233,13 +245,40 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class _ScaledBag(nn.Module):
+    """``c · embedding_bag(idx, p)``, the value read of :func:`pkm_peer_layer`."""
+
+    def __init__(self, weight: torch.Tensor, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(weight.detach() / scale)
+
+    def forward(self, idx: torch.Tensor, per_sample_weights: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.embedding_bag(idx, self.weight,
+                                            per_sample_weights=per_sample_weights, mode="sum")
+
+
+def pkm_peer_layer(args: ModelArgs) -> nn.Module:
+    """lucidrains' PKM with this model's memory shape (``pkm_peer``): heads, top-k,
+    sub-keys and key width (its dim_head is one half's width), values of width dim,
+    with its own init; the value read scaled by ``pkm_value_scale``."""
+    from product_key_memory import PKM
+
+    layer = PKM(args.dim, heads=args.mem_heads, num_keys=args.mem_n_keys, topk=args.mem_k,
+                dim_head=args.mem_key_dim // 2)
+    layer.values = _ScaledBag(layer.values.weight, args.pkm_value_scale)
+    return layer
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, table: ValueTable | None):
         super().__init__()
         self.attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.attn = Attention(args)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        if table is None:
+        if args.pkm_peer and layer in args.memory_layers:
+            self.ffn = pkm_peer_layer(args)
+        elif table is None:
             self.ffn = FeedForward(args.dim, args.ffn_width(layer), args.n_layers)
         else:
             self.ffn = MemoryLayer(args.memory_args(), table=table)
@@ -319,7 +358,9 @@ class Transformer(nn.Module):
                 for name, users in table_users(self.args).items()}
 
     def memory_layers(self) -> list[MemoryLayer]:
-        return [self.layers[i].ffn for i in self.args.memory_layers]
+        """The MemoryLayers (none for a ``pkm_peer`` model)."""
+        return [] if self.args.pkm_peer else [self.layers[i].ffn
+                                              for i in self.args.memory_layers]
 
     def set_step(self, step: int | None, micro: int = 0, value_lr: float | None = None) -> None:
         """Tag the row gradients of the next backward with ``step`` (None: each
@@ -347,7 +388,7 @@ def ffn_slot_macs(args: ModelArgs, layer: int) -> int:
     """
     if layer not in args.memory_layers:
         return 3 * args.dim * args.ffn_width(layer)
-    macs = args.dim * args.mem_heads * args.mem_key_dim  # query net
+    macs = args.dim * args.mem_heads * args.mem_key_dim  # query net (both halves)
     macs += args.mem_heads * args.mem_n_keys * args.mem_key_dim  # 2 halves × n × key_dim/2
     macs += args.mem_heads * args.mem_k * args.mem_value_dim  # bag of value rows
     if args.memory_plus:
