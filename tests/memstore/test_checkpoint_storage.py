@@ -1,0 +1,250 @@
+"""Checkpoints on shared storage through pyarrow.fs, against a real S3-compatible server
+(moto_server, started here on 127.0.0.1) and a real local Ray instance."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import memstore
+from memstore import SGD, Adam, CheckpointError, InvalidArgument, ShardTable
+from memstore import checkpoint as ck
+from memstore.shard_table import BlockSpec
+
+ROWS, DIM, SEED = 600, 24, 3
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUCKET = "memstore-ck"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on loopback with one bucket; yields a URI maker for it."""
+    import pyarrow.fs as pafs
+
+    port = _free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"),
+                               "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)  # before Ray starts: its workers inherit them
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "no moto_server"
+                time.sleep(0.1)
+        endpoint = f"127.0.0.1:{port}"
+        pafs.S3FileSystem(endpoint_override=endpoint, scheme="http",
+                          allow_bucket_creation=True).create_dir(BUCKET)
+
+        def uri(key: str) -> str:
+            return f"s3://{BUCKET}/{key}?endpoint_override={endpoint}&scheme=http"
+
+        yield uri
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3):
+    """The module's Ray instance, started after the S3 credentials are in the environment."""
+    import ray
+
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": CREDENTIALS})
+    yield ray
+    ray.shutdown()
+
+
+def batch(step, B=16, M=4):
+    g = torch.Generator().manual_seed(step)
+    return (torch.randint(0, ROWS, (B, M), generator=g), torch.rand(B, M, generator=g),
+            torch.randn(B, DIM, generator=g))
+
+
+def train(t, steps, first=1):
+    for step in range(first, first + steps):
+        idx, w, dy = batch(step)
+        t.backward(idx, w, dy, step=step)
+        t.step(step)
+
+
+def reference(steps, optimizer) -> ShardTable:
+    """The same training on one in-process table: the values a checkpoint must hold."""
+    t = ShardTable(ROWS, DIM, optimizer=optimizer, seed=SEED)
+    train(t, steps)
+    return t
+
+
+def test_library_round_trip_and_hostile_uri_on_s3(s3, tmp_path):
+    """begin/write_block/commit/load_block on S3; blocks sit in the save's data-<hex>/."""
+    whole = reference(2, Adam(lr=0.1))
+    path = ck.checkpoint_dir(s3("lib"), 2)
+    staging = ck.begin(path)
+    assert staging.startswith(f"s3://{BUCKET}/lib/step-000000002/data-")
+    sd = whole.state_dict()
+    entries = []
+    for bid, (r0, r1) in {"0-0": (0, 250), "1-0": (250, ROWS)}.items():
+        part = {**sd, "spec": BlockSpec(ROWS, DIM, r0, r1, 0, DIM), "values": sd["values"][r0:r1],
+                "state": {k: v[r0:r1] for k, v in sd["state"].items()}}
+        entries.append(ck.write_block(staging, bid, part))
+    assert ck.latest_checkpoint(s3("lib")) is None  # blocks without a manifest: nothing
+    manifest = ck.commit(path, {"rows": ROWS, "dim": DIM, "dtype": "float32",
+                                "optimizer": whole.optimizer}, entries, 2, staging=staging)
+    assert all(e["file"].startswith(staging.rpartition("/")[2].split("?")[0] + "/")
+               for e in manifest["blocks"])
+    assert ck.latest_checkpoint(s3("lib")) == path
+    got = ck.load_block(path, BlockSpec(ROWS, DIM, 100, 400, 0, DIM))
+    torch.testing.assert_close(got["values"], whole.values[100:400], rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="already committed"):
+        ck.begin(path)
+    with pytest.raises(InvalidArgument, match="expected a local path"):
+        ck.begin("nosuchfs://bucket/x")
+    assert not [p for p in tmp_path.parent.rglob("s3:*")]
+
+
+def test_two_shards_save_to_s3_and_another_driver_loads_into_three(ray_s3, s3, tmp_path):
+    name = "s3-save"
+    t = memstore.create_table(name, ROWS, DIM, shards=2, optimizer=Adam(lr=0.05), seed=SEED,
+                              timeout_s=120, data_channel="ray")
+    try:
+        train(t, 3)
+        path = t.save(ck.checkpoint_dir(s3("tables/a"), 3))
+        assert ck.read_manifest(path)["grid"]["row_bounds"] == [0, ROWS // 2, ROWS]
+    finally:
+        memstore.drop_table(name)
+    out = tmp_path / "loaded.pt"
+    driver = (
+        "import sys, torch, memstore\n"
+        "t = memstore.load_table(sys.argv[1], 'from-s3', shards=3, timeout_s=120, data_channel='ray')\n"
+        "try:\n"
+        "    assert len(t.shards) == 3, t.shards\n"
+        "    torch.save({'values': t.gather(torch.arange(%d)).float(), 'step': t.last_step},"
+        " sys.argv[2])\n"
+        "finally:\n"
+        "    memstore.drop_table('from-s3')\n" % ROWS)
+    env = {**os.environ, "RAY_ADDRESS": ray_s3.get_runtime_context().gcs_address,
+           "PYTHONPATH": REPO}
+    subprocess.run([sys.executable, "-c", driver, path, str(out)], env=env, check=True,
+                   timeout=300)
+    loaded = torch.load(out, weights_only=True)
+    assert loaded["step"] == 3
+    torch.testing.assert_close(loaded["values"], reference(3, Adam(lr=0.05)).values,
+                               rtol=1e-6, atol=1e-6)
+
+
+def _slow_saver_class():
+    """A shard whose block 1-0 announces its save and then stalls before writing."""
+    from memstore._internal.shard_actor import ShardWorker
+
+    class SlowSave(ShardWorker):
+        def save(self, path):
+            if self.block_id == "1-0" and self.table.last_step >= 2:
+                ck._write_file(ck._join(path, "stalled"), b"")
+                time.sleep(300)
+            return super().save(path)
+
+    return SlowSave
+
+
+def test_a_shard_killed_mid_save_on_s3_leaves_no_loadable_checkpoint(ray_s3, s3):
+    import pyarrow.fs as pafs
+
+    root = s3("tables/crash")
+    name = "s3-crash"
+    t = memstore.create_table(name, ROWS, DIM, shards=2, optimizer=SGD(lr=0.5), seed=SEED,
+                              checkpoint_root=root, max_restarts=1, timeout_s=60,
+                              worker_cls=_slow_saver_class(), data_channel="ray")
+    try:
+        train(t, 1)
+        first = t.save()
+        train(t, 1, first=2)
+        import ray
+
+        # Asked now: an actor runs one call at a time, and the stalled save holds it.
+        pid = ray.get(t.shards[(1, 0)].info.remote())["pid"]
+        errors = []
+        saver = threading.Thread(target=lambda: _record(errors, t.save))
+        saver.start()
+        fs, prefix = pafs.FileSystem.from_uri(ck.checkpoint_dir(root, 2))
+        deadline = time.monotonic() + 60
+        while not [i for i in fs.get_file_info(pafs.FileSelector(prefix, recursive=True,
+                                                                 allow_not_found=True))
+                   if i.base_name == "stalled"]:
+            assert time.monotonic() < deadline and saver.is_alive(), errors
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        saver.join(timeout=120)
+        assert not saver.is_alive() and len(errors) == 1 and isinstance(errors[0], Exception)
+        files = [i.base_name for i in fs.get_file_info(pafs.FileSelector(prefix, recursive=True))]
+        assert "block-0-0.pt" in files and "manifest.json" not in files  # half-written
+        with pytest.raises(CheckpointError, match="no manifest.json"):
+            ck.read_manifest(ck.checkpoint_dir(root, 2))
+        assert ck.latest_checkpoint(root) == first
+        # The restarted shard came back from the committed step 1, not the half save.
+        info = _wait_restarted(ray, t.shards[(1, 0)])
+        assert (info["restored_step"], info["restored_path"]) == (1, first)
+        got = ck.load_block(ck.latest_checkpoint(root), BlockSpec.whole(ROWS, DIM))
+        torch.testing.assert_close(got["values"], reference(1, SGD(lr=0.5)).values,
+                                   rtol=1e-6, atol=1e-6)
+    finally:
+        memstore.drop_table(name)
+
+
+def _record(errors, fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        errors.append(e)
+
+
+def _wait_restarted(ray, actor):
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return ray.get(actor.info.remote(), timeout=30)
+        except ray.exceptions.ActorUnavailableError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+def test_relative_paths_resolve_on_the_driver(ray_s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = memstore.create_table("rel-save", ROWS, DIM, shards=2, seed=SEED, timeout_s=120,
+                              checkpoint_root="ckroot", data_channel="ray")
+    try:
+        assert t.config["checkpoint_root"] == str(tmp_path / "ckroot")
+        train(t, 1)
+        assert t.save("here/ck") == str(tmp_path / "here" / "ck")
+        assert ck.read_manifest(tmp_path / "here" / "ck")["step"] == 1
+        assert t.save() == ck.checkpoint_dir(tmp_path / "ckroot", 1)
+        with pytest.raises(InvalidArgument, match="path: expected a local path"):
+            t.save("weird://bucket/x")
+    finally:
+        memstore.drop_table("rel-save")
+    with pytest.raises(InvalidArgument, match="checkpoint_root: expected a local path"):
+        memstore.create_table("bad-root", ROWS, DIM, checkpoint_root="nosuch://b/x")
+    assert not [p for p in tmp_path.rglob("*") if ":" in p.name]
