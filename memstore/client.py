@@ -159,6 +159,7 @@ class MemoryClient:
             "dtype": r.dtype, "optimizer": r.optimizer,
             "optimizer_params": dict(r.optimizer_params), "mode": r.mode,
             "step": r.seen.step, "keys_published": r.keys_published,
+            "key_heads": r.key_heads, "key_dim": r.key_dim,
             "shards": [_shard_dict(s) for s in r.shards],
         }
 

@@ -179,18 +179,24 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
         reply = pb.DescribeTableReply(
             name=table.name, rows=table.rows, dim=table.dim, grid=list(table.grid.shape),
             dtype=str(cfg.get("dtype", "")), optimizer=kind, optimizer_params=params,
-            mode=str(cfg.get("mode", "")), keys_published=self._keys_published(table),
-            shards=[_shard_message(s) for s in stats["shards"]])
+            mode=str(cfg.get("mode", "")), shards=[_shard_message(s) for s in stats["shards"]])
+        shape = self._key_shape(table)
+        if shape is not None:
+            reply.keys_published = True
+            reply.key_heads, reply.key_dim = shape[0], 2 * shape[3]
         return _seen_from_stats(reply, stats)
 
-    def _keys_published(self, table: Table) -> bool:
+    def _key_shape(self, table: Table) -> tuple | None:
+        """Shape (H, 2, n, Dk/2) of the published keys (the catalog's, else a shard's
+        copy, as Table.query finds them), or None."""
         ray = _ray()
         catalog = ray.get_actor(catalog_name(table.name), namespace=NAMESPACE)
-        if ray.get(catalog.get_keys.remote(), timeout=table.timeout_s) is not None:
-            return True
-        copies = ray.get([a.get_keys.remote() for a in table.shards.values()],
-                         timeout=table.timeout_s)
-        return any(k is not None for k in copies)
+        keys = ray.get(catalog.get_keys.remote(), timeout=table.timeout_s)
+        if keys is None:
+            copies = ray.get([a.get_keys.remote() for a in table.shards.values()],
+                             timeout=table.timeout_s)
+            keys = next((k for k in copies if k is not None), None)
+        return None if keys is None else tuple(keys.shape)
 
     def Stats(self, request, context):
         table = self.tables.get(request.table)

@@ -80,7 +80,8 @@ def test_query_is_topk_over_published_keys_then_lookup(served, client):
     weights = torch.softmax(torch.from_numpy(result.scores), dim=-1).flatten(1).numpy()
     expect = np.einsum("bm,bmd->bd", weights, rows[result.indices.reshape(3, -1)])
     np.testing.assert_allclose(result.values, expect, rtol=1e-5, atol=1e-6)
-    assert client.describe("grpc-t")["keys_published"]
+    info = client.describe("grpc-t")
+    assert (info["keys_published"], info["key_heads"], info["key_dim"]) == (True, 2, 8)
 
 
 def test_pushes_and_steps_update_like_the_in_process_table(served, client):
