@@ -250,12 +250,13 @@ def _script(name: str) -> pathlib.Path:
 
 
 def _up(ns) -> int:
-    return subprocess.run(["bash", str(_script("start-local.sh")), str(ns.workers)]).returncode
+    script = _script("start-local.sh")
+    return subprocess.run(["bash", str(script), str(ns.workers)], check=False).returncode
 
 
 def _down(ns) -> int:
     extra = ["--node", ns.node] if ns.node else []
-    return subprocess.run(["bash", str(_script("stop-local.sh")), *extra]).returncode
+    return subprocess.run(["bash", str(_script("stop-local.sh")), *extra], check=False).returncode
 
 
 def _bench(ns) -> int:
@@ -263,7 +264,7 @@ def _bench(ns) -> int:
     if ns.name not in names:
         raise InvalidArgument("bench", f"one of {names}", ns.name)
     return subprocess.run([sys.executable, "-m", f"benchmarks.{ns.name}", *ns.args],
-                          cwd=REPO).returncode
+                          cwd=REPO, check=False).returncode
 
 
 def _demo(ns) -> int:
@@ -366,7 +367,8 @@ def _add_query_commands(sub) -> None:
 
 
 def _add_serve_command(sub) -> None:
-    from .server import DEFAULT_ADDRESS as SERVE_ADDRESS, DEFAULT_MAX_MESSAGE_BYTES
+    from .server import DEFAULT_ADDRESS as SERVE_ADDRESS
+    from .server import DEFAULT_MAX_MESSAGE_BYTES
 
     p = sub.add_parser("serve", help="serve every table over gRPC (memstore.v1.MemoryStore)",
                        description="Serve every table of the Ray cluster over gRPC. Calls "

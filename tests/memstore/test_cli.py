@@ -4,6 +4,7 @@ driver of the test's Ray instance, errors as one line with exit status 1."""
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from memstore.client import MemoryClient
 from .grpc_util import ADMIN, TOKENS
 
 N, DIM = 8, 4
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +141,12 @@ def test_help_lists_every_command():
                     "drop", "serve", "query", "train", "bench", "demo"):
         assert re.search(rf"^\s+{command}\s", out, re.M), command
     assert main(["bench", "nope"]) == 1
+
+
+def test_the_example_client_runs(cli_env):
+    env = {**os.environ, "MEMSTORE_TOKEN": ADMIN}
+    out = subprocess.run([sys.executable, "examples/grpc_client.py", "--address",
+                          cli_env["address"], "--table", "cli-t", "-k", "3"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "cli-t: 64 rows x 4, step 0" in out.stdout and "top-3 rows of query 0" in out.stdout

@@ -14,7 +14,7 @@ import memstore
 import memstore.server as ms
 from memstore.v1 import memstore_pb2 as pb
 
-from .grpc_util import auth, code_of, stub, tensor, TOKENS
+from .grpc_util import TOKENS, auth, code_of, stub, tensor
 
 ROWS, DIM = 256, 8  # 16 x 16 product keys
 LIMIT = 1 << 20
@@ -152,7 +152,7 @@ def tensors(draw):
 def requests(draw):
     table = draw(st.sampled_from(["hostile", "", "nope", "x" * 300]))
     kind = draw(st.sampled_from(["Lookup", "Gather", "Query", "ApplyGradients", "PublishKeys"]))
-    t = lambda: draw(tensors())  # noqa: E731
+    t = lambda: draw(tensors())  # noqa: E731 - one draw per call
     if kind == "Lookup":
         return kind, pb.LookupRequest(table=table, idx=t(), w=t())
     if kind == "Gather":

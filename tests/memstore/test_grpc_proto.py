@@ -30,7 +30,7 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path):
     fresh = tmp_path / "memstore" / "v1"
     names = sorted(p.name for p in fresh.iterdir())
     assert names == ["memstore_pb2.py", "memstore_pb2.pyi", "memstore_pb2_grpc.py"]
-    match, mismatch, errors = filecmp.cmpfiles(fresh, REPO / "memstore" / "v1", names,
+    _, mismatch, errors = filecmp.cmpfiles(fresh, REPO / "memstore" / "v1", names,
                                                shallow=False)
     assert (mismatch, errors) == ([], [])
 
