@@ -39,7 +39,6 @@ from pathlib import Path  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "trainer" / "configs"
 WARMUP_STEPS = 20
 
 SETTINGS = {
@@ -53,13 +52,17 @@ SETTINGS = {
 }
 
 
-def step_ms(config: str, overrides: list[str], steps: int, run_dir: Path) -> float:
-    """Median training ms per step of one trainer process."""
-    cmd = [sys.executable, "-m", "trainer.train", "--config", str(CONFIGS / config),
+def step_ms(config: str, overrides: list[str], steps: int, run_dir: Path,
+            root: Path = ROOT) -> float:
+    """Median training ms per step of one trainer process, run from the source tree
+    ``root`` (its packages come first on the path of the trainer and its Ray workers)."""
+    cmd = [sys.executable, "-m", "trainer.train", "--config",
+           str(root / "trainer" / "configs" / config),
            *sum((["--set", o] for o in [f"steps={steps}", "eval_every=0",
                                          "checkpoint_every=0", "progress=false",
                                          f"run_dir={run_dir}", *overrides]), [])]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl", encoding="utf-8")]
     seconds = [b["seconds"] - a["seconds"] for a, b in zip(rows, rows[1:])]
     return 1e3 * statistics.median(seconds[WARMUP_STEPS:])

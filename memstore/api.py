@@ -7,6 +7,7 @@ import math
 import os
 
 from . import checkpoint
+from ._internal.data_channel import DEFAULT_MAX_BATCH, DEFAULT_MAX_PAIRS, channel_config
 from ._internal.shard_actor import ShardWorker
 from ._internal.validation import check_dtype_name, check_positive_int
 from .errors import InvalidArgument, ShardUnavailable
@@ -72,6 +73,10 @@ def create_table(
     workers: int | None = None,
     step_on_push: bool = False,
     data_channel: str = "socket",
+    data_bind: str | None = None,
+    data_encrypt: bool = False,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
     checkpoint_root: str | None = None,
     save_every: int | None = None,
     max_shard_bytes: int | None = None,
@@ -87,7 +92,10 @@ def create_table(
     ``mode``: "sync" (gradients pend until ``step``) or "async" (applied on arrival,
     a push at most ``max_staleness`` steps behind the newest is accepted).
     ``data_channel``: "socket" (lookups and pushes over a TCP connection per shard,
-    everything else over Ray) or "ray" (every call over Ray).
+    everything else over Ray) or "ray" (every call over Ray). The channel authenticates
+    with a per-table secret; ``data_bind``: the IPv4 address shards listen on (default
+    their node's IP), ``data_encrypt``: CURVE encryption for untrusted networks,
+    ``max_batch`` / ``max_pairs``: most rows / (row, weight) pairs of one call per shard.
     ``workers``: pushes that ``step`` waits for in sync mode. ``step_on_push`` (sync mode,
     needs ``workers``): a shard applies step s within the call that brings its
     ``workers``-th push of s, so a trainer needs no ``step`` round of its own; once a
@@ -106,6 +114,7 @@ def create_table(
     check_positive_int("threads_per_shard", threads_per_shard)
     if data_channel not in ("socket", "ray"):
         raise InvalidArgument("data_channel", "'socket' or 'ray'", data_channel)
+    channel = channel_config(data_bind, data_encrypt, max_batch, max_pairs)
     if not isinstance(step_on_push, bool):
         raise InvalidArgument("step_on_push", "True or False", step_on_push)
     if step_on_push and (mode != "sync" or workers is None):
@@ -128,7 +137,7 @@ def create_table(
         "workers": workers, "step_on_push": step_on_push, "data_channel": data_channel,
         "checkpoint_root": checkpoint_root,
         "save_every": save_every,
-        "threads": threads_per_shard, "restore_from": restore_from,
+        "threads": threads_per_shard, "restore_from": restore_from, **channel,
     }
     grid = _grid(rows, dim, shards, config, max_shard_bytes)
     config["grid"] = grid.to_dict()

@@ -39,6 +39,51 @@ def _rebuild(cls, state):
     return err
 
 
+# ---- errors on the data channel: JSON, never pickle ------------------------------------
+_WIRE_MESSAGE_CHARS = 4096
+
+
+def _wire_value(value):
+    """A field as JSON: scalars as they are, sequences of scalars as lists, others as text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and all(
+            v is None or isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    return str(value)[:_WIRE_MESSAGE_CHARS]
+
+
+def to_wire(error: BaseException) -> dict:
+    """``{"class", "message", "fields"}`` of an error, for :func:`from_wire` in another
+    process. Errors outside memstore's hierarchy travel as a MemstoreError with their
+    class name in the message."""
+    if isinstance(error, MemstoreError) and _wire_class(type(error).__name__) is type(error):
+        fields = {k: _wire_value(v) for k, v in vars(error).items() if k != "message"}
+        return {"class": type(error).__name__, "message": error.message, "fields": fields}
+    return {"class": "MemstoreError", "message": f"{type(error).__name__}: {error}",
+            "fields": {}}
+
+
+def _wire_class(name) -> type | None:
+    """The memstore error class ``name`` if it is public here, else None: the allow-list
+    of classes a peer may name."""
+    cls = globals().get(name) if isinstance(name, str) and name in __all__ else None
+    return cls if isinstance(cls, type) and issubclass(cls, MemstoreError) else None
+
+
+def from_wire(data) -> MemstoreError:
+    """The error :func:`to_wire` described, rebuilt by calling its class's constructor
+    with the fields it names. A class outside the allow-list, or fields the constructor
+    does not take, give a plain MemstoreError carrying the message."""
+    import inspect
+
+    data = data if isinstance(data, dict) else {}
+    message = str(data.get("message", "an error without a message"))[:_WIRE_MESSAGE_CHARS]
+    cls, fields = _wire_class(data.get("class")), data.get("fields")
+    if cls is None or cls is MemstoreError or not isinstance(fields, dict):
+        return MemstoreError(message)
+
+
 class InvalidArgument(MemstoreError, ValueError):
     """An argument has the wrong type, shape, dtype, range or value; nothing changed."""
 

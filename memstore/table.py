@@ -30,7 +30,7 @@ from .errors import (
     TableExists,
     TableNotFound,
 )
-from ._internal.data_channel import DataClient
+from ._internal.data_channel import ChannelSettings, DataClient
 from ._internal.wire import to_tensor
 from .grid import ShardGrid
 
@@ -233,7 +233,7 @@ class Table:
 
     def _data_channel(self) -> DataClient:
         if self._channel is None:
-            self._channel = DataClient(self.timeout_s)
+            self._channel = DataClient(self.timeout_s, ChannelSettings.from_config(self.config))
         return self._channel
 
     def _put_routes(self, arrays: list[tuple]) -> list[tuple]:

@@ -1,221 +1,639 @@
-"""The data path of lookups and pushes: one TCP connection per (client, shard).
+"""The data path of lookups and pushes: ZeroMQ between a table handle and its shards.
 
-A Ray actor call costs about a millisecond of CPU on each side (task submission,
-argument serialization, the reply through the core worker), which is more than a
-shard needs to answer a lookup of a few hundred tokens. A training step makes two
-such rounds per shard and worker, so on a small machine Ray's overhead, not the
-table, set the step time. Lookups and pushes therefore travel over a plain socket that
-each shard opens next to its actor: a frame is a JSON header plus the arrays' raw
-bytes, sent with one scatter-gather write and received straight into numpy arrays.
+A Ray actor call costs about a millisecond of CPU on each side, more than a shard needs
+to answer a lookup of a few hundred tokens, so lookups and pushes travel over a ZeroMQ
+socket that each shard opens next to its actor (everything else stays on Ray). The
+shard binds one ROUTER socket served by one thread with a poller; each client holds one
+DEALER socket per shard. A message is a JSON header frame plus one frame per array,
+sent and received without copies (numpy arrays are views of the received frames).
 
-Everything else (creation, steps, checkpoints, restarts, the incarnation protocol)
-stays on Ray. A client that loses its connection (shard died, restarted, or the
-socket failed) raises :class:`ChannelBroken` and the table handle repeats that call
-over Ray, where dead and restarted shards are detected and handled.
+Security and bounds, all enforced before a payload reaches a handler:
 
-Frame: ``<I header bytes><Q data bytes>``, the UTF-8 JSON header, then the arrays
-back to back. A request header is ``{"op", "args", "arrays": [[dtype, shape], ...]}``;
-a reply is ``{"ok": true, "incarnation", "arrays"}`` or ``{"ok": false}`` with the
-pickled exception as data.
+* **Authentication at connect.** Every connection passes the ZMTP handshake through a
+  ZAP handler in the shard's process: PLAIN with the table's secret as password and the
+  protocol version as user name (``encrypt=False``), or CURVE with key pairs derived
+  from the secret and the protocol version (``encrypt=True``: encrypted, and the client
+  also authenticates the shard). A peer that fails never gets a message delivered.
+* **Sizes.** ``MAXMSGSIZE`` makes ZeroMQ drop a peer that announces a frame larger than
+  the table allows, before the frame is allocated; each request is then checked against
+  its operation's caps (derived from the table's ``max_batch``, ``max_pairs`` and block
+  width) from the header before any array view is made. Receive high-water marks bound
+  what one connection can queue; a connection limit bounds the connections.
+* **Liveness.** ZMTP heartbeats drop dead peers; a handshake must finish within
+  ``HANDSHAKE_S``. The server loop survives any error (running out of descriptors
+  included: libzmq's listener retries accepting).
+* **Exactly the reply asked for.** Every request carries an id the reply echoes; a
+  reply with another id is discarded. A client closes a shard's socket on any failure
+  mid-call, so nothing of an abandoned call is read later.
+* **No pickle.** Errors cross as JSON (:func:`memstore.errors.to_wire`), rebuilt by
+  constructor from an allow-list of memstore error classes.
+
+A client that loses its connection (shard died, restarted, refused the handshake)
+reports the call broken and the table handle repeats it over Ray, where dead and
+restarted shards are detected and handled.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import hashlib
+import hmac
+import heapq
+import ipaddress
+import itertools
 import json
+import logging
 import math
-import pickle
-import socket
-import struct
+import secrets
 import threading
+import time
 
 import numpy as np
+import zmq
+import zmq.utils.monitor
+import zmq.utils.z85
 
-from ..errors import MemstoreError
+from ..errors import InvalidArgument, from_wire, to_wire
 
-_PREFIX = struct.Struct("<IQ")
-MAX_HEADER_BYTES = 1 << 20
-MAX_DATA_BYTES = 1 << 34  # 16 GiB: larger frames are refused as malformed
-_DTYPES = {"int32", "int64", "float32", "float64", "uint16"}
+log = logging.getLogger(__name__)
+
+PROTOCOL = "memstore-data/1"
+DTYPES = frozenset({"int32", "int64", "float32", "float64", "uint16"})
+MAX_ITEMSIZE = 8
+MAX_HEADER_BYTES = 1 << 16
+MAX_ARGS = 16
+DEFAULT_MAX_BATCH = 1 << 16
+DEFAULT_MAX_PAIRS = 1 << 22
+DEFAULT_MAX_CONNECTIONS = 256
+HEARTBEAT_S = 2.0
+HEARTBEAT_TIMEOUT_S = 20.0
+HANDSHAKE_S = 5.0
+CONNECT_S = 10.0
+# Messages one connection may have queued on either side; a client has one request in
+# flight per shard, so anything beyond this is a misbehaving peer, held back by TCP.
+QUEUED_MESSAGES = 64
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_BROKEN_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED | zmq.EVENT_CONNECT_RETRIED
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_MONITOR_STOPPED)
 
 
 class ChannelBroken(ConnectionError):
     """The connection failed; the caller repeats the call over Ray."""
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    while len(view):
-        n = sock.recv_into(view)
-        if n == 0:
-            raise ChannelBroken("the peer closed the connection")
-        view = view[n:]
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol or exceeds its caps."""
 
 
-def _describe(arrays) -> list:
-    return [[a.dtype.name, list(a.shape)] for a in arrays]
+# ---- settings ------------------------------------------------------------------------
+def channel_config(bind: str | None = None, encrypt: bool = False,
+                   max_batch: int = DEFAULT_MAX_BATCH, max_pairs: int = DEFAULT_MAX_PAIRS) -> dict:
+    """A new table's config entries for its data channel, validated, with a fresh secret:
+    ``bind`` the IPv4 address shards listen on (None: their node's IP; "0.0.0.0": every
+    interface), ``encrypt`` CURVE instead of PLAIN, and the most rows (``max_batch``) and
+    (row, weight) pairs (``max_pairs``) one call may bring to one shard."""
+    if bind is not None:
+        try:
+            ipaddress.IPv4Address(bind)
+        except (ipaddress.AddressValueError, TypeError):
+            raise InvalidArgument("data_bind", "an IPv4 address of the shards' nodes, or None "
+                                  "for each node's IP", bind) from None
+    if not isinstance(encrypt, bool):
+        raise InvalidArgument("data_encrypt", "True or False", encrypt)
+    for field, value in (("max_batch", max_batch), ("max_pairs", max_pairs)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 30:
+            raise InvalidArgument(field, "an int in [1, 2**30]", value)
+    return {"data_secret": secrets.token_hex(32), "data_bind": bind, "data_encrypt": encrypt,
+            "max_batch": max_batch, "max_pairs": max_pairs}
 
 
-def send_frame(sock: socket.socket, header: dict, arrays=(), data: bytes = b"") -> None:
-    """One frame with a single scatter-gather write loop (the arrays are not copied)."""
+@dataclasses.dataclass(frozen=True)
+class OpCaps:
+    """Most elements of each array of one operation's request, and of its reply."""
+
+    arrays: tuple[tuple[str, str, int], ...]  # (array name, table setting, most elements)
+    reply: int
+
+
+def table_caps(max_batch: int, max_pairs: int, cols: int) -> dict[str, OpCaps]:
+    """The ops a shard serves: lookup(rows, w, offsets) -> y (B, cols) and
+    backward(rows, w, offsets, dy (B, cols)) -> dw (pairs)."""
+    pairs = (("rows", "max_pairs", max_pairs), ("w", "max_pairs", max_pairs),
+             ("offsets", "max_batch", max_batch + 1))
+    return {"lookup": OpCaps(pairs, max_batch * cols),
+            "backward": OpCaps(pairs + (("dy", "max_batch", max_batch * cols),), max_pairs)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelSettings:
+    """What both ends of a table's data channel agree on. The secret never shows in a
+    repr, log or stats."""
+
+    secret: str = dataclasses.field(repr=False)
+    caps: dict = dataclasses.field(default_factory=dict)
+    encrypt: bool = False
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ChannelSettings":
+        bounds = config["grid"]["col_bounds"]
+        cols = max(b - a for a, b in zip(bounds, bounds[1:]))
+        caps = table_caps(int(config.get("max_batch") or DEFAULT_MAX_BATCH),
+                          int(config.get("max_pairs") or DEFAULT_MAX_PAIRS), cols)
+        return cls(secret=config["data_secret"], caps=caps,
+                   encrypt=bool(config.get("data_encrypt", False)))
+
+    def request_bytes(self) -> int:
+        """The largest frame a server accepts (ZeroMQ's MAXMSGSIZE)."""
+        most = max((n for c in self.caps.values() for _, _, n in c.arrays), default=0)
+        return max(MAX_HEADER_BYTES, most * MAX_ITEMSIZE)
+
+    def reply_bytes(self) -> int:
+        most = max((c.reply for c in self.caps.values()), default=0)
+        return max(MAX_HEADER_BYTES, most * MAX_ITEMSIZE)
+
+    def curve_keys(self, side: str) -> tuple[bytes, bytes]:
+        """(public, secret) Z85 CURVE keys of ``side`` ("server" or "client"), derived
+        from the table secret and the protocol version."""
+        seed = hmac.new(self.secret.encode(), f"{PROTOCOL}|{side}".encode(),
+                        hashlib.sha256).digest()
+        secret_key = zmq.utils.z85.encode(seed)
+        return zmq.curve_public(secret_key), secret_key
+
+
+def _common_options(sock: zmq.Socket, max_bytes: int) -> None:
+    sock.linger = 0
+    sock.maxmsgsize = max_bytes
+    sock.rcvhwm = QUEUED_MESSAGES
+    sock.sndhwm = QUEUED_MESSAGES
+    sock.heartbeat_ivl = int(HEARTBEAT_S * 1000)
+    sock.heartbeat_timeout = int(HEARTBEAT_TIMEOUT_S * 1000)
+    sock.heartbeat_ttl = int(HEARTBEAT_TIMEOUT_S * 1000)
+    sock.handshake_ivl = int(HANDSHAKE_S * 1000)
+
+
+# ---- messages --------------------------------------------------------------------------
+def encode(header: dict, arrays=()) -> list:
+    """[header, *arrays] frames; the arrays are sent from their own memory."""
     arrays = [np.ascontiguousarray(a) for a in arrays]
-    head = json.dumps({**header, "arrays": _describe(arrays)}).encode()
-    size = len(data) + sum(a.nbytes for a in arrays)
-    views = [memoryview(_PREFIX.pack(len(head), size) + head + data)]
-    views += [memoryview(a).cast("B") for a in arrays if a.nbytes]
-    while views:
-        sent = sock.sendmsg(views)
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
+    head = {**header, "v": PROTOCOL, "arrays": [[a.dtype.name, list(a.shape)] for a in arrays]}
+    return [json.dumps(head).encode()] + [a if a.nbytes else b"" for a in arrays]
 
 
-def recv_frame(sock: socket.socket) -> tuple[dict, list[np.ndarray], bytes]:
-    """(header, arrays, leftover data) of the next frame; arrays are fresh and writable."""
-    prefix = bytearray(_PREFIX.size)
-    _recv_exact(sock, memoryview(prefix))
-    head_len, data_len = _PREFIX.unpack(prefix)
-    if head_len > MAX_HEADER_BYTES or data_len > MAX_DATA_BYTES:
-        raise ChannelBroken(f"malformed frame: header {head_len} B, data {data_len} B")
-    head = bytearray(head_len)
-    _recv_exact(sock, memoryview(head))
-    header = json.loads(head)
-    described = header.pop("arrays")
-    if any(dtype not in _DTYPES for dtype, _ in described):
-        raise ChannelBroken(f"malformed frame: dtypes {[d for d, _ in described]}")
-    if sum(np.dtype(d).itemsize * math.prod(shape) for d, shape in described) > data_len:
-        raise ChannelBroken("malformed frame: arrays larger than its data")
-    arrays = []
-    for dtype, shape in described:
-        a = np.empty(shape, dtype=dtype)
-        if a.nbytes:
-            _recv_exact(sock, memoryview(a).cast("B"))
-        arrays.append(a)
-    rest = bytearray(data_len - sum(a.nbytes for a in arrays))
-    if rest:
-        _recv_exact(sock, memoryview(rest))
-    return header, arrays, bytes(rest)
+def _buffer(frame) -> memoryview:
+    """The bytes of a received frame (or of a buffer, for messages built in-process)."""
+    view = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def decode(frames: list, caps_of) -> tuple[dict, list[np.ndarray]]:
+    """(header, arrays) of a message, checked against the protocol and the caps that
+    ``caps_of(header)`` returns (a list of most elements per array) before any array is
+    made; the arrays are read-only views of the frames. Raises ProtocolError."""
+    if not frames:
+        raise ProtocolError("an empty message")
+    head = _buffer(frames[0])
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"a header of {len(head)} bytes (at most {MAX_HEADER_BYTES})")
+    try:
+        header = json.loads(bytes(head))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError(f"a header that is not JSON: {e}") from None
+    if not isinstance(header, dict) or header.get("v") != PROTOCOL:
+        raise ProtocolError(f"a header of protocol {PROTOCOL!r}")
+    rid = header.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid < 1 << 63:
+        raise ProtocolError("a request id in [0, 2**63)")
+    described = header.get("arrays")
+    caps = caps_of(header)
+    if not isinstance(described, list) or len(described) != len(frames) - 1 \
+            or len(described) > len(caps):
+        raise ProtocolError(f"at most {len(caps)} arrays, one frame each")
+    return header, [_view(d, _buffer(f), cap) for d, f, cap in zip(described, frames[1:], caps)]
+
+
+def _view(described, buf: memoryview, cap: int) -> np.ndarray:
+    if not (isinstance(described, list) and len(described) == 2 and described[0] in DTYPES
+            and isinstance(described[1], list) and len(described[1]) <= 4
+            and all(type(n) is int and n >= 0 for n in described[1])):
+        raise ProtocolError(f"an array described as [dtype, shape], got {described!r:.200}")
+    dtype, shape = np.dtype(described[0]), described[1]
+    count = math.prod(shape)
+    if count > cap:
+        raise ProtocolError(f"an array of at most {cap} elements, got {count}")
+    if count * dtype.itemsize != len(buf):
+        raise ProtocolError(f"a frame of {count * dtype.itemsize} bytes, got {len(buf)}")
+    if count == 0:
+        return np.empty(shape, dtype=dtype)
+    a = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return a if a.flags.aligned else a.copy()
+
+
+# ---- server ----------------------------------------------------------------------------
+class ReplyFaults:
+    """Test hook of a DataServer: lose or delay the replies of the next calls of an op.
+    The handler runs either way, so a dropped reply is a call that took effect and whose
+    answer was lost."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._plans: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.handled: collections.Counter = collections.Counter()  # op -> handler calls
+        self.dropped: collections.Counter = collections.Counter()
+
+    def drop_replies(self, op: str, n: int = 1) -> None:
+        with self._lock:
+            self._plans[op].extend([None] * n)
+
+    def delay_replies(self, op: str, n: int = 1, seconds: float = 1.0) -> None:
+        with self._lock:
+            self._plans[op].extend([float(seconds)] * n)
+
+    def _next(self, op: str):
+        """"send", "drop", or a delay in seconds for the reply of a call of ``op``."""
+        with self._lock:
+            self.handled[op] += 1
+            if not self._plans.get(op):
+                return "send"
+            plan = self._plans[op].popleft()
+            if plan is None:
+                self.dropped[op] += 1
+                return "drop"
+            return plan
 
 
 class DataServer:
-    """Serves ``handlers[op](*arrays, *args) -> (incarnation, array)`` to any number of
-    connections, one thread each. The handlers do their own locking."""
+    """Serves ``handlers[op](*arrays, *args) -> (incarnation, array)`` to authenticated
+    clients from one thread; the handlers do their own locking.
 
-    def __init__(self, host: str, handlers: dict):
+    ``address`` is (host, port) for clients: ``host``, or ``advertised_host`` when
+    ``host`` is 0.0.0.0 (every interface). ``faults`` is the test hook (:class:`ReplyFaults`);
+    ``counters`` counts refused handshakes and malformed requests.
+    """
+
+    def __init__(self, host: str, handlers: dict, settings: ChannelSettings,
+                 advertised_host: str | None = None):
         self.handlers = handlers
-        self.sock = socket.create_server((host, 0), backlog=64)
-        self.address = (host, self.sock.getsockname()[1])
-        threading.Thread(target=self._accept, name="memstore-data-accept", daemon=True).start()
+        self.settings = settings
+        self.faults = ReplyFaults()
+        self.counters: collections.Counter = collections.Counter()
+        self._peers: set[int] = set()  # descriptors of accepted connections
+        self._delayed: list = []  # heap of (due, seq, frames)
+        self._seq = itertools.count()
+        self._ctx = zmq.Context(io_threads=1)
+        self._zap = self._ctx.socket(zmq.REP)
+        self._zap.linger = 0
+        self._zap.bind(_ZAP_ENDPOINT)
+        self._router = self._ctx.socket(zmq.ROUTER)
+        _common_options(self._router, settings.request_bytes())
+        self._router.router_mandatory = 1
+        self._router.zap_domain = b"memstore"
+        if settings.encrypt:
+            self._router.curve_server = True
+            self._router.curve_publickey, self._router.curve_secretkey = \
+                settings.curve_keys("server")
+        else:
+            self._router.plain_server = True
+        self._monitor = self._router.get_monitor_socket(zmq.EVENT_ACCEPTED
+                                                        | zmq.EVENT_DISCONNECTED)
+        port = self._router.bind_to_random_port(f"tcp://{host}")
+        self.address = (advertised_host if host == "0.0.0.0" and advertised_host else host,
+                        port)
+        self._thread = threading.Thread(target=self._serve, name="memstore-data", daemon=True)
+        self._thread.start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(conn,), name="memstore-data",
-                             daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        for sock in (self._monitor, self._zap, self._router):
+            poller.register(sock, zmq.POLLIN)
+        try:
             while True:
                 try:
-                    header, arrays, _ = recv_frame(conn)
-                except (ChannelBroken, OSError, ValueError):
-                    return
-                try:
-                    handler = self.handlers[header["op"]]
-                    incarnation, result = handler(*arrays, *header.get("args", ()))
-                    reply = ({"ok": True, "incarnation": incarnation}, [result], b"")
-                except Exception as e:  # noqa: BLE001 - every error goes back to the caller
-                    reply = ({"ok": False}, [], _pickled(e))
-                try:
-                    send_frame(conn, *reply)
-                except OSError:
-                    return
+                    ready = dict(poller.poll(self._poll_timeout_ms()))
+                    if self._monitor in ready:
+                        self._note_connection_event()
+                    if self._zap in ready:
+                        self._answer_zap()
+                    if self._router in ready:
+                        self._serve_request()
+                    self._send_due()
+                except zmq.ContextTerminated:
+                    raise
+                except Exception:  # noqa: BLE001 - the listener outlives any one failure
+                    self.counters["loop_errors"] += 1
+                    log.exception("data channel server: an iteration failed; serving on")
+                    time.sleep(0.01)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            for sock in (self._monitor, self._zap, self._router):
+                sock.close(linger=0)
+
+    def _poll_timeout_ms(self):
+        if not self._delayed:
+            return None
+        return max(0, int(1000 * (self._delayed[0][0] - time.monotonic())) + 1)
+
+    def _note_connection_event(self) -> None:
+        event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+        if event["event"] == zmq.EVENT_ACCEPTED:
+            self._peers.add(event["value"])
+        elif event["event"] == zmq.EVENT_DISCONNECTED:
+            self._peers.discard(event["value"])
+
+    def _answer_zap(self) -> None:
+        """One ZAP request (RFC 27): 200 for the table's credentials while the
+        connection limit allows, 400 otherwise."""
+        frames = self._zap.recv_multipart(zmq.NOBLOCK)
+        if len(frames) < 6:
+            return
+        request_id, mechanism, credentials = frames[1], frames[5], frames[6:]
+        ok = self._credentials_ok(mechanism, credentials)
+        if ok and len(self._peers) > self.settings.max_connections:
+            ok, reason = False, b"too many connections"
+        else:
+            reason = b"OK" if ok else b"bad credentials"
+        if not ok:
+            self.counters["refused"] += 1
+        self._zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400", reason,
+                                  b"memstore" if ok else b"", b""])
+
+    def _credentials_ok(self, mechanism: bytes, credentials: list) -> bool:
+        if self.settings.encrypt:
+            if mechanism != b"CURVE" or len(credentials) != 1:
+                return False
+            public, _ = self.settings.curve_keys("client")
+            return hmac.compare_digest(credentials[0], zmq.utils.z85.decode(public))
+        if mechanism != b"PLAIN" or len(credentials) != 2:
+            return False
+        version_ok = hmac.compare_digest(credentials[0], PROTOCOL.encode())
+        return hmac.compare_digest(credentials[1], self.settings.secret.encode()) and version_ok
+
+    def _caps_of(self, header: dict) -> list[int]:
+        caps = self.settings.caps.get(header.get("op"))
+        if caps is None or header.get("op") not in self.handlers:
+            raise ProtocolError(f"an op among {sorted(self.handlers)}")
+        return [n for _, _, n in caps.arrays]
+
+    def _serve_request(self) -> None:
+        try:
+            identity, *frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        op, header = None, {}
+        try:
+            header, arrays = decode(frames, self._caps_of)
+            op, args = header["op"], header.get("args", [])
+            if not isinstance(args, list) or len(args) > MAX_ARGS or not all(
+                    a is None or isinstance(a, (bool, int, float, str)) for a in args):
+                raise ProtocolError(f"args: a list of at most {MAX_ARGS} JSON scalars")
+        except ProtocolError as e:
+            self.counters["malformed"] += 1
+            rid = header.get("id") if isinstance(header, dict) else None
+            self._send([identity, *encode({"id": rid, "ok": False, "error": to_wire(
+                InvalidArgument("frame", str(e), "a malformed request"))})])
+            return
+        reply = self._run(op, arrays, args)
+        action = self.faults._next(op)
+        frames = [identity, *encode({"id": header["id"], **reply[0]}, reply[1])]
+        if action == "send":
+            self._send(frames)
+        elif action != "drop":
+            heapq.heappush(self._delayed, (time.monotonic() + action, next(self._seq), frames))
+
+    def _run(self, op: str, arrays: list, args: list) -> tuple[dict, list]:
+        try:
+            incarnation, result = self.handlers[op](*arrays, *args)
+            result = np.asarray(result)
+            if result.dtype.name not in DTYPES:
+                raise TypeError(f"handler {op} returned dtype {result.dtype}")
+            return {"ok": True, "incarnation": str(incarnation)}, [result]
+        except Exception as e:  # noqa: BLE001 - every error goes back to the caller
+            return {"ok": False, "error": to_wire(e)}, []
+
+    def _send(self, frames: list) -> None:
+        try:
+            self._router.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the peer left (EHOSTUNREACH) or is not reading
+            self.counters["unsent"] += 1
+            log.debug("data channel server: reply not sent: %s", e)
+
+    def _send_due(self) -> None:
+        now = time.monotonic()
+        while self._delayed and self._delayed[0][0] <= now:
+            self._send(heapq.heappop(self._delayed)[2])
 
     def close(self) -> None:
-        self.sock.close()
+        """Stop serving: the thread closes its sockets as the context ends."""
+        self._ctx.term()
+        self._thread.join(timeout=10)
 
 
-def _pickled(error: Exception) -> bytes:
-    try:
-        data = pickle.dumps(error)
-        pickle.loads(data)
-        return data
-    except Exception:  # noqa: BLE001 - an error that does not pickle still gets reported
-        return pickle.dumps(MemstoreError(f"{type(error).__name__}: {error}"))
+# ---- client ----------------------------------------------------------------------------
+class _Peer:
+    """One authenticated DEALER connection to a shard, and the monitor that says when it
+    breaks."""
+
+    def __init__(self, ctx: zmq.Context, address, settings: ChannelSettings, wait_s: float):
+        self.sock = ctx.socket(zmq.DEALER)
+        _common_options(self.sock, settings.reply_bytes())
+        self.sock.immediate = 1
+        self.sock.reconnect_ivl = -1
+        if settings.encrypt:
+            self.sock.curve_serverkey, _ = settings.curve_keys("server")
+            self.sock.curve_publickey, self.sock.curve_secretkey = settings.curve_keys("client")
+        else:
+            self.sock.plain_username = PROTOCOL.encode()
+            self.sock.plain_password = settings.secret.encode()
+        self.monitor = self.sock.get_monitor_socket()
+        host, port = address
+        try:
+            self.sock.connect(f"tcp://{host}:{int(port)}")
+            self._await_handshake(address, wait_s)
+        except (ChannelBroken, zmq.ZMQError) as e:
+            self.close()
+            raise ChannelBroken(f"cannot connect to {address}: {e}") from e
+
+    def _await_handshake(self, address, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.monitor.poll(int(left * 1000) + 1):
+                raise ChannelBroken(f"no handshake with {address} within {wait_s:g} s")
+            event = zmq.utils.monitor.recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return
+            if event & _BROKEN_EVENTS:
+                raise ChannelBroken(f"handshake with {address} failed (event {event})")
+
+    def broke(self) -> bool:
+        """Whether the monitor reported the connection gone since the last look."""
+        while self.monitor.poll(0):
+            event = zmq.utils.monitor.recv_monitor_message(self.monitor)["event"]
+            if event & _BROKEN_EVENTS:
+                return True
+        return False
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
 
 
 class DataClient:
-    """One connection per shard, opened on first use; calls to several shards are all
-    sent before any reply is read, so the shards work in parallel."""
+    """One DEALER socket per shard, connected and authenticated on first use; calls to
+    several shards are all sent before any reply is read, so the shards work in parallel."""
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, settings: ChannelSettings):
         self.timeout_s = timeout_s
+        self.settings = settings
+        # The process's shared context, never terminated: a context of its own would
+        # have to be terminated when the handle goes, and terminating from a garbage
+        # collection can block on sockets still open.
+        self.ctx = zmq.Context.instance()
         self.socks: dict = {}
+        self.ids = itertools.count(1)
+        self.discarded = 0  # replies whose id was not the one awaited
         self.lock = threading.Lock()
 
-    def _sock(self, address) -> socket.socket:
-        sock = self.socks.get(address)
-        if sock is None:
-            try:
-                sock = socket.create_connection(tuple(address), timeout=self.timeout_s)
-            except OSError as e:
-                raise ChannelBroken(f"cannot connect to {address}: {e}") from e
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.socks[address] = sock
-        return sock
+    def _peer(self, address) -> _Peer:
+        address = tuple(address)
+        peer = self.socks.get(address)
+        if peer is not None and peer.broke():
+            self._drop(address)
+            peer = None
+        if peer is None:
+            peer = _Peer(self.ctx, address, self.settings, min(self.timeout_s, CONNECT_S))
+            self.socks[address] = peer
+        return peer
+
+    def check(self, requests: dict) -> None:
+        """Raise InvalidArgument for a request beyond the table's caps, before any is sent."""
+        for address, op, arrays, args in requests.values():
+            caps = self.settings.caps.get(op)
+            if caps is None:
+                raise InvalidArgument("op", f"one of {sorted(self.settings.caps)}", op)
+            if len(arrays) > len(caps.arrays):
+                raise InvalidArgument(op, f"at most {len(caps.arrays)} arrays", len(arrays))
+            for a, (name, setting, most) in zip(arrays, caps.arrays):
+                if np.size(a) > most:
+                    raise InvalidArgument(name, f"at most {most} elements per shard and call "
+                                          f"(the table's {setting})", np.size(a))
 
     def call_all(self, requests: dict) -> tuple[dict, list]:
         """{key: (address, op, arrays, args)} -> ({key: (incarnation, array)}, broken keys).
 
         A key is broken when its connection failed (the caller repeats that call over
-        Ray); the others' replies are read either way, so every connection stays in
-        step. An error a shard raised is re-raised here, after all replies are read.
-        A shard that does not answer within the timeout raises TimeoutError.
+        Ray). An error a shard raised is re-raised here, after all replies are read. A
+        shard that does not answer within the timeout raises TimeoutError. On any
+        failure the sockets involved are closed, so no late reply is ever read.
         """
+        self.check(requests)
         with self.lock:
-            sent, broken, replies = {}, [], {}
-            for key, (address, op, arrays, args) in requests.items():
-                try:
-                    send_frame(self._sock(address), {"op": op, "args": list(args)}, arrays)
-                    sent[key] = address
-                except (ChannelBroken, OSError):
+            pending, broken = {}, []
+            try:
+                for key, (address, op, arrays, args) in requests.items():
+                    try:
+                        peer = self._peer(address)
+                        rid = next(self.ids)
+                        peer.sock.send_multipart(encode({"id": rid, "op": op, "args": list(args)},
+                                                        arrays), copy=False, flags=zmq.NOBLOCK)
+                        pending[rid] = (key, tuple(address), op)
+                    except (ChannelBroken, zmq.ZMQError) as e:
+                        log.debug("data channel: %s", e)
+                        self._drop(address)
+                        broken.append(key)
+                replies, timed_out = self._collect(pending, broken)
+            except BaseException:
+                for _, address, _ in pending.values():
                     self._drop(address)
-                    broken.append(key)
-            timed_out = None
-            for key, address in sent.items():
-                try:
-                    replies[key] = recv_frame(self.socks[address])
-                except TimeoutError as e:
-                    self._drop(address)
-                    timed_out = e
-                except (ChannelBroken, OSError, ValueError):
-                    self._drop(address)
-                    broken.append(key)
-        if timed_out is not None:
-            raise timed_out
+                raise
+        if timed_out:
+            raise TimeoutError(f"no reply from {timed_out} within {self.timeout_s:g} s")
         out, error = {}, None
-        for key, (header, arrays, data) in replies.items():
-            if header.get("ok"):
-                out[key] = (header["incarnation"], arrays[0])
+        for key, header, arrays in replies:
+            if header.get("ok") is True and len(arrays) == 1:
+                out[key] = (header.get("incarnation"), arrays[0])
             elif error is None:
-                error = pickle.loads(data)
+                error = from_wire(header.get("error"))
         if error is not None:
             raise error
         return out, broken
 
+    def _collect(self, pending: dict, broken: list) -> tuple[list, list]:
+        """Replies of the pending requests until each is answered, broken or late."""
+        replies = []
+        deadline = time.monotonic() + self.timeout_s
+        poller = zmq.Poller()
+        waiting = {address for _, address, _ in pending.values()}
+        for address in waiting:
+            poller.register(self.socks[address].sock, zmq.POLLIN)
+            poller.register(self.socks[address].monitor, zmq.POLLIN)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready = dict(poller.poll(int(left * 1000) + 1))
+            for address in list(waiting):
+                peer = self.socks[address]
+                if peer.sock in ready:
+                    replies += self._receive(peer, address, pending)
+                if peer.monitor in ready and peer.broke():
+                    replies += self._receive(peer, address, pending)
+                    lost = [rid for rid, (_, a, _) in pending.items() if a == address]
+                    broken += [pending.pop(rid)[0] for rid in lost]
+                    poller.unregister(peer.sock)
+                    poller.unregister(peer.monitor)
+                    waiting.discard(address)
+                    self._drop(address)
+        late = sorted({address for _, address, _ in pending.values()})
+        for address in late:
+            self._drop(address)
+        return replies, late
+
+    def _receive(self, peer: _Peer, address, pending: dict) -> list:
+        """Every reply queued on ``peer``: those awaited as (key, header, arrays); any
+        other (stale, unknown id, malformed) is discarded and counted."""
+        out = []
+        while True:
+            try:
+                frames = peer.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return out
+            try:
+                header, arrays = decode(frames, lambda h: self._reply_caps(h, address, pending))
+            except ProtocolError as e:
+                self.discarded += 1
+                log.warning("data channel: discarded a reply from %s: %s", address, e)
+                continue
+            key = pending[header["id"]][0]
+            del pending[header["id"]]
+            out.append((key, header, arrays))
+
+    def _reply_caps(self, header: dict, address, pending: dict) -> list[int]:
+        """The caps of the reply awaited under the header's id from ``address``; a reply
+        with another id (stale, or never asked for) is refused."""
+        awaited = pending.get(header.get("id"))
+        if awaited is None or awaited[1] != address:
+            raise ProtocolError(f"a reply to a pending request, got id {header.get('id')!r}")
+        return [self.settings.caps[awaited[2]].reply]
+
     def _drop(self, address) -> None:
-        sock = self.socks.pop(address, None)
-        if sock is not None:
-            sock.close()
+        peer = self.socks.pop(tuple(address), None)
+        if peer is not None:
+            peer.close()
 
     def close(self) -> None:
-        for sock in self.socks.values():
-            try:
-                sock.close()
-            except OSError:
-                pass
-        self.socks.clear()
+        for address in list(self.socks):
+            self._drop(address)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the sockets go anyway
+            pass

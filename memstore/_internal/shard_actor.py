@@ -26,7 +26,7 @@ from ..errors import InvalidArgument
 from ..grid import ShardGrid
 from ..optim import optimizer_from_dict
 from ..shard_table import ShardTable
-from .data_channel import DataServer
+from .data_channel import ChannelSettings, DataServer
 from .wire import to_tensor
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,10 @@ class ShardWorker:
         self.keys: np.ndarray | None = None
         self.data_server = None
         if config.get("data_channel", "socket") == "socket":
-            self.data_server = DataServer(_node_ip(), {"lookup": self.lookup,
-                                                       "backward": self.backward})
+            self.data_server = DataServer(
+                config.get("data_bind") or _node_ip(),
+                {"lookup": self.lookup, "backward": self.backward},
+                ChannelSettings.from_config(config), advertised_host=_node_ip())
 
     def _new_table(self) -> ShardTable:
         """This block with its initial values (the seed fixes them for any grid)."""
