@@ -89,6 +89,8 @@ STORE = "store"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
 _CKPT_FILE = re.compile(r"^step-(\d+)\.pt$")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+ABANDONED = "abandoned"
 
 
 # ---- config ------------------------------------------------------------------------
@@ -522,14 +524,14 @@ class Replica:
     def save_local_tables(self, root: str, step: int) -> None:
         for name, table in self.model.value_tables().items():
             path = store_checkpoint.checkpoint_dir(os.path.join(root, name), step)
-            if os.path.exists(path):
-                shutil.rmtree(path)
+            _set_aside(Path(root).parent, Path(path))
             sd = table.state_dict()
-            entry = store_checkpoint.write_block(path, "0-0", sd)
+            staging = store_checkpoint.begin(path)
+            entry = store_checkpoint.write_block(staging, "0-0", sd)
             config = {"name": name, "rows": table.rows, "dim": table.dim,
                       "dtype": sd["dtype"], "optimizer": sd["optimizer"],
                       "seed": self.model_args.seed + table_users(self.model_args)[name][0]}
-            store_checkpoint.commit(path, config, [entry], step)
+            store_checkpoint.commit(path, config, [entry], step, staging=staging)
 
     def load_local_tables(self, root: str, step: int) -> None:
         for name, table in self.model.value_tables().items():
@@ -566,7 +568,7 @@ class LocalBackend:
         self.replica.save_local_tables(str(self.run_dir / STORE), step)
 
     def restore(self, step: int) -> None:
-        state = torch.load(_ckpt_file(self.run_dir, step), weights_only=False)
+        state = load_model_checkpoint(self.run_dir, step)
         self.replica.load(state["replica"])
         self.replica.load_local_tables(str(self.run_dir / STORE), step)
 
@@ -685,7 +687,7 @@ class RayBackend:
             self._load_workers(restore_step, reconnect=False)
 
     def _load_workers(self, step: int, reconnect: bool) -> None:
-        state = torch.load(_ckpt_file(self.run_dir, step), weights_only=False)["replica"]
+        state = load_model_checkpoint(self.run_dir, step)["replica"]
         ref = self.ray.put(state)
         self.ray.get([w.load.remote(ref, reconnect) for w in self.workers])
 
@@ -717,8 +719,7 @@ class RayBackend:
     def save_store(self, step: int) -> None:
         for name, table in self.tables.items():
             path = store_checkpoint.checkpoint_dir(str(self.run_dir / STORE / name), step)
-            if os.path.exists(path):
-                shutil.rmtree(path)
+            _set_aside(self.run_dir, Path(path))
             table.save(path)
 
     def restore(self, step: int) -> None:
@@ -762,46 +763,114 @@ def _ckpt_file(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(backend, run_dir: Path, step: int, extra: dict) -> None:
-    """Model first (atomic rename), then the store at the same step: a checkpoint step
-    exists once both are there (:func:`latest_checkpoint`)."""
+    """Model first (fsynced, atomic rename, directory fsynced), then the store at the
+    same step: a checkpoint step exists once both are there (:func:`checkpoint_steps`).
+    Everything saved is tensors and plain types, so it loads with weights_only=True."""
     state = backend.save(step)
     file = _ckpt_file(run_dir, step)
     file.parent.mkdir(parents=True, exist_ok=True)
+    _set_aside(run_dir, file)
     tmp = file.with_suffix(f".tmp-{os.getpid()}")
-    torch.save({"step": step, "replica": state, **extra}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({"step": step, "replica": state, **extra}, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, file)
+    _fsync_dir(file.parent)
+    _fsync_dir(run_dir)  # the checkpoints directory itself may be new
     backend.save_store(step)
+
+
+def load_model_checkpoint(run_dir: Path, step: int) -> dict:
+    """The model checkpoint of ``step``; it is data, never code (weights_only)."""
+    return torch.load(_ckpt_file(run_dir, step), map_location="cpu", weights_only=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_steps(run_dir: Path) -> list[int]:
+    folder = run_dir / CHECKPOINTS
+    return sorted(int(m.group(1)) for n in (os.listdir(folder) if folder.exists() else [])
+                  if (m := _CKPT_FILE.match(n)))
+
+
+def store_steps(run_dir: Path, name: str) -> list[int]:
+    """Steps with a committed store checkpoint of table ``name``."""
+    return sorted(int(m.group(1)) for p in store_checkpoint.checkpoints(run_dir / STORE / name)
+                  if (m := _STEP_DIR.match(os.path.basename(p))))
 
 
 def checkpoint_steps(run_dir: Path, tables: list[str]) -> list[int]:
     """Steps with a model checkpoint and a committed store checkpoint of every table."""
-    folder = run_dir / CHECKPOINTS
-    steps = sorted(int(m.group(1)) for n in (os.listdir(folder) if folder.exists() else [])
-                   if (m := _CKPT_FILE.match(n)))
-    done = []
-    for step in steps:
-        try:
-            for name in tables:
-                store_checkpoint.read_manifest(
-                    store_checkpoint.checkpoint_dir(str(run_dir / STORE / name), step))
-        except memstore.CheckpointError:
-            continue
-        done.append(step)
-    return done
+    common = set(model_steps(run_dir))
+    for name in tables:
+        common &= set(store_steps(run_dir, name))
+    return sorted(common)
 
 
-def _forget_after(run_dir: Path, tables: list[str], step: int) -> None:
-    """Remove checkpoints of steps after ``step`` (an abandoned future: a restarted
-    shard must never reload one of them)."""
+def _has_checkpoints(run_dir: Path) -> bool:
+    return any((run_dir / sub).exists() and any((run_dir / sub).iterdir())
+               for sub in (CHECKPOINTS, STORE))
+
+
+def _set_aside(run_dir: Path, path: Path) -> None:
+    """Move ``path`` (a file or a step directory inside ``run_dir``) under
+    ``run_dir/abandoned/<time>/``, keeping its place in the tree: checkpoints are never
+    deleted by the trainer, only moved where no shard or resume looks."""
+    if not path.exists():
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    target = run_dir / ABANDONED / stamp / path.relative_to(run_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(path, target)
+    _fsync_dir(path.parent)
+    log.warning("moved %s to %s", path, target)
+
+
+def _set_aside_after(run_dir: Path, tables: list[str], step: int) -> None:
+    """Set aside checkpoints of steps after ``step`` (an abandoned future: a restarted
+    shard must never reload one of them, and resume must not pick them)."""
     for n in os.listdir(run_dir / CHECKPOINTS) if (run_dir / CHECKPOINTS).exists() else []:
         if (m := _CKPT_FILE.match(n)) and int(m.group(1)) > step:
-            os.remove(run_dir / CHECKPOINTS / n)
+            _set_aside(run_dir, run_dir / CHECKPOINTS / n)
     for name in tables:
         root = run_dir / STORE / name
         for n in os.listdir(root) if root.exists() else []:
-            m = re.match(r"^step-(\d+)$", n)
+            m = _STEP_DIR.match(n)
             if m and int(m.group(1)) > step:
-                shutil.rmtree(root / n)
+                _set_aside(run_dir, root / n)
+
+
+def _resume_step(run_dir: Path, tables: list[str]) -> int | None:
+    """The step --resume continues from: the newest step with both a model checkpoint
+    and a committed store checkpoint of every table. Later checkpoints of one kind only
+    (a save cut short, a store step without its model) are set aside with a warning;
+    when checkpoints exist but share no step, CheckpointError and nothing is changed."""
+    steps = checkpoint_steps(run_dir, tables)
+    if not steps:
+        if _has_checkpoints(run_dir):
+            found = {"model": model_steps(run_dir),
+                     **{f"store {n}": store_steps(run_dir, n) for n in tables}}
+            raise memstore.CheckpointError(
+                str(run_dir), f"no step has both a model and a store checkpoint ({found}); "
+                "nothing was changed: start over with --overwrite, or restore the missing "
+                "files")
+        return None
+    start = steps[-1]
+    newer = [s for s in model_steps(run_dir) if s > start] + [
+        s for n in tables for s in store_steps(run_dir, n) if s > start]
+    if newer:
+        log.warning("resuming at step %d, the newest step with model and store checkpoints; "
+                    "checkpoints of later steps %s are incomplete and set aside under %s",
+                    start, sorted(set(newer)), run_dir / ABANDONED)
+    _set_aside_after(run_dir, tables, start)
+    return start
 
 
 # ---- metrics and plot --------------------------------------------------------------
@@ -889,12 +958,20 @@ def write_config(args: TrainArgs, model_args: ModelArgs, run_dir: Path) -> None:
 
 
 def train(args: TrainArgs, resume: bool = False, stop_after: int | None = None,
-          on_step=None) -> dict:
-    """Train; returns the final metrics. ``resume`` continues from the newest
-    checkpoint in ``run_dir`` (a fresh start when there is none). ``stop_after`` ends
-    the loop after that step as if the job was killed (no final eval/plot: tests).
+          on_step=None, overwrite: bool = False) -> dict:
+    """Train; returns the final metrics. ``resume`` continues from the newest step
+    with both a model and a store checkpoint in ``run_dir`` (a fresh start when
+    ``run_dir`` holds no checkpoint at all; it never deletes one). A new run in a
+    ``run_dir`` that holds checkpoints needs ``overwrite``. ``stop_after`` ends the
+    loop after that step as if the job was killed (no final eval/plot: tests).
     ``on_step(step, backend)`` is called after every step (tests inject faults)."""
-    run_dir = Path(args.run_dir)
+    run_dir = Path(args.run_dir).absolute()
+    if resume and overwrite:
+        raise InvalidArgument("overwrite", "False with resume (continue or start over, "
+                              "not both)", overwrite)
+    if not resume and not overwrite and _has_checkpoints(run_dir):
+        raise InvalidArgument("run_dir", "a directory without checkpoints (or --resume to "
+                              "continue it, --overwrite to start over)", str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     backend = (LocalBackend if args.workers == 0 else RayBackend)(args, run_dir)
     try:
@@ -908,31 +985,31 @@ def _loop(args, backend, run_dir, resume, stop_after, on_step) -> dict:
 
     tables = backend.table_names()
     start, seconds, tokens = 0, 0.0, 0
-    steps = checkpoint_steps(run_dir, tables) if resume else []
-    if steps:
-        start = steps[-1]
-        saved = torch.load(_ckpt_file(run_dir, start), weights_only=False)
+    resumed = _resume_step(run_dir, tables) if resume else None
+    if resumed is not None:
+        start = resumed
+        saved = load_model_checkpoint(run_dir, start)
         if saved["model_args"] != backend.model_args.to_dict():
             raise InvalidArgument("model", "the model of the checkpoint being resumed",
                                   "a different model config")
         seconds, tokens = saved["seconds"], saved["tokens"]
-        _forget_after(run_dir, tables, start)
         backend.start(start)
         log.info("resumed %s at step %d", run_dir, start)
     else:
         if resume:
             log.warning("no checkpoint in %s: starting from step 0", run_dir)
-        for sub in (CHECKPOINTS, STORE):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
+        else:  # train() checked that overwrite was asked for if there are any
+            for sub in (CHECKPOINTS, STORE):
+                shutil.rmtree(run_dir / sub, ignore_errors=True)
         backend.start(None)
     write_config(args, backend.model_args, run_dir)
-    metrics = Metrics(run_dir / METRICS, keep_until=start if steps else None)
+    metrics = Metrics(run_dir / METRICS, keep_until=start if resumed is not None else None)
 
     def checkpoint(step):
         save_checkpoint(backend, run_dir, step, {"seconds": seconds, "tokens": tokens,
                                                  "model_args": backend.model_args.to_dict()})
 
-    if args.checkpoint_every and not steps:
+    if args.checkpoint_every and resumed is None:
         checkpoint(0)  # the state a shard restarted before the first checkpoint rolls to
     bar = tqdm(total=args.steps, initial=start, disable=not args.progress, dynamic_ncols=True,
                desc=args.store.name)
@@ -960,9 +1037,9 @@ def _loop(args, backend, run_dir, resume, stop_after, on_step) -> dict:
                 rollbacks += 1
                 log.warning("store rolled back to step %d: restoring the model of that step",
                             e.step)
-                saved = torch.load(_ckpt_file(run_dir, e.step), weights_only=False)
+                saved = load_model_checkpoint(run_dir, e.step)
                 seconds, tokens = saved["seconds"], saved["tokens"]
-                _forget_after(run_dir, tables, e.step)
+                _set_aside_after(run_dir, tables, e.step)
                 backend.restore(e.step)
                 metrics.truncate(e.step)
                 bar.n = step = e.step
@@ -998,8 +1075,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memstore train", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (trainer/configs/*.yaml)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in run_dir")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the newest step with model and store checkpoints "
+                       "in run_dir (never deletes a checkpoint)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a run_dir that holds checkpoints, deleting them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set workers=2 --set model.dim=64")
     ns = parser.parse_args(argv)
@@ -1007,7 +1088,10 @@ def main(argv: list[str] | None = None) -> int:
         args = load_config(ns.config, ns.set)
     except InvalidArgument as e:
         parser.error(str(e))
-    result = train(args, resume=ns.resume)
+    try:
+        result = train(args, resume=ns.resume, overwrite=ns.overwrite)
+    except (InvalidArgument, memstore.CheckpointError) as e:
+        parser.exit(2, f"memstore train: error: {e}\n")
     ev = result.get("eval") or {}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float))
     print(f"{args.run_dir}: {result['step']} steps, {result['tokens']:,} tokens in "

@@ -140,12 +140,93 @@ def test_resume_with_another_model_is_refused(tmp_path):
         tr.train(other, resume=True)
 
 
+def tree(run_dir) -> dict:
+    """Every file under run_dir (but the metrics and config the next run rewrites)
+    with its bytes: what "nothing was deleted or changed" compares."""
+    run_dir = Path(run_dir)
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name not in (tr.METRICS, "config.yaml", tr.PLOT)}
+
+
+def test_a_used_run_dir_needs_overwrite_and_resume_never_deletes(tmp_path):
+    args = config("tiny", tmp_path)
+    tr.train(args, stop_after=5)  # checkpoints of steps 0 and 4
+    before = tree(args.run_dir)
+    with pytest.raises(InvalidArgument, match="run_dir.*--overwrite"):
+        tr.train(args)
+    with pytest.raises(InvalidArgument, match="overwrite"):
+        tr.train(args, resume=True, overwrite=True)
+    assert tree(args.run_dir) == before
+    result = tr.train(args, resume=True, stop_after=6)
+    assert result["step"] == 6 and [r["step"] for r in metrics(args.run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert {k: v for k, v in tree(args.run_dir).items() if k in before} == before
+    tr.train(args, overwrite=True, stop_after=1)
+    assert tr.checkpoint_steps(Path(args.run_dir), ["memory"]) == [0]
+
+
+def test_resume_when_model_and_store_checkpoints_disagree(tmp_path):
+    """The documented choice: the newest step with both; the unmatched newer ones are
+    moved under abandoned/, not deleted. With no common step: an error, nothing moved."""
+    run = Path(tmp_path / "tiny")
+    args = config("tiny", tmp_path)
+    tr.train(args, stop_after=9)  # steps 0, 4, 8
+    store8 = run / tr.STORE / "memory" / "step-000000008"
+    model8 = run / tr.CHECKPOINTS / "step-000000008.pt"
+    manifest8 = (store8 / "manifest.json").read_bytes()
+    os.remove(store8 / "manifest.json")  # the store save of step 8 never committed
+    model8_bytes = model8.read_bytes()
+    result = tr.train(args, resume=True, stop_after=5)
+    assert result["step"] == 5 and [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
+    assert not model8.exists()
+    set_aside = list((run / tr.ABANDONED).rglob("step-000000008.pt"))
+    assert len(set_aside) == 1 and set_aside[0].read_bytes() == model8_bytes
+    assert list((run / tr.ABANDONED).rglob("step-000000008/block-0-0.pt"))
+    # No step with both any more: refused, and nothing is moved or deleted.
+    (run / tr.ABANDONED).rename(tmp_path / "kept")
+    for n in os.listdir(run / tr.CHECKPOINTS):
+        os.rename(run / tr.CHECKPOINTS / n, tmp_path / "kept" / n)
+    (store8.parent / "step-000000012").mkdir()
+    before = tree(run)
+    with pytest.raises(memstore.CheckpointError, match=r"no step has both.*'model': \[\]"):
+        tr.train(args, resume=True)
+    assert tree(run) == before and manifest8
+
+
+_EVIL = """
+import os
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+"""
+
+
+def test_a_model_checkpoint_is_loaded_as_data_only(tmp_path):
+    args = config("tiny", tmp_path)
+    tr.train(args, stop_after=5)
+    marker = tmp_path / "pwned"
+    namespace = {}
+    exec(_EVIL.format(marker=marker), namespace)  # noqa: S102 - builds the hostile payload
+    torch.save({"step": 4, "replica": namespace["Evil"]()},
+               Path(args.run_dir) / tr.CHECKPOINTS / "step-000000004.pt")
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
+        tr.train(args, resume=True, stop_after=5)
+    assert not marker.exists()
+
+
 def test_cli_main(tmp_path, capsys):
     assert tr.main(["--config", str(CONFIGS / "tiny.yaml"), "--set", f"run_dir={tmp_path}",
                     "--set", "progress=false", "--set", "steps=2"]) == 0
     assert "2 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         tr.main(["--config", str(CONFIGS / "tiny.yaml"), "--set", "bogus=1"])
+    again = ["--config", str(CONFIGS / "tiny.yaml"), "--set", f"run_dir={tmp_path}",
+             "--set", "progress=false", "--set", "steps=2"]
+    with pytest.raises(SystemExit) as e:
+        tr.main(again)
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tr.main([*again, "--resume", "--overwrite"])
+    assert tr.main([*again, "--overwrite"]) == 0
 
 
 def test_memstore_train_command_runs_the_trainer(tmp_path, capsys):
