@@ -346,8 +346,8 @@ def write_block(path: str | os.PathLike, block_id: str, state_dict: dict) -> dic
         "spec": _spec_dict(state_dict["spec"]),
         "dtype": str(state_dict["dtype"]),
         "optimizer": dict(state_dict["optimizer"]),
-        "values": state_dict["values"].detach().cpu().contiguous(),
-        "state": {k: v.detach().cpu().contiguous() for k, v in state_dict["state"].items()},
+        "values": _compact(state_dict["values"]),
+        "state": {k: _compact(v) for k, v in state_dict["state"].items()},
         "last_step": int(state_dict["last_step"]),
         "updates": int(state_dict["updates"]),
     }
@@ -363,6 +363,15 @@ def write_block(path: str | os.PathLike, block_id: str, state_dict: dict) -> dic
     return {"block": block_id, "file": final, "spec": payload["spec"],
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
             "last_step": payload["last_step"], "updates": payload["updates"]}
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU owning exactly its bytes: torch.save writes a view's whole
+    storage, so a block cut from a larger tensor would otherwise carry all of it."""
+    t = t.detach().cpu().contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
 
 
 def commit(path: str | os.PathLike, table_config: dict, entries: list[dict], step: int, *,

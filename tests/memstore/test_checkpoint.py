@@ -522,3 +522,16 @@ def test_paths_resolve_on_the_caller_and_unknown_schemes_are_errors(tmp_path, mo
     save_grid("rel/ck", trained(steps=1), "1x1", step=1)
     assert ck.read_manifest(tmp_path / "rel" / "ck")["step"] == 1
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(("foo:", "s3:"))]
+
+
+def test_a_block_cut_from_a_larger_tensor_stores_only_its_rows(tmp_path):
+    """torch.save writes a view's whole storage; a block file must hold its rows only."""
+    whole = trained(steps=1)
+    sd, spec = whole.state_dict(), BlockSpec(ROWS, DIM, 0, 100, 0, DIM)
+    view = {**sd, "spec": spec, "values": sd["values"][:100],
+            "state": {k: v[:100] for k, v in sd["state"].items()}}
+    staging = ck.begin(tmp_path / "ck")
+    entry = ck.write_block(staging, "r0", view)
+    rows_bytes = 100 * DIM * 4 * 3  # values, exp_avg, exp_avg_sq
+    assert rows_bytes < entry["bytes"] < rows_bytes + 64 * 1024
+    assert entry["bytes"] < ROWS * DIM * 4  # not the whole table's storage
