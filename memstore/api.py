@@ -8,6 +8,7 @@ import os
 
 from . import checkpoint
 from ._internal.data_channel import DEFAULT_MAX_BATCH, DEFAULT_MAX_PAIRS, channel_config
+from ._internal.gpu_budget import check_blocks_fit, free_gpu_memory
 from ._internal.shard_actor import ShardWorker
 from ._internal.validation import check_dtype_name, check_positive_int
 from .errors import InvalidArgument, ShardUnavailable
@@ -23,6 +24,7 @@ from .table import (
     check_budget,
     find_table,
     raise_if_exists,
+    remove_placement_group_of,
     shard_bytes,
     shard_name,
 )
@@ -82,6 +84,8 @@ def create_table(
     max_shard_bytes: int | None = None,
     max_restarts: int = 3,
     threads_per_shard: int = 1,
+    cpus_per_shard: float | None = None,
+    device: str = "auto",
     timeout_s: float | None = None,
     worker_cls=ShardWorker,
     restore_from: str | None = None,
@@ -101,6 +105,10 @@ def create_table(
     ``workers``-th push of s, so a trainer needs no ``step`` round of its own; once a
     caller's pushes of s have returned, s is applied on every shard. Restarted shards reload the
     newest checkpoint under ``checkpoint_root``; ``save_every`` saves there every N steps.
+    ``threads_per_shard``: torch threads of a shard; ``cpus_per_shard``: the CPUs Ray
+    reserves for it (default: threads_per_shard; a fraction lets more shards than cores
+    share a small machine). ``device``: "auto" (GPU shards when the cluster has a GPU per
+    shard), "cpu", or "cuda" (refused at once without a GPU per shard).
     """
     _check_name(name)
     check_positive_int("rows", rows)
@@ -142,15 +150,54 @@ def create_table(
     grid = _grid(rows, dim, shards, config, max_shard_bytes)
     config["grid"] = grid.to_dict()
     check_budget(config, grid, max_shard_bytes)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if len(grid.blocks()) * threads_per_shard > cpus:
-        raise InvalidArgument("shards", f"at most {int(cpus)} CPUs in all ({len(grid.blocks())} "
-                              f"shards x {threads_per_shard} threads_per_shard)", shards)
-    gpus = ray.cluster_resources().get("GPU", 0) >= len(grid.blocks())
-    config["device"] = "cuda" if gpus else "cpu"
-    shards_by_block = _spawn(ray, config, grid, worker_cls, max_restarts, gpus, timeout_s)
+    config["cpus"], config["device"] = _placement(ray.cluster_resources(), len(grid.blocks()),
+                                                  threads_per_shard, cpus_per_shard, device)
+    gpus = config["device"] == "cuda"
+    try:
+        shards_by_block = _spawn(ray, config, grid, worker_cls, max_restarts, gpus, timeout_s)
+        table = Table(config, shards_by_block, timeout_s=timeout_s)
+    except BaseException:
+        _undo_create(ray, name, grid)  # nothing of a failed create stays, the name is free
+        raise
     log.info("created table %s: %d x %d over a %s grid", name, rows, dim, grid.shape)
-    return Table(config, shards_by_block, timeout_s=timeout_s)
+    return table
+
+
+def _placement(resources: dict, shards: int, threads: int, cpus_per_shard, device: str
+               ) -> tuple[float, str]:
+    """(CPUs reserved per shard, device) for ``shards`` shards, refused at once when the
+    cluster has too few CPUs or, for ``device="cuda"``, too few GPUs (one per shard),
+    instead of waiting for resources that will not come."""
+    if cpus_per_shard is None:
+        cpus_per_shard = float(threads)
+    if (isinstance(cpus_per_shard, bool) or not isinstance(cpus_per_shard, (int, float))
+            or not math.isfinite(cpus_per_shard) or cpus_per_shard <= 0):
+        raise InvalidArgument("cpus_per_shard", "None (threads_per_shard) or a number > 0",
+                              cpus_per_shard)
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if shards * cpus_per_shard > cpus:
+        raise InvalidArgument("shards", f"at most {cpus:g} CPUs in all ({shards} shards x "
+                              f"{cpus_per_shard:g} cpus_per_shard; a smaller cpus_per_shard "
+                              "shares cores)", shards)
+    if device not in ("auto", "cpu", "cuda"):
+        raise InvalidArgument("device", "'auto', 'cpu' or 'cuda'", device)
+    if device == "cuda" and gpus < shards:
+        raise InvalidArgument("device", f"'cpu' or 'auto': 'cuda' needs one GPU per shard, "
+                              f"{shards} GPUs, and the cluster has {gpus:g}", device)
+    if device == "auto":
+        device = "cuda" if gpus >= shards else "cpu"
+    return float(cpus_per_shard), device
+
+
+def _undo_create(ray, name: str, grid: ShardGrid) -> None:
+    """Kill whatever a failed create_table placed (catalog, shards) and free its
+    placement group; by name, so that it works whichever step failed."""
+    for actor_name in [catalog_name(name), *(shard_name(name, r, c) for r, c in grid.blocks())]:
+        try:
+            ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass  # never created
+    remove_placement_group_of(name)
 
 
 def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout_s) -> dict:
@@ -159,7 +206,7 @@ def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     name = config["name"]
-    bundle = {"CPU": config["threads"], **({"GPU": 1} if gpus else {})}
+    bundle = {"CPU": config["cpus"], **({"GPU": 1} if gpus else {})}
     pg = placement_group([bundle] * len(grid.blocks()), strategy="SPREAD",
                          name=f"memstore/{name}", lifetime="detached")
     wait_s = timeout_s or DEFAULT_TIMEOUT_S
@@ -169,7 +216,10 @@ def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout
         remove_placement_group(pg)
         raise ShardUnavailable(f"memstore/{name}", wait_s, f"the cluster has no room for "
                                f"{len(grid.blocks())} shards of {bundle}; free resources or "
-                               "use fewer shards or threads_per_shard") from e
+                               "use fewer shards or a smaller cpus_per_shard") from e
+    if gpus:  # each block against the free memory of the GPU its bundle landed on
+        check_blocks_fit([shard_bytes(config, grid)] * len(grid.blocks()),
+                         free_gpu_memory(ray, pg, len(grid.blocks()), wait_s))
     # The catalog restarts without limit: losing its node must not orphan the shards.
     # A restart rebuilds it from the config; the shards' copies refill published keys.
     ray.remote(TableCatalog).options(
@@ -181,7 +231,7 @@ def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout
     for i, (r, c) in enumerate(grid.blocks()):
         shards[(r, c)] = actor_cls.options(
             name=shard_name(name, r, c), namespace=NAMESPACE, lifetime="detached",
-            max_restarts=max_restarts, max_task_retries=0, num_cpus=config["threads"],
+            max_restarts=max_restarts, max_task_retries=0, num_cpus=config["cpus"],
             num_gpus=1 if gpus else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
         ).remote(config, r, c)

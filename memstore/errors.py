@@ -13,6 +13,7 @@ __all__ = [
     "TableNotFound",
     "TableExists",
     "StoreRolledBack",
+    "ShardRestarted",
     "ShardUnavailable",
     "MemoryBudgetExceeded",
     "CheckpointError",
@@ -136,6 +137,20 @@ class StoreRolledBack(MemstoreError):
         super().__init__(
             f"shard {shard or '?'} restarted and reloaded the checkpoint of step {step}; "
             f"restore the trainer's own state of step {step} and continue from there"
+        )
+
+
+class ShardRestarted(MemstoreError):
+    """A shard refused a call addressed to an earlier incarnation of itself (fencing):
+    nothing changed. The table handle answers it by rolling the table back."""
+
+    def __init__(self, shard: str, expected: str, incarnation: str):
+        self.shard = shard
+        self.expected = expected
+        self.incarnation = incarnation
+        super().__init__(
+            f"shard {shard} restarted (incarnation {incarnation}, the call expected "
+            f"{expected}); the call was refused and nothing changed"
         )
 
 

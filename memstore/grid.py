@@ -4,6 +4,10 @@ A table of rows × dim is a grid of R row blocks × C column blocks. Column bloc
 every (token, slot) pair and return a slice of the output columns; row blocks see only
 the pairs whose row they own, as ragged CSR bags, and return partial sums that the
 client adds. Indices travel as int32 when the table has fewer than 2³¹ rows.
+
+In a grid of several column blocks, every block of a row block gets the same slots; the
+client groups them by row once (:func:`pack_grouping`) and sends the grouping with the
+push, so that no block repeats that per-slot work.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import dataclasses
 
 import torch
 
+from kernels.grouped import group_rows
+
 from ._internal.validation import check_positive_int
 from .errors import InvalidArgument
 from .shard_table import BlockSpec
 
-__all__ = ["ShardGrid", "RowRoute"]
+__all__ = ["ShardGrid", "RowRoute", "pack_grouping", "unpack_grouping"]
 
 # Narrower column blocks would make each shard's rows shorter than a few cache lines.
 MIN_COLUMNS_PER_BLOCK = 64
@@ -106,3 +112,21 @@ class ShardGrid:
     @classmethod
     def from_dict(cls, d: dict) -> "ShardGrid":
         return cls(d["rows"], d["dim"], tuple(d["row_bounds"]), tuple(d["col_bounds"]))
+
+
+def pack_grouping(rows: torch.Tensor, row_start: int, row_stop: int) -> torch.Tensor:
+    """The slots of a row block grouped by row, as one int32 array: order (P) | uniq (U)
+    | seg (U+1) (see ``kernels.grouped.group_rows``; uniq are global rows)."""
+    local = rows.to(torch.int64) - row_start
+    uniq, seg, order = group_rows(local, row_stop - row_start)
+    return torch.cat([order, uniq + row_start, seg]).to(torch.int32)
+
+
+def unpack_grouping(packed: torch.Tensor, pairs: int) -> tuple[torch.Tensor, ...]:
+    """(uniq, seg, order) views of a packed grouping of ``pairs`` slots."""
+    rest = packed.numel() - pairs - 1
+    if packed.dim() != 1 or rest < 0 or rest % 2:
+        raise InvalidArgument("grouping", f"order ({pairs}) | uniq (U) | seg (U+1) as one "
+                              "1-d array", tuple(packed.shape))
+    U = rest // 2
+    return packed[pairs: pairs + U], packed[pairs + U:], packed[:pairs]

@@ -18,14 +18,17 @@ import time
 import torch
 
 import kernels
+from kernels.grouped import bag_backward_grouped
 
 from ._internal.validation import (
     check_dtype_name,
-    check_float,
     check_index,
     check_lr,
     check_positive_int,
     check_step,
+    check_step_window,
+    check_tensor,
+    wire_float,
 )
 from .errors import InvalidArgument, StepOutOfOrder
 from .optim import Adam, _Optimizer
@@ -148,15 +151,29 @@ class ShardTable:
     def _bags(self, idx, w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validated (B, M) bags as block-local CSR: rows (P,), w (P,), offsets (B+1,)."""
         local = self._local_index(idx, 2)
-        check_float("w", w, tuple(idx.shape))
+        w = wire_float("w", w, tuple(idx.shape))
         B, M = idx.shape
         offsets = torch.arange(B + 1, dtype=torch.int64, device=self.device) * M
-        return local.reshape(-1), w.reshape(-1).to(self.device, torch.float32), offsets
+        return local.reshape(-1), w.reshape(-1).to(self.device), offsets
 
-    def _csr_bags(self, rows, w, offsets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Validated ragged bags (what a router sends a row block) as block-local CSR."""
+    @staticmethod
+    def _floats(field: str, t, shape: tuple[int, ...], checked: bool) -> torch.Tensor:
+        """float32 ``t`` of ``shape``. ``checked``: the sender (a table handle) already
+        checked its values in float32, so only the dtype and shape are checked here."""
+        if not checked:
+            return wire_float(field, t, shape)
+        check_tensor(field, t, len(shape))
+        if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
+            raise InvalidArgument(field, f"a float32 tensor of shape {tuple(shape)}",
+                                  f"{t.dtype} of shape {tuple(t.shape)}")
+        return t
+
+    def _csr_bags(self, rows, w, offsets, checked: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validated ragged bags (what a router sends a row block) as block-local CSR.
+        The row range and the offsets are always checked: the kernels index with them."""
         local = self._local_index(rows, 1, field="rows")
-        check_float("w", w, (rows.shape[0],))
+        w = self._floats("w", w, (rows.shape[0],), checked)
         check_index("offsets", offsets, 1, 0, rows.shape[0] + 1)
         if (offsets.numel() == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != rows.shape[0]
                 or bool((offsets.diff() < 0).any())):
@@ -168,9 +185,10 @@ class ShardTable:
         """(B, cols) float32: Σ_m w[b, m] · values[idx[b, m]] over this block's columns."""
         return self._lookup(*self._bags(idx, w))
 
-    def lookup_csr(self, rows, w, offsets) -> torch.Tensor:
-        """(B, cols) float32 for ragged bags: bag b is rows[offsets[b]:offsets[b+1]]."""
-        return self._lookup(*self._csr_bags(rows, w, offsets))
+    def lookup_csr(self, rows, w, offsets, checked: bool = False) -> torch.Tensor:
+        """(B, cols) float32 for ragged bags: bag b is rows[offsets[b]:offsets[b+1]].
+        ``checked``: w is float32 and its values were checked by the sender."""
+        return self._lookup(*self._csr_bags(rows, w, offsets, checked))
 
     def _lookup(self, local, w, offsets) -> torch.Tensor:
         start = time.perf_counter()
@@ -196,12 +214,36 @@ class ShardTable:
         return self._backward(local, flat_w, offsets, dy, step, worker, lr).reshape(idx.shape)
 
     def backward_csr(self, rows, w, offsets, dy, step: int | None = None, worker: int = 0,
-                     lr: float | None = None):
-        """dw (P,) for ragged bags; see :meth:`backward`."""
-        return self._backward(*self._csr_bags(rows, w, offsets), dy, step, worker, lr)
+                     lr: float | None = None, checked: bool = False, grouping=None):
+        """dw (P,) for ragged bags; see :meth:`backward`. ``checked``: w and dy are
+        float32 and their values were checked by the sender. ``grouping``: the slots
+        grouped by row by the sender, (uniq, seg, order) as ``kernels.grouped.group_rows``
+        makes them with global rows; a CPU block then groups nothing itself."""
+        local, w, offsets = self._csr_bags(rows, w, offsets, checked)
+        if grouping is not None:
+            grouping = self._check_grouping(*grouping, rows.shape[0])
+        return self._backward(local, w, offsets, dy, step, worker, lr, checked, grouping)
 
-    def _backward(self, local, w, offsets, dy, step, worker, lr) -> torch.Tensor:
-        check_float("dy", dy, (offsets.numel() - 1, self.spec.shape[1]))
+    def _check_grouping(self, uniq, seg, order, pairs: int) -> tuple:
+        """The sender's grouping, checked as far as the kernels index with it (cheaply:
+        ranges, not that it is the grouping of these rows); rows made block-local."""
+        check_index("order", order, 1, 0, pairs)
+        if order.numel() != pairs:
+            raise InvalidArgument("order", f"{pairs} slot positions", order.numel())
+        s = self.spec
+        check_index("uniq", uniq, 1, s.row_start, s.row_stop)
+        check_index("seg", seg, 1, 0, pairs + 1)
+        if (seg.numel() != uniq.numel() + 1 or int(seg[0]) != 0 or int(seg[-1]) != pairs
+                or bool((seg.diff() < 0).any())):
+            raise InvalidArgument("seg", f"{uniq.numel() + 1} non-decreasing offsets from 0 "
+                                  f"to {pairs}", "another sequence")
+        uniq = uniq.to(device=self.device, dtype=torch.int64)
+        return (uniq - s.row_start if s.row_start else uniq,
+                seg.to(self.device, torch.int64), order.to(self.device, torch.int64))
+
+    def _backward(self, local, w, offsets, dy, step, worker, lr, checked=False,
+                  grouping=None) -> torch.Tensor:
+        dy = self._floats("dy", dy, (offsets.numel() - 1, self.spec.shape[1]), checked)
         step = self._check_open_step(step)
         check_step("worker", worker)
         lr = check_lr("lr", lr)
@@ -211,9 +253,12 @@ class ShardTable:
         if lr is not None:
             self._step_lr[step] = lr
         start = time.perf_counter()
-        dw, grads = kernels.bag.bag_backward_sparse(
-            self.values, local, w, offsets, dy.to(self.device, torch.float32)
-        )
+        if grouping is not None and self.device.type == "cpu":
+            dw, grads = bag_backward_grouped(self.values, local, w, offsets, dy, *grouping)
+        else:
+            dw, grads = kernels.bag.bag_backward_sparse(
+                self.values, local, w, offsets, dy.to(self.device, torch.float32)
+            )
         pushes = self._pending.setdefault(step, {})
         if worker in pushes:
             self._counters["duplicate_pushes"] += 1
@@ -228,6 +273,16 @@ class ShardTable:
         """Forget the gradients pending for ``step`` without applying them."""
         self._pending.pop(step, None)
         self._step_lr.pop(step, None)
+
+    def retract(self, step: int, worker: int) -> bool:
+        """Withdraw the pending push of (step, worker), e.g. one that another block of the
+        table refused; False when there is none."""
+        pushes = self._pending.get(step, {})
+        if pushes.pop(worker, None) is None:
+            return False
+        if not pushes:
+            self.discard(step)
+        return True
 
     def pushes(self, step: int) -> list[int]:
         """The workers whose gradients are pending for ``step``."""
@@ -267,7 +322,7 @@ class ShardTable:
         check_step("step", step)
         if step <= self.last_step:
             raise StepOutOfOrder(step, self.last_step)
-        return step
+        return check_step_window("step", step, self.last_step)
 
     def pending_steps(self) -> list[int]:
         return sorted(self._pending)

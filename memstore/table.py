@@ -3,8 +3,11 @@
 ``create_table`` places one detached, named actor per block (namespace ``memstore``)
 with a SPREAD placement group, plus a small catalog actor that holds the table's
 config and published keys, so that ``connect(name)`` works from any driver of the
-cluster. The handle validates every call before anything leaves the process, sends
-each shard one call per operation with all shards in flight, and assembles results.
+cluster. The handle validates every call before anything leaves the process (values
+in float32, the wire dtype), sends each shard one call per operation with all shards
+in flight, and assembles results. Every call that reads or changes a block carries the
+incarnation the handle knows for that shard; a restarted shard refuses it unchanged
+(fencing) and the handle rolls every block back to the checkpoint that shard restored.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import torch
 import kernels
 
 from . import checkpoint
-from ._internal.validation import check_float, check_index, check_lr, check_step
+from ._internal.validation import check_index, check_lr, check_step, wire_float
 from .errors import (
     InvalidArgument,
     MemoryBudgetExceeded,
+    MemstoreError,
+    ShardRestarted,
     ShardUnavailable,
     StepOutOfOrder,
     StoreRolledBack,
@@ -32,7 +37,7 @@ from .errors import (
 )
 from ._internal.data_channel import ChannelSettings, DataClient
 from ._internal.wire import to_tensor
-from .grid import ShardGrid
+from .grid import ShardGrid, pack_grouping
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,11 @@ class Table:
         infos = self._call_all("info")
         self._note(infos)
         self.last_step = max(i["last_step"] for i in infos.values())
+        for block, info in infos.items():
+            if info.get("restarted") and not self._reconciled(info["incarnation"], infos):
+                # A restart no handle has rolled the table back for: a new handle has no
+                # state of its own to restore, so it reconciles the blocks and goes on.
+                self._roll_back(block, notify=False)
 
     def _note(self, infos: dict) -> None:
         """Remember each shard's incarnation and data-channel address."""
@@ -127,12 +137,17 @@ class Table:
                 out[block] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except ray.exceptions.GetTimeoutError as e:
                 raise ShardUnavailable(name, self.timeout_s, "timed out") from e
+            except ShardRestarted:
+                self._roll_back(block)
             except ray.exceptions.RayActorError as e:
                 self._recover_or_raise(block, e)
         return out
 
-    def _call_all(self, method: str, *args) -> dict:
-        return self._wait({b: getattr(a, method).remote(*args) for b, a in self.shards.items()})
+    def _call_all(self, method: str, *args, fenced: bool = False) -> dict:
+        """``method(*args)`` on every shard; ``fenced``: with the incarnation expected of
+        each as the last argument."""
+        return self._wait({b: getattr(a, method).remote(
+            *args, *((self._incarnations[b],) if fenced else ())) for b, a in self.shards.items()})
 
     def _checked(self, results: dict) -> dict:
         """Strip incarnations; a changed one means a shard restarted from a checkpoint."""
@@ -160,27 +175,36 @@ class Table:
                 raise ShardUnavailable(name, self.timeout_s, str(error).splitlines()[0]) from e
         self._roll_back(block)
 
-    def _roll_back(self, block) -> None:
-        """Bring every shard to the restarted shard's checkpoint, then tell the caller."""
+    def _roll_back(self, block, notify: bool = True) -> None:
+        """Bring every block, the restarted one included (its pending pushes go too), to
+        the checkpoint the restarted shard reports it restored, then tell the caller.
+
+        Once per restart: blocks remember the restarts they were rolled back for, so a
+        second handle that meets the same restart only learns the new incarnation (a
+        second reload would drop pushes made since the first)."""
         ray = _ray()
         info = ray.get(self.shards[block].info.remote(), timeout=self.timeout_s)
-        # The same choice the restarted shard made in its constructor.
-        root = self.config.get("checkpoint_root")
-        path = (checkpoint.latest_checkpoint(root) if root else None) or self.config.get(
-            "restore_from")
-        for other, actor in self.shards.items():
-            if other != block:
-                ray.get(actor.reload.remote(path), timeout=self.timeout_s)
+        restart = info["incarnation"]
+        if not self._reconciled(restart, self._call_all("info")):
+            ray.get([actor.reload.remote(info["restored_path"], restart)
+                     for actor in self.shards.values()], timeout=self.timeout_s)
         self._note(self._call_all("info"))
         self.last_step = info["restored_step"]
-        raise StoreRolledBack(info["restored_step"], shard_name(self.name, *block))
+        if notify:
+            raise StoreRolledBack(info["restored_step"], shard_name(self.name, *block))
+        log.warning("table %s rolled back to step %d: shard %s had restarted", self.name,
+                    info["restored_step"], shard_name(self.name, *block))
+
+    @staticmethod
+    def _reconciled(restart: str, infos: dict) -> bool:
+        return all(restart in i.get("reconciled", ()) for i in infos.values())
 
     # ---- validation ------------------------------------------------------------
     def _check_pairs(self, idx, w) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validated pairs on the host, where the wire (numpy) starts."""
+        """Validated pairs on the host, where the wire (numpy) starts; w in float32,
+        checked after the cast. The shards then check only their row range."""
         check_index("idx", idx, 2, 0, self.rows)
-        check_float("w", w, tuple(idx.shape))
-        return idx.cpu(), w.cpu()
+        return idx.cpu(), wire_float("w", w, tuple(idx.shape)).cpu()
 
     def _check_step(self, step) -> int:
         if step is None:
@@ -203,14 +227,19 @@ class Table:
 
     def _data_call(self, op: str, routes, extra: dict | None = None) -> dict:
         """``op`` (lookup or backward) on every shard with its row block's routed pairs
-        plus ``extra[block]`` = (more arrays, scalars), if given; incarnations checked.
+        plus ``extra[block]`` = (more arrays, scalars), if given, and the incarnation
+        expected of the shard (a restarted one refuses the call: the table rolls back).
 
-        Over the data channel where the shards have one; a shard whose connection
-        failed (it died, restarted, or the socket broke) gets the call over Ray, where
-        a dead or restarted shard is recognised and handled.
+        Over the data channel where the shards have one. A call whose connection failed
+        (the shard died, restarted, or the socket broke) is repeated over Ray, where a
+        dead or restarted shard is recognised and handled; after a channel timeout
+        (a lost reply, or a silent shard) every call is. Repeating is safe: lookups
+        change nothing, and a shard answers a repeated push with its first reply.
         """
         arrays = [(r.rows.numpy(), r.w.numpy(), r.offsets.numpy()) for r in routes]
         extra = {b: (extra or {}).get(b, ((), ())) for b in self.shards}
+        extra = {b: (more, (*scalars, self._incarnations[b])) for b, (more, scalars)
+                 in extra.items()}
         todo = list(self.shards)
         results = {}
         if all(self._addresses.get(b) for b in todo):
@@ -218,9 +247,12 @@ class Table:
                                  extra[(r, c)][1]) for r, c in todo}
             try:
                 results, todo = self._data_channel().call_all(requests)
-            except TimeoutError as e:
-                raise ShardUnavailable(self.name, self.timeout_s, "no reply on the data "
-                                       "channel") from e
+            except ShardRestarted as e:
+                self._roll_back(tuple(int(x) for x in e.shard.split("-")))
+            except TimeoutError:
+                log.warning("no reply from a shard of %s on the data channel within %g s: "
+                            "the call goes over Ray", self.name, self.timeout_s)
+                results, todo = {}, list(self.shards)
             for block in todo:
                 log.info("data channel to %s failed: the call goes over Ray",
                          shard_name(self.name, *block))
@@ -252,7 +284,7 @@ class Table:
         out = torch.zeros(rows.shape[0], self.dim)
         inner = torch.tensor(self.grid.row_bounds[1:-1], dtype=rows.dtype)
         block_of = torch.bucketize(rows, inner, right=True)
-        refs = {(r, c): a.gather.remote(rows[block_of == r].numpy())
+        refs = {(r, c): a.gather.remote(rows[block_of == r].numpy(), self._incarnations[(r, c)])
                 for (r, c), a in self.shards.items()}
         for (r, c), part in self._checked(self._wait(refs)).items():
             c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
@@ -265,20 +297,55 @@ class Table:
         the learning rate step s is applied with (a schedule; all pushes of s agree),
         default the table optimizer's."""
         idx, w = self._check_pairs(idx, w)
-        check_float("dy", dy, (idx.shape[0], self.dim))
+        dy = wire_float("dy", dy, (idx.shape[0], self.dim)).cpu()
         step = self._check_step(step)
         worker = self.worker if worker is None else check_step("worker", worker)
         lr = check_lr("lr", lr)
         routes = self.grid.route(idx, w)
-        dy = dy.to(device="cpu", dtype=torch.float32)
+        grouped = self._grouped_slots(routes)
         extra = {}
         for r, c in self.shards:
             c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
-            extra[(r, c)] = ((dy[:, c0:c1].contiguous().numpy(),), (step, worker, lr))
+            extra[(r, c)] = ((dy[:, c0:c1].contiguous().numpy(), *grouped[r:r + 1]),
+                             (step, worker, lr))
         dw = torch.zeros(idx.shape, dtype=torch.float32)
-        for (r, c), part in self._data_call("backward", routes, extra).items():
+        try:
+            parts = self._data_call("backward", routes, extra)
+        except (StoreRolledBack, ShardUnavailable):
+            raise
+        except MemstoreError:
+            self._retract(step, worker)
+            raise
+        for (r, c), part in parts.items():
             dw[routes[r].mask] += to_tensor(part)
         return dw
+
+    def _grouped_slots(self, routes) -> list:
+        """Each row block's slots grouped by row (``grid.pack_grouping``), once for all
+        its column blocks; none (each block groups its own) without column blocks or
+        on a data channel that does not take the extra array."""
+        if self.grid.shape[1] == 1:
+            return []
+        if all(self._addresses.get(b) for b in self.shards):
+            caps = getattr(self._data_channel(), "settings", None)
+            backward = caps.caps.get("backward") if caps is not None else None
+            if backward is None or len(backward.arrays) < 5:
+                return []
+        bounds = self.grid.row_bounds
+        return [pack_grouping(route.rows, bounds[r], bounds[r + 1]).numpy()
+                for r, route in enumerate(routes)]
+
+    def _retract(self, step: int, worker: int) -> None:
+        """A block refused the push (a step or lr check of its own): withdraw it from the
+        blocks that took it, so that no block keeps a push the table refused."""
+        if len(self.shards) == 1:
+            return
+        ray = _ray()
+        taken = ray.get([a.retract.remote(step, worker) for a in self.shards.values()],
+                        timeout=self.timeout_s)
+        if any(taken):
+            log.warning("push (step %d, worker %d) refused by a block of %s: withdrawn from "
+                        "%d blocks that had taken it", step, worker, self.name, sum(taken))
 
     def step(self, step: int | None = None, workers: int | None = None,
              lr: float | None = None) -> int:
@@ -287,9 +354,12 @@ class Table:
         rate of this step. Returns the rows updated."""
         step = self._check_step(step)
         lr = check_lr("lr", lr)
-        workers = self.config.get("workers") if workers is None else workers
+        if workers is None:
+            workers = self.config.get("workers")
+        elif isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise InvalidArgument("workers", "None or an int >= 1", workers)
         # With step_on_push the shards applied s with its last push; this confirms it.
-        done = self._checked(self._call_all("step", step, workers, lr))
+        done = self._checked(self._call_all("step", step, workers, lr, fenced=True))
         self.last_step = step
         every = self.config.get("save_every")
         if every and step % every == 0:
@@ -307,9 +377,9 @@ class Table:
         if keys.dim() != 4 or keys.shape[1] != 2 or keys.shape[2] != n or n * n != self.rows:
             raise InvalidArgument("keys", f"shape (H, 2, {n}, Dk/2) for a table of n² = "
                                   f"{self.rows} rows", tuple(keys.shape))
-        check_float("keys", keys, tuple(keys.shape))
+        keys = wire_float("keys", keys.detach(), tuple(keys.shape))
         ray = _ray()
-        ref = ray.put(keys.detach().float().numpy())
+        ref = ray.put(keys.cpu().numpy())
         ray.get([self._catalog().publish_keys.remote(ref),
                     *(a.publish_keys.remote(ref) for a in self.shards.values())],
                    timeout=self.timeout_s)
@@ -336,7 +406,7 @@ class Table:
         if not isinstance(q, torch.Tensor) or q.dim() != 3 or tuple(q.shape[1:]) != (H, 2 * half):
             raise InvalidArgument("q", f"a (B, {H}, {2 * half}) tensor (heads and key width "
                                   "of the published keys)", tuple(getattr(q, "shape", ())))
-        check_float("q", q, tuple(q.shape))
+        q = wire_float("q", q.detach(), tuple(q.shape))
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n * n:
             raise InvalidArgument("k", f"an int in [1, {n * n}]", k)
         with torch.no_grad():
@@ -450,7 +520,7 @@ def drop_table(name: str) -> None:
     try:
         config = find_table(name)
     except TableNotFound:
-        _remove_placement_group(name)  # a create that failed before its catalog existed
+        remove_placement_group_of(name)  # a create that failed before its catalog existed
         raise
     grid = ShardGrid.from_dict(config["grid"])
     for actor_name in [catalog_name(name), *(shard_name(name, r, c) for r, c in grid.blocks())]:
@@ -458,10 +528,10 @@ def drop_table(name: str) -> None:
             ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
         except ValueError:
             log.info("actor %s of table %s was already gone", actor_name, name)
-    _remove_placement_group(name)
+    remove_placement_group_of(name)
 
 
-def _remove_placement_group(name: str) -> None:
+def remove_placement_group_of(name: str) -> None:
     from ray.util.placement_group import get_placement_group, remove_placement_group
 
     try:

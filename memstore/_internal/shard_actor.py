@@ -5,13 +5,20 @@ on the wire: Ray moves numpy arrays through its object store without copying, an
 the arrays come back as tensors with ``torch.from_numpy``. It is wrapped with
 ``ray.remote(...)`` only when spawned, so tests can spawn a failing subclass.
 
-Every data call returns ``(incarnation, result)``. The incarnation is new each time
-the actor process starts, so a client that sees it change knows that the shard
-restarted and reloaded its last checkpoint (``restored_step``).
+Every data call carries the incarnation the caller expects and returns
+``(incarnation, result)``. The incarnation is new each time the actor process starts;
+a call addressed to another one is refused before anything changes
+(:class:`ShardRestarted`, fencing), and the caller rolls the table back to the
+checkpoint the restarted shard reports (``restored_path``, ``restored_step``).
+
+A push is identified by (step, worker). The shard keeps the replies of its recent
+pushes, so a push repeated after a lost reply is answered with the dw it already got,
+and applied once, even when its step was applied since (``step_on_push``, async mode).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -22,11 +29,12 @@ import numpy as np
 import torch
 
 from .. import checkpoint
-from ..errors import InvalidArgument
-from ..grid import ShardGrid
+from ..errors import InvalidArgument, ShardRestarted
+from ..grid import ShardGrid, unpack_grouping
 from ..optim import optimizer_from_dict
 from ..shard_table import ShardTable
 from .data_channel import ChannelSettings, DataServer
+from .validation import MAX_STEPS_AHEAD
 from .wire import to_tensor
 
 log = logging.getLogger(__name__)
@@ -66,6 +74,13 @@ class ShardWorker:
         self.async_applied: set[tuple[int, int]] = set()
         self.max_seen_step = 0
         self.staleness: list[int] = []
+        # (step, worker) -> the dw its push got, newest last; bounded (see _remember)
+        self.replies: collections.OrderedDict[tuple[int, int], np.ndarray] = (
+            collections.OrderedDict())
+        # The restarted incarnations (of any block) this block was rolled back for.
+        self.reconciled: set[str] = set()
+        self.replayed = 0  # repeated pushes answered from self.replies
+        self.restored_path = None
         self.restored_step = self._restore()
         self.keys: np.ndarray | None = None
         self.data_server = None
@@ -94,6 +109,7 @@ class ShardWorker:
             return 0
         path, state = found
         self.table.load_state_dict(state)
+        self.restored_path = path
         log.info("shard %s of %s restored step %d from %s", self.block_id,
                  self.config["name"], self.table.last_step, path)
         return self.table.last_step
@@ -104,7 +120,10 @@ class ShardWorker:
 
         return {
             "incarnation": self.incarnation,
+            "restarted": ray.get_runtime_context().was_current_actor_reconstructed,
+            "reconciled": sorted(self.reconciled),
             "restored_step": self.restored_step,
+            "restored_path": self.restored_path,
             "last_step": self.table.last_step,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -113,47 +132,99 @@ class ShardWorker:
         }
 
     @_locked
-    def reload(self, path: str | None) -> tuple[str, int]:
+    def reload(self, path: str | None, restart: str | None = None) -> tuple[str, int]:
         """Roll this block back to the checkpoint at ``path``, or to its initial values
-        when there is none (after another shard restarted from the same state)."""
+        when there is none, after the shard of incarnation ``restart`` restarted from
+        that state. Pending pushes and remembered replies go: none may outlive it."""
         if path:
             self.table.load_state_dict(checkpoint.load_block(path, self.spec))
         else:
             self.table = self._new_table()
         self.async_applied.clear()
+        self.replies.clear()
+        self.max_seen_step = 0
+        if restart is not None:
+            self.reconciled.add(restart)
         return self.incarnation, self.table.last_step
+
+    def _fence(self, expected: str) -> None:
+        """Refuse, before anything changes, a call meant for another incarnation."""
+        if expected != self.incarnation:
+            raise ShardRestarted(self.block_id, str(expected), self.incarnation)
 
     # ---- data ----------------------------------------------------------------
     @_locked
-    def lookup(self, rows, w, offsets):
-        y = self.table.lookup_csr(to_tensor(rows), to_tensor(w), to_tensor(offsets))
+    def lookup(self, rows, w, offsets, expected: str):
+        self._fence(expected)
+        y = self.table.lookup_csr(to_tensor(rows), to_tensor(w), to_tensor(offsets),
+                                  checked=True)
         return self.incarnation, y.numpy()
 
     @_locked
-    def gather(self, rows):
+    def gather(self, rows, expected: str):
+        self._fence(expected)
         return self.incarnation, self.table.gather(to_tensor(rows)).float().numpy()
 
     @_locked
-    def backward(self, rows, w, offsets, dy, step: int, worker: int, lr: float | None = None):
+    def backward(self, rows, w, offsets, dy, *rest):
+        """dw of this block's slots; a repeated (step, worker) gets its first reply.
+
+        ``rest``: (step, worker, lr, expected incarnation), after an optional array: the
+        slots grouped by row by the client (``grid.pack_grouping``), sent to the column
+        blocks of a grid so that none of them groups the same slots again."""
+        grouping, (step, worker, lr, expected) = (
+            (rest[0], rest[1:]) if rest and isinstance(rest[0], np.ndarray) else (None, rest))
+        self._fence(expected)
+        cached = self.replies.get((step, worker))
+        if cached is not None:
+            self.replayed += 1
+            return self.incarnation, cached
         args = (to_tensor(rows), to_tensor(w), to_tensor(offsets), to_tensor(dy))
+        if grouping is not None:
+            grouping = unpack_grouping(to_tensor(grouping), rows.shape[0])
         if self.config.get("mode") == "async":
-            return self.incarnation, self._backward_async(args, step, worker, lr)
-        dw = self.table.backward_csr(*args, step=step, worker=worker, lr=lr)
-        # step_on_push implies workers (create_table checks it): the last push steps.
-        if self.config.get("step_on_push") and (
-                len(self.table.pushes(step)) >= self.config["workers"]):
-            self.table.step(step)
-        return self.incarnation, dw.numpy()
+            dw = self._backward_async(args, step, worker, lr)
+        else:
+            dw = self.table.backward_csr(*args, step=step, worker=worker, lr=lr,
+                                         checked=True, grouping=grouping).numpy()
+            # step_on_push implies workers (create_table checks it): the last push steps.
+            if self.config.get("step_on_push") and (
+                    len(self.table.pushes(step)) >= self.config["workers"]):
+                self.table.step(step)
+        self._remember((step, worker), dw)
+        return self.incarnation, dw
+
+    def _remember(self, push: tuple[int, int], dw: np.ndarray) -> None:
+        """Keep the reply of ``push`` for its retries: those of the last few steps of
+        every worker (a retry comes right after its lost reply)."""
+        self.replies[push] = dw
+        keep = max(16, (MAX_STEPS_AHEAD + 2) * int(self.config.get("workers") or 1))
+        while len(self.replies) > keep:
+            self.replies.popitem(last=False)
+
+    @_locked
+    def retract(self, step: int, worker: int) -> bool:
+        """Withdraw a pending push that another block refused (sync mode; an applied
+        step cannot be withdrawn: False)."""
+        self.replies.pop((step, worker), None)
+        if self.config.get("mode") == "async":
+            return False
+        return self.table.retract(step, worker)
 
     def _backward_async(self, args, step: int, worker: int, lr: float | None) -> np.ndarray:
-        """Parameter-server style: each push is applied on arrival as its own update."""
+        """Parameter-server style: each push is applied on arrival as its own update.
+        A push at most ``max_staleness`` steps behind the newest one is taken, and at
+        most MAX_STEPS_AHEAD steps ahead of it."""
         max_staleness = self.config.get("max_staleness")
         lag = self.max_seen_step - step
         if max_staleness is not None and lag > max_staleness:
             raise InvalidArgument("step", f"at most {max_staleness} steps behind the newest "
                                   f"push ({self.max_seen_step})", step)
+        if self.max_seen_step and step > self.max_seen_step + MAX_STEPS_AHEAD:
+            raise InvalidArgument("step", f"at most {MAX_STEPS_AHEAD} steps ahead of the "
+                                  f"newest push ({self.max_seen_step})", step)
         internal = self.table.last_step + 1
-        dw = self.table.backward_csr(*args, step=internal, worker=worker, lr=lr)
+        dw = self.table.backward_csr(*args, step=internal, worker=worker, lr=lr, checked=True)
         if (worker, step) not in self.async_applied:
             self.async_applied.add((worker, step))
             self.table.step(internal)
@@ -164,7 +235,8 @@ class ShardWorker:
         return dw.numpy()
 
     @_locked
-    def step(self, step: int, workers: int | None, lr: float | None = None):
+    def step(self, step: int, workers: int | None, lr: float | None, expected: str):
+        self._fence(expected)
         if self.config.get("mode") == "async":
             return self.incarnation, 0
         if self.config.get("step_on_push") and step <= self.table.last_step:
@@ -194,7 +266,8 @@ class ShardWorker:
 
     @_locked
     def stats(self) -> dict:
-        out = {"block": self.block_id, "pid": os.getpid(), **self.table.stats()}
+        out = {"block": self.block_id, "pid": os.getpid(), **self.table.stats(),
+               "replayed_pushes": self.replayed}
         if self.staleness:
             out["staleness_mean"] = float(np.mean(self.staleness))
             out["staleness_max"] = int(np.max(self.staleness))

@@ -15,6 +15,9 @@ import torch
 from ..errors import InvalidArgument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# A push or step may name at most this many steps after the last applied one: a bound on
+# what a shard keeps pending, and on how far a wrong step number can reach.
+MAX_STEPS_AHEAD = 2
 
 
 def check_dtype_name(field: str, name: str) -> torch.dtype:
@@ -59,6 +62,30 @@ def check_float(field: str, t, shape: tuple[int, ...]) -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
         raise InvalidArgument(field, "finite values (no NaN or Inf)", "NaN or Inf")
     return t
+
+
+def wire_float(field: str, t, shape: tuple[int, ...]) -> torch.Tensor:
+    """``t`` as float32 (the wire and kernel dtype), checked after the cast: finite
+    float64 values beyond float32's range become Inf there and are refused."""
+    check_tensor(field, t, len(shape))
+    if not t.is_floating_point():
+        raise InvalidArgument(field, "a floating-point tensor", t.dtype)
+    if tuple(t.shape) != tuple(shape):
+        raise InvalidArgument(field, f"shape {tuple(shape)}", f"shape {tuple(t.shape)}")
+    t = t.to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise InvalidArgument(field, "finite float32 values (no NaN, Inf or magnitudes "
+                              "beyond float32's range)", "NaN, Inf or an overflow")
+    return t
+
+
+def check_step_window(field: str, step: int, last_applied: int) -> int:
+    """A step after ``last_applied`` and at most MAX_STEPS_AHEAD beyond it."""
+    if not last_applied < step <= last_applied + MAX_STEPS_AHEAD:
+        raise InvalidArgument(field, f"a step in [{last_applied + 1}, "
+                              f"{last_applied + MAX_STEPS_AHEAD}] (at most {MAX_STEPS_AHEAD} "
+                              f"after the last applied step {last_applied})", step)
+    return step
 
 
 def check_lr(field: str, lr) -> float | None:

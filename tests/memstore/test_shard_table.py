@@ -223,3 +223,84 @@ def test_every_optimizer_kind_has_the_state_it_declares():
         idx, w, dy = batch()
         t.backward(idx, w, dy)
         assert t.step() == torch.unique(idx).numel()
+
+
+def _ragged(seed: int, lo: int, hi: int, B: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64),
+                         torch.randint(0, 7, (B,), generator=g).cumsum(0)])
+    P = int(offsets[-1])
+    rows = torch.randint(lo, hi, (P,), generator=g, dtype=torch.int64).to(torch.int32)
+    rows[: P // 3] = rows[0]  # a row with many slots
+    return rows, torch.rand(P, generator=g), offsets, torch.randn(B, DIM, generator=g)
+
+
+def test_backward_with_the_senders_grouping_matches_float64_sgd():
+    """A row block (rows [100, 250)) given the slots already grouped by row by the sender
+    (what a table handle sends its column blocks): dw and the SGD step against float64
+    sums, and the same bits as the block grouping the slots itself."""
+    from memstore.grid import pack_grouping, unpack_grouping
+
+    lr = 0.3
+    blocks = [ShardTable(ROWS, DIM, optimizer=memstore.SGD(lr=lr), seed=3, row_range=(100, 250))
+              for _ in range(2)]
+    rows, w, offsets, dy = _ragged(11, 100, 250)
+    values = blocks[0].values.double().clone()
+    grouping = unpack_grouping(pack_grouping(rows, 100, 250), rows.numel())
+    dw = blocks[0].backward_csr(rows, w, offsets, dy, step=1, grouping=grouping)
+    blocks[0].step(1)
+    bag = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
+    local = rows.long() - 100
+    expected_dw = (values[local] * dy.double()[bag]).sum(1)
+    torch.testing.assert_close(dw.double(), expected_dw, rtol=1e-5, atol=1e-6)
+    grad = torch.zeros_like(values).index_add_(0, local, w.double()[:, None] * dy.double()[bag])
+    torch.testing.assert_close(blocks[0].values.double(), values - lr * grad, rtol=1e-5,
+                               atol=1e-6)
+    assert torch.equal(blocks[1].backward_csr(rows, w, offsets, dy, step=1), dw)
+    blocks[1].step(1)
+    assert blocks[0].fingerprint() == blocks[1].fingerprint()
+
+
+@pytest.mark.parametrize("field, spoil", [
+    ("order", lambda u, s, o: (u, s, o + 1)),  # a position past the last slot
+    ("order", lambda u, s, o: (u, s, o[:-1])),
+    ("uniq", lambda u, s, o: (u + 150, s, o)),  # rows of another block
+    ("seg", lambda u, s, o: (u, s[:-1], o)),
+    ("seg", lambda u, s, o: (u, s.flip(0), o)),
+])
+def test_a_bad_grouping_is_refused_and_changes_nothing(field, spoil):
+    from memstore.grid import pack_grouping, unpack_grouping
+
+    t = ShardTable(ROWS, DIM, seed=3, row_range=(100, 250))
+    rows, w, offsets, dy = _ragged(12, 100, 250)
+    good = unpack_grouping(pack_grouping(rows, 100, 250), rows.numel())
+    before = t.fingerprint()
+    with pytest.raises(InvalidArgument) as e:
+        t.backward_csr(rows, w, offsets, dy, step=1, grouping=spoil(*good))
+    assert e.value.field == field
+    assert t.fingerprint() == before and t.pending_steps() == []
+
+
+def test_a_float64_value_beyond_float32_is_refused_where_a_cast_would_make_it_inf():
+    t = make()
+    idx, w, dy = batch()
+    before = t.fingerprint()
+    for field, call in [("w", lambda: t.lookup(idx, w.double() * 1e39)),
+                        ("dy", lambda: t.backward(idx, w, dy.double() * 1e39, step=1))]:
+        with pytest.raises(InvalidArgument) as e:
+            call()
+        assert e.value.field == field
+    assert t.fingerprint() == before and t.pending_steps() == []
+
+
+def test_retract_withdraws_one_pending_push():
+    t = make()
+    (i0, w0, d0), (i1, w1, d1) = batch(), batch()
+    t.backward(i0, w0, d0, step=1, worker=0)
+    t.backward(i1, w1, d1, step=1, worker=1)
+    assert t.retract(1, 1) and not t.retract(1, 1) and t.pushes(1) == [0]
+    ref = make()
+    ref.backward(i0, w0, d0, step=1, worker=0)
+    t.step(1)
+    ref.step(1)
+    assert t.fingerprint() == ref.fingerprint()
