@@ -296,8 +296,8 @@ class DataServer:
                 settings.curve_keys("server")
         else:
             self._router.plain_server = True
-        self._monitor = self._router.get_monitor_socket(zmq.EVENT_ACCEPTED
-                                                        | zmq.EVENT_DISCONNECTED)
+        self._monitor = self._router.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED)
         port = self._router.bind_to_random_port(f"tcp://{host}")
         self.address = (advertised_host if host == "0.0.0.0" and advertised_host else host,
                         port)
@@ -342,6 +342,8 @@ class DataServer:
             self._peers.add(event["value"])
         elif event["event"] == zmq.EVENT_DISCONNECTED:
             self._peers.discard(event["value"])
+        else:  # ACCEPT_FAILED: out of descriptors, say; libzmq's listener keeps accepting
+            self.counters["accept_failed"] += 1
 
     def _answer_zap(self) -> None:
         """One ZAP request (RFC 27): 200 for the table's credentials while the
@@ -600,11 +602,8 @@ class DataClient:
         """Every reply queued on ``peer``: those awaited as (key, header, arrays); any
         other (stale, unknown id, malformed) is discarded and counted."""
         out = []
-        while True:
-            try:
-                frames = peer.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return out
+        while peer.sock.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a raised zmq.Again
+            frames = peer.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             try:
                 header, arrays = decode(frames, lambda h: self._reply_caps(h, address, pending))
             except ProtocolError as e:
@@ -614,6 +613,7 @@ class DataClient:
             key = pending[header["id"]][0]
             del pending[header["id"]]
             out.append((key, header, arrays))
+        return out
 
     def _reply_caps(self, header: dict, address, pending: dict) -> list[int]:
         """The caps of the reply awaited under the header's id from ``address``; a reply
