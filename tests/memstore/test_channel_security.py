@@ -308,3 +308,16 @@ def test_the_listener_serves_again_after_running_out_of_descriptors(child_shard)
     assert broken == [] and out[0][1].shape == (8, DIM)
     assert stats()["handled"] == {"lookup": 1}
 
+
+
+def test_the_secret_shows_in_no_stats_repr_log_or_checkpoint_file(shard, tmp_path, caplog):
+    secret = shard.config["data_secret"]
+    with caplog.at_level("DEBUG"):
+        assert_serves(shard)
+        wrong = client_of(dict(shard.config, data_secret="f" * 64), timeout_s=3)
+        assert wrong.call_all({0: lookup_request(shard.data_server.address, "x")})[1] == [0]
+        entry = shard.save(str(tmp_path / "ckpt"))
+    texts = [json.dumps(shard.stats()), json.dumps(entry, default=str), caplog.text,
+             repr(shard.data_server.settings), repr(ChannelSettings.from_config(shard.config))]
+    texts += [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(texts) > 5 and not any(secret in t for t in texts)
