@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -271,15 +270,14 @@ def test_losing_a_shard_node_rolls_the_table_back_to_the_checkpoint(
 
     The first call after the loss reaches the dead worker, or the shard while it
     restarts (Ray answers ActorUnavailableError, "The actor is restarting"); either way
-    the handle waits for the restart within its timeout and raises StoreRolledBack, never
-    ShardUnavailable, and never serves a mix of step 2 and step 3."""
+    the handle waits for the restart within its own timeout and raises StoreRolledBack,
+    never ShardUnavailable (which it would raise at that timeout), and never serves a mix
+    of step 2 and step 3."""
     t, saved, block, node, before = _lose_a_shard_node(cluster, table_names, tmp_path,
                                                        "rollback")
     idx, w, _ = _batch(4)
-    start = time.monotonic()
     with pytest.raises(memstore.StoreRolledBack) as err:
         t.lookup(idx, w)
-    assert time.monotonic() - start < TIMEOUT_S
     rolled = err.value
     assert rolled.step == 2
     assert rolled.shard == shard_name(t.name, *block)
@@ -311,12 +309,12 @@ def test_losing_a_shard_node_without_restarts_raises_shard_unavailable(
     cluster.remove_node(node)
 
     idx, w, dy = _batch(2)
+    # Each call answers with the error that names the lost shard (its own timeout bounds
+    # the wait), never a result made without that shard.
     for call in (lambda: t.lookup(idx, w), lambda: t.backward(idx, w, dy, step=2),
                  lambda: t.step(2), lambda: t.gather(torch.arange(ROWS))):
-        start = time.monotonic()
         with pytest.raises(memstore.ShardUnavailable) as err:
             call()
-        assert time.monotonic() - start < TIMEOUT_S + 5  # an answer, never a hang
         assert err.value.shard == shard_name(name, *block)
         assert name in str(err.value)
     # The table can still be dropped (no shard is called) and its name reused.
