@@ -117,6 +117,10 @@ class DataArgs:
             raise InvalidArgument("data.kind", "'facts' or 'text'", self.kind)
         if self.kind == "text" and not self.path:
             raise InvalidArgument("data.path", "a text file for kind 'text'", self.path)
+        for name in ("val_path", "val_fraction"):
+            if self.kind == "facts" and getattr(self, name) is not None:
+                raise InvalidArgument(f"data.{name}", "unset for kind 'facts' (every fact "
+                                      "is evaluated)", getattr(self, name))
         if self.val_fraction is not None and not (
                 not isinstance(self.val_fraction, bool)
                 and isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):

@@ -223,7 +223,9 @@ def test_bad_text_config_names_the_data_field(tmp_path):
     for extra, field in [(["data.val_fraction=1.5"], "data.val_fraction"),
                          (["data.val_fraction=0"], "data.val_fraction"),
                          ([f"data.val_path={path}", "data.val_fraction=0.5"],
-                          "data.val_fraction")]:
+                          "data.val_fraction"),
+                         (["data.kind=facts", "data.val_fraction=0.5"], "data.val_fraction"),
+                         (["data.kind=facts", f"data.val_path={path}"], "data.val_path")]:
         with pytest.raises(InvalidArgument) as e:
             tr.load_config(None, base + extra)
         assert e.value.field == field
