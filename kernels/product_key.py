@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _native
-from ._dispatch import cuda_impl, native_ok, record
+from ._dispatch import TRITON_DTYPES, cuda_impl, native_ok, record
 
 __all__ = ["product_key_topk", "half_scores"]
 
@@ -129,7 +129,7 @@ def product_key_topk(q: torch.Tensor, keys: torch.Tensor, k: int):
     by the smaller index. Scores are differentiable with respect to q and keys.
     """
     _check_args(q, keys, k)
-    impl = cuda_impl("product_key_topk", q, keys)
+    impl = cuda_impl("product_key_topk", q, keys) if q.dtype in TRITON_DTYPES else None
     if impl is not None:
         record("product_key_topk", "triton")
         return impl(q, keys, k)

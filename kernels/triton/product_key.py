@@ -249,33 +249,13 @@ def _gathered_scores(q: torch.Tensor, keys: torch.Tensor, index: torch.Tensor) -
     return s1 + s2
 
 
-def _sorted_topk(x: torch.Tensor, index: torch.Tensor, k: int):
-    """Top-k along the last dim by (value desc, index asc), with torch sorts."""
-    by_index = index.argsort(dim=-1)
-    x, index = x.gather(-1, by_index), index.gather(-1, by_index)
-    order = x.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    return x.gather(-1, order), index.gather(-1, order)
-
-
-def _select_torch(q: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
-    """The same selection in q's own dtype with torch ops (for float64)."""
-    B, H, Dk = q.shape
-    n = keys.shape[2]
-    half = torch.einsum("bhpd,hpnd->bhpn", q.reshape(B, H, 2, Dk // 2), keys)
-    top, pos = _sorted_topk(half, torch.arange(n, device=q.device).expand_as(half), min(k, n))
-    sums = (top[:, :, 0, :, None] + top[:, :, 1, None, :]).flatten(2)
-    index = (pos[:, :, 0, :, None] * n + pos[:, :, 1, None, :]).flatten(2)
-    return _sorted_topk(sums, index, k)[1]
-
-
 @register_cuda("product_key_topk")
 def product_key_topk_triton(q: torch.Tensor, keys: torch.Tensor, k: int):
     """Exact top-k, as :func:`kernels.product_key.product_key_topk` (arguments checked there)."""
     if q.dtype not in _KERNEL_DTYPES:
-        # float64 (gradcheck): the float32 kernel could order near-ties differently.
-        with torch.no_grad():
-            index = _select_torch(q, keys, k)
-        return _gathered_scores(q, keys, index), index
+        # float64 (gradcheck): the float32 kernel could order near-ties differently, so
+        # the dispatcher keeps float64 on the torch path.
+        raise TypeError(f"q: the Triton top-k takes {_KERNEL_DTYPES}, got {q.dtype}")
     with torch.no_grad():
         index, scores = product_key_select_triton(q.detach(), keys.detach(), k)
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):

@@ -110,12 +110,19 @@ def test_bfloat16_inputs_select_on_float32_sums():
     assert torch.equal(scores.cpu().float(), scores_ref)
 
 
-def test_float64_uses_torch_selection():
+def test_float64_stays_in_torch(triton_dispatch):
+    # The float32 kernel could order near-ties differently: the launcher refuses float64
+    # and the public op keeps it on the torch path, against the brute-force reference.
+    from kernels import product_key_topk
+
     q, keys = _random(4, 2, 10, 6, seed=5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        product_key_topk_triton(q.to(DEVICE), keys.to(DEVICE), 5)
     scores_ref, index_ref = product_key_topk_reference(q, keys, 5)
-    scores, index = product_key_topk_triton(q.to(DEVICE), keys.to(DEVICE), 5)
+    scores, index = product_key_topk(q.to(DEVICE), keys.to(DEVICE), 5)
     assert torch.equal(index.cpu(), index_ref)
     torch.testing.assert_close(scores.cpu(), scores_ref)
+    assert triton_dispatch() == {("product_key_topk", "composite"): 1}
 
 
 def test_public_op_dispatches_to_triton(triton_dispatch):
