@@ -10,7 +10,8 @@ time, measured right before each gRPC row, so drift of the shared machine hits b
 Bytes are the arrays' payload per lookup: idx (int64) and w (float32) in, y out.
 
 Query latency: one client, --queries sequential calls of 1 and of 256 query
-vectors (H = 4 heads, Dk = 64, k = 32, values returned), p50 and p99.
+vectors (H = 4 heads, Dk = 64, k = 32, values returned), p50 and p99, beside the
+same queries through ``table.query`` on the Ray handle in this process.
 
     python -m benchmarks.grpc [--seconds 3] [--queries 300]
 
@@ -88,19 +89,28 @@ def handle_rate(table, seconds: float) -> float:
     return done / seconds
 
 
-def query_latency(address: str, token: str, batch: int, count: int) -> tuple[float, float]:
+def _percentiles(call, qs: list, count: int) -> tuple[float, float]:
+    times = []
+    for i in range(count + 10):
+        t0 = time.perf_counter()
+        call(qs[i % len(qs)])
+        if i >= 10:  # warm-up calls not counted
+            times.append(time.perf_counter() - t0)
+    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
+
+
+def query_latency(address: str, token: str, table, batch: int, count: int) -> tuple:
+    """(p50, p99) in ms of Query over gRPC, then of table.query on the Ray handle."""
+    import torch
+
     from memstore.client import MemoryClient
 
     rng = np.random.default_rng(batch)
     qs = [rng.standard_normal((batch, HEADS, DK)).astype(np.float32) for _ in range(16)]
-    times = []
     with MemoryClient(address, token=token) as client:
-        for i in range(count + 10):
-            t0 = time.perf_counter()
-            client.query(TABLE, qs[i % len(qs)], k=K)
-            if i >= 10:  # warm-up calls not counted
-                times.append(time.perf_counter() - t0)
-    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
+        remote = _percentiles(lambda q: client.query(TABLE, q, k=K), qs, count)
+    local = _percentiles(lambda q: table.query(torch.from_numpy(q), k=K), qs, count)
+    return remote, local
 
 
 def start_server(gcs: str, token_file: str) -> tuple[subprocess.Popen, str]:
@@ -143,7 +153,7 @@ def main(argv=None) -> int:
             base = handle_rate(table, ns.seconds)
             rate = grpc_rate(address, token, clients, ns.seconds)
             rows.append((clients, rate, base))
-        latency = {b: query_latency(address, token, b, ns.queries) for b in (1, 256)}
+        latency = {b: query_latency(address, token, table, b, ns.queries) for b in (1, 256)}
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -162,9 +172,11 @@ def _report(rows, latency, load_start: float) -> None:
     for clients, rate, base in rows:
         print(f"| {clients} | {rate * B:,.0f} | {rate * mb:,.1f} | {base * B:,.0f} | "
               f"{rate / base:.2f} |")
-    print("\n| Query (H=4, Dk=64, k=32, values) | p50 ms | p99 ms |\n|---|---:|---:|")
-    for batch, (p50, p99) in latency.items():
-        print(f"| {batch} vector{'s' if batch > 1 else ''} | {p50:.2f} | {p99:.2f} |")
+    print("\n| Query (H=4, Dk=64, k=32, values) | gRPC p50 ms | gRPC p99 ms | "
+          "Ray handle p50 ms | Ray handle p99 ms |\n|---|---:|---:|---:|---:|")
+    for batch, ((p50, p99), (h50, h99)) in latency.items():
+        print(f"| {batch} vector{'s' if batch > 1 else ''} | {p50:.2f} | {p99:.2f} | "
+              f"{h50:.2f} | {h99:.2f} |")
     import grpc
     import ray
 
