@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.text",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="the small version (text-small-*.yaml), a few minutes")
+                        help="the small version (text-small-*.yaml, 300 steps per model)")
     parser.add_argument("--corpus", help="a text file (default: the standard library's "
                         "sources, written to runs/text-corpus/stdlib.txt)")
     parser.add_argument("--out", help="output folder (default runs/text[-quick])")
