@@ -120,8 +120,9 @@ class OpCaps:
 def table_caps(max_batch: int, max_pairs: int, cols: int) -> dict[str, OpCaps]:
     """The ops a shard serves: lookup(rows, w, offsets) -> y (B, cols) and
     backward(rows, w, offsets, dy (B, cols)) -> dw (pairs)."""
-    pairs = (("rows", "max_pairs", max_pairs), ("w", "max_pairs", max_pairs),
-             ("offsets", "max_batch", max_batch + 1))
+    # Named by the caller's argument each array comes from: a refusal names that.
+    pairs = (("idx", "max_pairs", max_pairs), ("w", "max_pairs", max_pairs),
+             ("idx", "max_batch", max_batch + 1))
     return {"lookup": OpCaps(pairs, max_batch * cols),
             "backward": OpCaps(pairs + (("dy", "max_batch", max_batch * cols),), max_pairs)}
 

@@ -50,8 +50,12 @@ def lookup_request(address, incarnation, seed=0):
     rows = rng.integers(0, ROWS, 32).astype(np.int64)
     w = rng.random(32, dtype=np.float32)
     offsets = np.arange(9, dtype=np.int64) * 4
-    fenced = "expected" in inspect.signature(ShardWorker.lookup).parameters
-    return (address, "lookup", (rows, w, offsets), (incarnation,) if fenced else ())
+    return (address, "lookup", (rows, w, offsets), fence(ShardWorker.lookup, incarnation))
+
+
+def fence(method, incarnation) -> tuple:
+    """The incarnation argument of a fenced shard method (one that takes ``expected``)."""
+    return (incarnation,) if "expected" in inspect.signature(method).parameters else ()
 
 
 def expected_y(worker, request) -> np.ndarray:
@@ -316,8 +320,21 @@ def test_the_secret_shows_in_no_stats_repr_log_or_checkpoint_file(shard, tmp_pat
         assert_serves(shard)
         wrong = client_of(dict(shard.config, data_secret="f" * 64), timeout_s=3)
         assert wrong.call_all({0: lookup_request(shard.data_server.address, "x")})[1] == [0]
-        entry = shard.save(str(tmp_path / "ckpt"))
+        entry = shard.save(str(tmp_path / "ckpt"), *fence(ShardWorker.save, shard.incarnation))
     texts = [json.dumps(shard.stats()), json.dumps(entry, default=str), caplog.text,
              repr(shard.data_server.settings), repr(ChannelSettings.from_config(shard.config))]
     texts += [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file()]
     assert len(texts) > 5 and not any(secret in t for t in texts)
+
+
+def test_a_batch_beyond_the_tables_caps_is_refused_before_anything_is_sent(shard):
+    from memstore import InvalidArgument
+
+    handled = dict(shard.data_server.faults.handled)
+    request = lookup_request(shard.data_server.address, shard.incarnation)  # 8 bags, 32 pairs
+    for caps, setting in [(dict(max_batch=64, max_pairs=16), "max_pairs"),
+                          (dict(max_batch=4, max_pairs=64), "max_batch")]:
+        with pytest.raises(InvalidArgument) as e:
+            client_of(dict(shard.config, **caps)).call_all({0: request})
+        assert e.value.field == "idx" and setting in e.value.expected
+    assert dict(shard.data_server.faults.handled) == handled
