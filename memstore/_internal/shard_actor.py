@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -34,6 +35,7 @@ from ..grid import ShardGrid, unpack_grouping
 from ..optim import optimizer_from_dict
 from ..shard_table import ShardTable
 from .data_channel import ChannelSettings, DataServer
+from .shard_metrics import ShardMetrics
 from .validation import MAX_STEPS_AHEAD
 from .wire import to_tensor
 
@@ -80,6 +82,8 @@ class ShardWorker:
         # The restarted incarnations (of any block) this block was rolled back for.
         self.reconciled: set[str] = set()
         self.replayed = 0  # repeated pushes answered from self.replies
+        self.metrics = ShardMetrics(config["name"], self.block_id)
+        self._rows_updated_reported = 0
         self.restored_path = None
         self.restored_step = self._restore()
         self.keys: np.ndarray | None = None
@@ -143,6 +147,7 @@ class ShardWorker:
         self.async_applied.clear()
         self.replies.clear()
         self.max_seen_step = 0
+        self._rows_updated_reported = self.table.stats()["rows_updated"]
         if restart is not None:
             self.reconciled.add(restart)
         return self.incarnation, self.table.last_step
@@ -156,9 +161,14 @@ class ShardWorker:
     @_locked
     def lookup(self, rows, w, offsets, expected: str):
         self._fence(expected)
+        start = time.perf_counter()
         y = self.table.lookup_csr(to_tensor(rows), to_tensor(w), to_tensor(offsets),
-                                  checked=True)
-        return self.incarnation, y.numpy()
+                                  checked=True).numpy()
+        self.metrics.add("memstore_lookups_total", 1)
+        self.metrics.add("memstore_rows_read_total", rows.shape[0])
+        self.metrics.call("lookup", time.perf_counter() - start,
+                          rows.nbytes + w.nbytes + offsets.nbytes, y.nbytes)
+        return self.incarnation, y
 
     @_locked
     def gather(self, rows, expected: str):
@@ -178,7 +188,9 @@ class ShardWorker:
         cached = self.replies.get((step, worker))
         if cached is not None:
             self.replayed += 1
+            self.metrics.add("memstore_replayed_pushes_total", 1)
             return self.incarnation, cached
+        start = time.perf_counter()
         args = (to_tensor(rows), to_tensor(w), to_tensor(offsets), to_tensor(dy))
         if grouping is not None:
             grouping = unpack_grouping(to_tensor(grouping), rows.shape[0])
@@ -192,7 +204,19 @@ class ShardWorker:
                     len(self.table.pushes(step)) >= self.config["workers"]):
                 self.table.step(step)
         self._remember((step, worker), dw)
+        self.metrics.add("memstore_rows_read_total", rows.shape[0])
+        self.metrics.call("backward", time.perf_counter() - start, sum(
+            a.nbytes for a in (rows, w, offsets, dy, *(() if grouping is None else grouping))),
+            dw.nbytes)
+        self._report_table()
         return self.incarnation, dw
+
+    def _report_table(self) -> None:
+        """Rows updated since the last report, and the steps pending now."""
+        updated = self.table.stats()["rows_updated"]
+        self.metrics.add("memstore_rows_updated_total", updated - self._rows_updated_reported)
+        self._rows_updated_reported = updated
+        self.metrics.set("memstore_pending_steps", len(self.table.pending_steps()))
 
     def _remember(self, push: tuple[int, int], dw: np.ndarray) -> None:
         """Keep the reply of ``push`` for its retries: those of the last few steps of
@@ -230,6 +254,7 @@ class ShardWorker:
             self.table.step(internal)
             self.max_seen_step = max(self.max_seen_step, step)
             self.staleness.append(max(lag, 0))
+            self.metrics.set("memstore_staleness_steps", max(lag, 0))
         else:
             self.table.discard(internal)
         return dw.numpy()
@@ -246,7 +271,9 @@ class ShardWorker:
             if len(arrived) < workers:
                 raise InvalidArgument("step", f"pushes from {workers} workers before step {step}",
                                       f"pushes from workers {arrived}")
-        return self.incarnation, self.table.step(step, lr=lr)
+        updated = self.table.step(step, lr=lr)
+        self._report_table()
+        return self.incarnation, updated
 
     # ---- published keys (a copy for a restarted catalog) ------------------------
     def publish_keys(self, keys: np.ndarray) -> None:
@@ -257,8 +284,14 @@ class ShardWorker:
 
     # ---- state ---------------------------------------------------------------
     @_locked
-    def save(self, path: str) -> dict:
-        return checkpoint.write_block(path, self.block_id, self.table.state_dict())
+    def save(self, path: str, expected: str) -> dict:
+        """Write this block; fenced like a data call, so that a checkpoint never mixes a
+        restarted block with the others' newer state."""
+        self._fence(expected)
+        start = time.perf_counter()
+        entry = checkpoint.write_block(path, self.block_id, self.table.state_dict())
+        self.metrics.set("memstore_checkpoint_seconds", time.perf_counter() - start)
+        return entry
 
     @_locked
     def fingerprint(self) -> str:

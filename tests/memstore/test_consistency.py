@@ -185,7 +185,7 @@ def test_a_repeated_push_gets_its_first_reply_after_its_step_was_applied(path, t
         t.backward(idx, w, dy, step=1, worker=1)
 
 
-def test_a_call_for_another_incarnation_is_refused_and_changes_nothing(table_names):
+def test_a_call_for_another_incarnation_is_refused_and_changes_nothing(table_names, tmp_path):
     t = make(table_names("fence"))
     actor = t.shards[(1, 0)]
     before = t.fingerprints()
@@ -194,12 +194,14 @@ def test_a_call_for_another_incarnation_is_refused_and_changes_nothing(table_nam
     calls = [actor.lookup.remote(*one, "an-earlier-incarnation"),
              actor.backward.remote(*one, np.ones((1, DIM), np.float32), 1, 0, None, "old"),
              actor.step.remote(1, None, None, "old"),
-             actor.gather.remote(rows, "old")]
+             actor.gather.remote(rows, "old"),
+             actor.save.remote(str(tmp_path / "ckpt"), "old")]
     for ref in calls:
         with pytest.raises(ShardRestarted) as e:
             ray.get(ref)
         assert e.value.shard == "1-0" and e.value.incarnation == t._incarnations[(1, 0)]
     assert t.fingerprints() == before and pending(t) == [[], []]
+    assert not (tmp_path / "ckpt").exists()
 
 
 class FailsToStart(ShardWorker):
