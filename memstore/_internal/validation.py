@@ -52,18 +52,6 @@ def check_index(field: str, t, ndim: int, lo: int, hi: int) -> torch.Tensor:
     return t
 
 
-def check_float(field: str, t, shape: tuple[int, ...]) -> torch.Tensor:
-    """A finite floating tensor of exactly ``shape``."""
-    check_tensor(field, t, len(shape))
-    if not t.is_floating_point():
-        raise InvalidArgument(field, "a floating-point tensor", t.dtype)
-    if tuple(t.shape) != tuple(shape):
-        raise InvalidArgument(field, f"shape {tuple(shape)}", f"shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise InvalidArgument(field, "finite values (no NaN or Inf)", "NaN or Inf")
-    return t
-
-
 def wire_float(field: str, t, shape: tuple[int, ...]) -> torch.Tensor:
     """``t`` as float32 (the wire and kernel dtype), checked after the cast: finite
     float64 values beyond float32's range become Inf there and are refused."""
