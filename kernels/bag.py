@@ -64,8 +64,8 @@ def _triton_impl(name: str, values, w, *tensors):
 
 def _library_bag(values, w) -> bool:
     """float32 CPU bags go to ``F.embedding_bag``: measured faster than the C forward on
-    float32 (``benchmarks/kernels.py``). For bfloat16 values it would accumulate and
-    return bfloat16, so bfloat16 stays on the C path, which accumulates in float32."""
+    float32 (``benchmarks/kernels.py``). On bfloat16 values it returns bfloat16 sums, and
+    the store returns float32 sums accumulated in float32: bfloat16 stays on the C path."""
     return (values.device.type == "cpu" and values.dtype == torch.float32
             and w.dtype != torch.float64 and not force_triton())
 
