@@ -302,7 +302,7 @@ def begin(path: str | os.PathLike) -> str:
 
 
 def _staging_kind(path: str) -> tuple[str, bool]:
-    parent, name = _split(path)
+    name = _split(path)[1]
     if not name or name in (".", ".."):
         raise InvalidArgument("path", "a checkpoint directory below a parent", path)
     return name, _filesystem(path)[2]
@@ -355,7 +355,7 @@ def write_block(path: str | os.PathLike, block_id: str, state_dict: dict) -> dic
     torch.save(payload, buffer)
     data = buffer.getbuffer()
     final = f"block-{block_id}.pt"
-    fs, fs_path, local = _filesystem(path)
+    _, fs_path, local = _filesystem(path)
     if local:
         os.makedirs(fs_path, exist_ok=True)
     _write_file(_join(path, final), data)

@@ -2,9 +2,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
-import re
 import sys
 import threading
 import time
@@ -490,9 +490,11 @@ def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog)
     save_grid(ck.checkpoint_dir(tmp_path, 1), old, "2x2", step=1)
     save_grid(ck.checkpoint_dir(tmp_path, 2), new, "2x2", step=2)
     block = os.path.join(ck.checkpoint_dir(tmp_path, 2), "block-r0c1.pt")
-    data = bytearray(open(block, "rb").read())
-    data[-100] ^= 0xFF
-    open(block, "wb").write(bytes(data))
+    with open(block, "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([byte ^ 0xFF]))
     spec = specs("2x2")["r0c1"]
     with caplog.at_level("WARNING", logger="memstore.checkpoint"):
         path, sd = ck.restore_block(tmp_path, spec)

@@ -90,7 +90,7 @@ def test_driver_killed_at_random_points_of_saves(tmp_path):
         if pid == 0:  # the child: never returns into pytest
             try:
                 _save_forever(root)
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - shown on stderr; the parent sees the exit
                 traceback.print_exc()
             finally:
                 os._exit(1)
@@ -133,7 +133,7 @@ def test_shard_killed_at_random_points_of_saves(tmp_path, table_names):
         pid = ray.get(t.shards[block].info.remote())["pid"]
         staged_before = set(os.listdir(tmp_path))
         outcome = []
-        saver = threading.Thread(target=lambda: outcome.append(_try(t.save)))
+        saver = threading.Thread(target=_record, args=(outcome, t.save))
         saver.start()
         # From the moment the save is staged, a seeded delay into the shards' writes.
         while saver.is_alive() and not [n for n in os.listdir(tmp_path) if ".staging-" in n
@@ -157,12 +157,13 @@ def test_shard_killed_at_random_points_of_saves(tmp_path, table_names):
     print(f"shard kills: {stats}")
 
 
-def _try(fn):
+def _record(outcome: list, fn) -> None:
+    """Append None when ``fn()`` returns, else the exception it raised."""
     try:
         fn()
-        return None
+        outcome.append(None)
     except Exception as e:  # noqa: BLE001 - the test records the outcome
-        return e
+        outcome.append(e)
 
 
 def _recover(ray, t) -> int:

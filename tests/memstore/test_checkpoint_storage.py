@@ -142,10 +142,10 @@ def test_two_shards_save_to_s3_and_another_driver_loads_into_three(ray_s3, s3, t
         "t = memstore.load_table(sys.argv[1], 'from-s3', shards=3, timeout_s=120, data_channel='ray')\n"
         "try:\n"
         "    assert len(t.shards) == 3, t.shards\n"
-        "    torch.save({'values': t.gather(torch.arange(%d)).float(), 'step': t.last_step},"
-        " sys.argv[2])\n"
+        f"    torch.save({{'values': t.gather(torch.arange({ROWS})).float(), "
+        "'step': t.last_step}, sys.argv[2])\n"
         "finally:\n"
-        "    memstore.drop_table('from-s3')\n" % ROWS)
+        "    memstore.drop_table('from-s3')\n")
     env = {**os.environ, "RAY_ADDRESS": ray_s3.get_runtime_context().gcs_address,
            "PYTHONPATH": REPO}
     subprocess.run([sys.executable, "-c", driver, path, str(out)], env=env, check=True,
@@ -161,11 +161,11 @@ def _slow_saver_class():
     from memstore._internal.shard_actor import ShardWorker
 
     class SlowSave(ShardWorker):
-        def save(self, path):
+        def save(self, path, *args, **kwargs):
             if self.block_id == "1-0" and self.table.last_step >= 2:
                 ck._write_file(ck._join(path, "stalled"), b"")
                 time.sleep(300)
-            return super().save(path)
+            return super().save(path, *args, **kwargs)
 
     return SlowSave
 
