@@ -95,6 +95,7 @@ class Table:
         self._incarnations: dict[tuple[int, int], str] = {}
         self._addresses: dict[tuple[int, int], tuple | None] = {}
         self._channel: DataClient | None = None
+        self._group_slots = True  # benchmarks turn it off to measure what it saves
         self.last_step = 0
         infos = self._call_all("info")
         self._note(infos)
@@ -324,7 +325,7 @@ class Table:
         """Each row block's slots grouped by row (``grid.pack_grouping``), once for all
         its column blocks; none (each block groups its own) without column blocks or
         on a data channel that does not take the extra array."""
-        if self.grid.shape[1] == 1:
+        if self.grid.shape[1] == 1 or not self._group_slots:
             return []
         if all(self._addresses.get(b) for b in self.shards):
             caps = getattr(self._data_channel(), "settings", None)
