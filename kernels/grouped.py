@@ -5,7 +5,7 @@ slots. Grouping the slots by row, which the factored row gradients need, is then
 same work on every block; the sender does it once (:func:`group_rows`) and each block
 takes the grouping with its share of the columns (:func:`bag_backward_grouped`). Both
 are made of the existing kernels: the counting sort of :meth:`SparseRowGrads.from_slots`
-and the C ``bag_dw`` kernel (or its torch composite).
+and the dw kernel (Triton on CUDA, C on CPU, else its torch composite).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import _native
-from .bag import _native_bag, _row_major
+from ._dispatch import record
+from .bag import _native_bag, _row_major, _triton_impl
 from .reference import accumulation_dtype
 from .row_grads import SparseRowGrads
 
@@ -35,7 +36,12 @@ def group_rows(rows: torch.Tensor, num_rows: int | None = None
 def bag_dw(values, rows, offsets, dy) -> torch.Tensor:
     """dw (P,): dw[p] = <values[rows[p]], dy[b]> for the slots p of bag b, in float32."""
     B = offsets.numel() - 1
+    impl = _triton_impl("bag_dw_csr", values, dy, rows, offsets)
+    if impl is not None:
+        record("bag_dw_csr", "triton")
+        return impl(values, rows, offsets, dy)
     if _native_bag(values, dy):
+        record("bag_dw_csr", "native")
         values = _row_major(values)
         rows = rows.to(torch.int64).contiguous()
         offsets = offsets.to(torch.int64).contiguous()
@@ -46,6 +52,7 @@ def bag_dw(values, rows, offsets, dy) -> torch.Tensor:
             rows.data_ptr(), offsets.data_ptr(), dy.data_ptr(), values.shape[1], dw.data_ptr(),
         )
         return dw
+    record("bag_dw_csr", "composite")
     acc = accumulation_dtype(values, dy)
     bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
     return (values[rows].to(acc) * dy.to(acc)[bag_of_slot]).sum(dim=1).to(torch.float32)

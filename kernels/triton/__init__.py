@@ -11,7 +11,7 @@ imported), which is how the CPU-only CI checks the kernels.
 import triton  # noqa: F401  (ImportError here means "no Triton path"; the dispatcher skips it)
 
 from .bag import bag_backward_triton, bag_forward_triton
-from .csr import bag_backward_sparse_triton, bag_forward_csr_triton
+from .csr import bag_backward_sparse_triton, bag_dw_csr_triton, bag_forward_csr_triton
 from .product_key import product_key_topk_triton
 from .sparse_optim import (
     adagrad_step_triton,
@@ -26,6 +26,7 @@ __all__ = [
     "bag_backward_triton",
     "bag_forward_csr_triton",
     "bag_backward_sparse_triton",
+    "bag_dw_csr_triton",
     "product_key_topk_triton",
     "sgd_step_triton",
     "adagrad_step_triton",

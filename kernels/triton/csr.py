@@ -18,7 +18,7 @@ from .._dispatch import register_cuda
 from ..row_grads import SparseRowGrads
 from .bag import _block_d, _check_kernel_dtypes
 
-__all__ = ["bag_forward_csr_triton", "bag_backward_sparse_triton"]
+__all__ = ["bag_forward_csr_triton", "bag_dw_csr_triton", "bag_backward_sparse_triton"]
 
 # Slot tile: BLOCK_P gathered rows in flight per program. Store bags hold 16-128 slots.
 _BLOCK_P = 16
@@ -109,11 +109,12 @@ def bag_forward_csr_triton(values, rows, w, offsets) -> torch.Tensor:
     return out
 
 
-@register_cuda("bag_backward_sparse")
-def bag_backward_sparse_triton(values, rows, w, offsets, dy) -> tuple[torch.Tensor, SparseRowGrads]:
-    """dw (P,) float32 and the row gradients in factored form, slots grouped by row."""
-    _check_kernel_dtypes(values, w)
-    rows, w, offsets = _csr_args(rows, w, offsets)
+@register_cuda("bag_dw_csr")
+def bag_dw_csr_triton(values, rows, offsets, dy) -> torch.Tensor:
+    """dw (P,) float32: dw[p] = <values[rows[p]], dy[b]> for the slots p of bag b."""
+    _check_kernel_dtypes(values, dy)
+    rows = rows.to(torch.int64).contiguous()
+    offsets = offsets.to(torch.int64).contiguous()
     B, dim, P = offsets.numel() - 1, values.shape[1], rows.numel()
     dy = dy.to(torch.float32).contiguous()
     dw = torch.empty(P, dtype=torch.float32, device=values.device)
@@ -125,7 +126,17 @@ def bag_backward_sparse_triton(values, rows, w, offsets, dy) -> tuple[torch.Tens
         )
     elif P:
         dw.zero_()  # dim == 0: every dot product is empty
+    return dw
+
+
+@register_cuda("bag_backward_sparse")
+def bag_backward_sparse_triton(values, rows, w, offsets, dy) -> tuple[torch.Tensor, SparseRowGrads]:
+    """dw (P,) float32 and the row gradients in factored form, slots grouped by row."""
+    _check_kernel_dtypes(values, w)
+    rows, w, offsets = _csr_args(rows, w, offsets)
+    dy = dy.to(torch.float32).contiguous()
+    dw = bag_dw_csr_triton(values, rows, offsets, dy)
     # output_size: no device-to-host sync to size the result.
-    bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff(),
-                                          output_size=P)
+    bag_of_slot = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=rows.device),
+                                          offsets.diff(), output_size=rows.numel())
     return dw, SparseRowGrads.from_slots(rows, w, bag_of_slot, dy)

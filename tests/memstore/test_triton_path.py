@@ -94,6 +94,34 @@ def test_shard_table_round_on_triton_matches_cpu(name, paths):
                          (OP_OF_STEP[name], "triton"): 2}
 
 
+def grouped_round(device: str):
+    """A column block's push with the slots grouped by row by the sender."""
+    from kernels.grouped import group_rows
+
+    t = ShardTable(ROWS, DIM, optimizer=Adam(lr=0.05), seed=3, device=device,
+                   col_range=(4, DIM))
+    idx, w, dy = batches(1)[0]
+    rows, flat_w = idx.reshape(-1), w.reshape(-1)
+    offsets = torch.arange(B + 1) * M
+    dw = t.backward_csr(rows, flat_w, offsets, dy[:, 4:], step=1,
+                        grouping=group_rows(rows, ROWS)).cpu()
+    t.step(1)
+    return dw, t.values.float().cpu()
+
+
+def test_grouped_push_on_triton_matches_cpu(paths):
+    start = collections.Counter(_dispatch.COUNTS)
+    dw, values = grouped_round(paths.triton())
+    on_triton = counts_since(start)
+    dw_ref, values_ref = grouped_round(paths.cpu())
+    torch.testing.assert_close(dw, dw_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, values_ref, atol=1e-5, rtol=1e-5)
+    if INTERPRETED:  # a CPU block takes the sender's grouping; a GPU block groups itself
+        assert on_triton == {("bag_dw_csr", "triton"): 1, ("adam_step", "triton"): 1}
+    else:
+        assert on_triton == {("bag_backward_sparse", "triton"): 1, ("adam_step", "triton"): 1}
+
+
 def test_bfloat16_table_on_triton_matches_cpu(paths):
     out, values, state = table_round(paths.triton(), Adam(lr=0.05), dtype="bfloat16")
     out_ref, values_ref, state_ref = table_round(paths.cpu(), Adam(lr=0.05), dtype="bfloat16")
