@@ -82,6 +82,7 @@ __all__ = [
     "MANIFEST",
     "resolve",
     "begin",
+    "abort",
     "write_block",
     "commit",
     "read_manifest",
@@ -306,6 +307,17 @@ def _staging_kind(path: str) -> tuple[str, bool]:
     if not name or name in (".", ".."):
         raise InvalidArgument("path", "a checkpoint directory below a parent", path)
     return name, _filesystem(path)[2]
+
+
+def abort(staging: str | os.PathLike) -> None:
+    """Remove the staging location of a save that will not be committed (best effort:
+    nothing reads an abandoned staging location, so a failure here only logs)."""
+    staging = resolve(staging, "staging")
+    name = _split(staging)[1]
+    if not (_DATA_DIR.match(name) or re.fullmatch(r"\..+\.staging-[0-9a-f]{32}", name)):
+        raise InvalidArgument("staging", "a location checkpoint.begin returned", staging)
+    if _list(staging) is not None:
+        _remove_tree_quietly(staging)
 
 
 def _check_staging(path: str, staging: str) -> str:

@@ -430,7 +430,11 @@ class Table:
         # Resolved here, on the driver: a relative path means this process's directory.
         path = checkpoint.resolve(path)
         staging = checkpoint.begin(path)  # fresh per save; commit makes it the checkpoint
-        entries = list(self._call_all("save", staging, fenced=True).values())
+        try:
+            entries = list(self._call_all("save", staging, fenced=True).values())
+        except BaseException:
+            checkpoint.abort(staging)  # the blocks written so far will never be committed
+            raise
         # The blocks' own step: with step_on_push it can be ahead of this handle's.
         self.last_step = max(int(e["last_step"]) for e in entries)
         table_config = {k: self.config[k] for k in ("name", "rows", "dim", "dtype", "optimizer",

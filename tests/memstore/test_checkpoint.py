@@ -537,3 +537,15 @@ def test_a_block_cut_from_a_larger_tensor_stores_only_its_rows(tmp_path):
     rows_bytes = 100 * DIM * 4 * 3  # values, exp_avg, exp_avg_sq
     assert rows_bytes < entry["bytes"] < rows_bytes + 64 * 1024
     assert entry["bytes"] < ROWS * DIM * 4  # not the whole table's storage
+
+
+def test_abort_removes_only_a_staging_location(tmp_path):
+    staging = ck.begin(tmp_path / "ck")
+    ck.write_block(staging, "r0", trained(steps=1).state_dict())
+    ck.abort(staging)
+    assert os.listdir(tmp_path) == []
+    ck.abort(staging)  # already gone: nothing to do
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InvalidArgument, match="staging"):
+        ck.abort(tmp_path / "data")
+    assert (tmp_path / "data").is_dir()

@@ -145,6 +145,7 @@ def test_shard_killed_at_random_points_of_saves(tmp_path, table_names):
         saver.join(timeout=120)
         assert not saver.is_alive()
         stats["saves_committed" if outcome[0] is None else "saves_failed"] += 1
+        assert not [n for n in os.listdir(tmp_path) if ".staging-" in n]  # aborted or renamed
         latest = assert_whole(str(tmp_path), expected, SHARD_ROWS)
         restored = _recover(ray, t)
         assert latest is not None and restored == ck.read_manifest(latest)["step"]
