@@ -190,17 +190,21 @@ def test_a_shard_killed_mid_save_on_s3_leaves_no_loadable_checkpoint(ray_s3, s3)
         saver = threading.Thread(target=lambda: _record(errors, t.save))
         saver.start()
         fs, prefix = pafs.FileSystem.from_uri(ck.checkpoint_dir(root, 2))
+        def files():
+            return {i.base_name for i in fs.get_file_info(
+                pafs.FileSelector(prefix, recursive=True, allow_not_found=True))}
+
         deadline = time.monotonic() + 60
-        while not [i for i in fs.get_file_info(pafs.FileSelector(prefix, recursive=True,
-                                                                 allow_not_found=True))
-                   if i.base_name == "stalled"]:
+        while not {"stalled", "block-0-0.pt"} <= files():
             assert time.monotonic() < deadline and saver.is_alive(), errors
             time.sleep(0.05)
+        # Half-written on S3: one block uploaded, the other shard stalled, no manifest.
+        assert "manifest.json" not in files()
+        assert ck.latest_checkpoint(root) == first
         os.kill(pid, signal.SIGKILL)
         saver.join(timeout=120)
         assert not saver.is_alive() and len(errors) == 1 and isinstance(errors[0], Exception)
-        files = [i.base_name for i in fs.get_file_info(pafs.FileSelector(prefix, recursive=True))]
-        assert "block-0-0.pt" in files and "manifest.json" not in files  # half-written
+        assert "manifest.json" not in files() and "block-0-0.pt" not in files()  # aborted
         with pytest.raises(CheckpointError, match="no manifest.json"):
             ck.read_manifest(ck.checkpoint_dir(root, 2))
         assert ck.latest_checkpoint(root) == first
