@@ -104,7 +104,8 @@ def parameters(margs) -> dict:
 
 
 def run(name: str, config: Path, run_dir: Path, overrides: list[str]) -> float:
-    cmd = [sys.executable, "-m", "trainer.train", "--config", str(config),
+    # A benchmark rerun starts each model afresh in its run directory.
+    cmd = [sys.executable, "-m", "trainer.train", "--config", str(config), "--overwrite",
            "--set", f"run_dir={run_dir}", *sum((["--set", o] for o in overrides), [])]
     print(f"\n## {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
