@@ -265,7 +265,7 @@ def test_a_peer_without_the_secret_reads_nothing_writes_nothing_and_costs_no_mem
     after = stats()
     assert after["handled"] == {} and after["fingerprint"] == fingerprint
     assert after["counters"].get("refused", 0) >= 20
-    assert after["hwm_kib"] - hwm < 16 << 10  # 84 MiB were sent; under 16 MiB were kept
+    assert after["hwm_kib"] - hwm < 16 << 10  # 64 MiB were sent; under 16 MiB were kept
     out, broken = _valid_call(config, address, incarnation)
     assert broken == [] and out[0][1].shape == (8, DIM)
 
