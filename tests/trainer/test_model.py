@@ -113,9 +113,9 @@ def test_each_rank_pushes_under_its_own_worker_ids():
 
 def test_set_step_tags_the_pushes():
     model = Transformer(tiny(shared_memory=False))
-    model.set_step(5)
+    model.set_step(2)  # tables accept pushes at most two steps past the last applied one
     model(torch.randint(0, 50, (2, 5))).sum().backward()
-    assert all(t.pending_steps() == [5] for t in model.value_tables().values())
+    assert all(t.pending_steps() == [2] for t in model.value_tables().values())
 
 
 def test_tables_given_from_outside_must_match_the_specs():
