@@ -10,7 +10,7 @@ slots per token (random rows, w = softmax of random scores, dy random), on a
   first) and, unless ``--no-row-grids``, the (2, 1) and (4, 1) row grids, lookups and
   pushes over each shard's TCP data channel (the default), and 2 shards once more with
   ``data_channel="ray"`` (every call an actor call) for comparison, with the pushed slots
-  grouped by row once by the client (the default) and grouped by each shard.
+  grouped by row by each shard (the default) and once by the client for all shards.
 
 Each Ray round is timed alternately with an in-process round on the same inputs, so
 that drift in the machine (other tenants) hits both sides alike; the ratio is taken
@@ -193,9 +193,9 @@ def bench_ray(label, shards, threads, channel, local_round, batches, args, bar) 
     table = memstore.create_table(name, ROWS, DIM, shards=shards,
                                   optimizer=memstore.Adam(lr=LR), threads_per_shard=threads,
                                   data_channel=channel)
-    # The client groups the pushed slots by row once for all column blocks, unless the
-    # label asks each shard to group them itself (the comparison of what that saves).
-    table._group_slots = "each shard groups" not in label
+    # Each shard groups its pushed slots by row, unless the label asks the client to group
+    # them once for all column blocks (the comparison of what that saves).
+    table._group_slots = "client groups" in label
     create_s = time.perf_counter() - start
     bar.update()
     try:
@@ -254,7 +254,7 @@ def main() -> None:
     half, quarter = max(1, cores // 2), max(1, cores // 4)
     configs = [("1 shard", 1, cores, "socket"), ("2 shards", 2, half, "socket"),
                ("2 shards, all calls over Ray", 2, half, "ray"),
-               ("2 shards, all calls over Ray, each shard groups", 2, half, "ray"),
+               ("2 shards, all calls over Ray, client groups", 2, half, "ray"),
                ("4 shards", 4, quarter, "socket")]
     if not args.no_row_grids:
         configs += [("(2,1) rows", (2, 1), half, "socket"),

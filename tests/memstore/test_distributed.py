@@ -405,3 +405,16 @@ def test_cpus_per_shard_is_the_reservation_of_each_shard(table_names):
     assert [b["CPU"] for b in group["bundles"].values()] == [0.25, 0.25]
     idx, w, _ = batch()
     torch.testing.assert_close(t.lookup(idx, w), local().lookup(idx, w), rtol=1e-5, atol=1e-6)
+
+
+def test_pushes_grouped_once_by_the_client_train_like_a_local_table(table_names):
+    """The column blocks take the client's grouping of the pushed slots (over Ray)."""
+    t, ref = make(table_names("grouped"), (2, 2), data_channel="ray"), local()
+    t._group_slots = True
+    for step in (1, 2):
+        idx, w, dy = batch()
+        torch.testing.assert_close(t.backward(idx, w, dy, step=step),
+                                   ref.backward(idx, w, dy, step=step), rtol=1e-5, atol=1e-5)
+        t.step(step)
+        ref.step(step)
+    torch.testing.assert_close(all_rows(t), ref.values, rtol=1e-5, atol=1e-6)
