@@ -6,6 +6,8 @@ process boundaries), and says what to do about it.
 
 from __future__ import annotations
 
+import inspect
+
 __all__ = [
     "MemstoreError",
     "InvalidArgument",
@@ -76,12 +78,16 @@ def from_wire(data) -> MemstoreError:
     """The error :func:`to_wire` described, rebuilt by calling its class's constructor
     with the fields it names. A class outside the allow-list, or fields the constructor
     does not take, give a plain MemstoreError carrying the message."""
-    import inspect
-
     data = data if isinstance(data, dict) else {}
     message = str(data.get("message", "an error without a message"))[:_WIRE_MESSAGE_CHARS]
     cls, fields = _wire_class(data.get("class")), data.get("fields")
     if cls is None or cls is MemstoreError or not isinstance(fields, dict):
+        return MemstoreError(message)
+    params = [p for p in inspect.signature(cls.__init__).parameters.values()
+              if p.name != "self"]
+    try:
+        return cls(**{p.name: fields[p.name] for p in params if p.name in fields})
+    except Exception:  # noqa: BLE001 - fields that do not fit the class: keep the message
         return MemstoreError(message)
 
 
