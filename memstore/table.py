@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -62,15 +63,19 @@ class TableCatalog:
     def __init__(self, config: dict):
         self.config = config
         self.keys: np.ndarray | None = None
+        self.keys_version = ""
 
     def get_config(self) -> dict:
         return self.config
 
-    def publish_keys(self, keys: np.ndarray) -> None:
-        self.keys = keys
+    def publish_keys(self, keys: np.ndarray, version: str = "") -> None:
+        self.keys, self.keys_version = keys, version
 
     def get_keys(self) -> np.ndarray | None:
         return self.keys
+
+    def get_published(self) -> tuple[str, np.ndarray | None]:
+        return self.keys_version, self.keys
 
 
 def shard_name(table: str, r: int, c: int) -> str:
@@ -82,7 +87,12 @@ def catalog_name(table: str) -> str:
 
 
 class Table:
-    """Handle of a distributed table; cheap to create, one per process or worker."""
+    """Handle of a distributed table; cheap to create, one per process or worker.
+
+    ``last_read_steps``: each block's last applied step, by "r-c", as the last lookup,
+    gather or query read it (the shards return it with the values they read, so equal
+    steps mean the values come from one step of the table).
+    """
 
     def __init__(self, config: dict, shards: dict, worker: int = 0,
                  timeout_s: float | None = None):
@@ -100,6 +110,9 @@ class Table:
         # (serial on the client, and more bytes on the wire); the benchmark compares both.
         self._group_slots = False
         self.last_step = 0
+        self.last_read_steps: dict[str, int] = {}
+        self._read_keys_versions: set[str] = set()  # published keys the last read saw
+        self._keys: tuple[str, torch.Tensor] | None = None  # (version, keys) cached
         infos = self._call_all("info")
         self._note(infos)
         self.last_step = max(i["last_step"] for i in infos.values())
@@ -154,11 +167,16 @@ class Table:
             *args, *((self._incarnations[b],) if fenced else ())) for b, a in self.shards.items()})
 
     def _checked(self, results: dict) -> dict:
-        """Strip incarnations; a changed one means a shard restarted from a checkpoint."""
-        for block, (incarnation, _) in results.items():
+        """Strip incarnations; a changed one means a shard restarted from a checkpoint.
+        A read's replies also carry what each block saw (its step, its keys' version)."""
+        for block, (incarnation, *_) in results.items():
             if self._incarnations.get(block) != incarnation:
                 self._roll_back(block)
-        return {block: result for block, (_, result) in results.items()}
+        seen = {block: reply[2] for block, reply in results.items() if len(reply) > 2}
+        if seen:
+            self.last_read_steps = {f"{r}-{c}": int(s["step"]) for (r, c), s in seen.items()}
+            self._read_keys_versions = {str(s["keys"]) for s in seen.values()}
+        return {block: reply[1] for block, reply in results.items()}
 
     def _recover_or_raise(self, block, error):
         """A call failed because the shard died: wait for its restart, then roll back."""
@@ -381,31 +399,53 @@ class Table:
         if keys.dim() != 4 or keys.shape[1] != 2 or keys.shape[2] != n or n * n != self.rows:
             raise InvalidArgument("keys", f"shape (H, 2, {n}, Dk/2) for a table of n² = "
                                   f"{self.rows} rows", tuple(keys.shape))
-        keys = wire_float("keys", keys.detach(), tuple(keys.shape))
+        keys = wire_float("keys", keys.detach(), tuple(keys.shape)).cpu()
+        version = uuid.uuid4().hex
         ray = _ray()
-        ref = ray.put(keys.cpu().numpy())
-        ray.get([self._catalog().publish_keys.remote(ref),
-                    *(a.publish_keys.remote(ref) for a in self.shards.values())],
+        ref = ray.put(keys.numpy())
+        ray.get([self._catalog().publish_keys.remote(ref, version),
+                    *(a.publish_keys.remote(ref, version) for a in self.shards.values())],
                    timeout=self.timeout_s)
+        self._keys = (version, keys.clone())
 
-    def _published_keys(self) -> np.ndarray:
+    def _published_keys(self) -> tuple[str, torch.Tensor]:
+        """(version, keys) from the catalog, refilled from a shard's copy if it restarted."""
         ray = _ray()
         catalog = self._catalog()
-        keys = ray.get(catalog.get_keys.remote(), timeout=self.timeout_s)
+        version, keys = ray.get(catalog.get_published.remote(), timeout=self.timeout_s)
         if keys is None:  # a restarted catalog: refill it from a shard's copy
             for actor in self.shards.values():
-                keys = ray.get(actor.get_keys.remote(), timeout=self.timeout_s)
+                version, keys = ray.get(actor.get_published.remote(), timeout=self.timeout_s)
                 if keys is not None:
-                    ray.get(catalog.publish_keys.remote(keys), timeout=self.timeout_s)
+                    ray.get(catalog.publish_keys.remote(keys, version), timeout=self.timeout_s)
                     break
         if keys is None:
             raise InvalidArgument("keys", "keys published with publish_keys first", None)
-        return keys
+        return version, torch.from_numpy(np.array(keys))  # a copy the handle owns
 
     def query(self, q: torch.Tensor, k: int = 32):
         """Batched top-k query with the published keys: q (B, H, Dk) -> (indices (B, H, k),
-        scores (B, H, k), output (B, dim))."""
-        keys = torch.from_numpy(self._published_keys())
+        scores (B, H, k), output (B, dim)).
+
+        The handle keeps the keys it last fetched or published. Every block returns the
+        version of its keys with the values it read; when one reports other keys (they
+        were published again since), the keys are fetched anew and the query repeated,
+        so a query after publish_keys returned always uses the new keys."""
+        if self._keys is None:
+            self._keys = self._published_keys()
+        try:
+            answer = self._query_with(self._keys[1], q, k)
+        except InvalidArgument as e:
+            if e.field != "q":
+                raise
+            self._keys = self._published_keys()  # q may fit keys published since
+            return self._query_with(self._keys[1], q, k)
+        if self._read_keys_versions - {"", self._keys[0]}:
+            self._keys = self._published_keys()
+            answer = self._query_with(self._keys[1], q, k)
+        return answer
+
+    def _query_with(self, keys: torch.Tensor, q, k: int):
         H, _, n, half = keys.shape
         if not isinstance(q, torch.Tensor) or q.dim() != 3 or tuple(q.shape[1:]) != (H, 2 * half):
             raise InvalidArgument("q", f"a (B, {H}, {2 * half}) tensor (heads and key width "

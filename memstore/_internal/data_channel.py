@@ -266,8 +266,9 @@ class ReplyFaults:
 
 
 class DataServer:
-    """Serves ``handlers[op](*arrays, *args) -> (incarnation, array)`` to authenticated
-    clients from one thread; the handlers do their own locking.
+    """Serves ``handlers[op](*arrays, *args) -> (incarnation, array[, seen])`` to
+    authenticated clients from one thread; the handlers do their own locking. ``seen``
+    (a small JSON value) travels in the reply's header.
 
     ``address`` is (host, port) for clients: ``host``, or ``advertised_host`` when
     ``host`` is 0.0.0.0 (every interface). ``faults`` is the test hook (:class:`ReplyFaults`);
@@ -408,11 +409,14 @@ class DataServer:
 
     def _run(self, op: str, arrays: list, args: list) -> tuple[dict, list]:
         try:
-            incarnation, result = self.handlers[op](*arrays, *args)
+            incarnation, result, *seen = self.handlers[op](*arrays, *args)
             result = np.asarray(result)
             if result.dtype.name not in DTYPES:
                 raise TypeError(f"handler {op} returned dtype {result.dtype}")
-            return {"ok": True, "incarnation": str(incarnation)}, [result]
+            head = {"ok": True, "incarnation": str(incarnation)}
+            if seen:
+                head["seen"] = seen[0]
+            return head, [result]
         except Exception as e:  # noqa: BLE001 - every error goes back to the caller
             return {"ok": False, "error": to_wire(e)}, []
 
@@ -529,7 +533,8 @@ class DataClient:
                                           f"(the table's {setting})", np.size(a))
 
     def call_all(self, requests: dict) -> tuple[dict, list]:
-        """{key: (address, op, arrays, args)} -> ({key: (incarnation, array)}, broken keys).
+        """{key: (address, op, arrays, args)} -> ({key: (incarnation, array[, seen])},
+        broken keys); ``seen`` where the handler returned one.
 
         A key is broken when its connection failed (the caller repeats that call over
         Ray). An error a shard raised is re-raised here, after all replies are read. A
@@ -561,7 +566,9 @@ class DataClient:
         out, error = {}, None
         for key, header, arrays in replies:
             if header.get("ok") is True and len(arrays) == 1:
-                out[key] = (header.get("incarnation"), arrays[0])
+                seen = header.get("seen")
+                out[key] = ((header.get("incarnation"), arrays[0]) if seen is None
+                            else (header.get("incarnation"), arrays[0], seen))
             elif error is None:
                 error = from_wire(header.get("error"))
         if error is not None:

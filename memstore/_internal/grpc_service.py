@@ -116,14 +116,14 @@ def _seen(out, steps: dict[str, int], consistent: bool):
 
 
 def _read(table: Table, read, seen_out):
-    """``read()`` bracketed by the shards' steps; repeated while a step lands during it."""
+    """``read()``, with the steps the shards read at (returned with their replies);
+    repeated while the shards disagree (a step landing during the read)."""
     for _ in range(READ_ATTEMPTS):
-        before = shard_steps(table)
         result = read()
-        after = shard_steps(table)
-        if before == after:
+        steps = table.last_read_steps
+        if len(set(steps.values())) == 1:
             break
-    _seen(seen_out, after, before == after)
+    _seen(seen_out, steps, len(set(steps.values())) == 1)
     return result
 
 

@@ -6,7 +6,9 @@ the arrays come back as tensors with ``torch.from_numpy``. It is wrapped with
 ``ray.remote(...)`` only when spawned, so tests can spawn a failing subclass.
 
 Every data call carries the incarnation the caller expects and returns
-``(incarnation, result)``. The incarnation is new each time the actor process starts;
+``(incarnation, result)``; reads return ``(incarnation, result, seen)``, where
+``seen`` is the block's last applied step and the version of its published keys, taken
+under the lock with the read, so a reader learns both without another call. The incarnation is new each time the actor process starts;
 a call addressed to another one is refused before anything changes
 (:class:`ShardRestarted`, fencing), and the caller rolls the table back to the
 checkpoint the restarted shard reports (``restored_path``, ``restored_step``).
@@ -87,6 +89,7 @@ class ShardWorker:
         self.restored_path = None
         self.restored_step = self._restore()
         self.keys: np.ndarray | None = None
+        self.keys_version = ""
         self.data_server = None
         if config.get("data_channel", "socket") == "socket":
             self.data_server = DataServer(
@@ -158,6 +161,10 @@ class ShardWorker:
             raise ShardRestarted(self.block_id, str(expected), self.incarnation)
 
     # ---- data ----------------------------------------------------------------
+    def _seen(self) -> dict:
+        """What a read saw: the block's last applied step and published keys' version."""
+        return {"step": int(self.table.last_step), "keys": self.keys_version}
+
     @_locked
     def lookup(self, rows, w, offsets, expected: str):
         self._fence(expected)
@@ -168,12 +175,13 @@ class ShardWorker:
         self.metrics.add("memstore_rows_read_total", rows.shape[0])
         self.metrics.call("lookup", time.perf_counter() - start,
                           rows.nbytes + w.nbytes + offsets.nbytes, y.nbytes)
-        return self.incarnation, y
+        return self.incarnation, y, self._seen()
 
     @_locked
     def gather(self, rows, expected: str):
         self._fence(expected)
-        return self.incarnation, self.table.gather(to_tensor(rows)).float().numpy()
+        return (self.incarnation, self.table.gather(to_tensor(rows)).float().numpy(),
+                self._seen())
 
     @_locked
     def backward(self, rows, w, offsets, dy, *rest):
@@ -276,11 +284,16 @@ class ShardWorker:
         return self.incarnation, updated
 
     # ---- published keys (a copy for a restarted catalog) ------------------------
-    def publish_keys(self, keys: np.ndarray) -> None:
-        self.keys = keys
+    @_locked
+    def publish_keys(self, keys: np.ndarray, version: str = "") -> None:
+        self.keys, self.keys_version = keys, version
 
     def get_keys(self) -> np.ndarray | None:
         return self.keys
+
+    @_locked
+    def get_published(self) -> tuple[str, np.ndarray | None]:
+        return self.keys_version, self.keys
 
     # ---- state ---------------------------------------------------------------
     @_locked

@@ -418,3 +418,39 @@ def test_pushes_grouped_once_by_the_client_train_like_a_local_table(table_names)
         t.step(step)
         ref.step(step)
     torch.testing.assert_close(all_rows(t), ref.values, rtol=1e-5, atol=1e-6)
+
+
+def brute_force_topk(q, keys, k):
+    """Top-k of every one of the n² product keys' scores, computed in full (float64)."""
+    H, _, n, half = keys.shape
+    q, keys = q.double(), keys.double()
+    first = torch.einsum("bhd,hnd->bhn", q[..., :half], keys[:, 0])
+    second = torch.einsum("bhd,hnd->bhn", q[..., half:], keys[:, 1])
+    scores = (first[..., :, None] + second[..., None, :]).flatten(2)
+    return scores.topk(k, dim=-1)
+
+
+def test_a_query_after_keys_are_published_again_uses_the_new_keys(table_names):
+    n, half = 16, 4
+    t = memstore.create_table(table_names("requery"), n * n, 64, shards=2, seed=SEED,
+                              timeout_s=120)
+    other = memstore.connect(t.name)
+    gen = torch.Generator().manual_seed(SEED)
+    first, second = torch.randn(2, 2, n, half, generator=gen), torch.randn(2, 2, n, half,
+                                                                            generator=gen)
+    wider = torch.randn(3, 2, n, half, generator=gen)
+    q = torch.randn(5, 2, 2 * half, generator=gen)
+    t.publish_keys(first)
+    assert torch.equal(t.query(q, k=6)[0], brute_force_topk(q, first, 6).indices)
+    assert torch.equal(other.query(q, k=6)[0], brute_force_topk(q, first, 6).indices)
+    other.publish_keys(second)  # t still holds the first keys; the shards tell it
+    idx, scores, _ = t.query(q, k=6)
+    ref = brute_force_topk(q, second, 6)
+    assert torch.equal(idx, ref.indices)
+    torch.testing.assert_close(scores.double(), ref.values, rtol=1e-5, atol=1e-5)
+    assert set(t.last_read_steps) == {"0-0", "1-0"}
+    other.publish_keys(wider)  # three heads: a q of three heads fits only the new keys
+    q3 = torch.randn(4, 3, 2 * half, generator=gen)
+    assert torch.equal(t.query(q3, k=5)[0], brute_force_topk(q3, wider, 5).indices)
+    t.publish_keys(first)
+    assert torch.equal(other.query(q, k=6)[0], brute_force_topk(q, first, 6).indices)
