@@ -221,6 +221,7 @@ def _serve(ns) -> int:
         return 0
     import ray
 
+    server.use_one_torch_thread()
     if not ray.is_initialized():  # the cluster named, else RAY_ADDRESS, else a local one
         ray.init(address=ns.ray_address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     running = server.start(options)

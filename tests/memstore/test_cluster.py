@@ -34,6 +34,8 @@ from memstore.table import shard_name
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+pytestmark = pytest.mark.cluster  # real raylets: skipped by the everyday `-m "not cluster"`
+
 REPO = Path(__file__).resolve().parents[2]
 ROWS, DIM = 4096, 128
 LR = 1e-2
