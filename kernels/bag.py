@@ -126,6 +126,22 @@ def bag_forward(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> tor
     return bag_forward_reference(values, idx, w)
 
 
+def native_bag_dw(values, rows, offsets, dy) -> torch.Tensor:
+    """dw (P,) float32 by the C kernel: dw[p] = <values[rows[p]], dy[b]> for the slots p
+    of bag b. The caller has checked :func:`_native_bag`."""
+    values = _row_major(values)
+    rows = rows.to(torch.int64).contiguous()
+    offsets = offsets.to(torch.int64).contiguous()
+    dy = dy.to(torch.float32).contiguous()
+    dw = torch.empty(rows.numel(), dtype=torch.float32)
+    _native.parallel_for(
+        _native.typed("bag_dw", values.dtype), offsets.numel() - 1, values.data_ptr(),
+        values.stride(0), rows.data_ptr(), offsets.data_ptr(), dy.data_ptr(), values.shape[1],
+        dw.data_ptr(),
+    )
+    return dw
+
+
 def bag_backward_sparse(values, rows, w, offsets, dy) -> tuple[torch.Tensor, SparseRowGrads]:
     """CSR bag backward: dw (P,) and the row gradients in factored form (no (U, dim) tensor)."""
     impl = _triton_impl("bag_backward_sparse", values, w, rows, offsets, dy)
@@ -136,16 +152,10 @@ def bag_backward_sparse(values, rows, w, offsets, dy) -> tuple[torch.Tensor, Spa
     bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
     if _native_bag(values, w):
         record("bag_backward_sparse", "native")
-        values = _row_major(values)
         rows = rows.to(torch.int64).contiguous()
         w = w.to(torch.float32).contiguous()
-        offsets = offsets.to(torch.int64).contiguous()
         dy = dy.to(torch.float32).contiguous()
-        dw = torch.empty(rows.numel(), dtype=torch.float32)
-        _native.parallel_for(
-            _native.typed("bag_dw", values.dtype), B, values.data_ptr(), values.stride(0),
-            rows.data_ptr(), offsets.data_ptr(), dy.data_ptr(), values.shape[1], dw.data_ptr(),
-        )
+        dw = native_bag_dw(values, rows, offsets, dy)
         return dw, SparseRowGrads.from_slots(rows, w, bag_of_slot, dy, values.shape[0])
     record("bag_backward_sparse", "composite")
     acc = accumulation_dtype(values, w)

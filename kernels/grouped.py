@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _native
 from ._dispatch import record
-from .bag import _native_bag, _row_major, _triton_impl
+from .bag import _native_bag, _triton_impl, native_bag_dw
 from .reference import accumulation_dtype
 from .row_grads import SparseRowGrads
 
@@ -42,16 +41,7 @@ def bag_dw(values, rows, offsets, dy) -> torch.Tensor:
         return impl(values, rows, offsets, dy)
     if _native_bag(values, dy):
         record("bag_dw_csr", "native")
-        values = _row_major(values)
-        rows = rows.to(torch.int64).contiguous()
-        offsets = offsets.to(torch.int64).contiguous()
-        dy = dy.to(torch.float32).contiguous()
-        dw = torch.empty(rows.numel(), dtype=torch.float32)
-        _native.parallel_for(
-            _native.typed("bag_dw", values.dtype), B, values.data_ptr(), values.stride(0),
-            rows.data_ptr(), offsets.data_ptr(), dy.data_ptr(), values.shape[1], dw.data_ptr(),
-        )
-        return dw
+        return native_bag_dw(values, rows, offsets, dy)
     record("bag_dw_csr", "composite")
     acc = accumulation_dtype(values, dy)
     bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
