@@ -72,7 +72,7 @@ def create_table(
     seed: int = 0,
     mode: str = "sync",
     max_staleness: int | None = None,
-    workers: int | None = None,
+    pushes_per_step: int | None = None,
     step_on_push: bool = False,
     data_channel: str = "socket",
     data_bind: str | None = None,
@@ -100,9 +100,9 @@ def create_table(
     with a per-table secret; ``data_bind``: the IPv4 address shards listen on (default
     their node's IP), ``data_encrypt``: CURVE encryption for untrusted networks,
     ``max_batch`` / ``max_pairs``: most rows / (row, weight) pairs of one call per shard.
-    ``workers``: pushes that ``step`` waits for in sync mode. ``step_on_push`` (sync mode,
-    needs ``workers``): a shard applies step s within the call that brings its
-    ``workers``-th push of s, so a trainer needs no ``step`` round of its own; once a
+    ``pushes_per_step``: pushes that ``step`` waits for in sync mode. ``step_on_push`` (sync mode,
+    needs ``pushes_per_step``): a shard applies step s within the call that brings its
+    ``pushes_per_step``-th push of s, so a trainer needs no ``step`` round of its own; once a
     caller's pushes of s have returned, s is applied on every shard. Restarted shards reload the
     newest checkpoint under ``checkpoint_root``; ``save_every`` saves there every N steps.
     ``threads_per_shard``: torch threads of a shard; ``cpus_per_shard``: the CPUs Ray
@@ -125,10 +125,11 @@ def create_table(
     channel = channel_config(data_bind, data_encrypt, max_batch, max_pairs)
     if not isinstance(step_on_push, bool):
         raise InvalidArgument("step_on_push", "True or False", step_on_push)
-    if step_on_push and (mode != "sync" or workers is None):
-        raise InvalidArgument("step_on_push", "False unless mode='sync' and workers is given",
-                              f"True with mode={mode!r}, workers={workers}")
-    for field, value in (("max_staleness", max_staleness), ("workers", workers),
+    if step_on_push and (mode != "sync" or pushes_per_step is None):
+        raise InvalidArgument("step_on_push",
+                              "False unless mode='sync' and pushes_per_step is given",
+                              f"True with mode={mode!r}, pushes_per_step={pushes_per_step}")
+    for field, value in (("max_staleness", max_staleness), ("pushes_per_step", pushes_per_step),
                          ("save_every", save_every), ("max_shard_bytes", max_shard_bytes)):
         if value is not None:
             check_positive_int(field, value, minimum=0 if field == "max_staleness" else 1)
@@ -142,7 +143,8 @@ def create_table(
     config = {
         "name": name, "rows": rows, "dim": dim, "dtype": dtype, "seed": seed,
         "optimizer": optimizer.to_dict(), "mode": mode, "max_staleness": max_staleness,
-        "workers": workers, "step_on_push": step_on_push, "data_channel": data_channel,
+        "pushes_per_step": pushes_per_step, "step_on_push": step_on_push,
+        "data_channel": data_channel,
         "checkpoint_root": checkpoint_root,
         "save_every": save_every,
         "threads": threads_per_shard, "restore_from": restore_from, **channel,
@@ -238,7 +240,7 @@ def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout
     return shards
 
 
-def connect(name: str, worker: int = 0, timeout_s: float | None = None) -> Table:
+def connect(name: str, push_id: int = 0, timeout_s: float | None = None) -> Table:
     """A handle on an existing table from any driver attached to the same cluster."""
     _check_name(name)
     ray = _attach()
@@ -246,7 +248,7 @@ def connect(name: str, worker: int = 0, timeout_s: float | None = None) -> Table
     grid = ShardGrid.from_dict(config["grid"])
     shards = {(r, c): ray.get_actor(shard_name(name, r, c), namespace=NAMESPACE)
               for r, c in grid.blocks()}
-    return Table(config, shards, worker=worker, timeout_s=timeout_s)
+    return Table(config, shards, push_id=push_id, timeout_s=timeout_s)
 
 
 def load_table(path: str, name: str, shards=1, **options) -> Table:

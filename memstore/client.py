@@ -237,12 +237,12 @@ class MemoryClient:
         dw = _like(idx, decode("dw", reply.dw, reply.HasField("dw"), FLOATS, 2))
         return (dw, Seen.of(reply.seen)) if with_seen else dw
 
-    def step(self, table: str, step: int, workers: int | None = None,
+    def step(self, table: str, step: int, pushes_per_step: int | None = None,
              lr: float | None = None) -> int:
         """Apply step ``step``; returns the rows updated."""
         request = pb.StepRequest(table=table, step=step)
-        if workers is not None:
-            request.workers = workers
+        if pushes_per_step is not None:
+            request.pushes_per_step = pushes_per_step
         if lr is not None:
             request.lr = lr
         return self._call("Step", request, read=False).rows_updated

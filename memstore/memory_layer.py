@@ -39,7 +39,7 @@ class ValueTable(Protocol):
 
     def lookup(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
 
-    def backward(self, idx, w, dy, step: int | None = None, worker: int = 0,
+    def backward(self, idx, w, dy, step: int | None = None, push_id: int = 0,
                  lr: float | None = None) -> torch.Tensor: ...
 
     def step(self, step: int | None = None, lr: float | None = None) -> int: ...
@@ -82,15 +82,15 @@ class TableLookup(torch.autograd.Function):
     """y = table.lookup(idx, w); backward sends dy to the table and returns dw."""
 
     @staticmethod
-    def forward(ctx, w, idx, table, step, worker, lr):
+    def forward(ctx, w, idx, table, step, push_id, lr):
         ctx.save_for_backward(w, idx)
-        ctx.table, ctx.step, ctx.worker, ctx.lr = table, step, worker, lr
+        ctx.table, ctx.step, ctx.push_id, ctx.lr = table, step, push_id, lr
         return table.lookup(idx, w.detach())
 
     @staticmethod
     def backward(ctx, dy):
         w, idx = ctx.saved_tensors
-        kwargs = {} if ctx.worker is None else {"worker": ctx.worker}
+        kwargs = {} if ctx.push_id is None else {"push_id": ctx.push_id}
         if ctx.lr is not None:
             kwargs["lr"] = ctx.lr
         dw = ctx.table.backward(idx, w.detach(), dy.contiguous(), step=ctx.step, **kwargs)
@@ -103,8 +103,8 @@ class MemoryLayer(nn.Module):
     ``table=None`` creates a local :class:`ShardTable` of n_keys² × value_dim rows with
     lazy Adam at ``value_lr``. Pass a distributed table to keep the values in the store.
     Set ``step`` before a training step to tag its gradients (default: the table's
-    next step). Several layers sharing one table must push under distinct ``worker``
-    ids (a repeated (step, worker) push is ignored as a retry); default: the table's.
+    next step). Several layers sharing one table must push under distinct
+    ``push_id``s (a repeated (step, push_id) push is ignored as a retry); default: the table's.
     ``value_lr``, when set, is the learning rate the table applies that step with (a
     schedule for the values); default: the table optimizer's own.
     """
@@ -122,7 +122,7 @@ class MemoryLayer(nn.Module):
         self.table = table
         self.step: int | None = None
         self.value_lr: float | None = None  # this step's value lr (schedules); None: the table's
-        self.worker: int | None = None
+        self.push_id: int | None = None
         half = args.key_dim // 2
         self.query = nn.Linear(args.dim, args.heads * args.key_dim, bias=False)
         self.keys = nn.Parameter(torch.randn(args.heads, 2, args.n_keys, half) * half**-0.5)
@@ -147,7 +147,7 @@ class MemoryLayer(nn.Module):
         flat = x.reshape(-1, a.dim)
         scores, idx = self.topk(flat)
         w = torch.softmax(scores.float(), dim=-1).flatten(1)  # (N, heads·k)
-        y = TableLookup.apply(w, idx.flatten(1), self.table, self.step, self.worker,
+        y = TableLookup.apply(w, idx.flatten(1), self.table, self.step, self.push_id,
                               self.value_lr)
         y = y.to(device=x.device, dtype=x.dtype)  # a remote table answers on the host
         if a.memory_plus:

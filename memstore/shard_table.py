@@ -2,7 +2,7 @@
 
 A ``ShardTable`` owns rows [row_start, row_stop) × columns [col_start, col_stop) of
 a table of ``rows × dim`` values. It answers lookups and gathers, takes the backward
-pass of a batch (row gradients pend, keyed by step and worker), and applies the
+pass of a batch (row gradients pend, keyed by step and push_id), and applies the
 sparse optimizer when the step is closed. A table of one block is the in-process
 value table of a :class:`memstore.MemoryLayer`; the distributed table is a grid of
 blocks, each inside a shard actor.
@@ -127,7 +127,7 @@ class ShardTable:
         self.state = optimizer.init_state(*self.spec.shape, self.device)
         self.last_step = 0  # the last step applied; steps are numbered from 1
         self.updates = 0  # optimizer steps taken (bias correction count)
-        # step -> worker -> that worker's row gradients, in factored form
+        # step -> push_id -> that push's row gradients, in factored form
         self._pending: dict[int, dict[int, kernels.SparseRowGrads]] = {}
         self._step_lr: dict[int, float] = {}  # step -> the lr its pushes asked for
         self._counters = {"lookups": 0, "tokens": 0, "pushes": 0, "duplicate_pushes": 0,
@@ -202,18 +202,18 @@ class ShardTable:
         return self.values[local].clone()
 
     # ---- updates -------------------------------------------------------------
-    def backward(self, idx, w, dy, step: int | None = None, worker: int = 0,
+    def backward(self, idx, w, dy, step: int | None = None, push_id: int = 0,
                  lr: float | None = None) -> torch.Tensor:
-        """dw (B, M) = <values[idx], dy>; the row gradients pend for (step, worker).
+        """dw (B, M) = <values[idx], dy>; the row gradients pend for (step, push_id).
 
         ``step`` defaults to the step after the last applied one. A second push of the
-        same (step, worker) returns dw again but is not applied twice. ``lr`` is the
+        same (step, push_id) returns dw again but is not applied twice. ``lr`` is the
         learning rate to apply step s with (a schedule); every push of s must agree.
         """
         local, flat_w, offsets = self._bags(idx, w)
-        return self._backward(local, flat_w, offsets, dy, step, worker, lr).reshape(idx.shape)
+        return self._backward(local, flat_w, offsets, dy, step, push_id, lr).reshape(idx.shape)
 
-    def backward_csr(self, rows, w, offsets, dy, step: int | None = None, worker: int = 0,
+    def backward_csr(self, rows, w, offsets, dy, step: int | None = None, push_id: int = 0,
                      lr: float | None = None, checked: bool = False, grouping=None):
         """dw (P,) for ragged bags; see :meth:`backward`. ``checked``: w and dy are
         float32 and their values were checked by the sender. ``grouping``: the slots
@@ -222,7 +222,7 @@ class ShardTable:
         local, w, offsets = self._csr_bags(rows, w, offsets, checked)
         if grouping is not None:
             grouping = self._check_grouping(*grouping, rows.shape[0])
-        return self._backward(local, w, offsets, dy, step, worker, lr, checked, grouping)
+        return self._backward(local, w, offsets, dy, step, push_id, lr, checked, grouping)
 
     def _check_grouping(self, uniq, seg, order, pairs: int) -> tuple:
         """The sender's grouping, checked as far as the kernels index with it (cheaply:
@@ -241,11 +241,11 @@ class ShardTable:
         return (uniq - s.row_start if s.row_start else uniq,
                 seg.to(self.device, torch.int64), order.to(self.device, torch.int64))
 
-    def _backward(self, local, w, offsets, dy, step, worker, lr, checked=False,
+    def _backward(self, local, w, offsets, dy, step, push_id, lr, checked=False,
                   grouping=None) -> torch.Tensor:
         dy = self._floats("dy", dy, (offsets.numel() - 1, self.spec.shape[1]), checked)
         step = self._check_open_step(step)
-        check_step("worker", worker)
+        check_step("push_id", push_id)
         lr = check_lr("lr", lr)
         asked = self._step_lr.get(step)
         if lr is not None and asked is not None and lr != asked:
@@ -260,11 +260,11 @@ class ShardTable:
                 self.values, local, w, offsets, dy.to(self.device, torch.float32)
             )
         pushes = self._pending.setdefault(step, {})
-        if worker in pushes:
+        if push_id in pushes:
             self._counters["duplicate_pushes"] += 1
-            log.info("ignoring a repeated push of worker %d for step %d", worker, step)
+            log.info("ignoring a repeated push %d for step %d", push_id, step)
         else:
-            pushes[worker] = grads
+            pushes[push_id] = grads
             self._counters["pushes"] += 1
         self._count("backward_s", start)
         return dw
@@ -274,18 +274,18 @@ class ShardTable:
         self._pending.pop(step, None)
         self._step_lr.pop(step, None)
 
-    def retract(self, step: int, worker: int) -> bool:
-        """Withdraw the pending push of (step, worker), e.g. one that another block of the
+    def retract(self, step: int, push_id: int) -> bool:
+        """Withdraw the pending push of (step, push_id), e.g. one that another block of the
         table refused; False when there is none."""
         pushes = self._pending.get(step, {})
-        if pushes.pop(worker, None) is None:
+        if pushes.pop(push_id, None) is None:
             return False
         if not pushes:
             self.discard(step)
         return True
 
     def pushes(self, step: int) -> list[int]:
-        """The workers whose gradients are pending for ``step``."""
+        """The push ids whose gradients are pending for ``step``."""
         return sorted(self._pending.get(step, {}))
 
     def step(self, step: int | None = None, lr: float | None = None) -> int:

@@ -87,20 +87,20 @@ def catalog_name(table: str) -> str:
 
 
 class Table:
-    """Handle of a distributed table; cheap to create, one per process or worker.
+    """Handle of a distributed table; cheap to create, one per process or Ray worker.
 
     ``last_read_steps``: each block's last applied step, by "r-c", as the last lookup,
     gather or query read it (the shards return it with the values they read, so equal
     steps mean the values come from one step of the table).
     """
 
-    def __init__(self, config: dict, shards: dict, worker: int = 0,
+    def __init__(self, config: dict, shards: dict, push_id: int = 0,
                  timeout_s: float | None = None):
         self.config = config
         self.name = config["name"]
         self.grid = ShardGrid.from_dict(config["grid"])
         self.shards = shards  # (r, c) -> actor handle
-        self.worker = worker
+        self.push_id = push_id
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
         self._incarnations: dict[tuple[int, int], str] = {}
         self._addresses: dict[tuple[int, int], tuple | None] = {}
@@ -313,15 +313,15 @@ class Table:
             out[block_of == r, c0:c1] = to_tensor(part)
         return out
 
-    def backward(self, idx, w, dy, step: int | None = None, worker: int | None = None,
+    def backward(self, idx, w, dy, step: int | None = None, push_id: int | None = None,
                  lr: float | None = None):
-        """dw (B, M); the row gradients pend at the shards for (step, worker). ``lr``:
+        """dw (B, M); the row gradients pend at the shards for (step, push_id). ``lr``:
         the learning rate step s is applied with (a schedule; all pushes of s agree),
         default the table optimizer's."""
         idx, w = self._check_pairs(idx, w)
         dy = wire_float("dy", dy, (idx.shape[0], self.dim)).cpu()
         step = self._check_step(step)
-        worker = self.worker if worker is None else check_step("worker", worker)
+        push_id = self.push_id if push_id is None else check_step("push_id", push_id)
         lr = check_lr("lr", lr)
         routes = self.grid.route(idx, w)
         grouped = self._grouped_slots(routes)
@@ -329,14 +329,14 @@ class Table:
         for r, c in self.shards:
             c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
             extra[(r, c)] = ((dy[:, c0:c1].contiguous().numpy(), *grouped[r:r + 1]),
-                             (step, worker, lr))
+                             (step, push_id, lr))
         dw = torch.zeros(idx.shape, dtype=torch.float32)
         try:
             parts = self._data_call("backward", routes, extra)
         except (StoreRolledBack, ShardUnavailable):
             raise
         except MemstoreError:
-            self._retract(step, worker)
+            self._retract(step, push_id)
             raise
         for (r, c), part in parts.items():
             dw[routes[r].mask] += to_tensor(part)
@@ -357,31 +357,32 @@ class Table:
         return [pack_grouping(route.rows, bounds[r], bounds[r + 1]).numpy()
                 for r, route in enumerate(routes)]
 
-    def _retract(self, step: int, worker: int) -> None:
+    def _retract(self, step: int, push_id: int) -> None:
         """A block refused the push (a step or lr check of its own): withdraw it from the
         blocks that took it, so that no block keeps a push the table refused."""
         if len(self.shards) == 1:
             return
         ray = _ray()
-        taken = ray.get([a.retract.remote(step, worker) for a in self.shards.values()],
+        taken = ray.get([a.retract.remote(step, push_id) for a in self.shards.values()],
                         timeout=self.timeout_s)
         if any(taken):
-            log.warning("push (step %d, worker %d) refused by a block of %s: withdrawn from "
-                        "%d blocks that had taken it", step, worker, self.name, sum(taken))
+            log.warning("push (step %d, push_id %d) refused by a block of %s: withdrawn from "
+                        "%d blocks that had taken it", step, push_id, self.name, sum(taken))
 
-    def step(self, step: int | None = None, workers: int | None = None,
+    def step(self, step: int | None = None, pushes_per_step: int | None = None,
              lr: float | None = None) -> int:
-        """Apply the optimizer for ``step`` on every shard; ``workers`` (default: the
-        table's ``workers``) pushes must have arrived. ``lr`` overrides the learning
+        """Apply the optimizer for ``step`` on every shard; ``pushes_per_step`` (default: the
+        table's ``pushes_per_step``) pushes must have arrived. ``lr`` overrides the learning
         rate of this step. Returns the rows updated."""
         step = self._check_step(step)
         lr = check_lr("lr", lr)
-        if workers is None:
-            workers = self.config.get("workers")
-        elif isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise InvalidArgument("workers", "None or an int >= 1", workers)
+        if pushes_per_step is None:
+            pushes_per_step = self.config.get("pushes_per_step")
+        elif (isinstance(pushes_per_step, bool) or not isinstance(pushes_per_step, int)
+              or pushes_per_step < 1):
+            raise InvalidArgument("pushes_per_step", "None or an int >= 1", pushes_per_step)
         # With step_on_push the shards applied s with its last push; this confirms it.
-        done = self._checked(self._call_all("step", step, workers, lr, fenced=True))
+        done = self._checked(self._call_all("step", step, pushes_per_step, lr, fenced=True))
         self.last_step = step
         every = self.config.get("save_every")
         if every and step % every == 0:

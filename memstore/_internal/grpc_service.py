@@ -259,7 +259,7 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
         push_id = check_step("push_id", request.push_id)
         lr = check_lr("lr", request.lr) if request.HasField("lr") else None
         steps = self._at_current_step(table, step)
-        dw = table.backward(idx, w, dy, step=step, worker=push_id, lr=lr)
+        dw = table.backward(idx, w, dy, step=step, push_id=push_id, lr=lr)
         reply = pb.ApplyGradientsReply()
         _seen(reply.seen, steps, True)
         encode(dw.numpy(), reply.dw)
@@ -268,10 +268,11 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
     def Step(self, request, context):
         table = self.tables.get(request.table)
         step = check_step("step", request.step)
-        workers = check_step("workers", request.workers) if request.HasField("workers") else None
+        pushes_per_step = (check_step("pushes_per_step", request.pushes_per_step)
+                           if request.HasField("pushes_per_step") else None)
         lr = check_lr("lr", request.lr) if request.HasField("lr") else None
         self._at_current_step(table, step)
-        updated = table.step(step, workers=workers, lr=lr)
+        updated = table.step(step, pushes_per_step=pushes_per_step, lr=lr)
         reply = pb.StepReply(rows_updated=int(updated))
         _seen(reply.seen, shard_steps(table), True)
         return reply

@@ -13,7 +13,7 @@ a call addressed to another one is refused before anything changes
 (:class:`ShardRestarted`, fencing), and the caller rolls the table back to the
 checkpoint the restarted shard reports (``restored_path``, ``restored_step``).
 
-A push is identified by (step, worker). The shard keeps the replies of its recent
+A push is identified by (step, push_id). The shard keeps the replies of its recent
 pushes, so a push repeated after a lost reply is answered with the dw it already got,
 and applied once, even when its step was applied since (``step_on_push``, async mode).
 """
@@ -78,7 +78,7 @@ class ShardWorker:
         self.async_applied: set[tuple[int, int]] = set()
         self.max_seen_step = 0
         self.staleness: list[int] = []
-        # (step, worker) -> the dw its push got, newest last; bounded (see _remember)
+        # (step, push_id) -> the dw its push got, newest last; bounded (see _remember)
         self.replies: collections.OrderedDict[tuple[int, int], np.ndarray] = (
             collections.OrderedDict())
         # The restarted incarnations (of any block) this block was rolled back for.
@@ -185,15 +185,15 @@ class ShardWorker:
 
     @_locked
     def backward(self, rows, w, offsets, dy, *rest):
-        """dw of this block's slots; a repeated (step, worker) gets its first reply.
+        """dw of this block's slots; a repeated (step, push_id) gets its first reply.
 
-        ``rest``: (step, worker, lr, expected incarnation), after an optional array: the
+        ``rest``: (step, push_id, lr, expected incarnation), after an optional array: the
         slots grouped by row by the client (``grid.pack_grouping``), sent to the column
         blocks of a grid so that none of them groups the same slots again."""
-        grouping, (step, worker, lr, expected) = (
+        grouping, (step, push_id, lr, expected) = (
             (rest[0], rest[1:]) if rest and isinstance(rest[0], np.ndarray) else (None, rest))
         self._fence(expected)
-        cached = self.replies.get((step, worker))
+        cached = self.replies.get((step, push_id))
         if cached is not None:
             self.replayed += 1
             self.metrics.add("memstore_replayed_pushes_total", 1)
@@ -203,15 +203,15 @@ class ShardWorker:
         if grouping is not None:
             grouping = unpack_grouping(to_tensor(grouping), rows.shape[0])
         if self.config.get("mode") == "async":
-            dw = self._backward_async(args, step, worker, lr)
+            dw = self._backward_async(args, step, push_id, lr)
         else:
-            dw = self.table.backward_csr(*args, step=step, worker=worker, lr=lr,
+            dw = self.table.backward_csr(*args, step=step, push_id=push_id, lr=lr,
                                          checked=True, grouping=grouping).numpy()
-            # step_on_push implies workers (create_table checks it): the last push steps.
+            # step_on_push implies pushes_per_step (create_table checks it): the last push steps.
             if self.config.get("step_on_push") and (
-                    len(self.table.pushes(step)) >= self.config["workers"]):
+                    len(self.table.pushes(step)) >= self.config["pushes_per_step"]):
                 self.table.step(step)
-        self._remember((step, worker), dw)
+        self._remember((step, push_id), dw)
         self.metrics.add("memstore_rows_read_total", rows.shape[0])
         self.metrics.call("backward", time.perf_counter() - start, sum(
             a.nbytes for a in (rows, w, offsets, dy, *(() if grouping is None else grouping))),
@@ -228,22 +228,22 @@ class ShardWorker:
 
     def _remember(self, push: tuple[int, int], dw: np.ndarray) -> None:
         """Keep the reply of ``push`` for its retries: those of the last few steps of
-        every worker (a retry comes right after its lost reply)."""
+        every pusher (a retry comes right after its lost reply)."""
         self.replies[push] = dw
-        keep = max(16, (MAX_STEPS_AHEAD + 2) * int(self.config.get("workers") or 1))
+        keep = max(16, (MAX_STEPS_AHEAD + 2) * int(self.config.get("pushes_per_step") or 1))
         while len(self.replies) > keep:
             self.replies.popitem(last=False)
 
     @_locked
-    def retract(self, step: int, worker: int) -> bool:
+    def retract(self, step: int, push_id: int) -> bool:
         """Withdraw a pending push that another block refused (sync mode; an applied
         step cannot be withdrawn: False)."""
-        self.replies.pop((step, worker), None)
+        self.replies.pop((step, push_id), None)
         if self.config.get("mode") == "async":
             return False
-        return self.table.retract(step, worker)
+        return self.table.retract(step, push_id)
 
-    def _backward_async(self, args, step: int, worker: int, lr: float | None) -> np.ndarray:
+    def _backward_async(self, args, step: int, push_id: int, lr: float | None) -> np.ndarray:
         """Parameter-server style: each push is applied on arrival as its own update.
         A push at most ``max_staleness`` steps behind the newest one is taken, and at
         most MAX_STEPS_AHEAD steps ahead of it."""
@@ -256,9 +256,9 @@ class ShardWorker:
             raise InvalidArgument("step", f"at most {MAX_STEPS_AHEAD} steps ahead of the "
                                   f"newest push ({self.max_seen_step})", step)
         internal = self.table.last_step + 1
-        dw = self.table.backward_csr(*args, step=internal, worker=worker, lr=lr, checked=True)
-        if (worker, step) not in self.async_applied:
-            self.async_applied.add((worker, step))
+        dw = self.table.backward_csr(*args, step=internal, push_id=push_id, lr=lr, checked=True)
+        if (push_id, step) not in self.async_applied:
+            self.async_applied.add((push_id, step))
             self.table.step(internal)
             self.max_seen_step = max(self.max_seen_step, step)
             self.staleness.append(max(lag, 0))
@@ -268,17 +268,17 @@ class ShardWorker:
         return dw.numpy()
 
     @_locked
-    def step(self, step: int, workers: int | None, lr: float | None, expected: str):
+    def step(self, step: int, pushes_per_step: int | None, lr: float | None, expected: str):
         self._fence(expected)
         if self.config.get("mode") == "async":
             return self.incarnation, 0
         if self.config.get("step_on_push") and step <= self.table.last_step:
             return self.incarnation, 0  # applied by its last push: step only confirms it
-        if workers is not None:
+        if pushes_per_step is not None:
             arrived = self.table.pushes(step)
-            if len(arrived) < workers:
-                raise InvalidArgument("step", f"pushes from {workers} workers before step {step}",
-                                      f"pushes from workers {arrived}")
+            if len(arrived) < pushes_per_step:
+                raise InvalidArgument("step", f"{pushes_per_step} pushes before step {step}",
+                                      f"pushes with ids {arrived}")
         updated = self.table.step(step, lr=lr)
         self._report_table()
         return self.incarnation, updated

@@ -226,16 +226,16 @@ class ApplyGradientsReply(_message.Message):
     def __init__(self, seen: _Optional[_Union[StepSeen, _Mapping]] = ..., dw: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("table", "step", "workers", "lr")
+    __slots__ = ("table", "step", "pushes_per_step", "lr")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_PER_STEP_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     table: str
     step: int
-    workers: int
+    pushes_per_step: int
     lr: float
-    def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., workers: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+    def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., pushes_per_step: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ("seen", "rows_updated")

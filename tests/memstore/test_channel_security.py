@@ -37,7 +37,7 @@ def shard_config(**channel) -> dict:
     """The config create_table makes for a 1-shard table, listening on loopback."""
     return {"name": "sec", "rows": ROWS, "dim": DIM, "dtype": "float32", "seed": 3,
             "optimizer": Adam().to_dict(), "mode": "sync", "max_staleness": None,
-            "workers": None, "step_on_push": False, "data_channel": "socket",
+            "pushes_per_step": None, "step_on_push": False, "data_channel": "socket",
             "checkpoint_root": None, "save_every": None, "threads": 1, "restore_from": None,
             "grid": ShardGrid.make(ROWS, DIM, 1).to_dict(), "device": "cpu",
             **channel_config("127.0.0.1", **channel)}

@@ -107,27 +107,27 @@ def test_a_push_that_one_block_refuses_is_withdrawn_from_the_others(table_names)
                                   t._incarnations[(0, 0)]))
     before = t.fingerprints()
     with pytest.raises(InvalidArgument) as e:
-        t.backward(idx, w, dy, step=1, worker=0, lr=0.2)
+        t.backward(idx, w, dy, step=1, push_id=0, lr=0.2)
     assert e.value.field == "lr"
     assert [ray.get(a.stats.remote())["pending_steps"] for a in t.shards.values()] == [[1], []]
-    assert ray.get(other.stats.remote())["pushes"] == 1  # worker 1's push is still there
+    assert ray.get(other.stats.remote())["pushes"] == 1  # push 1 is still there
     assert t.fingerprints() == before
 
 
 def test_a_step_before_every_push_arrived_is_refused_and_changes_nothing(table_names):
-    t = make(table_names("early"), workers=2)
+    t = make(table_names("early"), pushes_per_step=2)
     ref = ShardTable(ROWS, DIM, seed=SEED, optimizer=memstore.Adam(lr=0.05))
     (i0, w0, d0), (i1, w1, d1) = batch(3), batch(4)
-    t.backward(i0, w0, d0, step=1, worker=0)
+    t.backward(i0, w0, d0, step=1, push_id=0)
     before = t.fingerprints()
-    with pytest.raises(InvalidArgument, match="pushes from 2 workers") as e:
+    with pytest.raises(InvalidArgument, match="2 pushes before step") as e:
         t.step(1)
     assert e.value.field == "step"
     assert t.fingerprints() == before and pending(t) == [[1], [1]]
-    t.backward(i1, w1, d1, step=1, worker=1)
+    t.backward(i1, w1, d1, step=1, push_id=1)
     assert t.step(1) > 0
-    ref.backward(i0, w0, d0, step=1, worker=0)
-    ref.backward(i1, w1, d1, step=1, worker=1)
+    ref.backward(i0, w0, d0, step=1, push_id=0)
+    ref.backward(i1, w1, d1, step=1, push_id=1)
     ref.step(1)
     torch.testing.assert_close(t.gather(torch.arange(ROWS)), ref.values, rtol=1e-6, atol=1e-7)
 
@@ -147,9 +147,9 @@ def test_async_staleness_bound_and_values_against_hand_computed_sgd(table_names)
     t = make(table_names("async"), shards=(1, 2), optimizer=memstore.SGD(lr=lr),
              mode="async", max_staleness=1)
     values = t.gather(torch.arange(ROWS)).double()
-    for step, worker, seed in [(3, 0, 5), (3, 1, 6), (2, 0, 7)]:  # lag 0, 0, 1 (= bound)
+    for step, push_id, seed in [(3, 0, 5), (3, 1, 6), (2, 0, 7)]:  # lag 0, 0, 1 (= bound)
         idx, w, dy = batch(seed)
-        dw = t.backward(idx, w, dy, step=step, worker=worker)
+        dw = t.backward(idx, w, dy, step=step, push_id=push_id)
         expected = _sgd_push(values, idx, w.double(), dy.double(), lr)
         torch.testing.assert_close(dw.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(t.gather(torch.arange(ROWS)).double(), values,
@@ -157,10 +157,10 @@ def test_async_staleness_bound_and_values_against_hand_computed_sgd(table_names)
     before = t.fingerprints()
     idx, w, dy = batch(8)
     with pytest.raises(InvalidArgument, match="steps behind") as e:
-        t.backward(idx, w, dy, step=1, worker=1)  # lag 2: one past the bound
+        t.backward(idx, w, dy, step=1, push_id=1)  # lag 2: one past the bound
     assert e.value.field == "step"
     with pytest.raises(InvalidArgument, match="ahead") as e:
-        t.backward(idx, w, dy, step=3 + MAX_STEPS_AHEAD + 1, worker=1)
+        t.backward(idx, w, dy, step=3 + MAX_STEPS_AHEAD + 1, push_id=1)
     assert t.fingerprints() == before
     assert [s["staleness_max"] for s in t.stats()["shards"]] == [1, 1]
 
@@ -169,7 +169,7 @@ def test_async_staleness_bound_and_values_against_hand_computed_sgd(table_names)
 def test_a_repeated_push_gets_its_first_reply_after_its_step_was_applied(path, table_names):
     """With step_on_push, a push's own call applies its step; a retry of that push (its
     reply was lost) is answered with the same dw and applies nothing again."""
-    t = make(table_names("retry"), shards=(1, 2), workers=1, step_on_push=True)
+    t = make(table_names("retry"), shards=(1, 2), pushes_per_step=1, step_on_push=True)
     idx, w, dy = batch(9)
     initial = t.fingerprints()
     dw = t.backward(idx, w, dy, step=1)
@@ -182,7 +182,7 @@ def test_a_repeated_push_gets_its_first_reply_after_its_step_was_applied(path, t
     assert t.fingerprints() == applied
     assert [s["replayed_pushes"] for s in t.stats()["shards"]] == [1, 1]
     with pytest.raises(StepOutOfOrder):  # a new push of the applied step is refused
-        t.backward(idx, w, dy, step=1, worker=1)
+        t.backward(idx, w, dy, step=1, push_id=1)
 
 
 def test_a_call_for_another_incarnation_is_refused_and_changes_nothing(table_names, tmp_path):

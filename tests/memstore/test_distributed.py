@@ -95,13 +95,13 @@ VALUE_OPTIMIZER = memstore.SGD(lr=0.5)
 class TrainerWorker:
     """One data-parallel rank: a MemoryLayer whose values live in the store."""
 
-    def __init__(self, args: dict, table: str | None, worker: int, seed: int):
+    def __init__(self, args: dict, table: str | None, push_id: int, seed: int):
         torch.manual_seed(seed)
         if table is None:
             a = MemoryLayerArgs(**args)
             value_table = ShardTable(a.n_keys**2, a.value_dim, optimizer=VALUE_OPTIMIZER, seed=SEED)
         else:
-            value_table = memstore.connect(table, worker=worker)
+            value_table = memstore.connect(table, push_id=push_id)
         self.layer = MemoryLayer(MemoryLayerArgs(**args), table=value_table)
         self.head = torch.nn.Linear(args["dim"], 4)
         self.params = [*self.layer.parameters(), *self.head.parameters()]
@@ -130,7 +130,7 @@ def test_two_workers_and_three_shards_train_like_one_process(table_names):
     args = dict(dim=16, heads=2, k=4, n_keys=16, key_dim=8, value_lr=0.05, seed=SEED)
     name = table_names("dp")
     table = memstore.create_table(name, 256, 16, shards=3, optimizer=VALUE_OPTIMIZER, seed=SEED,
-                                  workers=2, timeout_s=120)
+                                  pushes_per_step=2, timeout_s=120)
     workers = [ray.remote(TrainerWorker).remote(args, name, rank, 0) for rank in range(2)]
     single = TrainerWorker(args, None, 0, 0)
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
@@ -269,9 +269,9 @@ def test_async_mode_applies_on_arrival_once_and_bounds_staleness(table_names):
     prints = t.fingerprints()
     t.backward(idx, w, dy, step=1)  # a retried push
     assert t.fingerprints() == prints
-    t.backward(idx, w, dy, step=3, worker=1)
+    t.backward(idx, w, dy, step=3, push_id=1)
     with pytest.raises(InvalidArgument, match="steps behind"):
-        t.backward(idx, w, dy, step=1, worker=2)
+        t.backward(idx, w, dy, step=1, push_id=2)
     assert t.stats()["shards"][0]["staleness_max"] == 0
 
 
@@ -318,8 +318,8 @@ def test_published_keys_answer_queries_without_the_model(table_names):
     (dict(shards=2, dtype="float16"), "dtype"),
     (dict(shards="auto"), "shards"),  # auto needs max_shard_bytes
     (dict(shards=2, data_channel="tcp"), "data_channel"),
-    (dict(shards=2, step_on_push=True), "step_on_push"),  # needs workers
-    (dict(shards=2, step_on_push=True, workers=2, mode="async"), "step_on_push"),
+    (dict(shards=2, step_on_push=True), "step_on_push"),  # needs pushes_per_step
+    (dict(shards=2, step_on_push=True, pushes_per_step=2, mode="async"), "step_on_push"),
     (dict(shards=2, device="cuda"), "device"),  # no GPU in this instance: refused at once
     (dict(shards=2, device="tpu"), "device"),
     (dict(shards=2, cpus_per_shard=0), "cpus_per_shard"),
@@ -359,8 +359,8 @@ def test_both_data_channels_answer_like_a_local_table(channel, table_names):
     opened = t._channel is not None and len(t._channel.socks) == 4
     assert opened == (channel == "socket")
     with pytest.raises(InvalidArgument) as e:  # a shard's own error crosses the channel
-        t.backward(idx, w, dy, step=3, worker=-1)
-    assert e.value.field == "worker"
+        t.backward(idx, w, dy, step=3, push_id=-1)
+    assert e.value.field == "push_id"
 
 
 def test_a_broken_data_connection_falls_back_to_ray(table_names):
@@ -376,16 +376,16 @@ def test_a_broken_data_connection_falls_back_to_ray(table_names):
 
 
 def test_step_on_push_applies_a_step_with_its_last_push(tmp_path, table_names):
-    t = make(table_names("onpush"), 2, workers=2, step_on_push=True)
+    t = make(table_names("onpush"), 2, pushes_per_step=2, step_on_push=True)
     other = memstore.connect(t.name)  # a handle that never calls step
     ref = local()
     idx, w, dy = batch()
     before = t.fingerprints()
-    t.backward(idx[:6], w[:6], dy[:6], step=1, worker=0)
+    t.backward(idx[:6], w[:6], dy[:6], step=1, push_id=0)
     assert t.fingerprints() == before  # one push of two: nothing applied yet
-    t.backward(idx[6:], w[6:], dy[6:], step=1, worker=1)
-    ref.backward(idx[:6], w[:6], dy[:6], step=1, worker=0)
-    ref.backward(idx[6:], w[6:], dy[6:], step=1, worker=1)
+    t.backward(idx[6:], w[6:], dy[6:], step=1, push_id=1)
+    ref.backward(idx[:6], w[:6], dy[:6], step=1, push_id=0)
+    ref.backward(idx[6:], w[6:], dy[6:], step=1, push_id=1)
     ref.step(1)
     torch.testing.assert_close(all_rows(t), ref.values, rtol=1e-6, atol=1e-6)
     assert t.step(1) == 0  # already applied: step only confirms it

@@ -111,7 +111,7 @@ def test_lost_replies_of_every_data_call_change_nothing(table_names):
     """A reply lost after the call took effect: the handle repeats the call over Ray,
     and a repeated push is answered from the shard's replies, even after its call
     applied the step (step_on_push). Faults on both blocks, on lookups and pushes."""
-    options = dict(workers=1, step_on_push=True)
+    options = dict(pushes_per_step=1, step_on_push=True)
     clean = _make(table_names("clean"), **options)
     assert _train(clean) == []
     t = _make(table_names("lossy"), **options)

@@ -96,7 +96,7 @@ CASES = {
     "negative lr": (push(lr=-0.1), C.INVALID_ARGUMENT, "lr"),
     "step from the past": (("Step", pb.StepRequest(table="hostile", step=1)),
                            C.FAILED_PRECONDITION, "step"),
-    "step without pushes": (("Step", pb.StepRequest(table="hostile", step=2, workers=1)),
+    "step without pushes": (("Step", pb.StepRequest(table="hostile", step=2, pushes_per_step=1)),
                             C.INVALID_ARGUMENT, "step"),
     "keys shape": (("PublishKeys", pb.PublishKeysRequest(
         table="hostile", keys=tensor(np.ones((2, 2, 15, 4), np.float32)))),

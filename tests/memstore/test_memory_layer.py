@@ -116,7 +116,7 @@ def test_layers_sharing_a_table_push_under_their_own_worker_ids():
     shared = ShardTable(81, 24, optimizer=memstore.SGD(lr=1.0))
     layers = [MemoryLayer(MemoryLayerArgs(**SMALL), table=shared) for _ in range(2)]
     for i, layer in enumerate(layers):
-        layer.worker = i
+        layer.push_id = i
     x = torch.randn(5, SMALL["dim"])
     layers[1](layers[0](x)).sum().backward()
     assert shared.pushes(1) == [0, 1]

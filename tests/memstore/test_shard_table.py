@@ -101,9 +101,9 @@ def test_pushes_of_two_workers_sum_and_a_repeated_push_is_ignored():
     t, single = make(), make()
     idx, w, dy = batch()
     a, b = slice(0, 4), slice(4, 9)
-    t.backward(idx[a], w[a], dy[a], step=1, worker=0)
-    t.backward(idx[b], w[b], dy[b], step=1, worker=1)
-    t.backward(idx[b], w[b], dy[b], step=1, worker=1)  # a retry: never applied twice
+    t.backward(idx[a], w[a], dy[a], step=1, push_id=0)
+    t.backward(idx[b], w[b], dy[b], step=1, push_id=1)
+    t.backward(idx[b], w[b], dy[b], step=1, push_id=1)  # a retry: never applied twice
     single.backward(idx, w, dy, step=1)
     t.step(1)
     single.step(1)
@@ -117,11 +117,11 @@ def test_a_step_takes_the_lr_its_pushes_asked_for():
     t = make()
     fixed = ShardTable(ROWS, DIM, optimizer=memstore.Adam(lr=0.02), seed=3)
     idx, w, dy = batch()
-    t.backward(idx[:4], w[:4], dy[:4], step=1, worker=0, lr=0.02)
-    t.backward(idx[4:], w[4:], dy[4:], step=1, worker=1, lr=0.02)
+    t.backward(idx[:4], w[:4], dy[:4], step=1, push_id=0, lr=0.02)
+    t.backward(idx[4:], w[4:], dy[4:], step=1, push_id=1, lr=0.02)
     before = t.pending_steps()
     with pytest.raises(InvalidArgument) as e:
-        t.backward(idx, w, dy, step=1, worker=2, lr=0.03)
+        t.backward(idx, w, dy, step=1, push_id=2, lr=0.03)
     assert e.value.field == "lr" and t.pending_steps() == before
     fixed.backward(idx, w, dy, step=1)
     t.step(1)
@@ -167,7 +167,7 @@ def test_bfloat16_table_lookup_and_dw_accumulate_in_float32():
         (lambda t, i, w, d: t.backward(i, w, d[:, :5], step=2), "dy"),
         (lambda t, i, w, d: t.backward(i, w, d.masked_fill(d > 1, float("inf")), step=2), "dy"),
         (lambda t, i, w, d: t.backward(i, w, d, step=-1), "step"),
-        (lambda t, i, w, d: t.backward(i, w, d, step=2, worker=-2), "worker"),
+        (lambda t, i, w, d: t.backward(i, w, d, step=2, push_id=-2), "push_id"),
         (lambda t, i, w, d: t.backward(i, w, d, step=2, lr=float("nan")), "lr"),
         (lambda t, i, w, d: t.backward(i, w, d, step=2, lr=0.0), "lr"),
         (lambda t, i, w, d: t.step(2, lr=-1.0), "lr"),
@@ -296,11 +296,11 @@ def test_a_float64_value_beyond_float32_is_refused_where_a_cast_would_make_it_in
 def test_retract_withdraws_one_pending_push():
     t = make()
     (i0, w0, d0), (i1, w1, d1) = batch(), batch()
-    t.backward(i0, w0, d0, step=1, worker=0)
-    t.backward(i1, w1, d1, step=1, worker=1)
+    t.backward(i0, w0, d0, step=1, push_id=0)
+    t.backward(i1, w1, d1, step=1, push_id=1)
     assert t.retract(1, 1) and not t.retract(1, 1) and t.pushes(1) == [0]
     ref = make()
-    ref.backward(i0, w0, d0, step=1, worker=0)
+    ref.backward(i0, w0, d0, step=1, push_id=0)
     t.step(1)
     ref.step(1)
     assert t.fingerprint() == ref.fingerprint()

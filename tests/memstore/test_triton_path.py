@@ -72,8 +72,8 @@ def table_round(device: str, optimizer, dtype: str = "float32", steps: int = 2):
     outputs = []
     for step, (idx, w, dy) in enumerate(batches(steps), start=1):
         outputs.append(t.lookup(idx, w).cpu())
-        outputs.append(t.backward(idx, w, dy, step=step, worker=0).cpu())
-        outputs.append(t.backward(idx[2:], w[2:], dy[2:] * 0.5, step=step, worker=1).cpu())
+        outputs.append(t.backward(idx, w, dy, step=step, push_id=0).cpu())
+        outputs.append(t.backward(idx[2:], w[2:], dy[2:] * 0.5, step=step, push_id=1).cpu())
         t.step(step)
     return outputs, t.values.float().cpu(), {k: v.cpu() for k, v in t.state.items()}
 
