@@ -33,17 +33,10 @@ import statistics
 import sys
 import time
 
-from pathlib import Path
+import torch
+import torch.nn.functional as F
 
-# Run as a script, sys.path[0] is benchmarks/, whose kernels.py would shadow the kernels
-# package: put the repository root there instead.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from kernels import reference as ref  # noqa: E402
+from kernels import reference as ref
 
 NAN = float("nan")
 DEVICE = "cuda"  # a module constant so that the script logic can be dry-run elsewhere

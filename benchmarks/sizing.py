@@ -54,7 +54,7 @@ FIGURES = {
     # ---- measured: BENCHMARKS.md, 2-core AMD EPYC VM, torch 2.13 CPU ----------------
     "cpu_copy_gbs": Figure(28.8, "GB/s", "measured",
                            "BENCHMARKS.md, Kernels run 1: large tensor copy, read + write "
-                           "(`python -m benchmarks.kernels --repeats 7`)"),
+                           "(`python -m benchmarks.ops --repeats 7`)"),
     "bag_forward_gbs": Figure(11.4, "GB/s", "measured",
                               "BENCHMARKS.md, Kernels run 1: bag_forward, 262k random 1 KiB "
                               "rows of a 1 GiB table, same run as the copy"),

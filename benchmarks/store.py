@@ -22,8 +22,7 @@ channel adds a JSON header of about 150 B per call). Prints one markdown table.
     python -m benchmarks.store [--rounds 9] [--latency 200] [--no-row-grids]
                                [--only "2 shards" ...]
 
-Run it as a module from the repository root: as a script, benchmarks/kernels.py
-would shadow the kernels package.
+Run it as a module from the repository root.
 """
 
 from __future__ import annotations

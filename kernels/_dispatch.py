@@ -2,7 +2,7 @@
 
 CUDA tensors go to an implementation registered by ``kernels.triton`` (when Triton
 is importable); CPU tensors go to the fastest CPU implementation measured for the op
-(``benchmarks/kernels.py``: the library kernel or the C fast path); everything else
+(``benchmarks/ops.py``: the library kernel or the C fast path); everything else
 (float64 for gradcheck, a machine without a compiler) runs the torch composite.
 
 ``MEMSTORE_FORCE_TRITON=1`` sends CPU tensors through the Triton implementations as

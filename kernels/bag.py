@@ -64,7 +64,7 @@ def _triton_impl(name: str, values, w, *tensors):
 
 def _library_bag(values, w) -> bool:
     """float32 CPU bags go to ``F.embedding_bag``: measured faster than the C forward on
-    float32 (``benchmarks/kernels.py``). On bfloat16 values it returns bfloat16 sums, and
+    float32 (``benchmarks/ops.py``). On bfloat16 values it returns bfloat16 sums, and
     the store returns float32 sums accumulated in float32: bfloat16 stays on the C path."""
     return (values.device.type == "cpu" and values.dtype == torch.float32
             and w.dtype != torch.float64 and not force_triton())
@@ -95,7 +95,7 @@ def bag_forward_csr(values, rows, w, offsets) -> torch.Tensor:
 
 def bag_forward_csr_native(values, rows, w, offsets) -> torch.Tensor:
     """The C forward (float32 or bfloat16 values, float32 accumulation), whatever the
-    dispatch prefers: ``benchmarks/kernels.py`` times it against ``F.embedding_bag``."""
+    dispatch prefers: ``benchmarks/ops.py`` times it against ``F.embedding_bag``."""
     values = _row_major(values)
     rows = rows.to(torch.int64).contiguous()
     w = w.to(torch.float32).contiguous()

@@ -6,7 +6,7 @@ all CPU threads. Each row shows both candidates side by side, timed alternately,
 which one the store's dispatch (``kernels._dispatch``) uses for it; a hand-written
 kernel is only worth using where this table shows it faster. Prints one markdown table.
 
-    python -m benchmarks.kernels [--repeats 5]
+    python -m benchmarks.ops [--repeats 5]
 """
 
 from __future__ import annotations
