@@ -201,14 +201,19 @@ class Table:
         """Bring every block, the restarted one included (its pending pushes go too), to
         the checkpoint the restarted shard reports it restored, then tell the caller.
 
-        Once per restart: blocks remember the restarts they were rolled back for, so a
-        second handle that meets the same restart only learns the new incarnation (a
-        second reload would drop pushes made since the first)."""
+        Once per restart: blocks remember the restarts they were rolled back for (all
+        those seen at the reload), so a second handle that meets one of them only learns
+        the new incarnation (a second reload would drop pushes made since the first)."""
         ray = _ray()
         info = ray.get(self.shards[block].info.remote(), timeout=self.timeout_s)
-        restart = info["incarnation"]
-        if not self._reconciled(restart, self._call_all("info")):
-            ray.get([actor.reload.remote(info["restored_path"], restart)
+        infos = self._call_all("info")
+        if not self._reconciled(info["incarnation"], infos):
+            # The reload covers every shard restarted by now (a lost node restarts all of
+            # its shards): each restart is marked, so that no handle meeting another of
+            # them reloads again and drops the steps trained since.
+            restarts = sorted({info["incarnation"]} | {i["incarnation"] for i in infos.values()
+                                                       if i.get("restarted")})
+            ray.get([actor.reload.remote(info["restored_path"], restarts)
                      for actor in self.shards.values()], timeout=self.timeout_s)
         self._note(self._call_all("info"))
         self.last_step = info["restored_step"]

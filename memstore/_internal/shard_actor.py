@@ -139,9 +139,9 @@ class ShardWorker:
         }
 
     @_locked
-    def reload(self, path: str | None, restart: str | None = None) -> tuple[str, int]:
+    def reload(self, path: str | None, restarts: list[str] = ()) -> tuple[str, int]:
         """Roll this block back to the checkpoint at ``path``, or to its initial values
-        when there is none, after the shard of incarnation ``restart`` restarted from
+        when there is none, after the shards of incarnations ``restarts`` restarted from
         that state. Pending pushes and remembered replies go: none may outlive it."""
         if path:
             self.table.load_state_dict(checkpoint.load_block(path, self.spec))
@@ -151,8 +151,7 @@ class ShardWorker:
         self.replies.clear()
         self.max_seen_step = 0
         self._rows_updated_reported = self.table.stats()["rows_updated"]
-        if restart is not None:
-            self.reconciled.add(restart)
+        self.reconciled.update(restarts)
         return self.incarnation, self.table.last_step
 
     def _fence(self, expected: str) -> None:
