@@ -1,32 +1,47 @@
 """End to end on a multi-node cluster of real `ray start` processes on this machine.
 
+An S3 server (moto_server) runs on 127.0.0.1 with a bucket for the checkpoints, and
 cluster/local/start-local.sh starts a head on 127.0.0.20 (no CPUs for tasks, so the
-shards go to the workers) and two worker raylets on 127.0.0.21 and .22. A driver in
-its own process (tests/cluster/_e2e_driver.py) creates a 4-shard table, trains it,
-saves a checkpoint, and trains one step more. The test then stops one worker node
-alone (`stop-local.sh --node`, the pids start-local.sh recorded for it), and the
-driver sees the table roll back to the checkpoint (StoreRolledBack), with the lost
-shards restarted on the surviving worker, and trains on. stop-local.sh ends the
-cluster and the test checks that no process of it is left.
+shards go to the workers) and two worker raylets on 127.0.0.21 and .22, every node
+with the S3 credentials in its environment. Then, in order:
 
-Where later pieces plug in:
-- checkpoints on shared storage: the ``checkpoint_root`` fixture gives the driver its
-  root; an ``s3://`` URI of an S3 server started on loopback goes there;
-- gRPC: between the "trained" phase and the node loss, start ``memstore serve`` against
-  this cluster's RAY_ADDRESS and query the table from a separate process.
+1. Train. A driver in its own process (tests/cluster/_e2e_driver.py) creates the memory
+   table of the facts model (trainer/model.py, a tiny facts-small-memory) on 4 shards,
+   which land 2 + 2 on the workers, and trains the model with a plain loop (AdamW on
+   the dense weights, the table's own Adam on the values) against the same model on a
+   local table. It checkpoints the table to s3:// after step 2 and trains step 3.
+   The test finds the checkpoint's manifest in the bucket.
+2. Serve. `memstore serve` (its own process, a driver of the cluster) binds 127.0.0.1
+   with a read-only token; `memstore query` (another process, no Ray) sends the
+   model's queries over the published keys and gets the indices, scores and values
+   the driver got through its Ray handle; a gather over gRPC returns its value rows.
+3. Lose a node. `stop-local.sh --node` stops one worker alone (the pids start-local.sh
+   recorded for it). The driver's next step raises StoreRolledBack to the checkpoint's
+   step; the lost shards restart on the surviving worker and reload the checkpoint
+   from S3 (every value as saved); the driver restores its dense state of that step
+   and trains steps 3 and 4 again, equal to the reference. The server, still running,
+   serves the recovered values.
+4. Shut down. The driver drops the table and exits, the server stops on SIGTERM,
+   stop-local.sh ends the cluster and the S3 server is stopped; no process of any of
+   them is left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +50,12 @@ HEAD_IP, WORKER_IPS = "127.0.0.20", ["127.0.0.21", "127.0.0.22"]
 # A lost raylet is declared dead after 3 missed health checks 0.5 s apart.
 FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                       "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+TABLE = "e2e-facts"  # the driver's table
+BUCKET, PREFIX = "memstore-e2e", "facts-memory"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+RAY_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+SERVER_THREADS = 2  # each thread of `memstore serve` keeps its own table handle
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -51,29 +72,71 @@ def _free_gcs_port() -> int:
         pytest.skip(f"{HEAD_IP} is in use by another cluster: {e}")
 
 
-def _processes_of(local_dir: str, address: str) -> list[str]:
-    """Command lines of running processes that belong to the cluster."""
+def _processes_of(markers: list[str]) -> list[str]:
+    """Command lines of running processes that contain any of the markers."""
     out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True,
                          check=True).stdout
-    return [line for line in out.splitlines()
-            if not line.lstrip().startswith("Z")
-            and (local_dir + "/" in line or f"--address={address} " in line + " ")]
+    return [line for line in out.splitlines() if not line.lstrip().startswith("Z")
+            and any(m in line + " " for m in markers)]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
 
 
 @pytest.fixture
-def local_cluster():
+def s3():
+    """A moto S3 server on loopback with the checkpoint bucket."""
+    import pyarrow.fs as pafs
+
+    moto = Path(sys.executable).with_name("moto_server")
+    if not moto.exists():
+        pytest.skip(f"no moto_server at {moto} (the test extra)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [str(moto), "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "no moto_server"
+                time.sleep(0.1)
+        endpoint = f"127.0.0.1:{port}"
+        fs = pafs.S3FileSystem(access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                               secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                               region=S3_CREDENTIALS["AWS_DEFAULT_REGION"], scheme="http",
+                               endpoint_override=endpoint, allow_bucket_creation=True)
+        fs.create_dir(BUCKET)
+        yield SimpleNamespace(
+            fs=fs, process=server, command=" ".join(command),
+            root=f"s3://{BUCKET}/{PREFIX}?endpoint_override={endpoint}&scheme=http")
+    finally:
+        _stop(server)
+
+
+@pytest.fixture
+def local_cluster(s3):
     """The environment of a running 3-node cluster; stopped whatever the test does."""
     ray_cli = Path(sys.executable).with_name("ray")
     if not ray_cli.exists() or shutil.which("bash") is None:
         pytest.skip(f"`ray start` unavailable: no ray CLI at {ray_cli} or no bash")
     port = _free_gcs_port()
     local_dir = tempfile.mkdtemp(prefix="rle", dir="/tmp")  # short: unix socket paths
-    env = {**os.environ, "RAY": str(ray_cli), "RAY_PORT": str(port), "HEAD_IP": HEAD_IP,
-           "HEAD_CPUS": "0", "WORKER_CPUS": "4", "OBJECT_STORE_MB": "100",
+    # The nodes get the S3 credentials as a cloud machine would: shards on any node
+    # write and (restarted) read the checkpoints.
+    env = {**os.environ, **S3_CREDENTIALS, "RAY": str(ray_cli), "RAY_PORT": str(port),
+           "HEAD_IP": HEAD_IP, "HEAD_CPUS": "0", "WORKER_CPUS": "4", "OBJECT_STORE_MB": "100",
            "HEAD_SYSTEM_CONFIG": json.dumps(FAST_HEALTH_CHECKS),
            "RAY_LOCAL_DIR": local_dir, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0"}
-    for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+    for var in RAY_VARS:
         env.pop(var, None)
     cluster = {"env": env, "dir": local_dir, "address": f"{HEAD_IP}:{port}"}
     try:
@@ -92,58 +155,151 @@ def local_cluster():
 
 
 @pytest.fixture
-def checkpoint_root(tmp_path) -> str:
-    return str(tmp_path / "checkpoints")
+def grpc_token(tmp_path) -> tuple[str, Path]:
+    """A read-only token and the server's token file holding it (mode 0600)."""
+    token = secrets.token_urlsafe(24)
+    path = tmp_path / "grpc-tokens"
+    path.write_text(f"{token} read\n")
+    path.chmod(0o600)
+    return token, path
 
 
-def _read_phase(driver: subprocess.Popen, phase: str) -> dict:
+def _read_phase(driver: subprocess.Popen, phase: str, stderr: Path) -> dict:
     line = driver.stdout.readline()
     if not line:
         driver.wait(timeout=30)
         pytest.fail(f"driver exited {driver.returncode} before {phase!r}: "
-                    f"{driver.stderr.read()[-3000:]}")
+                    f"{stderr.read_text()[-3000:]}")
     event = json.loads(line)
     assert event["phase"] == phase, event
     return event
 
 
-def test_train_lose_a_worker_node_recover_and_shut_down(local_cluster, checkpoint_root):
-    env = {**local_cluster["driver_env"], "E2E_CHECKPOINT_ROOT": checkpoint_root}
-    driver = subprocess.Popen([sys.executable, "-m", "tests.cluster._e2e_driver"], env=env,
-                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+def _tell(driver: subprocess.Popen, command: str) -> None:
+    driver.stdin.write(command + "\n")
+    driver.stdin.flush()
+
+
+def _serve(env: dict, token_file: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`memstore serve` on a free port of 127.0.0.1, a driver of the cluster."""
+    with log.open("w") as err:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "memstore.cli", "serve", "--address", "127.0.0.1:0",
+             "--ray-address", env["RAY_ADDRESS"], "--token-file", str(token_file),
+             "--threads", str(SERVER_THREADS)],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+    line = server.stdout.readline()
+    assert "serving on 127.0.0.1:" in line, log.read_text()[-3000:]
+    return server, line.split("serving on ")[1].split(";")[0]
+
+
+def _query_cli(address: str, token_file: Path, work: Path, k: int) -> dict:
+    """`memstore query` in its own process, without Ray: indices, scores and values."""
+    env = {key: value for key, value in os.environ.items() if key not in RAY_VARS}
+    out = work / "grpc-query.npz"
+    done = subprocess.run(
+        [sys.executable, "-m", "memstore.cli", "query", "--table", TABLE, "--vectors",
+         str(work / "q.npy"), "-k", str(k), "--out", str(out), "--address", address,
+         "--token-file", str(token_file)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(out, allow_pickle=False) as answer:
+        return dict(answer)
+
+
+def _gather_after_rollback(client, rows: int) -> np.ndarray:
+    """Every row over gRPC. A server thread whose handle meets the restarted shards
+    answers once with ABORTED (StoreRolledBack: the table rolled back since that handle
+    last read); the read is repeated, as a client would."""
+    from memstore.errors import RemoteError
+
+    attempts = SERVER_THREADS + 1
+    for attempt in range(attempts):
+        try:
+            return client.gather(TABLE, np.arange(rows))
+        except RemoteError as e:
+            if e.code != "ABORTED" or attempt + 1 == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def test_train_serve_lose_a_worker_node_recover_and_shut_down(local_cluster, s3, grpc_token,
+                                                              tmp_path):
+    from memstore.client import MemoryClient
+
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**local_cluster["driver_env"], "E2E_CHECKPOINT_ROOT": s3.root,
+           "E2E_WORK_DIR": str(work)}
+    driver_log = tmp_path / "driver.log"
+    with driver_log.open("w") as err:
+        driver = subprocess.Popen([sys.executable, "-m", "tests.cluster._e2e_driver"], env=env,
+                                  cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=err, text=True)
+    server = None
+    token, token_file = grpc_token
     try:
-        trained = _read_phase(driver, "trained")
+        # 1. trained on 4 shards, 2 + 2 on the workers, checkpointed to S3
+        trained = _read_phase(driver, "trained", driver_log)
         assert trained["driver"] == HEAD_IP
         assert trained["grid"] == [4, 1]
-        assert trained["shards"] == sorted(WORKER_IPS * 2)  # 2 + 2 on the worker nodes
-        assert trained["max_err"] <= 1e-5
-        assert Path(trained["checkpoint"]).parent == Path(checkpoint_root)
+        assert trained["shards"] == sorted(WORKER_IPS * 2)
+        assert trained["last_step"] == 3
+        assert trained["loss_diff"] <= 1e-5 and trained["max_diff"] <= 1e-5
+        assert trained["same_topk"]  # the store's query = the model's own top-k
+        checkpoint = f"s3://{BUCKET}/{PREFIX}/step-000000002"
+        assert trained["checkpoint"].split("?")[0] == checkpoint
+        manifest = json.loads(s3.fs.open_input_stream(
+            f"{BUCKET}/{PREFIX}/step-000000002/manifest.json").readall())
+        assert manifest["step"] == 2 and len(manifest["blocks"]) == 4
 
+        # 2. served over gRPC: a query and a gather from other processes
+        server, address = _serve(local_cluster["driver_env"], token_file,
+                                 tmp_path / "serve.log")
+        answer = _query_cli(address, token_file, work, k=4)
+        np.testing.assert_array_equal(answer["indices"], np.load(work / "indices.npy"))
+        np.testing.assert_allclose(answer["scores"], np.load(work / "scores.npy"),
+                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(answer["values"], np.load(work / "values.npy"),
+                                   rtol=1e-6, atol=1e-6)
+        rows = np.load(work / "rows-trained.npy")
+        with MemoryClient(address, token=token, read_retries=0) as client:
+            np.testing.assert_array_equal(client.gather(TABLE, np.arange(len(rows))), rows)
+
+        # 3. a worker node lost: rolled back to the S3 checkpoint, trained on
         lost = WORKER_IPS[1]
         stopped = subprocess.run([str(LOCAL / "stop-local.sh"), "--node", lost],
                                  env=local_cluster["env"], capture_output=True, text=True,
                                  timeout=60, check=False)
         assert stopped.returncode == 0, stopped.stderr
         assert not (Path(local_cluster["dir"]) / f"node-{lost}.pids").exists()
-        driver.stdin.write("node-stopped\n")
-        driver.stdin.flush()
-
-        recovered = _read_phase(driver, "recovered")
+        _tell(driver, "node-stopped")
+        recovered = _read_phase(driver, "recovered", driver_log)
         assert recovered["rolled_back_to"] == 2  # the step of the checkpoint
-        assert recovered["restored_diff"] <= 1e-6  # every row as saved, on every shard
+        assert recovered["restored_diff"] == 0  # every row as saved, on every shard
         assert recovered["last_step"] == 4
-        assert recovered["max_err"] <= 1e-5 and recovered["final_diff"] <= 1e-5
+        assert recovered["loss_diff"] <= 1e-5 and recovered["max_diff"] <= 1e-5
         assert recovered["shards"] == [WORKER_IPS[0]] * 4  # restarted on the survivor
-        assert driver.wait(timeout=60) == 0, driver.stderr.read()[-3000:]
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
+        with MemoryClient(address, token=token, read_retries=0) as client:
+            np.testing.assert_array_equal(_gather_after_rollback(client, len(rows)),
+                                          np.load(work / "rows-recovered.npy"))
+        _tell(driver, "done")
+        assert driver.wait(timeout=60) == 0, driver_log.read_text()[-3000:]
 
-    # Shut down: nothing of the cluster may be left running.
+        # 4. shut down: the server, the cluster, the S3 server
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        for process in (driver, server):
+            if process is not None:
+                _stop(process)
+
     stopped = subprocess.run([str(LOCAL / "stop-local.sh")], env=local_cluster["env"],
                              capture_output=True, text=True, timeout=60, check=False)
     assert stopped.returncode == 0, stopped.stderr
-    assert _processes_of(local_cluster["dir"], local_cluster["address"]) == []
-
+    s3.process.terminate()
+    s3.process.wait(timeout=30)
+    # Nothing of the cluster, the server or the S3 server may be left running (the
+    # driver was waited for above).
+    assert _processes_of([local_cluster["dir"] + "/", f"--address={local_cluster['address']} ",
+                          str(token_file), s3.command + " "]) == []
