@@ -13,26 +13,26 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from memstore import InvalidArgument
+from memstore._internal.validation import check_positive_int
 
-__all__ = ["Batch", "ByteDataset", "FactsCorpus", "evaluate", "text_nll", "text_splits"]
+if TYPE_CHECKING:
+    from .config import TrainArgs
+
+__all__ = ["Batch", "ByteDataset", "FactsCorpus", "StepData", "evaluate", "text_nll",
+           "text_splits"]
 
 
 class Batch(NamedTuple):
     inputs: torch.Tensor  # (B, T) int64
     targets: torch.Tensor  # (B, T) int64
     mask: torch.Tensor | None = None  # (B, T) bool: positions that count in the loss
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgument(name, f"an int >= {minimum}", value)
 
 
 # ---- factual recall ----------------------------------------------------------------
@@ -55,8 +55,8 @@ class FactsCorpus:
 
     def __post_init__(self) -> None:
         for name in ("entities", "attributes", "values"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("seed", self.seed, 0)
+            check_positive_int(name, getattr(self, name), 1)
+        check_positive_int("seed", self.seed, 0)
         rng = np.random.default_rng(self.seed)
         self.table = rng.integers(0, self.values, size=(self.entities, self.attributes))
 
@@ -91,7 +91,7 @@ class FactsCorpus:
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[Batch]:
         """Endless batches of facts drawn uniformly with replacement."""
-        _check_int("batch_size", batch_size, 1)
+        check_positive_int("batch_size", batch_size, 1)
         rng = np.random.default_rng(seed)
         while True:
             yield self.batch(rng.integers(0, self.n_facts, size=batch_size))
@@ -108,7 +108,7 @@ def evaluate(model: torch.nn.Module, corpus: FactsCorpus, batch_size: int = 1024
       softmax, the quantity the training loss averages.
     The model is put in eval mode for the pass and restored afterwards.
     """
-    _check_int("batch_size", batch_size, 1)
+    check_positive_int("batch_size", batch_size, 1)
     was_training = model.training
     model.eval()
     values = corpus.value_tokens
@@ -144,12 +144,12 @@ class ByteDataset:
 
     def __init__(self, path: str | os.PathLike, seq_len: int, start: int = 0,
                  stop: int | None = None):
-        _check_int("seq_len", seq_len, 1)
+        check_positive_int("seq_len", seq_len, 1)
         if not os.path.isfile(path):
             raise InvalidArgument("path", "an existing file", os.fspath(path))
         size = os.path.getsize(path)
         stop = size if stop is None else stop
-        _check_int("start", start, 0)
+        check_positive_int("start", start, 0)
         if isinstance(stop, bool) or not isinstance(stop, int) or not start <= stop <= size:
             raise InvalidArgument("stop", f"an int in [start={start}, size={size}]", stop)
         if stop - start < seq_len + 1:
@@ -170,7 +170,7 @@ class ByteDataset:
     def fixed_starts(self, n: int) -> np.ndarray:
         """min(n, len) file offsets of windows spread evenly over the range, first and
         last window included: the same every time (evaluation)."""
-        _check_int("n", n, 1)
+        check_positive_int("n", n, 1)
         return np.unique(np.linspace(self.start, self.start + len(self) - 1,
                                      min(n, len(self))).round().astype(np.int64))
 
@@ -187,7 +187,7 @@ class ByteDataset:
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[Batch]:
         """Endless batches of windows at uniform random offsets."""
-        _check_int("batch_size", batch_size, 1)
+        check_positive_int("batch_size", batch_size, 1)
         rng = np.random.default_rng(seed)
         while True:
             yield self.window(self.sample_starts(rng, batch_size))
@@ -237,7 +237,7 @@ def text_nll(model: torch.nn.Module, data: ByteDataset, starts: np.ndarray,
              batch_size: int = 1024) -> float:
     """Mean next-byte NLL (nats) of the model over the windows at file offsets
     ``starts``, every position counted. The model's mode is restored afterwards."""
-    _check_int("batch_size", batch_size, 1)
+    check_positive_int("batch_size", batch_size, 1)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -248,3 +248,63 @@ def text_nll(model: torch.nn.Module, data: ByteDataset, starts: np.ndarray,
         total, count = total + float(nll), count + b.targets.numel()
     model.train(was_training)
     return total / count
+
+
+# ---- the data of a training run ----------------------------------------------------
+
+class StepData:
+    """The batch of every step of a run, a pure function of (seed, step): resuming at
+    step s needs no data position beyond s. Errors name the config field."""
+
+    def __init__(self, args: TrainArgs):
+        self.args = args
+        d = args.data
+        if d.kind == "facts":
+            self.corpus = FactsCorpus(d.entities, d.attributes, d.values, seed=d.seed)
+            self.validation = None
+            self.vocab_size = self.corpus.vocab_size
+        else:
+            try:
+                self.corpus, self.validation = text_splits(d.path, d.seq_len, d.val_path,
+                                                           d.val_fraction)
+            except InvalidArgument as e:
+                raise InvalidArgument(f"data.{e.field}", e.expected, e.got) from None
+            self.vocab_size = ByteDataset.vocab_size
+
+    def global_batch(self, step: int) -> Batch:
+        rng = np.random.default_rng([self.args.seed, step])
+        size = self.args.batch_size
+        if isinstance(self.corpus, FactsCorpus):
+            return self.corpus.batch(rng.integers(0, self.corpus.n_facts, size=size))
+        return self.corpus.window(self.corpus.sample_starts(rng, size))
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        """Facts: :func:`evaluate`. Text: NLL and bits per byte on ``eval_windows``
+        fixed windows of the training part (``train_*``) and of the validation data
+        (``val_*``, when there is one); ``nll`` and ``bits_per_byte`` repeat the
+        validation figures, or the training ones without validation data."""
+        d = self.args.data
+        model = _OnDevice(model)
+        if isinstance(self.corpus, FactsCorpus):
+            return evaluate(model, self.corpus, batch_size=d.eval_batch_size)
+        out = {}
+        for part, data in (("train", self.corpus), ("val", self.validation)):
+            if data is not None:
+                nll = text_nll(model, data, data.fixed_starts(d.eval_windows),
+                               d.eval_batch_size)
+                out[f"{part}_nll"], out[f"{part}_bits_per_byte"] = nll, nll / math.log(2)
+        head = "val" if self.validation is not None else "train"
+        out["nll"], out["bits_per_byte"] = out[f"{head}_nll"], out[f"{head}_bits_per_byte"]
+        return out
+
+
+class _OnDevice(torch.nn.Module):
+    """The model, fed host tokens and answering on the host (evaluation on a GPU)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        return self.model(tokens.to(device)).cpu()

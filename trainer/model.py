@@ -10,16 +10,14 @@ silu gate) instead. Its keys and query net are ordinary parameters of this model
 values live in a value table that the model either creates (a local
 :class:`memstore.ShardTable`) or is given (e.g. a distributed :class:`memstore.Table`).
 
-Worker ids (``MemoryLayer.worker``, set by :meth:`Transformer.set_step`). A table
-ignores a second push of the same (step, worker) as a retry, so every backward that
-reaches a table within one step must push under its own worker id, or its row
-gradients are silently dropped. Two things push more than once per step:
-the memory layers sharing a pool (``shared_memory=True``, the published default), and
-the micro-batches of gradient accumulation. Layer ``position`` (of the ``n`` layers
-reading a table) of rank ``worker`` in micro-batch ``micro`` (of ``micro_batches``)
-pushes as ``(worker · micro_batches + micro) · n + position``. A trainer with W
+Push ids (``MemoryLayer.push_id``, set by :meth:`Transformer.set_step`). A table
+ignores a second push of the same (step, push_id) as a retry, so every backward that
+reaches a table within one step must push under its own id, or its row gradients are
+silently dropped. Two things push more than once per step and rank: the memory layers
+sharing a pool (``shared_memory=True``, the published default), and the micro-batches
+of gradient accumulation. :func:`trainer.memory.push_id` numbers them; a trainer with W
 data-parallel ranks closes a step of table ``name`` after
-``W * model.workers_per_rank()[name]`` pushes.
+``W * model.pushes_per_rank()[name]`` pushes.
 """
 
 from __future__ import annotations
@@ -34,7 +32,15 @@ from torch import nn
 
 import memstore
 from memstore import InvalidArgument, MemoryLayer, MemoryLayerArgs
+from memstore._internal.validation import (
+    bounded,
+    check_fields,
+    check_positive_int,
+    dataclass_from_dict,
+)
 from memstore.memory_layer import ValueTable
+
+from .memory import push_id
 
 if TYPE_CHECKING:
     from .data import Batch
@@ -50,37 +56,18 @@ INIT_STD = 0.02
 
 # ---- config ------------------------------------------------------------------------
 
-def check_known_keys(cls, d: dict, where: str) -> None:
-    """Refuse keys of d that cls does not have, naming them with their path."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise InvalidArgument(where or "config", f"keys among {sorted(known)}",
-                              "unknown keys " + ", ".join(prefix + k for k in unknown))
-
-
-def strict_from_dict(cls, d, where: str):
-    """cls(**d), rejecting keys cls does not have, naming them with their path."""
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise InvalidArgument(where or "config", "a mapping", type(d).__name__)
-    check_known_keys(cls, d, where)
-    return cls(**d)
-
-
 @dataclasses.dataclass
 class ModelArgs:
-    vocab_size: int
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    ffn_hidden: int | None = None  # default: 8·dim/3 rounded up to a multiple of 8
-    layer_ffn_hidden: list[int] | None = None  # per-layer FFN widths (dense_equivalent)
-    max_seq_len: int = 256
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    vocab_size: int = bounded(min=1)
+    dim: int = bounded(256, min=1)
+    n_layers: int = bounded(4, min=1)
+    n_heads: int = bounded(4, min=1)
+    ffn_hidden: int | None = bounded(None, min=1)  # default: 8·dim/3, a multiple of 8
+    # per-layer FFN widths (dense_equivalent)
+    layer_ffn_hidden: list[int] | None = bounded(None, min=1)
+    max_seq_len: int = bounded(256, min=1)
+    norm_eps: float = bounded(1e-5, gt=0)
+    rope_theta: float = bounded(10000.0, gt=0)
     memory_layers: list[int] = dataclasses.field(default_factory=list)
     memory_plus: bool = True  # Memory+ (silu gate, output projection); False: PKM
     mem_heads: int = 4
@@ -96,30 +83,27 @@ class ModelArgs:
     pkm_peer: bool = False
     # Its values train at pkm_value_scale x the dense lr (y = c·bag(p), p initialised
     # at w/c: Adam's step ignores the gradient's scale, so w moves c times as far).
-    pkm_value_scale: float = 1.0
-    value_lr: float = 1e-3  # Adam lr of the local value tables
-    seed: int = 0  # dense init and local table values
+    pkm_value_scale: float = bounded(1.0, gt=0)
+    # True: the peer's values train as the store's values do, in an Adam group of their
+    # own at the values' lr (value_lr, value_schedule) with the store's Adam betas, no
+    # weight decay and no clipping; False: with the dense parameters at the dense lr.
+    pkm_value_group: bool = False
+    value_lr: float = bounded(1e-3, gt=0)  # Adam lr of the local value tables
+    seed: int = bounded(0, min=0)  # dense init and local table values
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelArgs":
-        return strict_from_dict(cls, d, "model")
+    def from_dict(cls, d: dict) -> ModelArgs:
+        return dataclass_from_dict(cls, d, "model")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def __post_init__(self) -> None:
-        if self.ffn_hidden is None and isinstance(self.dim, int):
+        check_fields(self)
+        if self.ffn_hidden is None:
             self.ffn_hidden = 8 * math.ceil(8 * self.dim / 3 / 8)
         if self.mem_value_dim is None:
             self.mem_value_dim = self.dim
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("seed", self.seed, 0)
-        for name in ("norm_eps", "rope_theta", "value_lr", "pkm_value_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and value > 0):
-                raise InvalidArgument(name, "a finite number > 0", value)
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise InvalidArgument("n_heads", f"a divisor of dim={self.dim} leaving an even "
                                   "head width (rotary pairs)", self.n_heads)
@@ -134,21 +118,13 @@ class ModelArgs:
 
     def _check_layer_lists(self) -> None:
         layers = self.memory_layers
-        if not isinstance(layers, (list, tuple)) or any(
-                isinstance(i, bool) or not isinstance(i, int) for i in layers):
-            raise InvalidArgument("memory_layers", "a list of layer indices", layers)
         if len(set(layers)) != len(layers) or any(not 0 <= i < self.n_layers for i in layers):
             raise InvalidArgument("memory_layers", f"distinct indices in [0, {self.n_layers})",
                                   layers)
         self.memory_layers = sorted(layers)
         widths = self.layer_ffn_hidden
-        if widths is not None:
-            if not isinstance(widths, (list, tuple)) or len(widths) != self.n_layers:
-                raise InvalidArgument("layer_ffn_hidden", f"a list of {self.n_layers} ints",
-                                      widths)
-            for width in widths:
-                _check_int("layer_ffn_hidden", width, 1)
-            self.layer_ffn_hidden = list(widths)
+        if widths is not None and len(widths) != self.n_layers:
+            raise InvalidArgument("layer_ffn_hidden", f"a list of {self.n_layers} ints", widths)
 
     def memory_args(self) -> MemoryLayerArgs:
         """The MemoryLayerArgs of every memory layer; errors name the mem_* field."""
@@ -163,11 +139,6 @@ class ModelArgs:
 
     def ffn_width(self, layer: int) -> int:
         return self.layer_ffn_hidden[layer] if self.layer_ffn_hidden else self.ffn_hidden
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgument(name, f"an int >= {minimum}", value)
 
 
 # ---- value tables ------------------------------------------------------------------
@@ -294,17 +265,17 @@ class Transformer(nn.Module):
     """Decoder-only LM: tokens (B, T) -> logits (B, T, vocab_size).
 
     ``tables`` maps each name of :func:`table_specs` to a value table; None creates
-    local ShardTables. ``worker`` is this process's data-parallel rank and
+    local ShardTables. ``rank`` is this process's data-parallel rank and
     ``micro_batches`` the backward passes it makes per step (gradient accumulation);
-    they set the worker ids of the pushes (module docstring).
+    they set the push ids (module docstring).
     """
 
     def __init__(self, args: ModelArgs, tables: dict[str, ValueTable] | None = None,
-                 worker: int = 0, micro_batches: int = 1):
+                 rank: int = 0, micro_batches: int = 1):
         super().__init__()
-        _check_int("worker", worker, 0)
-        _check_int("micro_batches", micro_batches, 1)
-        self.args, self.worker, self.micro_batches = args, worker, micro_batches
+        self.args = args
+        self.rank = check_positive_int("rank", rank, 0)
+        self.micro_batches = check_positive_int("micro_batches", micro_batches)
         self._tables = _local_tables(args) if tables is None else dict(tables)
         if set(self._tables) != set(table_specs(args)):
             raise InvalidArgument("tables", f"exactly the tables {sorted(table_specs(args))}",
@@ -352,29 +323,34 @@ class Transformer(nn.Module):
     def table_specs(self) -> dict[str, tuple[int, int]]:
         return table_specs(self.args)
 
-    def workers_per_rank(self) -> dict[str, int]:
-        """Name -> distinct worker ids one rank pushes under per step."""
+    def pushes_per_rank(self) -> dict[str, int]:
+        """Name -> pushes of one rank per step (distinct push ids)."""
         return {name: len(users) * self.micro_batches
                 for name, users in table_users(self.args).items()}
+
+    def peer_values(self) -> list[nn.Parameter]:
+        """The value parameters of the ``pkm_peer`` layers (none otherwise)."""
+        if not self.args.pkm_peer:
+            return []
+        return [self.layers[i].ffn.values.weight for i in self.args.memory_layers]
 
     def memory_layers(self) -> list[MemoryLayer]:
         """The MemoryLayers (none for a ``pkm_peer`` model)."""
         return [] if self.args.pkm_peer else [self.layers[i].ffn
                                               for i in self.args.memory_layers]
 
-    def set_step(self, step: int | None, micro: int = 0, value_lr: float | None = None) -> None:
+    def set_step(self, step: int | None, micro_batch: int = 0,
+                 value_lr: float | None = None) -> None:
         """Tag the row gradients of the next backward with ``step`` (None: each
-        table's next step) and micro-batch ``micro`` in [0, micro_batches); the tables
-        apply that step with ``value_lr`` (None: their optimizer's lr)."""
-        if isinstance(micro, bool) or not isinstance(micro, int) or not (
-                0 <= micro < self.micro_batches):
-            raise InvalidArgument("micro", f"an int in [0, {self.micro_batches})", micro)
-        slot = self.worker * self.micro_batches + micro
+        table's next step) and the push ids of micro-batch ``micro_batch`` in
+        [0, micro_batches); the tables apply that step with ``value_lr`` (None: their
+        optimizer's lr)."""
         for users in table_users(self.args).values():
             for position, i in enumerate(users):
-                self.layers[i].ffn.step = step
-                self.layers[i].ffn.worker = slot * len(users) + position
-                self.layers[i].ffn.value_lr = value_lr
+                layer = self.layers[i].ffn
+                layer.push_id = push_id(self.rank, position, micro_batch, layers=len(users),
+                                        micro_batches=self.micro_batches)
+                layer.step, layer.value_lr = step, value_lr
 
 
 # ---- the dense baseline ------------------------------------------------------------

@@ -6,9 +6,12 @@ and runs before anything is modified, so a rejected call changes nothing.
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import enum
+import math
+import types
+import typing
+from collections.abc import Mapping
 
 import torch
 
@@ -92,11 +95,116 @@ def check_step(field: str, step) -> int:
     return step
 
 
-def dataclass_from_dict(cls, d: dict, field: str):
-    """``cls(**d)``, refusing keys that are not fields of ``cls`` (a typo in a config
-    must not silently fall back to a default)."""
+def check_known_keys(cls, d: Mapping, field: str) -> None:
+    """Refuse keys of ``d`` that are not fields of the dataclass ``cls``, naming each
+    with its path under ``field`` (a typo in a config must not silently fall back to a
+    default)."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise InvalidArgument(field, f"keys among {sorted(known)}", unknown)
+        prefix = f"{field}." if field else ""
+        raise InvalidArgument(field or "config", f"keys among {sorted(known)}",
+                              "unknown keys " + ", ".join(prefix + str(k) for k in unknown))
+
+
+def dataclass_from_dict(cls, d, field: str):
+    """``cls(**d)`` for a mapping ``d`` (None: no keys), refusing keys that are not
+    fields of ``cls``. With :func:`check_fields` in ``cls.__post_init__`` every value is
+    also checked against its field's type and bounds."""
+    if d is None:
+        d = {}
+    if not isinstance(d, Mapping):
+        raise InvalidArgument(field or "config", "a mapping", type(d).__name__)
+    check_known_keys(cls, d, field)
     return cls(**d)
+
+
+def bounded(default=dataclasses.MISSING, *, min=None, gt=None, **kwargs):  # noqa: A002
+    """A dataclass field whose value :func:`check_fields` bounds: ``>= min``, ``> gt``."""
+    metadata = {k: v for k, v in (("min", min), ("gt", gt)) if v is not None}
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def check_fields(obj) -> None:
+    """Check every field of the dataclass instance ``obj`` against its annotation and
+    bounds (:func:`bounded`), in place, so a config is strict however it was built.
+
+    Annotations understood: ``bool``, ``int`` (never a bool), ``float`` (an int or a
+    finite float, stored as float), ``str``, an ``Enum`` (its member or value, stored
+    as the member), ``list[X]``, ``dict``, a dataclass (a mapping is built into it with
+    :func:`dataclass_from_dict`; its errors are named under this field), ``X | None``
+    and unions. Anything else is taken as it is. Errors name the field."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = _checked(f.name, getattr(obj, f.name), hints[f.name])
+        _check_bounds(f.name, value, f.metadata)
+        setattr(obj, f.name, value)
+
+
+def _checked(field: str, value, hint):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _checked(field, value, option)
+            except InvalidArgument as e:
+                errors.append(e.expected)
+        raise InvalidArgument(field, " or ".join(errors + (
+            ["None"] if type(None) in options else [])), value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise InvalidArgument(field, f"a list of {_name(typing.get_args(hint)[0])}", value)
+        return [_checked(field, v, typing.get_args(hint)[0]) for v in value]
+    return _checked_plain(field, value, origin or hint)
+
+
+def _checked_plain(field: str, value, kind):
+    if kind is bool or kind is str or kind is dict:
+        if not isinstance(value, kind):
+            raise InvalidArgument(field, _name(kind), value)
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidArgument(field, "an int", value)
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value):
+            raise InvalidArgument(field, "a finite number", value)
+        return float(value)
+    elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+        try:
+            return kind(value)
+        except ValueError:
+            raise InvalidArgument(field, _name(kind), value) from None
+    elif dataclasses.is_dataclass(kind) and not isinstance(value, kind):
+        try:
+            return dataclass_from_dict(kind, value, field)
+        except InvalidArgument as e:
+            inner = e.field if e.field.startswith(f"{field}.") or e.field == field \
+                else f"{field}.{e.field}"
+            raise InvalidArgument(inner, e.expected, e.got) from None
+    return value
+
+
+def _check_bounds(field: str, value, bounds: Mapping) -> None:
+    if value is None or not bounds:
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_bounds(field, item, bounds)
+        return
+    kind = "an int" if isinstance(value, int) else "a finite number"
+    if "min" in bounds and value < bounds["min"]:
+        raise InvalidArgument(field, f"{kind} >= {bounds['min']}", value)
+    if "gt" in bounds and value <= bounds["gt"]:
+        raise InvalidArgument(field, f"{kind} > {bounds['gt']}", value)
+
+
+def _name(kind) -> str:
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in kind)
+    return {bool: "true or false", str: "a string", dict: "a mapping", int: "an int",
+            float: "a finite number"}.get(kind, getattr(kind, "__name__", str(kind)))

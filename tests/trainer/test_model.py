@@ -34,9 +34,9 @@ class RecordingTable:
     def lookup(self, idx, w):
         return self.table.lookup(idx, w)
 
-    def backward(self, idx, w, dy, step=None, worker=0):
+    def backward(self, idx, w, dy, step=None, push_id=0):
         self.grad.index_add_(0, idx.flatten(), (w[..., None] * dy[:, None, :]).flatten(0, 1))
-        return self.table.backward(idx, w, dy, step=step, worker=worker)
+        return self.table.backward(idx, w, dy, step=step, push_id=push_id)
 
     def step(self, step=None):
         return self.table.step(step)
@@ -76,7 +76,7 @@ def test_shared_pool_is_one_table_and_per_layer_tables_are_distinct():
     assert shared.table_specs() == {"memory": (64, 32)}
     (table,) = shared.value_tables().values()
     assert all(m.table is table for m in shared.memory_layers())
-    assert [m.worker for m in shared.memory_layers()] == [0, 1]
+    assert [m.push_id for m in shared.memory_layers()] == [0, 1]
     # keys and query nets stay per layer
     a, b = shared.memory_layers()
     assert a.keys is not b.keys and a.query is not b.query
@@ -96,17 +96,17 @@ def test_shared_pool_applies_the_row_gradients_of_every_layer():
     model = Transformer(args, tables={"memory": recording})
     before = recording.table.values.clone()
     model(torch.randint(0, 50, (4, 9))).square().mean().backward()
-    assert recording.table.pushes(1) == [0, 1]  # one worker id per memory layer
+    assert recording.table.pushes(1) == [0, 1]  # one push id per memory layer
     recording.step(1)
     assert recording.table.stats()["duplicate_pushes"] == 0
     torch.testing.assert_close(before - recording.table.values, recording.grad,
                                rtol=1e-5, atol=1e-7)
 
 
-def test_each_rank_pushes_under_its_own_worker_ids():
-    model = Transformer(tiny(n_layers=4, memory_layers=[0, 1, 3]), worker=2)
-    assert model.workers_per_rank() == {"memory": 3}
-    assert [m.worker for m in model.memory_layers()] == [6, 7, 8]
+def test_each_rank_pushes_under_its_own_push_ids():
+    model = Transformer(tiny(n_layers=4, memory_layers=[0, 1, 3]), rank=2)
+    assert model.pushes_per_rank() == {"memory": 3}
+    assert [m.push_id for m in model.memory_layers()] == [6, 7, 8]
     model(torch.randint(0, 50, (2, 5))).sum().backward()
     assert model.value_tables()["memory"].pushes(1) == [6, 7, 8]
 
@@ -218,10 +218,10 @@ def test_micro_batches_push_under_their_own_ids_and_add_up():
     whole = RecordingTable(ShardTable(64, 32, optimizer=memstore.SGD(lr=1.0)))
     Transformer(args, tables={"memory": whole})(tokens).square().sum().backward()
     parts = RecordingTable(ShardTable(64, 32, optimizer=memstore.SGD(lr=1.0)))
-    model = Transformer(args, tables={"memory": parts}, worker=1, micro_batches=2)
-    assert model.workers_per_rank() == {"memory": 4}
+    model = Transformer(args, tables={"memory": parts}, rank=1, micro_batches=2)
+    assert model.pushes_per_rank() == {"memory": 4}
     for micro, chunk in enumerate(tokens.chunk(2)):
-        model.set_step(1, micro=micro)
+        model.set_step(1, micro_batch=micro)
         model(chunk).square().sum().backward()
     assert parts.table.pushes(1) == [4, 5, 6, 7]
     before = parts.table.values.clone()
@@ -229,5 +229,5 @@ def test_micro_batches_push_under_their_own_ids_and_add_up():
     torch.testing.assert_close(parts.grad, whole.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(before - parts.table.values, whole.grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(InvalidArgument) as e:
-        model.set_step(2, micro=2)
-    assert e.value.field == "micro"
+        model.set_step(2, micro_batch=2)
+    assert e.value.field == "micro_batch"

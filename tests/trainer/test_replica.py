@@ -1,0 +1,49 @@
+"""trainer.replica: one rank's step against a plain computation, and the schedules."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memstore import InvalidArgument
+from trainer.config import TrainArgs
+from trainer.replica import Replica, lr_at, value_lr_at
+
+from .helpers import config
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    args = TrainArgs(steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    lrs = [lr_at(args, s) for s in range(1, 101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_value_lr_follows_the_dense_schedule_scaled_or_stays_constant():
+    args = TrainArgs(steps=100, warmup=10, lr=1.0, min_lr=0.1, value_lr=0.5)
+    for step in (1, 10, 50, 100):
+        assert value_lr_at(args, step) == pytest.approx(0.5 * lr_at(args, step))
+    const = TrainArgs(steps=100, warmup=10, value_lr=0.5, value_schedule="constant")
+    assert {value_lr_at(const, s) for s in (1, 50, 100)} == {0.5}
+    with pytest.raises(InvalidArgument, match="value_schedule"):
+        TrainArgs(value_schedule="linear")
+
+
+def test_a_step_is_the_masked_mean_loss_clipped_adamw_and_the_state_round_trips(tmp_path):
+    args = config("tiny", tmp_path, "grad_clip=0.5")
+    replica = Replica(args)
+    reference = Replica(args)
+    batch = replica.data.global_batch(1)
+    out = replica.train_step(1)
+    logits = reference.model(batch.inputs)
+    nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
+    mask = batch.mask.flatten().float()
+    assert out["loss"] == pytest.approx(float((nll * mask).sum().detach() / mask.sum()),
+                                        rel=1e-6)
+    assert out["tokens"] == batch.inputs.numel() and out["lr"] == lr_at(args, 1)
+    state = replica.state()
+    again = Replica(args)
+    again.load(state)
+    for name, value in again.model.state_dict().items():
+        torch.testing.assert_close(value, state["model"][name], rtol=0, atol=0)
+    assert out["grad_norm"] > 0

@@ -1,0 +1,249 @@
+"""The trainer's config: :class:`TrainArgs` and its sections, loaded from YAML.
+
+Every section is a dataclass checked by ``memstore._internal.validation``: unknown keys
+are refused by name (``data.entitiez``), every value is checked against its field's
+type and bounds, and choices are enums with string values, so a YAML file, a
+``--set key=value`` and a ``TrainArgs(...)`` in Python are held to the same rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import typing
+
+import torch
+
+from memstore import InvalidArgument
+from memstore._internal.validation import (
+    bounded,
+    check_fields,
+    check_known_keys,
+    dataclass_from_dict,
+)
+
+from .model import ModelArgs, dense_equivalent
+
+__all__ = ["DataKind", "StoreMode", "DataChannel", "ValueSchedule", "Device", "DataArgs",
+           "StoreArgs", "RayArgs", "TrainArgs", "load_config"]
+
+
+class DataKind(str, enum.Enum):
+    FACTS = "facts"  # synthetic factual recall (trainer.data.FactsCorpus)
+    TEXT = "text"  # bytes of a file (trainer.data.ByteDataset)
+
+
+class StoreMode(str, enum.Enum):
+    SYNC = "sync"  # row gradients pend until every push of a step arrived
+    ASYNC = "async"  # a push is applied on arrival
+
+
+class DataChannel(str, enum.Enum):
+    SOCKET = "socket"  # lookups and pushes over a TCP connection per shard
+    RAY = "ray"  # every call over Ray
+
+
+class ValueSchedule(str, enum.Enum):
+    COSINE = "cosine"  # the dense lr's warm-up and cosine, scaled to value_lr
+    CONSTANT = "constant"  # value_lr throughout
+
+
+class Device(str, enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"  # one GPU per rank, NCCL
+    AUTO = "auto"  # CUDA when there is a GPU per rank
+
+
+@dataclasses.dataclass
+class DataArgs:
+    kind: DataKind = DataKind.FACTS
+    entities: int = bounded(1000, min=1)
+    attributes: int = bounded(8, min=1)
+    values: int = bounded(100, min=1)
+    seed: int = bounded(0, min=0)  # the facts table (not the batch order: TrainArgs.seed)
+    path: str | None = None  # text file, for kind "text"
+    seq_len: int = bounded(128, min=1)  # window length, for kind "text"
+    # text: validation data, never sampled for training; at most one of the two. A
+    # separate file, or the last val_fraction of path's bytes held out (training
+    # windows stay before it). Neither: evaluation scores training windows only.
+    val_path: str | None = None
+    val_fraction: float | None = None
+    eval_batch_size: int = bounded(1024, min=1)
+    eval_windows: int = bounded(64, min=1)  # text: fixed windows, evenly spread, per part
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.kind is DataKind.TEXT and not self.path:
+            raise InvalidArgument("path", "a text file for kind 'text'", self.path)
+        for name in ("val_path", "val_fraction"):
+            if self.kind is DataKind.FACTS and getattr(self, name) is not None:
+                raise InvalidArgument(name, "unset for kind 'facts' (every fact is "
+                                      "evaluated)", getattr(self, name))
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise InvalidArgument("val_fraction", "a number in (0, 1)", self.val_fraction)
+        if self.val_fraction is not None and self.val_path is not None:
+            raise InvalidArgument("val_fraction", "unset when data.val_path is given",
+                                  self.val_fraction)
+
+
+@dataclasses.dataclass
+class StoreArgs:
+    name: str = "run"  # table name prefix: tables are "<name>-<table>"
+    shards: int | list[int] = bounded(1, min=1)  # S or [R, C] per table
+    mode: StoreMode = StoreMode.SYNC
+    max_staleness: int | None = bounded(None, min=0)
+    # Sync mode: shards apply step s with its last push (no extra round per step).
+    # None: on in sync mode; False: rank 0 calls table.step(s) after every step.
+    step_on_push: bool | None = None
+    data_channel: DataChannel = DataChannel.SOCKET
+    threads_per_shard: int = bounded(1, min=1)
+    timeout_s: float | None = bounded(None, gt=0)
+    keep: bool = False  # leave the tables on the cluster after training
+    # Use tables "<name>-<table>" that already exist (created by another job) instead of
+    # creating them; they are left on the cluster afterwards.
+    connect: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.name or "/" in self.name:
+            raise InvalidArgument("name", "a non-empty string without '/'", self.name)
+        if isinstance(self.shards, list):
+            if len(self.shards) != 2:
+                raise InvalidArgument("shards", "an int or [rows, columns]", self.shards)
+            self.shards = tuple(self.shards)
+        if self.step_on_push is None:
+            self.step_on_push = self.mode is StoreMode.SYNC
+        if self.step_on_push and self.mode is not StoreMode.SYNC:
+            raise InvalidArgument("step_on_push", "false in async mode", True)
+
+
+@dataclasses.dataclass
+class RayArgs:
+    """Ray Train's settings (workers >= 1): where its checkpoints go, how often a
+    failed worker group is restarted, and what each worker reserves."""
+
+    # Local path or URI (pyarrow.fs) of the run's checkpoints, model and store; None:
+    # the run_dir itself. With a URI, checkpoints go to <storage_path>/<run name>.
+    storage_path: str | None = None
+    name: str | None = None  # Ray Train's run name; None: the run_dir's last part
+    max_failures: int = bounded(3, min=-1)  # worker-group restarts; -1: no limit
+    cpus_per_worker: float = bounded(1.0, gt=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise InvalidArgument("name", "None or a non-empty string without '/'", self.name)
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    model: dict = dataclasses.field(default_factory=dict)  # ModelArgs fields
+    dense_equivalent: bool = False  # replace memory layers by FFNs of equal FLOPs
+    data: DataArgs = dataclasses.field(default_factory=DataArgs)
+    store: StoreArgs = dataclasses.field(default_factory=StoreArgs)
+    ray: RayArgs = dataclasses.field(default_factory=RayArgs)
+    steps: int = bounded(100, min=1)
+    batch_size: int = bounded(64, min=1)  # global, over all workers
+    lr: float = bounded(1e-3, gt=0)  # dense peak lr
+    value_lr: float = bounded(1e-2, gt=0)  # the value tables' Adam lr (the peak)
+    value_schedule: ValueSchedule = ValueSchedule.COSINE
+    warmup: int = bounded(10, min=0)
+    min_lr: float = bounded(1e-4, min=0)  # cosine floor
+    weight_decay: float = bounded(0.0, min=0)
+    grad_clip: float = bounded(1.0, min=0)  # global norm of the dense gradients; 0: off
+    workers: int = bounded(0, min=0)  # data-parallel Ray Train workers; 0: in-process
+    threads_per_worker: int | None = bounded(None, min=1)  # torch threads per rank
+    device: Device = Device.CPU
+    eval_every: int = bounded(0, min=0)  # 0: only at the end
+    checkpoint_every: int = bounded(0, min=0)  # 0: never
+    run_dir: str = "runs/default"
+    seed: int = bounded(0, min=0)  # batch order; the model's seed unless model.seed is given
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TrainArgs:
+        return dataclass_from_dict(cls, d, "")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_known_keys(ModelArgs, self.model, "model")
+        if self.workers and self.batch_size % self.workers:
+            raise InvalidArgument("batch_size", f"a multiple of workers={self.workers}",
+                                  self.batch_size)
+
+    def to_dict(self) -> dict:
+        """Plain types only (enums as their values): YAML and Ray can carry it."""
+        return _plain(dataclasses.asdict(self))
+
+    def model_args(self, vocab_size: int) -> ModelArgs:
+        """The model: vocab from the data, value_lr from here, seed from here unless
+        the model section names one, then the dense equivalent when asked."""
+        d = {"vocab_size": vocab_size, "seed": self.seed, **self.model,
+             "value_lr": self.value_lr}
+        args = ModelArgs.from_dict(d)
+        return dense_equivalent(args) if self.dense_equivalent else args
+
+    def torch_device(self) -> torch.device:
+        if self.device is Device.AUTO:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device.value)
+
+    def table_name(self, table: str) -> str:
+        return f"{self.store.name}-{table}"
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _section(cls, key: str):
+    """The dataclass behind field ``key`` of ``cls`` (``model``: ModelArgs), or None."""
+    if cls is TrainArgs and key == "model":
+        return ModelArgs
+    hint = typing.get_type_hints(cls).get(key)
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def set_path(d: dict, dotted: str, value) -> None:
+    """d[a][b] = value for "a.b"; every key on the way must be a known field."""
+    keys = dotted.split(".")
+    node, cls = d, TrainArgs
+    for i, key in enumerate(keys):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if key not in fields:
+            raise InvalidArgument("--set", f"a key among {sorted(fields)}",
+                                  ".".join(keys[: i + 1]))
+        if i == len(keys) - 1:
+            node[key] = value
+            return
+        sub = _section(cls, key)
+        if sub is None:
+            raise InvalidArgument("--set", "a path into data, store, ray or model", dotted)
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node, cls = node[key], sub
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainArgs:
+    """TrainArgs from a YAML file plus ``key=value`` overrides (values parsed as YAML)."""
+    import yaml
+
+    d = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise InvalidArgument("config", "a YAML mapping", type(d).__name__)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument("--set", "key=value", item)
+        set_path(d, key.strip(), yaml.safe_load(text))
+    return TrainArgs.from_dict(d)

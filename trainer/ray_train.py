@@ -1,0 +1,359 @@
+"""Training on Ray Train (``workers: W >= 1``): a ``TorchTrainer`` of W workers.
+
+The driver (:func:`fit`) only starts the run and waits for it. The loop runs inside
+the workers (:func:`train_loop_per_worker`), one Ray Train worker per data-parallel
+rank, with the dense parameters in DDP (gloo on CPU, NCCL on GPUs) and the value
+tables in the store:
+
+- Rank 0 creates the tables ``<store.name>-<table>`` (or, with ``store.connect``,
+  checks the existing ones); every rank connects to them by name.
+- Checkpoints: rank 0 saves each table (``Table.save``) to
+  ``<root>/store/<table>/step-N``, then reports the model, the dense optimizer and the
+  store paths of that step with ``ray.train.report(..., checkpoint=...)``; Ray Train
+  keeps them at ``<root>/checkpoints/step-N``.
+- Faults: a worker that dies, or a ``StoreRolledBack`` from a restarted shard, fails
+  the worker group; Ray Train starts a new one (``ray.max_failures``) and every worker
+  resumes from ``ray.train.get_checkpoint()``, rank 0 first reloading every table from
+  the store checkpoint of that same step. A new run with the same run directory and
+  ``--resume`` continues the same way, since Ray Train finds its checkpoints there.
+
+``<root>`` is the run_dir, or ``<ray.storage_path>/<run name>`` when a storage path
+(a local path or a URI) is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import memstore
+from memstore.table import table_exists
+
+from . import checkpoint
+from .config import Device, TrainArgs
+from .data import StepData
+from .loop import check_resumable, run_steps, write_config
+from .memory import pushes_per_step
+from .model import table_specs, table_users
+from .replica import Replica
+
+log = logging.getLogger(__name__)
+
+__all__ = ["fit", "train_loop_per_worker", "experiment_root", "RayTrainRun", "StoreTables"]
+
+
+def experiment_root(args: TrainArgs, run_dir: Path) -> str:
+    """Where the run's checkpoints live: Ray Train's storage path joined with the run
+    name (by default the run_dir's parent and last part: the run_dir itself)."""
+    storage = args.ray.storage_path
+    if storage is None:
+        storage = str(run_dir.parent)
+    elif not checkpoint.is_uri(storage):
+        storage = str(Path(storage).absolute())
+    return f"{storage.rstrip('/')}/{args.ray.name or run_dir.name}"
+
+
+# ---- the tables in the store -------------------------------------------------------
+
+class StoreTables:
+    """The store tables of a run: their names, options, creation and restoration."""
+
+    def __init__(self, args: TrainArgs, root: str, world: int):
+        self.args, self.root, self.world = args, root, world
+        model_args = args.model_args(StepData(args).vocab_size)
+        self.specs = table_specs(model_args)
+        self.users = table_users(model_args)
+        self.seed = model_args.seed
+
+    def names(self) -> dict[str, str]:
+        """Model table name -> store table name."""
+        return {name: self.args.table_name(name) for name in self.specs}
+
+    def options(self, name: str) -> dict:
+        s = self.args.store
+        return dict(shards=s.shards, mode=s.mode.value, max_staleness=s.max_staleness,
+                    pushes_per_step=pushes_per_step(self.world, layers=len(self.users[name])),
+                    step_on_push=s.step_on_push, data_channel=s.data_channel.value,
+                    checkpoint_root=f"{self.root}/{checkpoint.STORE}/{name}",
+                    threads_per_shard=s.threads_per_shard, timeout_s=s.timeout_s)
+
+    def prepare(self, start: int, stores: dict | None) -> None:
+        """Rank 0, before anyone connects: every table at step ``start``, from the
+        store checkpoint of that step in ``stores`` (None: a new run)."""
+        for name, store_name in self.names().items():
+            if self.args.store.connect:
+                self._check_existing(name, start)
+                continue
+            if table_exists(store_name):  # left by a failed attempt
+                memstore.drop_table(store_name)
+            if stores is None:
+                rows, dim = self.specs[name]
+                memstore.create_table(store_name, rows, dim,
+                                      optimizer=memstore.Adam(lr=self.args.value_lr),
+                                      seed=self.seed + self.users[name][0], **self.options(name))
+            else:
+                memstore.load_table(stores["tables"][name], store_name, **self.options(name))
+
+    def _check_existing(self, name: str, start: int) -> None:
+        """``store.connect``: the table another job made fits this model and this run:
+        same shape, at the step the run starts from, and, if it steps on its last push,
+        expecting this run's number of pushes."""
+        table = memstore.connect(self.args.table_name(name), timeout_s=self.args.store.timeout_s)
+        rows, dim = self.specs[name]
+        pushes = self.options(name)["pushes_per_step"]
+        if (table.rows, table.dim) != (rows, dim):
+            raise memstore.InvalidArgument("store.connect", f"a table {table.name} of "
+                                           f"{rows} x {dim} for this model",
+                                           f"{table.rows} x {table.dim}")
+        if table.config.get("step_on_push") and table.config.get("pushes_per_step") != pushes:
+            raise memstore.InvalidArgument(
+                "store.connect", f"a table {table.name} that steps after {pushes} pushes "
+                "(workers x memory layers)",
+                f"pushes_per_step={table.config.get('pushes_per_step')}")
+        if table.last_step != start:
+            raise memstore.InvalidArgument("store.connect", f"a table {table.name} at step "
+                                           f"{start}, where this run starts",
+                                           f"step {table.last_step}")
+
+    def connect(self) -> dict[str, memstore.Table]:
+        return {name: memstore.connect(store_name, timeout_s=self.args.store.timeout_s)
+                for name, store_name in self.names().items()}
+
+    def drop(self) -> None:
+        for store_name in self.names().values():
+            try:
+                memstore.drop_table(store_name)
+            except memstore.TableNotFound:
+                pass
+
+
+# ---- inside each worker ------------------------------------------------------------
+
+class RayTrainRun:
+    """What :func:`trainer.loop.run_steps` needs on a Ray Train worker."""
+
+    def __init__(self, args: TrainArgs, rank: int, root: str, tables: dict):
+        self.args, self.rank, self.root, self.tables = args, rank, root, tables
+        self.chief = rank == 0
+        # Tables that do not apply a step with its last push are stepped by rank 0,
+        # and no rank looks anything up before that step is applied (a barrier).
+        self.steps_tables = any(not t.config.get("step_on_push") for t in tables.values())
+
+    def step_tables(self, step: int) -> None:
+        if not self.steps_tables:
+            return
+        import torch.distributed as dist
+
+        if self.chief:
+            for table in self.tables.values():
+                if not table.config.get("step_on_push"):
+                    table.step(step)
+        dist.barrier()
+
+    def total(self, out: dict) -> dict:
+        """The global loss (the ranks' shares summed) and the global tokens of a step."""
+        import torch.distributed as dist
+
+        both = torch.tensor([out["loss"], out["tokens"]], dtype=torch.float64)
+        dist.all_reduce(both)
+        return {**out, "loss": float(both[0]), "tokens": int(both[1])}
+
+    def checkpoint(self, step: int, state: dict | None) -> None:
+        """Rank 0 saves the tables of ``step``, then every rank reports (a barrier);
+        rank 0's report carries the model checkpoint naming those store checkpoints."""
+        import ray.train
+
+        folder, ckpt = None, None
+        if self.chief:
+            paths = {}
+            for name, table in self.tables.items():
+                path = checkpoint.store_path(self.root, name, step)
+                if not checkpoint.is_uri(self.root):
+                    checkpoint.set_aside(Path(self.root), Path(path))
+                    checkpoint.set_aside(Path(self.root), Path(checkpoint.step_dir(self.root,
+                                                                                  step)))
+                paths[name] = table.save(path)
+            folder = tempfile.mkdtemp(prefix="memstore-train-")
+            checkpoint.write(folder, step, state, paths)
+            ckpt = ray.train.Checkpoint.from_directory(folder)
+        try:
+            ray.train.report({"step": step}, checkpoint=ckpt,
+                             checkpoint_dir_name=f"{checkpoint.CHECKPOINTS}/"
+                             f"{checkpoint.step_name(step)}")
+        finally:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _restore_point(args: TrainArgs, root: str, tables: list[str]) -> tuple[int, str | None]:
+    """Rank 0: (step, checkpoint directory) this attempt starts from: Ray Train's
+    latest checkpoint when its store checkpoints are all committed; otherwise (a local
+    run directory) the newest complete step before it. Later checkpoints are set aside."""
+    import ray.train
+
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return 0, None
+    with latest.as_directory() as folder:
+        _, stores = checkpoint.read(folder)
+    step = stores["step"]
+    local = not checkpoint.is_uri(root)
+    if not checkpoint.committed(stores, tables):
+        if not local:
+            raise memstore.CheckpointError(latest.path, "a store checkpoint it names is "
+                                           "missing or not committed")
+        found = checkpoint.resume_step(Path(root), tables, newest=step)
+        log.warning("checkpoint of step %d names a store checkpoint that is not committed: "
+                    "resuming from step %s", step, found)
+        if found is None:
+            return 0, None
+        return found, checkpoint.step_dir(root, found)
+    if local:
+        checkpoint.set_aside_after(Path(root), tables, step)
+    return step, latest.path
+
+
+def _broadcast(value):
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """One Ray Train worker: restore point, tables, model, steps."""
+    import ray.train
+    import torch.distributed as dist
+
+    args = TrainArgs.from_dict(config["args"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    root, run_dir = config["root"], Path(config["run_dir"])
+    store = StoreTables(args, root, world)
+    start, folder = _restore_point(args, root, list(store.specs)) if rank == 0 else (0, None)
+    start, folder = _broadcast((start, folder))
+    state, stores = (None, None)
+    if folder is not None:
+        with ray.train.Checkpoint(folder).as_directory() as local:
+            state, stores = checkpoint.read(local)
+    if rank == 0:
+        store.prepare(start, stores)
+    dist.barrier()
+    tables = store.connect()
+    replica = Replica(args, rank, world, tables)
+    counters = (0.0, 0)
+    if state is not None:
+        check_resumable(state, replica)
+        replica.load(state)
+        counters = (state["seconds"], state["tokens"])
+        if rank == 0:
+            log.info("resumed %s at step %d", root, start)
+    elif rank == 0:
+        write_config(args, replica.model_args, run_dir)
+    run = RayTrainRun(args, rank, root, tables)
+    return run_steps(args, replica, run, run_dir, start, counters, config.get("stop_after"),
+                     config.get("on_step"))
+
+
+# ---- the driver --------------------------------------------------------------------
+
+def _attach_ray(args: TrainArgs, tables: int) -> bool:
+    """Attach to Ray (RAY_ADDRESS or a running instance) or start a local one with a
+    logical CPU per shard and worker; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        return False
+    shards = args.store.shards
+    per_table = shards if isinstance(shards, int) else shards[0] * shards[1]
+    need = tables * per_table * args.store.threads_per_shard + args.workers * math.ceil(
+        args.ray.cpus_per_worker)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
+             include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _worker_config(args: TrainArgs, run_dir: Path) -> dict:
+    """The config the workers get: paths absolute, since Ray Train workers run in a
+    directory of their own."""
+    d = args.to_dict()
+    d["run_dir"] = str(run_dir)
+    for key in ("path", "val_path"):
+        if d["data"][key]:
+            d["data"][key] = os.path.abspath(d["data"][key])
+    return d
+
+
+def _use_gpu(args: TrainArgs) -> bool:
+    import ray
+
+    if args.device is Device.AUTO:
+        return ray.cluster_resources().get("GPU", 0) >= args.workers
+    return args.device is Device.CUDA
+
+
+def _user_error(error: BaseException) -> BaseException:
+    """The memstore error that failed every attempt, if that is what happened."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for failure in failures.values():
+        cause = getattr(failure, "cause", failure)
+        if isinstance(cause, memstore.MemstoreError):
+            return cause
+    return error
+
+
+def fit(args: TrainArgs, run_dir: Path, root: str, resume: bool, stop_after: int | None,
+        on_step) -> dict:
+    """Run the TorchTrainer and return rank 0's summary. Tables this run created are
+    dropped at the end unless ``store.keep``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    store = StoreTables(args, root, args.workers)
+    started = _attach_ray(args, len(store.specs))
+    try:
+        if not (resume or args.store.connect):
+            taken = [n for n in store.names().values() if table_exists(n)]
+            if taken:
+                raise memstore.InvalidArgument("store.name", "a prefix whose tables do not "
+                                               "exist yet (or store.connect: true)", taken)
+        use_gpu = _use_gpu(args)
+        storage, name = root.rsplit("/", 1)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"args": _worker_config(args, run_dir), "root": root,
+                               "run_dir": str(run_dir), "stop_after": stop_after,
+                               "on_step": on_step},
+            scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": args.ray.cpus_per_worker}),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=args.ray.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None)),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
+                                     timeout_s=int(args.store.timeout_s or 1800)))
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - a memstore error is the user's to see
+            cause = _user_error(e)
+            if cause is e:
+                raise
+            raise cause from e
+        return result.return_value
+    finally:
+        if not (args.store.keep or args.store.connect):
+            store.drop()
+        if started:
+            import ray
+
+            ray.shutdown()
+
