@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import os
 import pathlib
+import pkgutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -260,12 +262,23 @@ def _down(ns) -> int:
     return subprocess.run(["bash", str(_script("stop-local.sh")), *extra], check=False).returncode
 
 
+def _benchmarks() -> list[str]:
+    """The modules of the ``benchmarks`` package installed beside memstore."""
+    spec = importlib.util.find_spec("benchmarks")
+    if spec is None or not spec.submodule_search_locations:
+        raise InvalidArgument("bench", "the benchmarks package, installed with memstore",
+                              "not importable")
+    return sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)
+                  if not m.ispkg)
+
+
 def _bench(ns) -> int:
-    names = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem != "__init__")
+    names = _benchmarks()
     if ns.name not in names:
         raise InvalidArgument("bench", f"one of {names}", ns.name)
+    # In the current folder: the benchmarks write their runs under it (runs/...).
     return subprocess.run([sys.executable, "-m", f"benchmarks.{ns.name}", *ns.args],
-                          cwd=REPO, check=False).returncode
+                          check=False).returncode
 
 
 def _demo(ns) -> int:
@@ -392,10 +405,11 @@ def _add_serve_command(sub) -> None:
 
 
 def _add_job_commands(sub, plugins: dict, with_demo_options: bool) -> None:
-    p = sub.add_parser("bench", help="run a benchmark of benchmarks/ by name",
+    p = sub.add_parser("bench", help="run a benchmark of the benchmarks package by name",
                        description="memstore bench NAME [ARGS...] runs python -m "
-                       "benchmarks.NAME ARGS from the source checkout.")
-    p.add_argument("name", help="kernels, store, train_step, facts, grpc, ...")
+                       "benchmarks.NAME ARGS in the current folder (e.g. memstore bench "
+                       "facts --quick).")
+    p.add_argument("name", help="facts, text, ops, store, train_step, grpc, ...")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     p.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="train a MemoryLayer with a 1M-row in-process table")

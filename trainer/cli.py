@@ -15,7 +15,8 @@ DESCRIPTION = "Train the memory-layer LM (in-process, or on Ray Train with worke
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memstore train", description=DESCRIPTION)
-    parser.add_argument("--config", help="YAML file (trainer/configs/*.yaml)")
+    parser.add_argument("--config", help="a YAML file, or a built-in config's name "
+                        "(trainer.configs.names(): tiny, facts-small-memory, ...)")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from the newest step with model and store checkpoints "

@@ -23,6 +23,7 @@ from memstore._internal.validation import (
     dataclass_from_dict,
 )
 
+from . import configs
 from .model import ModelArgs, dense_equivalent
 
 __all__ = ["DataKind", "StoreMode", "DataChannel", "ValueSchedule", "Device", "DataArgs",
@@ -237,7 +238,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
 
     d = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
+        with open(configs.path(path), encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
         if not isinstance(d, dict):
             raise InvalidArgument("config", "a YAML mapping", type(d).__name__)
