@@ -26,6 +26,7 @@ from ..errors import (
     PreconditionFailed,
     ShardUnavailable,
     StepOutOfOrder,
+    StoreRolledBack,
     TableNotFound,
 )
 from ..table import NAMESPACE, Table, catalog_name
@@ -119,7 +120,14 @@ def _read(table: Table, read, seen_out):
     """``read()``, with the steps the shards read at (returned with their replies);
     repeated while the shards disagree (a step landing during the read)."""
     for _ in range(READ_ATTEMPTS):
-        result = read()
+        try:
+            result = read()
+        except StoreRolledBack as e:
+            # The table went back to a checkpoint since this thread's handle last read;
+            # the handle has reconciled with the restarted shards, and a read changes
+            # nothing, so a reader is answered from the restored rows.
+            log.info("table %s rolled back to step %s; reading again", table.name, e.step)
+            result = read()
         steps = table.last_read_steps
         if len(set(steps.values())) == 1:
             break

@@ -207,22 +207,6 @@ def _query_cli(address: str, token_file: Path, work: Path, k: int) -> dict:
         return dict(answer)
 
 
-def _gather_after_rollback(client, rows: int) -> np.ndarray:
-    """Every row over gRPC. A server thread whose handle meets the restarted shards
-    answers once with ABORTED (StoreRolledBack: the table rolled back since that handle
-    last read); the read is repeated, as a client would."""
-    from memstore.errors import RemoteError
-
-    attempts = SERVER_THREADS + 1
-    for attempt in range(attempts):
-        try:
-            return client.gather(TABLE, np.arange(rows))
-        except RemoteError as e:
-            if e.code != "ABORTED" or attempt + 1 == attempts:
-                raise
-    raise AssertionError("unreachable")
-
-
 def test_train_serve_lose_a_worker_node_recover_and_shut_down(local_cluster, s3, grpc_token,
                                                               tmp_path):
     from memstore.client import MemoryClient
@@ -281,7 +265,7 @@ def test_train_serve_lose_a_worker_node_recover_and_shut_down(local_cluster, s3,
         assert recovered["loss_diff"] <= 1e-5 and recovered["max_diff"] <= 1e-5
         assert recovered["shards"] == [WORKER_IPS[0]] * 4  # restarted on the survivor
         with MemoryClient(address, token=token, read_retries=0) as client:
-            np.testing.assert_array_equal(_gather_after_rollback(client, len(rows)),
+            np.testing.assert_array_equal(client.gather(TABLE, np.arange(len(rows))),
                                           np.load(work / "rows-recovered.npy"))
         _tell(driver, "done")
         assert driver.wait(timeout=60) == 0, driver_log.read_text()[-3000:]

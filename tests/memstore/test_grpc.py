@@ -319,3 +319,41 @@ def test_reads_retry_while_unavailable_but_writes_do_not(served):
     finally:
         timer.join()
         started["server"].stop()
+
+
+def test_a_reader_is_answered_from_the_checkpoint_after_a_shard_restarts(served, tmp_path):
+    """A shard restart rolls the table back; the server's handle meets it on a read and
+    answers that read from the restored rows instead of failing it (one server thread,
+    so the handle that read before the restart is the one that meets it)."""
+    import signal
+    import time
+
+    import ray
+
+    table = memstore.create_table("restarts", 64, 8, shards=(2, 1), seed=5, max_restarts=2,
+                                  optimizer=memstore.SGD(lr=0.5), timeout_s=120,
+                                  checkpoint_root=str(tmp_path))
+    server = ms.start(ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS, threads=1))
+    try:
+        with MemoryClient(server.address, token=READER) as reader:
+            rng = np.random.default_rng(4)
+            idx = torch.from_numpy(rng.integers(0, 64, (8, 4)))
+            w, dy = torch.rand(8, 4), torch.randn(8, 8)
+            table.backward(idx, w, dy, step=1)
+            table.step(1)
+            table.save()
+            saved = table.gather(torch.arange(64)).numpy()
+            np.testing.assert_array_equal(reader.gather("restarts", np.arange(64)), saved)
+            table.backward(idx, w, -dy, step=2)
+            table.step(2)
+            assert not np.array_equal(table.gather(torch.arange(64)).numpy(), saved)
+            os.kill(ray.get(table.shards[(1, 0)].info.remote())["pid"], signal.SIGKILL)
+            for _ in range(50):  # until a read reaches the restarted shard; none fails
+                got = reader.gather("restarts", np.arange(64))
+                if np.array_equal(got, saved):
+                    break
+                time.sleep(0.2)
+            np.testing.assert_array_equal(got, saved)  # every block back at step 1
+    finally:
+        server.stop()
+        memstore.drop_table("restarts")
