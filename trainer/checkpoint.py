@@ -196,14 +196,17 @@ def set_aside_after(root: Path, tables: list[str], step: int) -> None:
                 set_aside(root, Path(store_path(root, name, s)))
 
 
-def resume_step(root: Path, tables: list[str], newest: int | None = None) -> int | None:
-    """The step a run continues from: the newest step (at most ``newest``) whose model
-    checkpoint names committed store checkpoints of every table. Later checkpoints are
-    set aside with a warning. None when there is no checkpoint at all; when there are
-    some but none is complete, CheckpointError, and nothing is changed."""
-    steps = [s for s in checkpoint_steps(root, tables) if newest is None or s <= newest]
+def resume_step(root: Path, tables: list[str], strict: bool = True) -> int | None:
+    """The step a run continues from: the newest step whose model checkpoint names
+    committed store checkpoints of every table. Later checkpoints are set aside with a
+    warning. None when there is no checkpoint at all; when there are some but none is
+    complete: ``strict``, CheckpointError and nothing is changed; otherwise they are
+    all set aside and the run starts over (a restart before its first checkpoint)."""
+    steps = checkpoint_steps(root, tables)
     if not steps:
-        if has_checkpoints(root):
+        if has_checkpoints(root) and not strict:
+            set_aside_after(root, tables, -1)
+        elif has_checkpoints(root):
             found = {"model": model_steps(root),
                      **{f"store {n}": store_steps(root, n) for n in tables}}
             raise memstore.CheckpointError(

@@ -88,7 +88,11 @@ class StoreTables:
         store checkpoint of that step in ``stores`` (None: a new run)."""
         for name, store_name in self.names().items():
             if self.args.store.connect:
-                self._check_existing(name, start)
+                table = self.check_existing(name)
+                if table.last_step != start:
+                    raise memstore.InvalidArgument(
+                        "store.connect", f"a table {table.name} at step {start}, where this "
+                        "run starts", f"step {table.last_step}")
                 continue
             if table_exists(store_name):  # left by a failed attempt
                 memstore.drop_table(store_name)
@@ -100,10 +104,9 @@ class StoreTables:
             else:
                 memstore.load_table(stores["tables"][name], store_name, **self.options(name))
 
-    def _check_existing(self, name: str, start: int) -> None:
-        """``store.connect``: the table another job made fits this model and this run:
-        same shape, at the step the run starts from, and, if it steps on its last push,
-        expecting this run's number of pushes."""
+    def check_existing(self, name: str) -> memstore.Table:
+        """``store.connect``: the table another job made fits this model and run: same
+        shape and, if it steps on its last push, expecting this run's pushes."""
         table = memstore.connect(self.args.table_name(name), timeout_s=self.args.store.timeout_s)
         rows, dim = self.specs[name]
         pushes = self.options(name)["pushes_per_step"]
@@ -116,10 +119,7 @@ class StoreTables:
                 "store.connect", f"a table {table.name} that steps after {pushes} pushes "
                 "(workers x memory layers)",
                 f"pushes_per_step={table.config.get('pushes_per_step')}")
-        if table.last_step != start:
-            raise memstore.InvalidArgument("store.connect", f"a table {table.name} at step "
-                                           f"{start}, where this run starts",
-                                           f"step {table.last_step}")
+        return table
 
     def connect(self) -> dict[str, memstore.Table]:
         return {name: memstore.connect(store_name, timeout_s=self.args.store.timeout_s)
@@ -191,32 +191,33 @@ class RayTrainRun:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def _restore_point(args: TrainArgs, root: str, tables: list[str]) -> tuple[int, str | None]:
-    """Rank 0: (step, checkpoint directory) this attempt starts from: Ray Train's
-    latest checkpoint when its store checkpoints are all committed; otherwise (a local
-    run directory) the newest complete step before it. Later checkpoints are set aside."""
+def _restore_point(root: str, tables: list[str]) -> tuple[int, str | None]:
+    """Rank 0: (step, checkpoint directory) this attempt starts from.
+
+    Ray Train's latest checkpoint, ``ray.train.get_checkpoint()``, is the newest report
+    its controller had taken in when the last attempt ended. In a local run directory
+    a newer checkpoint can be complete on disk (model directory and store saved) yet
+    not taken in yet, when a worker died just after it: the newest complete step on
+    disk is then taken. Later checkpoints are set aside."""
     import ray.train
 
     latest = ray.train.get_checkpoint()
-    if latest is None:
+    registered = None
+    if latest is not None:
+        with latest.as_directory() as folder:
+            registered = checkpoint.read(folder)[1]
+    if not checkpoint.is_uri(root):
+        step = checkpoint.resume_step(Path(root), tables, strict=False)
+        if step is not None and registered is not None and step > registered["step"]:
+            log.info("resuming from step %d, newer than Ray Train's latest checkpoint "
+                     "(step %d)", step, registered["step"])
+        return (0, None) if step is None else (step, checkpoint.step_dir(root, step))
+    if registered is None:
         return 0, None
-    with latest.as_directory() as folder:
-        _, stores = checkpoint.read(folder)
-    step = stores["step"]
-    local = not checkpoint.is_uri(root)
-    if not checkpoint.committed(stores, tables):
-        if not local:
-            raise memstore.CheckpointError(latest.path, "a store checkpoint it names is "
-                                           "missing or not committed")
-        found = checkpoint.resume_step(Path(root), tables, newest=step)
-        log.warning("checkpoint of step %d names a store checkpoint that is not committed: "
-                    "resuming from step %s", step, found)
-        if found is None:
-            return 0, None
-        return found, checkpoint.step_dir(root, found)
-    if local:
-        checkpoint.set_aside_after(Path(root), tables, step)
-    return step, latest.path
+    if not checkpoint.committed(registered, tables):
+        raise memstore.CheckpointError(latest.path, "a store checkpoint it names is "
+                                       "missing or not committed")
+    return registered["step"], latest.path
 
 
 def _broadcast(value):
@@ -237,7 +238,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     rank, world = context.get_world_rank(), context.get_world_size()
     root, run_dir = config["root"], Path(config["run_dir"])
     store = StoreTables(args, root, world)
-    start, folder = _restore_point(args, root, list(store.specs)) if rank == 0 else (0, None)
+    start, folder = _restore_point(root, list(store.specs)) if rank == 0 else (0, None)
     start, folder = _broadcast((start, folder))
     state, stores = (None, None)
     if folder is not None:
@@ -322,7 +323,10 @@ def fit(args: TrainArgs, run_dir: Path, root: str, resume: bool, stop_after: int
     store = StoreTables(args, root, args.workers)
     started = _attach_ray(args, len(store.specs))
     try:
-        if not (resume or args.store.connect):
+        if args.store.connect:  # refused here, before any worker starts
+            for name in store.specs:
+                store.check_existing(name)
+        elif not resume:
             taken = [n for n in store.names().values() if table_exists(n)]
             if taken:
                 raise memstore.InvalidArgument("store.name", "a prefix whose tables do not "

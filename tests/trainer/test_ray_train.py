@@ -1,0 +1,144 @@
+"""The trainer on Ray Train: W = 2 workers on an existing table equal in-process
+training; a killed worker and a killed shard each restart the run from its checkpoint
+and it ends as an uninterrupted run does, also after a stop and --resume; the example
+of memory layers in one's own job."""
+
+import importlib.util
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+import memstore
+from memstore import InvalidArgument
+from trainer import checkpoint
+from trainer.data import StepData
+from trainer.train import table_specs, train
+
+from .helpers import config, metrics
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # Ray Train's controller notices finished and failed workers sooner.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+
+
+@pytest.fixture(scope="module")
+def ray_whole(tmp_path_factory, ray_local):
+    """An uninterrupted run of tiny.yaml with 2 workers on a 2-shard table that another
+    job made (store.connect), as the trainer makes its own: the same seed and optimizer,
+    stepping on the last of 2 pushes (2 workers x 1 memory layer)."""
+    tmp = tmp_path_factory.mktemp("ray")
+    args = config("tiny", tmp, "workers=2", "store.name=t-whole", "store.connect=true")
+    (rows, dim), = table_specs(args.model_args(StepData(args).vocab_size)).values()
+    table = memstore.create_table("t-whole-memory", rows, dim, shards=2, seed=args.seed + 1,
+                                  optimizer=memstore.Adam(lr=args.value_lr),
+                                  pushes_per_step=2, step_on_push=True)
+    try:
+        before = table.fingerprints()
+        result = train(args)
+        after = memstore.connect("t-whole-memory")  # left in place
+        assert after.last_step == 12 and after.fingerprints() != before
+    finally:
+        memstore.drop_table("t-whole-memory")
+    return args, result, metrics(args.run_dir)
+
+
+def test_ray_train_workers_match_in_process(tmp_path, ray_whole):
+    local = config("tiny", tmp_path / "local")
+    train(local)
+    remote, result, b = ray_whole
+    a = metrics(local.run_dir)
+    # the same function up to float summation order (two half-batches, two row blocks)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4, abs=1e-5)
+    assert b[-1]["eval"]["recall"] == pytest.approx(a[-1]["eval"]["recall"], abs=2 / 256)
+    run = Path(remote.run_dir)
+    assert checkpoint.checkpoint_steps(run, ["memory"]) == [0, 4, 8, 12]
+    assert (run / "checkpoint_manager_snapshot.json").exists()  # Ray Train's record
+    assert result["start"] == 0 and not result["stopped"]
+
+
+def test_an_existing_table_of_another_shape_is_refused_before_any_worker_starts(tmp_path,
+                                                                               ray_local):
+    args = config("tiny", tmp_path, "workers=2", "store.name=t-ext", "store.connect=true")
+    (rows, dim), = table_specs(args.model_args(StepData(args).vocab_size)).values()
+    memstore.create_table("t-ext-memory", rows, dim + 1, shards=1)
+    try:
+        with pytest.raises(InvalidArgument, match="store.connect"):
+            train(args)
+    finally:
+        memstore.drop_table("t-ext-memory")
+
+
+def _same_run(rows: list[dict], whole: list[dict]) -> None:
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in whole], rel=1e-5)
+    assert rows[-1]["eval"] == pytest.approx(whole[-1]["eval"], rel=1e-5)
+
+
+def test_a_killed_worker_restarts_the_run_from_its_checkpoint(tmp_path, ray_whole):
+    """Rank 1's process is killed after step 6: Ray Train starts a new worker group,
+    which resumes from the checkpoint of step 4 and ends as the uninterrupted run."""
+    marker = tmp_path / "killed"
+
+    def kill_rank_1(step, rank):
+        if step == 6 and rank == 1 and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    cut = config("tiny", tmp_path, "workers=2", "store.name=t-wkill")
+    result = train(cut, on_step=kill_rank_1)
+    assert marker.exists() and result["start"] == 4
+    _same_run(metrics(cut.run_dir), ray_whole[2])
+    with pytest.raises(memstore.TableNotFound):  # dropped at the end (store.keep false)
+        memstore.connect("t-wkill-memory")
+
+
+def test_a_killed_shard_rolls_the_run_back_to_the_same_step_of_model_and_store(tmp_path,
+                                                                              ray_whole):
+    """A shard is killed after step 6: it restarts from the store checkpoint of step 4,
+    a worker's next call raises StoreRolledBack(4), Ray Train restarts the workers from
+    the checkpoint of step 4, whose store checkpoint rank 0 reloads. After a stop and a
+    --resume, the run ends as the uninterrupted one."""
+    marker = tmp_path / "killed"
+
+    def kill_a_shard(step, rank):
+        import ray
+
+        from memstore.table import NAMESPACE, shard_name
+
+        if step == 6 and rank == 0 and not marker.exists():
+            marker.touch()
+            ray.kill(ray.get_actor(shard_name("t-skill-memory", 0, 0), namespace=NAMESPACE),
+                     no_restart=False)
+
+    cut = config("tiny", tmp_path, "workers=2", "store.name=t-skill")
+    result = train(cut, on_step=kill_a_shard, stop_after=10)  # then the job is "killed"
+    assert marker.exists() and result["start"] == 4 and result["stopped"]
+    assert [r["step"] for r in metrics(cut.run_dir)] == list(range(1, 11))
+    # Its tables went with the job: --resume loads the store checkpoint of step 8 into
+    # new tables and the model checkpoint of step 8 into new workers.
+    result = train(cut, resume=True)
+    assert result["start"] == 8
+    _same_run(metrics(cut.run_dir), ray_whole[2])
+
+
+def test_the_example_trains_memory_layers_in_its_own_ray_train_job(tmp_path, ray_local):
+    spec = importlib.util.spec_from_file_location("ray_train_memory",
+                                                  REPO / "examples" / "ray_train_memory.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    accuracy = example.main(workers=2, steps=60, storage_path=str(tmp_path))
+    assert accuracy > 0.5  # chance: 1/16
+    with pytest.raises(memstore.TableNotFound):
+        memstore.connect("example-recall")
