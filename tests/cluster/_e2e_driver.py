@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,19 @@ def _publish_and_query(table, model: Transformer, work: Path) -> bool:
     return bool(torch.equal(got_indices, indices))
 
 
+def _train_until_rolled_back(store, first: int, attempts: int = 20) -> int | None:
+    """Train steps from ``first`` until one meets the lost shards; their processes die
+    a moment after their raylet, so a step just after the node loss may still be
+    answered. Returns the step the store rolled back to."""
+    for step in range(first, first + attempts):
+        try:
+            store.step(step)
+        except memstore.StoreRolledBack as e:
+            return e.step
+        time.sleep(0.5)
+    return None
+
+
 def main() -> int:
     import ray
 
@@ -167,11 +181,7 @@ def main() -> int:
              loss_diff=max(loss_diffs), max_diff=_diff(store, reference), same_topk=same_topk)
 
         _wait_for("node-stopped")
-        try:  # the next step meets the lost shards
-            store.step(4)
-            rolled_back = None
-        except memstore.StoreRolledBack as e:
-            rolled_back = e.step
+        rolled_back = _train_until_rolled_back(store, first=4)
         # The trainer restores its own state of the checkpoint's step and trains on.
         store.restore(saved["store"])
         reference.restore(saved["reference"])

@@ -149,9 +149,14 @@ def local_cluster(s3):
         cluster["driver_env"] = {**env, **exports}
         yield cluster
     finally:  # the test stops it itself; this is for a test that failed before that
-        subprocess.run([str(LOCAL / "stop-local.sh")], env=env, capture_output=True,
-                       timeout=60, check=False)
+        stopped = subprocess.run([str(LOCAL / "stop-local.sh")], env=env, capture_output=True,
+                                 text=True, timeout=60, check=False)
+        left = _processes_of([local_dir + "/", f"--address={cluster['address']} "])
+        for marker in (local_dir + "/", f"--address={cluster['address']} "):
+            subprocess.run(["pkill", "-9", "-f", marker], check=False)
         shutil.rmtree(local_dir, ignore_errors=True)
+        # A process stop-local.sh missed is a failure even after the test failed.
+        assert not left, f"stop-local.sh left {left}: {stopped.stderr[-2000:]}"
 
 
 @pytest.fixture
