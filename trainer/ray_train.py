@@ -36,7 +36,7 @@ import memstore
 from memstore.table import table_exists
 
 from . import checkpoint
-from .config import Device, TrainArgs
+from .config import Device, StoreMode, TrainArgs
 from .data import StepData
 from .loop import check_resumable, run_steps, write_config
 from .memory import pushes_per_step
@@ -94,7 +94,9 @@ class StoreTables:
                         "store.connect", f"a table {table.name} at step {start}, where this "
                         "run starts", f"step {table.last_step}")
                 continue
-            if table_exists(store_name):  # left by a failed attempt
+            if table_exists(store_name):  # left by a failed attempt, or kept by a run
+                if self._at_step(store_name, start):
+                    continue
                 memstore.drop_table(store_name)
             if stores is None:
                 rows, dim = self.specs[name]
@@ -103,6 +105,19 @@ class StoreTables:
                                       seed=self.seed + self.users[name][0], **self.options(name))
             else:
                 memstore.load_table(stores["tables"][name], store_name, **self.options(name))
+
+    def _at_step(self, store_name: str, step: int) -> bool:
+        """A sync table already at ``step`` is the state of that step (it got there by
+        training from the same checkpoint, or a restarted shard rolled it back there),
+        so it is kept. Pushes of the next step that it may hold from the failed attempt
+        are gradients at that same state, and their repeats are ignored."""
+        if self.args.store.mode is not StoreMode.SYNC:
+            return False
+        table = memstore.connect(store_name, timeout_s=self.args.store.timeout_s)
+        if table.last_step == step:
+            log.info("table %s is at step %d: kept", store_name, step)
+            return True
+        return False
 
     def check_existing(self, name: str) -> memstore.Table:
         """``store.connect``: the table another job made fits this model and run: same
