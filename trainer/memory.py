@@ -103,7 +103,7 @@ class MemoryPushes:
         """Tag the next backward: ``step`` (None: each table's next), micro-batch
         ``micro_batch`` of this step, and the lr the tables apply the step with (None:
         their optimizer's)."""
-        for layer, (position, count) in zip(self.layers, self._position):
+        for layer, (position, count) in zip(self.layers, self._position, strict=True):
             layer.step = step
             layer.push_id = push_id(self.rank, position, micro_batch, layers=count,
                                     micro_batches=self.micro_batches)

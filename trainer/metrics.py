@@ -57,7 +57,7 @@ def plot(metrics: Metrics, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps, losses = zip(*metrics.losses()) if metrics.losses() else ((), ())
+    steps, losses = zip(*metrics.losses(), strict=True) if metrics.losses() else ((), ())
     ax.plot(steps, losses, lw=1, label="train loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")

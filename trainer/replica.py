@@ -32,8 +32,8 @@ import memstore
 
 from .config import TrainArgs, ValueSchedule
 from .data import Batch, StepData
-from .model import Transformer
 from .memory import sum_dense_gradients
+from .model import Transformer
 
 __all__ = ["Replica", "lr_at", "value_lr_at"]
 

@@ -14,8 +14,8 @@ ARGS = MemoryLayerArgs(dim=8, heads=1, k=2, n_keys=4, key_dim=4)
 
 def test_push_ids_are_distinct_for_every_backward_of_a_step_and_fill_the_count():
     world, layers, micro = 3, 2, 4
-    ids = [push_id(r, l, m, layers=layers, micro_batches=micro)
-           for r, l, m in itertools.product(range(world), range(layers), range(micro))]
+    ids = [push_id(r, i, m, layers=layers, micro_batches=micro)
+           for r, i, m in itertools.product(range(world), range(layers), range(micro))]
     assert sorted(ids) == list(range(pushes_per_step(world, layers, micro)))
     assert push_id(2, 1, 3, layers=2, micro_batches=4) == (2 * 4 + 3) * 2 + 1
     for kwargs, field in [({"rank": -1}, "rank"), ({"rank": 0, "layer": 2, "layers": 2}, "layer"),
