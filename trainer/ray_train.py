@@ -246,6 +246,7 @@ def _broadcast(value):
 def train_loop_per_worker(config: dict) -> dict | None:
     """One Ray Train worker: restore point, tables, model, steps."""
     import ray.train
+    import ray.train.torch
     import torch.distributed as dist
 
     args = TrainArgs.from_dict(config["args"])
@@ -263,7 +264,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
         store.prepare(start, stores)
     dist.barrier()
     tables = store.connect()
-    replica = Replica(args, rank, world, tables)
+    # On GPUs, this worker's own (Ray Train picks it by the worker's local rank).
+    device = ray.train.torch.get_device() if args.torch_device().type == "cuda" else None
+    replica = Replica(args, rank, world, tables, device)
     counters = (0.0, 0)
     if state is not None:
         check_resumable(state, replica)

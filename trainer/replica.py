@@ -57,15 +57,15 @@ def value_lr_at(args: TrainArgs, step: int) -> float:
 
 class Replica:
     """Rank ``rank`` of ``world``; ``tables``: the model's value tables (None: local
-    ShardTables, in-process). With ``world > 1`` the model is wrapped in DDP (the
-    process group exists: Ray Train made it)."""
+    ShardTables, in-process); ``device``: default the config's. With ``world > 1`` the
+    model is wrapped in DDP (the process group exists: Ray Train made it)."""
 
     def __init__(self, args: TrainArgs, rank: int = 0, world: int = 1,
-                 tables: dict | None = None):
+                 tables: dict | None = None, device: torch.device | None = None):
         self.args, self.rank, self.world = args, rank, world
         if args.threads_per_worker:
             torch.set_num_threads(args.threads_per_worker)
-        self.device = args.torch_device()
+        self.device = args.torch_device() if device is None else device
         self.data = StepData(args)
         self.model_args = args.model_args(self.data.vocab_size)
         self.model = Transformer(self.model_args, tables=tables, rank=rank)
