@@ -47,3 +47,17 @@ def test_a_step_is_the_masked_mean_loss_clipped_adamw_and_the_state_round_trips(
     for name, value in again.model.state_dict().items():
         torch.testing.assert_close(value, state["model"][name], rtol=0, atol=0)
     assert out["grad_norm"] > 0
+
+
+def test_a_peer_with_its_own_value_group_steps_its_values_at_the_value_lr(tmp_path):
+    pytest.importorskip("product_key_memory")
+    args = config("tiny", tmp_path, "model.pkm_peer=true", "model.memory_plus=false",
+                  "model.pkm_value_group=true", "value_schedule=constant", "value_lr=0.05")
+    replica = Replica(args)
+    (values,) = replica.model.peer_values()
+    groups = replica.opt.param_groups
+    assert [len(g["params"]) for g in groups] == [len(replica.params) - 1, 1]
+    assert groups[1]["params"][0] is values and groups[1]["weight_decay"] == 0.0
+    assert all(p is not values for p in replica.clipped)
+    replica.train_step(1)
+    assert groups[1]["lr"] == 0.05 and groups[0]["lr"] == lr_at(args, 1)
