@@ -7,10 +7,11 @@ facts configs, without evaluation or checkpoints, in four settings:
   baseline;
 * **memory**: ``facts-small-memory.yaml`` as shipped, a 2-shard store whose lookups and
   pushes use the TCP data channel and whose shards apply each step on its last push;
-* **memory, driver step**: the same with ``store.step_on_push: false`` (the driver
-  calls ``table.step(s)`` after the workers: one more blocking round per step);
-* **memory, all over Ray**: ``store.data_channel: ray`` and the driver step, i.e. every
-  store call an actor call, as before the data channel existed.
+* **memory, separate step**: the same with ``store.step_on_push: false`` (after the
+  pushes, rank 0 calls ``table.step(s)`` and the ranks wait at a barrier: one more
+  blocking round per step);
+* **memory, all over Ray**: ``store.data_channel: ray`` and the separate step, i.e.
+  every store call an actor call.
 
 Each setting is one ``python -m trainer.train`` process; the settings run in turn and
 the whole set ``--passes`` times, so that drift of the machine hits all of them. The
@@ -18,7 +19,11 @@ step time of a run is the median of its per-step training seconds (metrics.jsonl
 after 20 warm-up steps; a setting's figure is the median over passes. Prints one
 markdown table: ms per step and the ratio to the dense step.
 
-    python -m benchmarks.train_step [--steps 200] [--passes 2]
+With ``--trees BASE CAND`` the dense and shipped-memory settings run from two source
+trees instead (e.g. a ``git worktree`` of an older commit and this one), interleaved in
+every pass, and the table compares the trees' steps:
+
+    python -m benchmarks.train_step [--steps 200] [--passes 2] [--trees BASE CAND]
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ WARMUP_STEPS = 20
 SETTINGS = {
     "dense (baseline)": ("facts-small-dense.yaml", []),
     "memory: data channel, step on last push": ("facts-small-memory.yaml", []),
-    "memory: data channel, driver step": ("facts-small-memory.yaml",
-                                          ["store.step_on_push=false"]),
-    "memory: all calls over Ray, driver step": ("facts-small-memory.yaml",
-                                                ["store.step_on_push=false",
-                                                 "store.data_channel=ray"]),
+    "memory: data channel, separate step": ("facts-small-memory.yaml",
+                                            ["store.step_on_push=false"]),
+    "memory: all calls over Ray, separate step": ("facts-small-memory.yaml",
+                                                  ["store.step_on_push=false",
+                                                   "store.data_channel=ray"]),
 }
+TREE_SETTINGS = ("dense (baseline)", "memory: data channel, step on last push")
 
 
 def step_ms(config: str, overrides: list[str], steps: int, run_dir: Path,
@@ -68,35 +74,67 @@ def step_ms(config: str, overrides: list[str], steps: int, run_dir: Path,
     return 1e3 * statistics.median(seconds[WARMUP_STEPS:])
 
 
+def _measure(runs: list[tuple[str, Path]], passes: int, steps: int) -> dict:
+    """Median ms per step of each (setting, tree) over ``passes``, interleaved."""
+    samples: dict[tuple[str, Path], list[float]] = {run: [] for run in runs}
+    with tempfile.TemporaryDirectory() as tmp, \
+            tqdm(total=passes * len(runs), desc="train_step", unit="run") as bar:
+        for p in range(passes):
+            for i, (name, root) in enumerate(runs):
+                bar.set_postfix_str(name)
+                config, overrides = SETTINGS[name]
+                samples[(name, root)].append(step_ms(config, overrides, steps,
+                                                     Path(tmp) / f"{p}-{i}", root))
+                bar.update()
+    return samples
+
+
+def _print_settings(samples: dict) -> None:
+    dense = statistics.median(samples[("dense (baseline)", ROOT)])
+    print("\n| setting (2 Ray workers, batch 256; memory: 2-shard store) | ms / step "
+          "(median over passes) | runs | vs dense step |")
+    print("|---|---:|---|---:|")
+    for (name, _), runs in samples.items():
+        value = statistics.median(runs)
+        print(f"| {name} | {value:.1f} | {', '.join(f'{v:.1f}' for v in runs)} "
+              f"| {value / dense:.2f}× |")
+
+
+def _print_trees(samples: dict, base: Path, cand: Path) -> None:
+    ms = {key: statistics.median(runs) for key, runs in samples.items()}
+    print(f"\n| setting (2 Ray workers, batch 256) | {base} ms / step | {cand} ms / step "
+          "| cand / base | memory / dense, base | memory / dense, cand |")
+    print("|---|---:|---:|---:|---:|---:|")
+    dense, memory = TREE_SETTINGS
+    for name in TREE_SETTINGS:
+        b, c = ms[(name, base)], ms[(name, cand)]
+        print(f"| {name} | {b:.1f} | {c:.1f} | {c / b:.2f}× "
+              f"| {ms[(memory, base)] / ms[(dense, base)]:.2f}× "
+              f"| {ms[(memory, cand)] / ms[(dense, cand)]:.2f}× |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="steps per run")
     parser.add_argument("--passes", type=int, default=2, help="times each setting runs")
+    parser.add_argument("--trees", nargs=2, type=Path, metavar=("BASE", "CAND"),
+                        help="compare two source trees on the dense and memory settings")
     ns = parser.parse_args(argv)
     if ns.steps <= WARMUP_STEPS + 1:
         parser.error(f"--steps must exceed {WARMUP_STEPS + 1}")
+    trees = [t.resolve() for t in ns.trees] if ns.trees else None
+    runs = ([(name, tree) for name in TREE_SETTINGS for tree in trees] if trees
+            else [(name, ROOT) for name in SETTINGS])
     start, load = time.perf_counter(), os.getloadavg()[0]
-    samples: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    with tempfile.TemporaryDirectory() as tmp, \
-            tqdm(total=ns.passes * len(SETTINGS), desc="train_step", unit="run") as bar:
-        for p in range(ns.passes):
-            for i, (name, (config, overrides)) in enumerate(SETTINGS.items()):
-                bar.set_postfix_str(name)
-                samples[name].append(step_ms(config, overrides, ns.steps,
-                                             Path(tmp) / f"{p}-{i}"))
-                bar.update()
-    ms = {name: statistics.median(v) for name, v in samples.items()}
-    dense = ms["dense (baseline)"]
+    samples = _measure(runs, ns.passes, ns.steps)
     print(f"\n{os.cpu_count()} CPU threads; 1-min load average {load:.1f} at the start; "
           f"{ns.passes} passes of {ns.steps} steps, {time.perf_counter() - start:.0f} s")
     print(f"command: python -m benchmarks.train_step {' '.join(sys.argv[1:])}".rstrip())
-    print("\n| setting (2 Ray workers, batch 256; memory: 2-shard store) | ms / step "
-          "(median over passes) | runs | vs dense step |")
-    print("|---|---:|---|---:|")
-    for name, value in ms.items():
-        runs = ", ".join(f"{v:.1f}" for v in samples[name])
-        print(f"| {name} | {value:.1f} | {runs} | {value / dense:.2f}× |")
+    if trees:
+        _print_trees(samples, *trees)
+    else:
+        _print_settings(samples)
     return 0
 
 
