@@ -28,7 +28,8 @@ What is reported (from each run's ``metrics.jsonl``):
 * exact-match **recall** over every fact (argmax over the V value tokens) and the
   answer **NLL** (nats, full softmax), at every evaluation, against tokens seen and
   against **seconds** = the trainer's training time (the steps only: without Ray
-  start-up, evaluations and checkpoints; ``wall`` in the table is the whole process);
+  start-up, evaluations and checkpoints; ``wall`` in the table is the whole process),
+  and the median step in ms;
 * **at equal tokens**: the final evaluation of each run (same tokens by construction);
 * **at equal time**: T = the shortest run's training seconds; each model's recall and
   NLL at T, linearly interpolated between its evaluations in seconds;
@@ -63,9 +64,9 @@ from pathlib import Path
 import numpy as np
 
 from trainer import configs as builtin
+from trainer.config import load_config
 from trainer.data import FactsCorpus
 from trainer.model import Transformer, ffn_slot_macs, table_specs
-from trainer.config import load_config
 
 MODELS = ("dense", "memory", "pkm")
 TARGET_TOKENS = 2.0  # memory recall / dense recall at equal tokens
@@ -136,7 +137,7 @@ def run(name: str, config: Path, run_dir: Path, overrides: list[str]) -> float:
     """Train one model in a subprocess (in the current folder); its wall seconds."""
     # A benchmark rerun starts each model afresh in its run directory.
     cmd = [sys.executable, "-m", "trainer.train", "--config", str(config), "--overwrite",
-           "--set", f"run_dir={run_dir}", *sum((["--set", o] for o in overrides), [])]
+           "--set", f"run_dir={run_dir}", *(arg for o in overrides for arg in ("--set", o))]
     print(f"\n## {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -145,11 +146,14 @@ def run(name: str, config: Path, run_dir: Path, overrides: list[str]) -> float:
 
 def curve(run_dir: Path, keys: tuple[str, ...] = ("recall", "nll")) -> dict[str, np.ndarray]:
     """A run's evaluations from its metrics.jsonl: step, tokens, seconds and the
-    ``eval`` entries ``keys``, one value per evaluation; and the run's totals."""
+    ``eval`` entries ``keys``, one value per evaluation; the median step in ms; and the
+    run's totals."""
     with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     evals = [r for r in rows if "eval" in r]
+    step_seconds = np.diff([r["seconds"] for r in rows if "seconds" in r])
     return {"step": np.array([r["step"] for r in evals], dtype=float),
+            "step_ms": 1000 * float(np.median(step_seconds)) if len(step_seconds) else 0.0,
             "tokens": np.array([r["tokens"] for r in evals], dtype=float),
             "seconds": np.array([r["seconds"] for r in evals]),
             **{k: np.array([r["eval"][k] for r in evals]) for k in keys},
@@ -200,6 +204,11 @@ def plot(curves: dict, x: str, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _plain(setting) -> str:
+    """A config setting as written in the YAML (an enum member's value)."""
+    return str(getattr(setting, "value", setting))
+
+
 def describe(a, margs) -> str:
     d = a.data
     if margs.pkm_peer:
@@ -210,10 +219,12 @@ def describe(a, margs) -> str:
         layer = (f"layers {margs.memory_layers}: {'Memory+' if margs.memory_plus else 'PKM'} "
                  f"{margs.mem_n_keys}² = {margs.mem_n_keys ** 2:,} rows × "
                  f"{margs.mem_value_dim}, {margs.mem_heads} heads × k={margs.mem_k}, "
-                 f"key_dim {margs.mem_key_dim}; store {a.store.shards} shards, {a.store.mode}")
+                 f"key_dim {margs.mem_key_dim}; store {a.store.shards} shards, "
+                 f"{_plain(a.store.mode)}")
     else:
         layer = f"SwiGLU widths {margs.layer_ffn_hidden}"
-    values = f", value_lr {a.value_lr:g} ({a.value_schedule})" if margs.memory_layers else ""
+    values = (f", value_lr {a.value_lr:g} ({_plain(a.value_schedule)})"
+              if margs.memory_layers else "")
     return (f"dim {margs.dim}, {margs.n_layers} layers, {margs.n_heads} heads, {layer}; "
             f"facts {d.entities}×{d.attributes} (V={d.values}); {a.steps} steps × "
             f"batch {a.batch_size}, lr {a.lr:g}{values}, "
@@ -230,7 +241,7 @@ def results(curves: dict, wall: dict) -> tuple[dict, float, str]:
                      "recall_at_T": at_seconds(c, t_eq, "recall"),
                      "nll_at_T": at_seconds(c, t_eq, "nll"),
                      "seconds": float(c["total_seconds"]), "wall": wall[name],
-                     "tokens": int(c["total_tokens"]),
+                     "step_ms": c["step_ms"], "tokens": int(c["total_tokens"]),
                      "to_recall_mark": first_reaching(c, RECALL_MARK)}
     return res, t_eq, shortest
 
@@ -272,13 +283,15 @@ def report(quick: bool, args, margs, paths, res, macs, params, t_eq, shortest) -
     print(f"\n### Facts experiment{' (--quick)' if quick else ''}\n")
     for name in MODELS:
         print(f"- **{name}** (`{paths[name].name}`): {describe(args[name], margs[name])}")
-    print(f"\n| model | params (dense + values) | MACs/token | tokens | train s | wall s "
-          f"| recall | NLL | recall @ T | NLL @ T | steps to {RECALL_MARK} | s to {RECALL_MARK} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| model | params (dense + values) | MACs/token | tokens | train s | ms/step "
+          f"| wall s | recall | NLL | recall @ T | NLL @ T | steps to {RECALL_MARK} "
+          f"| s to {RECALL_MARK} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in MODELS:
         r, p = res[name], params[name]
         print(f"| {name} | {p['dense']:,} + {p['values']:,} | {macs[name]['total']:,} | "
-              f"{r['tokens']:,} | {r['seconds']:.0f} | {r['wall']:.0f} | {r['recall']:.4f} | "
+              f"{r['tokens']:,} | {r['seconds']:.0f} | {r['step_ms']:.0f} | {r['wall']:.0f} | "
+              f"{r['recall']:.4f} | "
               f"{r['nll']:.3f} | {r['recall_at_T']:.4f} | {r['nll_at_T']:.3f} | {_mark(r)} |")
     v = verdicts(res)
     met = v["targets_met"]

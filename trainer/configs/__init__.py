@@ -33,7 +33,7 @@ def path(name_or_path: str | os.PathLike) -> Path:
     if given.is_file():
         return given
     name = os.fspath(name_or_path)
-    stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
+    stem = name.removesuffix(SUFFIX)
     builtin = names()
     if stem not in builtin:
         raise InvalidArgument("config", f"an existing file or a built-in config name, one "
