@@ -253,6 +253,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     root, run_dir = config["root"], Path(config["run_dir"])
+    if rank == 0:  # the driver made run_dir on its own node; rank 0 may run on another
+        run_dir.mkdir(parents=True, exist_ok=True)
     store = StoreTables(args, root, world)
     start, folder = _restore_point(root, list(store.specs)) if rank == 0 else (0, None)
     start, folder = _broadcast((start, folder))

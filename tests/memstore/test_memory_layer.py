@@ -112,7 +112,7 @@ def test_wrong_input_width_is_refused_before_touching_the_table():
     assert layer.table.pending_steps() == []
 
 
-def test_layers_sharing_a_table_push_under_their_own_worker_ids():
+def test_layers_sharing_a_table_push_under_their_own_push_ids():
     shared = ShardTable(81, 24, optimizer=memstore.SGD(lr=1.0))
     layers = [MemoryLayer(MemoryLayerArgs(**SMALL), table=shared) for _ in range(2)]
     for i, layer in enumerate(layers):

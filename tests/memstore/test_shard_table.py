@@ -97,7 +97,7 @@ def test_backward_returns_dw_of_embedding_bag_and_pends_until_step():
         assert t.pending_steps() == []
 
 
-def test_pushes_of_two_workers_sum_and_a_repeated_push_is_ignored():
+def test_pushes_of_two_push_ids_sum_and_a_repeated_push_is_ignored():
     t, single = make(), make()
     idx, w, dy = batch()
     a, b = slice(0, 4), slice(4, 9)
