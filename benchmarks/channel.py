@@ -46,8 +46,13 @@ TRAIN_SETTING = ("facts-small-memory.yaml", [])
 def baseline_module(ref: str):
     """The hand-written channel of commit ``ref``, loaded from git as a module of the
     memstore._internal package (its relative imports resolve against the tree)."""
-    source = subprocess.run(["git", "show", f"{ref}:memstore/_internal/data_channel.py"],
-                            cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{ref}:memstore/_internal/data_channel.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     name = "memstore._internal._baseline_data_channel"
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
     module.__package__ = "memstore._internal"
@@ -60,13 +65,16 @@ def settings():
 
     caps = table_caps(max_batch=1024, max_pairs=1 << 16, cols=256)
     secret = "b" * 64
-    return {"zmq PLAIN": ChannelSettings(secret, caps),
-            "zmq CURVE": ChannelSettings(secret, caps, encrypt=True)}
+    return {
+        "zmq PLAIN": ChannelSettings(secret, caps),
+        "zmq CURVE": ChannelSettings(secret, caps, encrypt=True),
+    }
 
 
 def make_handler(out: np.ndarray):
     def lookup(rows, w, offsets):
         return "inc", out
+
     return lookup
 
 
@@ -80,8 +88,9 @@ def serve(kind: str, ref: str, conn) -> None:
         from memstore._internal.data_channel import DataServer, OpCaps
 
         base = settings()[kind]
-        caps = {op: OpCaps(base.caps["lookup"].arrays, base.caps["lookup"].reply)
-                for op in handlers}
+        caps = {
+            op: OpCaps(base.caps["lookup"].arrays, base.caps["lookup"].reply) for op in handlers
+        }
         server = DataServer("127.0.0.1", handlers, type(base)(base.secret, caps, base.encrypt))
     conn.send(server.address)
     conn.recv()  # until the parent is done
@@ -94,8 +103,10 @@ def client_for(kind: str, ref: str):
     from memstore._internal.data_channel import DataClient, OpCaps
 
     base = settings()[kind]
-    caps = {f"lookup-{n}": OpCaps(base.caps["lookup"].arrays, base.caps["lookup"].reply)
-            for n in PAYLOADS}
+    caps = {
+        f"lookup-{n}": OpCaps(base.caps["lookup"].arrays, base.caps["lookup"].reply)
+        for n in PAYLOADS
+    }
     return DataClient(30, type(base)(base.secret, caps, base.encrypt))
 
 
@@ -109,8 +120,11 @@ def time_transport(kind: str, ref: str, calls: int) -> dict:
     rng = np.random.default_rng(0)
     out = {}
     for name, (b, m, _) in PAYLOADS.items():
-        arrays = (rng.integers(0, 1 << 20, b * m), rng.random(b * m, dtype=np.float32),
-                  np.arange(b + 1, dtype=np.int64) * m)
+        arrays = (
+            rng.integers(0, 1 << 20, b * m),
+            rng.random(b * m, dtype=np.float32),
+            np.arange(b + 1, dtype=np.int64) * m,
+        )
         request = {0: (address, f"lookup-{name}", arrays, ())}
         for _ in range(20):
             client.call_all(request)
@@ -133,8 +147,10 @@ def transport_table(ref: str, calls: int, rounds: int) -> None:
         for kind in kinds:
             runs[kind].append(time_transport(kind, ref, calls))
     base = {n: statistics.median(r[n][0] for r in runs[kinds[0]]) for n in PAYLOADS}
-    print(f"\n| transport ({rounds} rounds x {calls} calls) | payload | median round trip ms "
-          "| client CPU ms / call | vs hand-written |")
+    print(
+        f"\n| transport ({rounds} rounds x {calls} calls) | payload | median round trip ms "
+        "| client CPU ms / call | vs hand-written |"
+    )
     print("|---|---|---:|---:|---:|")
     for kind in kinds:
         for name in PAYLOADS:
@@ -149,21 +165,27 @@ def train_table(trees: list[Path], steps: int, passes: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for p in range(passes):
             for i, tree in enumerate(trees):
-                samples[str(tree)].append(step_ms(config, overrides, steps,
-                                                  Path(tmp) / f"{p}-{i}", root=tree))
+                samples[str(tree)].append(
+                    step_ms(config, overrides, steps, Path(tmp) / f"{p}-{i}", root=tree)
+                )
     base = samples[str(trees[0])]
-    print(f"\n| source tree (train step: 2-shard store, 2 Ray workers, step on last push) "
-          f"| ms / step, median of {passes} | fastest run | runs | vs first (median, fastest) |")
+    print(
+        f"\n| source tree (train step: 2-shard store, 2 Ray workers, step on last push) "
+        f"| ms / step, median of {passes} | fastest run | runs | vs first (median, fastest) |"
+    )
     print("|---|---:|---:|---|---:|")
     for tree, values in samples.items():
         ms, best = statistics.median(values), min(values)
-        print(f"| {tree} | {ms:.1f} | {best:.1f} | {', '.join(f'{v:.1f}' for v in values)} "
-              f"| {ms / statistics.median(base):.3f}x, {best / min(base):.3f}x |")
+        print(
+            f"| {tree} | {ms:.1f} | {best:.1f} | {', '.join(f'{v:.1f}' for v in values)} "
+            f"| {ms / statistics.median(base):.3f}x, {best / min(base):.3f}x |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.channel",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.channel", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--calls", type=int, default=400, help="timed calls per payload")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)

@@ -91,8 +91,19 @@ def check_fair(args: dict) -> None:
     d, m = args["dense"].to_dict(), args["memory"].to_dict()
     if not args["dense"].dense_equivalent or args["memory"].dense_equivalent:
         raise SystemExit("the dense config needs dense_equivalent: true, the memory one not")
-    same = ("model", "data", "steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay",
-            "grad_clip", "seed", "workers")
+    same = (
+        "model",
+        "data",
+        "steps",
+        "batch_size",
+        "lr",
+        "warmup",
+        "min_lr",
+        "weight_decay",
+        "grad_clip",
+        "seed",
+        "workers",
+    )
     diff = [k for k in same if d[k] != m[k]]
     if diff:
         raise SystemExit(f"dense and memory configs differ in {diff}: not a fair comparison")
@@ -104,13 +115,16 @@ def check_peer(args: dict) -> None:
     p, m = args["pkm"].to_dict(), args["memory"].to_dict()
     if not (p["model"].get("pkm_peer") and p["model"].get("pkm_value_group")):
         raise SystemExit("the pkm config needs model.pkm_peer and model.pkm_value_group true")
-    diff = [k for k in set(p) | set(m) if k not in PEER_RUNS_APART | {"model"}
-            and p.get(k) != m.get(k)]
-    diff += [f"model.{k}" for k in set(p["model"]) | set(m["model"])
-             if k not in PEER_FIELDS and p["model"].get(k) != m["model"].get(k)]
+    diff = [
+        k for k in set(p) | set(m) if k not in PEER_RUNS_APART | {"model"} and p.get(k) != m.get(k)
+    ]
+    diff += [
+        f"model.{k}"
+        for k in set(p["model"]) | set(m["model"])
+        if k not in PEER_FIELDS and p["model"].get(k) != m["model"].get(k)
+    ]
     if diff:
-        raise SystemExit(f"pkm and memory configs differ in {sorted(diff)}: not a fair "
-                         "comparison")
+        raise SystemExit(f"pkm and memory configs differ in {sorted(diff)}: not a fair comparison")
 
 
 def per_token_macs(margs) -> dict:
@@ -136,8 +150,17 @@ def parameters(margs) -> dict:
 def run(name: str, config: Path, run_dir: Path, overrides: list[str]) -> float:
     """Train one model in a subprocess (in the current folder); its wall seconds."""
     # A benchmark rerun starts each model afresh in its run directory.
-    cmd = [sys.executable, "-m", "trainer.train", "--config", str(config), "--overwrite",
-           "--set", f"run_dir={run_dir}", *(arg for o in overrides for arg in ("--set", o))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.train",
+        "--config",
+        str(config),
+        "--overwrite",
+        "--set",
+        f"run_dir={run_dir}",
+        *(arg for o in overrides for arg in ("--set", o)),
+    ]
     print(f"\n## {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -152,12 +175,15 @@ def curve(run_dir: Path, keys: tuple[str, ...] = ("recall", "nll")) -> dict[str,
         rows = [json.loads(line) for line in f]
     evals = [r for r in rows if "eval" in r]
     step_seconds = np.diff([r["seconds"] for r in rows if "seconds" in r])
-    return {"step": np.array([r["step"] for r in evals], dtype=float),
-            "step_ms": 1000 * float(np.median(step_seconds)) if len(step_seconds) else 0.0,
-            "tokens": np.array([r["tokens"] for r in evals], dtype=float),
-            "seconds": np.array([r["seconds"] for r in evals]),
-            **{k: np.array([r["eval"][k] for r in evals]) for k in keys},
-            "total_seconds": rows[-1]["seconds"], "total_tokens": rows[-1]["tokens"]}
+    return {
+        "step": np.array([r["step"] for r in evals], dtype=float),
+        "step_ms": 1000 * float(np.median(step_seconds)) if len(step_seconds) else 0.0,
+        "tokens": np.array([r["tokens"] for r in evals], dtype=float),
+        "seconds": np.array([r["seconds"] for r in evals]),
+        **{k: np.array([r["eval"][k] for r in evals]) for k in keys},
+        "total_seconds": rows[-1]["seconds"],
+        "total_tokens": rows[-1]["tokens"],
+    }
 
 
 def at_seconds(c: dict, t: float, key: str) -> float:
@@ -196,8 +222,12 @@ def plot(curves: dict, x: str, path: Path, title: str) -> None:
     top.legend(loc="upper left")
     bottom.set_ylabel("answer NLL (nats)")
     bottom.grid(alpha=0.3)
-    bottom.set_xlabel({"tokens": "tokens seen", "seconds": "training seconds "
-                       "(steps only, without start-up and evaluation)"}[x])
+    bottom.set_xlabel(
+        {
+            "tokens": "tokens seen",
+            "seconds": "training seconds (steps only, without start-up and evaluation)",
+        }[x]
+    )
     top.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -212,23 +242,30 @@ def _plain(setting) -> str:
 def describe(a, margs) -> str:
     d = a.data
     if margs.pkm_peer:
-        layer = (f"layers {margs.memory_layers}: product_key_memory.PKM {margs.mem_n_keys}² "
-                 f"rows × {margs.dim}, {margs.mem_heads} heads × k={margs.mem_k}, key_dim "
-                 f"{margs.mem_key_dim}; values a dense parameter in their own Adam group")
+        layer = (
+            f"layers {margs.memory_layers}: product_key_memory.PKM {margs.mem_n_keys}² "
+            f"rows × {margs.dim}, {margs.mem_heads} heads × k={margs.mem_k}, key_dim "
+            f"{margs.mem_key_dim}; values a dense parameter in their own Adam group"
+        )
     elif margs.memory_layers:
-        layer = (f"layers {margs.memory_layers}: {'Memory+' if margs.memory_plus else 'PKM'} "
-                 f"{margs.mem_n_keys}² = {margs.mem_n_keys ** 2:,} rows × "
-                 f"{margs.mem_value_dim}, {margs.mem_heads} heads × k={margs.mem_k}, "
-                 f"key_dim {margs.mem_key_dim}; store {a.store.shards} shards, "
-                 f"{_plain(a.store.mode)}")
+        layer = (
+            f"layers {margs.memory_layers}: {'Memory+' if margs.memory_plus else 'PKM'} "
+            f"{margs.mem_n_keys}² = {margs.mem_n_keys**2:,} rows × "
+            f"{margs.mem_value_dim}, {margs.mem_heads} heads × k={margs.mem_k}, "
+            f"key_dim {margs.mem_key_dim}; store {a.store.shards} shards, "
+            f"{_plain(a.store.mode)}"
+        )
     else:
         layer = f"SwiGLU widths {margs.layer_ffn_hidden}"
-    values = (f", value_lr {a.value_lr:g} ({_plain(a.value_schedule)})"
-              if margs.memory_layers else "")
-    return (f"dim {margs.dim}, {margs.n_layers} layers, {margs.n_heads} heads, {layer}; "
-            f"facts {d.entities}×{d.attributes} (V={d.values}); {a.steps} steps × "
-            f"batch {a.batch_size}, lr {a.lr:g}{values}, "
-            + (f"{a.workers} Ray workers" if a.workers else "in-process"))
+    values = (
+        f", value_lr {a.value_lr:g} ({_plain(a.value_schedule)})" if margs.memory_layers else ""
+    )
+    return (
+        f"dim {margs.dim}, {margs.n_layers} layers, {margs.n_heads} heads, {layer}; "
+        f"facts {d.entities}×{d.attributes} (V={d.values}); {a.steps} steps × "
+        f"batch {a.batch_size}, lr {a.lr:g}{values}, "
+        + (f"{a.workers} Ray workers" if a.workers else "in-process")
+    )
 
 
 def results(curves: dict, wall: dict) -> tuple[dict, float, str]:
@@ -237,12 +274,17 @@ def results(curves: dict, wall: dict) -> tuple[dict, float, str]:
     t_eq = float(curves[shortest]["total_seconds"])
     res = {}
     for name, c in curves.items():
-        res[name] = {"recall": float(c["recall"][-1]), "nll": float(c["nll"][-1]),
-                     "recall_at_T": at_seconds(c, t_eq, "recall"),
-                     "nll_at_T": at_seconds(c, t_eq, "nll"),
-                     "seconds": float(c["total_seconds"]), "wall": wall[name],
-                     "step_ms": c["step_ms"], "tokens": int(c["total_tokens"]),
-                     "to_recall_mark": first_reaching(c, RECALL_MARK)}
+        res[name] = {
+            "recall": float(c["recall"][-1]),
+            "nll": float(c["nll"][-1]),
+            "recall_at_T": at_seconds(c, t_eq, "recall"),
+            "nll_at_T": at_seconds(c, t_eq, "nll"),
+            "seconds": float(c["total_seconds"]),
+            "wall": wall[name],
+            "step_ms": c["step_ms"],
+            "tokens": int(c["total_tokens"]),
+            "to_recall_mark": first_reaching(c, RECALL_MARK),
+        }
     return res, t_eq, shortest
 
 
@@ -256,13 +298,17 @@ def verdicts(res: dict) -> dict:
         vs_peer = mem["seconds"] / peer["seconds"]
     elif mem is not None:
         vs_peer = 0.0  # the peer never got there
-    return {"ratio_equal_tokens": ratio_tokens, "ratio_equal_time": ratio_time,
-            "memory_over_pkm_seconds_to_mark": vs_peer,
-            "targets_met": {"tokens": ratio_tokens >= TARGET_TOKENS,
-                            "time": ratio_time >= TARGET_TIME,
-                            "dense_short_of_full_recall": res["dense"]["recall"] < FULL_RECALL,
-                            "half_the_peer_s_to_mark": vs_peer is not None
-                            and vs_peer <= TARGET_VS_PEER}}
+    return {
+        "ratio_equal_tokens": ratio_tokens,
+        "ratio_equal_time": ratio_time,
+        "memory_over_pkm_seconds_to_mark": vs_peer,
+        "targets_met": {
+            "tokens": ratio_tokens >= TARGET_TOKENS,
+            "time": ratio_time >= TARGET_TIME,
+            "dense_short_of_full_recall": res["dense"]["recall"] < FULL_RECALL,
+            "half_the_peer_s_to_mark": vs_peer is not None and vs_peer <= TARGET_VS_PEER,
+        },
+    }
 
 
 def _mark(r: dict) -> str:
@@ -283,31 +329,46 @@ def report(quick: bool, args, margs, paths, res, macs, params, t_eq, shortest) -
     print(f"\n### Facts experiment{' (--quick)' if quick else ''}\n")
     for name in MODELS:
         print(f"- **{name}** (`{paths[name].name}`): {describe(args[name], margs[name])}")
-    print(f"\n| model | params (dense + values) | MACs/token | tokens | train s | ms/step "
-          f"| wall s | recall | NLL | recall @ T | NLL @ T | steps to {RECALL_MARK} "
-          f"| s to {RECALL_MARK} |")
+    print(
+        f"\n| model | params (dense + values) | MACs/token | tokens | train s | ms/step "
+        f"| wall s | recall | NLL | recall @ T | NLL @ T | steps to {RECALL_MARK} "
+        f"| s to {RECALL_MARK} |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in MODELS:
         r, p = res[name], params[name]
-        print(f"| {name} | {p['dense']:,} + {p['values']:,} | {macs[name]['total']:,} | "
-              f"{r['tokens']:,} | {r['seconds']:.0f} | {r['step_ms']:.0f} | {r['wall']:.0f} | "
-              f"{r['recall']:.4f} | "
-              f"{r['nll']:.3f} | {r['recall_at_T']:.4f} | {r['nll_at_T']:.3f} | {_mark(r)} |")
+        print(
+            f"| {name} | {p['dense']:,} + {p['values']:,} | {macs[name]['total']:,} | "
+            f"{r['tokens']:,} | {r['seconds']:.0f} | {r['step_ms']:.0f} | {r['wall']:.0f} | "
+            f"{r['recall']:.4f} | "
+            f"{r['nll']:.3f} | {r['recall_at_T']:.4f} | {r['nll_at_T']:.3f} | {_mark(r)} |"
+        )
     v = verdicts(res)
     met = v["targets_met"]
-    print(f"\nT = {t_eq:.0f} s, the {shortest} run's training time (the shortest); '@ T' "
-          f"values of the other runs are interpolated between their evaluations, and so "
-          f"are the steps and seconds to {RECALL_MARK} recall.")
-    print(f"Memory / dense recall: **{v['ratio_equal_tokens']:.2f}×** at equal tokens "
-          f"(target ≥ {TARGET_TOKENS}×: {_met(met['tokens'])}), "
-          f"**{v['ratio_equal_time']:.2f}×** at equal time (target ≥ {TARGET_TIME}×: "
-          f"{_met(met['time'])}); dense final recall {res['dense']['recall']:.4f} "
-          f"({'short of' if met['dense_short_of_full_recall'] else 'AT'} full recall).")
+    print(
+        f"\nT = {t_eq:.0f} s, the {shortest} run's training time (the shortest); '@ T' "
+        f"values of the other runs are interpolated between their evaluations, and so "
+        f"are the steps and seconds to {RECALL_MARK} recall."
+    )
+    print(
+        f"Memory / dense recall: **{v['ratio_equal_tokens']:.2f}×** at equal tokens "
+        f"(target ≥ {TARGET_TOKENS}×: {_met(met['tokens'])}), "
+        f"**{v['ratio_equal_time']:.2f}×** at equal time (target ≥ {TARGET_TIME}×: "
+        f"{_met(met['time'])}); dense final recall {res['dense']['recall']:.4f} "
+        f"({'short of' if met['dense_short_of_full_recall'] else 'AT'} full recall)."
+    )
     vs_peer = v["memory_over_pkm_seconds_to_mark"]
-    shown = ("memory never reached it" if vs_peer is None else "the peer never reached it"
-             if res["pkm"]["to_recall_mark"] is None else f"**{vs_peer:.2f}×**")
-    print(f"Memory's seconds to {RECALL_MARK} recall over the PKM peer's: {shown} "
-          f"(target ≤ {TARGET_VS_PEER}×: {_met(met['half_the_peer_s_to_mark'])}).")
+    shown = (
+        "memory never reached it"
+        if vs_peer is None
+        else "the peer never reached it"
+        if res["pkm"]["to_recall_mark"] is None
+        else f"**{vs_peer:.2f}×**"
+    )
+    print(
+        f"Memory's seconds to {RECALL_MARK} recall over the PKM peer's: {shown} "
+        f"(target ≤ {TARGET_VS_PEER}×: {_met(met['half_the_peer_s_to_mark'])})."
+    )
     return v
 
 
@@ -324,17 +385,23 @@ def load_runs(names: dict[str, Path], overrides: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.facts",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="the small version (facts-small-*.yaml), a few minutes")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.facts", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the small version (facts-small-*.yaml), a few minutes"
+    )
     parser.add_argument("--out", help="output folder (default runs/facts[-quick])")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key of every run")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key of every run",
+    )
     ns = parser.parse_args(argv)
     if importlib.util.find_spec("product_key_memory") is None:
-        raise SystemExit("the PKM peer needs product-key-memory: pip install "
-                         "'memstore[bench]'")
+        raise SystemExit("the PKM peer needs product-key-memory: pip install 'memstore[bench]'")
     out = Path(ns.out or Path("runs") / ("facts-quick" if ns.quick else "facts")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     paths = configs(ns.quick)
@@ -355,23 +422,39 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the runs saw different numbers of tokens")
     res, t_eq, shortest = results(curves, wall)
     d = args["memory"].data
-    title = (f"facts {d.entities}×{d.attributes} (V={d.values}), "
-             f"{args['memory'].steps} steps, W={args['memory'].workers} (pkm in-process)")
+    title = (
+        f"facts {d.entities}×{d.attributes} (V={d.values}), "
+        f"{args['memory'].steps} steps, W={args['memory'].workers} (pkm in-process)"
+    )
     plots = {x: out / f"recall_vs_{x}.png" for x in ("tokens", "seconds")}
     for x, path in plots.items():
         plot(curves, x, path, title)
     verdict = report(ns.quick, args, margs, paths, res, macs, params, t_eq, shortest)
     total_wall = time.perf_counter() - started
     load["after"] = os.getloadavg()
-    print(f"All runs: {total_wall:.0f} s wall; load average (1, 5, 15 min) "
-          f"{_loads(load['before'])} before, {_loads(load['after'])} after (other jobs on "
-          f"the machine inflate the seconds, not the steps). Plots: {plots['tokens']}, "
-          f"{plots['seconds']}")
+    print(
+        f"All runs: {total_wall:.0f} s wall; load average (1, 5, 15 min) "
+        f"{_loads(load['before'])} before, {_loads(load['after'])} after (other jobs on "
+        f"the machine inflate the seconds, not the steps). Plots: {plots['tokens']}, "
+        f"{plots['seconds']}"
+    )
     with open(out / "summary.json", "w", encoding="utf-8") as f:
-        json.dump({"quick": ns.quick, "configs": {k: str(v) for k, v in paths.items()},
-                   "overrides": ns.set, "T_seconds": t_eq, "results": res,
-                   "macs_per_token": macs, "parameters": params, **verdict,
-                   "load_average": load, "wall_seconds": total_wall}, f, indent=2)
+        json.dump(
+            {
+                "quick": ns.quick,
+                "configs": {k: str(v) for k, v in paths.items()},
+                "overrides": ns.set,
+                "T_seconds": t_eq,
+                "results": res,
+                "macs_per_token": macs,
+                "parameters": params,
+                **verdict,
+                "load_average": load,
+                "wall_seconds": total_wall,
+            },
+            f,
+            indent=2,
+        )
     return 0
 
 

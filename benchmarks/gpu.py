@@ -45,8 +45,11 @@ DEVICE = "cuda"  # a module constant so that the script logic can be dry-run els
 def require_gpu():
     """Import the Triton kernels, or exit with a message saying why nothing ran."""
     if not torch.cuda.is_available():
-        print("benchmarks/gpu.py: no CUDA device (torch.cuda.is_available() is False); "
-              "nothing was checked or measured.", file=sys.stderr)
+        print(
+            "benchmarks/gpu.py: no CUDA device (torch.cuda.is_available() is False); "
+            "nothing was checked or measured.",
+            file=sys.stderr,
+        )
         sys.exit(2)
     try:
         import kernels.triton as tk
@@ -132,12 +135,23 @@ def _optim_case(name, R, dim, U, dtype):
     if name == "sgd":
         return [values, rows, grads], dict(lr=0.1, weight_decay=0.01), 1
     if name == "adagrad":
-        return [values, torch.rand(R, dim), rows, grads], dict(lr=0.05, eps=1e-10, lr_decay=0.01, step=3), 2
+        return (
+            [values, torch.rand(R, dim), rows, grads],
+            dict(lr=0.05, eps=1e-10, lr_decay=0.01, step=3),
+            2,
+        )
     if name == "rowwise_adagrad":
         return [values, torch.rand(R), rows, grads], dict(lr=0.05, eps=1e-8), 2
     state = [torch.randn(R, dim) * 0.1, torch.rand(R, dim) * 0.01]
-    kwargs = dict(step=5, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
-                  decoupled=name == "adamw")
+    kwargs = dict(
+        step=5,
+        lr=0.1,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.1,
+        decoupled=name == "adamw",
+    )
     return [values, *state, rows, grads], kwargs, 3
 
 
@@ -163,7 +177,9 @@ def check_fused(tk, B, M, R, dim, dtype):
     ref.adam_step_reference(*expected, rows_ref, grads_ref, **kwargs)
     actual = [t.to(DEVICE) for t in (values, *moments)]
     poison(B * M * 4)
-    dw, rows = tk.bag_backward_adam_step(*actual, idx.to(DEVICE), w.to(DEVICE), dy.to(DEVICE), **kwargs)
+    dw, rows = tk.bag_backward_adam_step(
+        *actual, idx.to(DEVICE), w.to(DEVICE), dy.to(DEVICE), **kwargs
+    )
     assert torch.equal(rows.cpu(), rows_ref), "fused rows differ"
     close(dw, dw_ref)
     for e, a in zip(expected, actual):
@@ -173,7 +189,12 @@ def check_fused(tk, B, M, R, dim, dtype):
 def run_checks(tk) -> bool:
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
-        for shape in [(1, 1, 1, 1), (257, 33, 5000, 341), (2048, 128, 100_000, 1024), (64, 16, 3, 41)]:
+        for shape in [
+            (1, 1, 1, 1),
+            (257, 33, 5000, 341),
+            (2048, 128, 100_000, 1024),
+            (64, 16, 3, 41),
+        ]:
             cases.append((f"bag {tuple(shape)} {dtype}", check_bag, (*shape, dtype)))
         for name in ("sgd", "adagrad", "rowwise_adagrad", "adam", "adamw"):
             for shape in [(1, 1, 1), (5000, 341, 1200), (20_000, 1024, 20_000)]:
@@ -230,7 +251,9 @@ def time_forward(tk, a, values, idx, w):
     es = values.element_size()
     nbytes = idx.numel() * (values.shape[1] * es + 12) + idx.shape[0] * values.shape[1] * 4
     t_ms = cuda_ms(lambda: tk.bag_forward_triton(values, idx, w))
-    b_ms = cuda_ms(lambda: F.embedding_bag(idx, values, per_sample_weights=w.to(values.dtype), mode="sum"))
+    b_ms = cuda_ms(
+        lambda: F.embedding_bag(idx, values, per_sample_weights=w.to(values.dtype), mode="sum")
+    )
     name = f"bag_forward {str(values.dtype).replace('torch.', '')}"
     return [(name, nbytes, t_ms, b_ms, "F.embedding_bag")]
 
@@ -255,33 +278,45 @@ def _adam_args():
     return dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
-def time_adam(tk, a, values, rows, grads):
-    U, dim = grads.shape
-    nbytes = U * dim * (2 * values.element_size() + 16 + 4) + U * 8
+def _triton_adam_ms(tk, values, rows, grads) -> float:
+    """The moments live only while it is timed: the baseline needs their memory."""
     m, v = torch.zeros_like(values), torch.zeros_like(values)
-    t_ms = cuda_ms(lambda: tk.adam_step_triton(values, m, v, rows, grads, **_adam_args()))
-    del m, v
-    param = torch.nn.Parameter(values.detach().clone())
-    opt = torch.optim.SparseAdam([param], lr=1e-3)
-    param.grad = torch.sparse_coo_tensor(rows[None], grads, values.shape, is_coalesced=True,
-                                         check_invariants=False)
-    b_ms = cuda_ms(opt.step, iters=5)
-    return [("adam_step", nbytes, t_ms, b_ms, "torch.optim.SparseAdam.step")]
+    return cuda_ms(lambda: tk.adam_step_triton(values, m, v, rows, grads, **_adam_args()))
 
 
-def time_train_step(tk, a, values, idx, w, dy, U):
-    """Forward + backward + Adam: Triton (forward, fused backward/Adam) vs EmbeddingBag+SparseAdam."""
-    dim, es = values.shape[1], values.element_size()
-    nbytes = 2 * idx.numel() * (dim * es + 12) + dy.numel() * 4 + U * dim * (2 * es + 16)
+def _triton_train_step_ms(tk, values, idx, w, dy) -> float:
+    """Forward and fused backward + Adam; the moments live only while it is timed."""
     m, v = torch.zeros_like(values), torch.zeros_like(values)
 
     def triton_step():
         tk.bag_forward_triton(values, idx, w)
         tk.bag_backward_adam_step(values, m, v, idx, w, dy, **_adam_args())
 
-    t_ms = cuda_ms(triton_step, iters=5)
-    del m, v
-    bag = torch.nn.EmbeddingBag.from_pretrained(values.detach().clone(), freeze=False, mode="sum", sparse=True)
+    return cuda_ms(triton_step, iters=5)
+
+
+def time_adam(tk, a, values, rows, grads):
+    U, dim = grads.shape
+    nbytes = U * dim * (2 * values.element_size() + 16 + 4) + U * 8
+    t_ms = _triton_adam_ms(tk, values, rows, grads)
+    param = torch.nn.Parameter(values.detach().clone())
+    opt = torch.optim.SparseAdam([param], lr=1e-3)
+    param.grad = torch.sparse_coo_tensor(
+        rows[None], grads, values.shape, is_coalesced=True, check_invariants=False
+    )
+    b_ms = cuda_ms(opt.step, iters=5)
+    return [("adam_step", nbytes, t_ms, b_ms, "torch.optim.SparseAdam.step")]
+
+
+def time_train_step(tk, a, values, idx, w, dy, U):
+    """Forward + backward + Adam: Triton (forward, fused backward/Adam) against
+    nn.EmbeddingBag(sparse) + SparseAdam."""
+    dim, es = values.shape[1], values.element_size()
+    nbytes = 2 * idx.numel() * (dim * es + 12) + dy.numel() * 4 + U * dim * (2 * es + 16)
+    t_ms = _triton_train_step_ms(tk, values, idx, w, dy)
+    bag = torch.nn.EmbeddingBag.from_pretrained(
+        values.detach().clone(), freeze=False, mode="sum", sparse=True
+    )
     opt = torch.optim.SparseAdam(bag.parameters(), lr=1e-3)
 
     def torch_step():
@@ -318,10 +353,13 @@ OP_TARGETS = {"bag_forward float32": ">= 70% of copy", "bag_forward bfloat16": "
 
 
 def print_table(results, ceiling, a) -> None:
-    print(f"\n{torch.cuda.get_device_name()}: B={a.tokens} tokens, H={a.heads}, k={a.k}, "
-          f"n={a.n} (N={a.n * a.n} rows), dim={a.dim}, Dk={a.dk}; copy {ceiling:.0f} GB/s")
-    head = (f"{'op':26s} {'impl':44s} {'ms':>9s} {'GB/s':>8s} {'% copy':>7s} {'vs torch':>9s}"
-            f"  target")
+    print(
+        f"\n{torch.cuda.get_device_name()}: B={a.tokens} tokens, H={a.heads}, k={a.k}, "
+        f"n={a.n} (N={a.n * a.n} rows), dim={a.dim}, Dk={a.dk}; copy {ceiling:.0f} GB/s"
+    )
+    head = (
+        f"{'op':26s} {'impl':44s} {'ms':>9s} {'GB/s':>8s} {'% copy':>7s} {'vs torch':>9s}  target"
+    )
     print(head)
     print("-" * len(head))
     for name, nbytes, t_ms, b_ms, baseline in results:
@@ -329,8 +367,10 @@ def print_table(results, ceiling, a) -> None:
             gbs = nbytes / ms / 1e6
             speedup = f"{b_ms / t_ms:8.2f}x" if impl == "triton" else ""
             target = OP_TARGETS.get(name, "") if impl == "triton" else ""
-            print(f"{name:26s} {impl:44s} {ms:9.3f} {gbs:8.0f} {100 * gbs / ceiling:6.1f}% "
-                  f"{speedup:>9s}  {target}")
+            print(
+                f"{name:26s} {impl:44s} {ms:9.3f} {gbs:8.0f} {100 * gbs / ceiling:6.1f}% "
+                f"{speedup:>9s}  {target}"
+            )
 
 
 # ------------------------------------------------------------------------ store level
@@ -365,8 +405,9 @@ def store_batch(tokens: int, slots: int, rows: int, dim: int, device: str, seed:
 
 def torch_store_path(values: torch.Tensor, lr: float = 1e-3):
     """nn.EmbeddingBag(sparse=True) + SparseAdam from the same values: (bag, one_round)."""
-    bag = torch.nn.EmbeddingBag.from_pretrained(values.float().clone(), freeze=False, mode="sum",
-                                                sparse=True)
+    bag = torch.nn.EmbeddingBag.from_pretrained(
+        values.float().clone(), freeze=False, mode="sum", sparse=True
+    )
     opt = torch.optim.SparseAdam(bag.parameters(), lr=lr)
 
     def one_round(idx, w, dy):
@@ -395,25 +436,36 @@ def check_store_round(device: str, rows=41, dim=9, tokens=9, slots=5) -> None:
     close(table.values, bag.weight.detach(), atol=1e-5, rtol=1e-5)
 
 
-def time_store_round(s, device: str):
+def _store_round_ms(s, device: str, idx, w, dy):
+    """ms of a ShardTable round, and its values; the rest of the table (the Adam
+    moments) lives only while it is timed."""
     from memstore import Adam, ShardTable
 
     table = ShardTable(s.rows, s.dim, optimizer=Adam(lr=1e-3), device=device)
-    idx, w, dy = store_batch(s.tokens, s.slots, s.rows, s.dim, device)
 
     def ours():
         table.lookup(idx, w)
         table.backward(idx, w, dy)
         table.step()
 
-    ours_ms = wall_ms(ours, device)
-    values = table.values
-    del table
+    return wall_ms(ours, device), table.values
+
+
+def time_store_round(s, device: str):
+
+    idx, w, dy = store_batch(s.tokens, s.slots, s.rows, s.dim, device)
+    ours_ms, values = _store_round_ms(s, device, idx, w, dy)
     _, torch_round = torch_store_path(values)
-    del values
+    del values  # the baseline holds its own copy
     torch_ms = wall_ms(lambda: torch_round(idx, w, dy), device)
-    return ("ShardTable round", "lookup + backward + lazy Adam", ours_ms,
-            "nn.EmbeddingBag(sparse) + SparseAdam", torch_ms, s.tokens)
+    return (
+        "ShardTable round",
+        "lookup + backward + lazy Adam",
+        ours_ms,
+        "nn.EmbeddingBag(sparse) + SparseAdam",
+        torch_ms,
+        s.tokens,
+    )
 
 
 def time_layer_step(s, device: str):
@@ -436,20 +488,34 @@ def time_layer_step(s, device: str):
             opt.step()
             if after is not None:
                 after()
+
         return run
 
-    ours_ms = wall_ms(step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3),
-                           layer.table.step), device)
+    ours_ms = wall_ms(
+        step(layer, torch.optim.Adam(layer.parameters(), lr=1e-3), layer.table.step), device
+    )
     del layer, table
     try:
         from product_key_memory import PKM
     except ImportError:
-        return ("MemoryLayer train step", "memstore MemoryLayer", ours_ms,
-                "lucidrains PKM: not installed (pip install product-key-memory)", NAN, s.tokens)
+        return (
+            "MemoryLayer train step",
+            "memstore MemoryLayer",
+            ours_ms,
+            "lucidrains PKM: not installed (pip install product-key-memory)",
+            NAN,
+            s.tokens,
+        )
     pkm = PKM(s.dim, heads=s.heads, num_keys=s.n, topk=s.k, dim_head=s.dk // 2).to(device)
     pkm_ms = wall_ms(step(pkm, torch.optim.Adam(pkm.parameters(), lr=1e-3)), device)
-    return ("MemoryLayer train step", "memstore MemoryLayer", ours_ms,
-            "lucidrains PKM + Adam", pkm_ms, s.tokens)
+    return (
+        "MemoryLayer train step",
+        "memstore MemoryLayer",
+        ours_ms,
+        "lucidrains PKM + Adam",
+        pkm_ms,
+        s.tokens,
+    )
 
 
 def time_ray_round(s, device: str):
@@ -462,11 +528,13 @@ def time_ray_round(s, device: str):
     env = {}
     if device == "cpu":  # dry run: the shard actors take the Triton path in the interpreter
         env = {"MEMSTORE_FORCE_TRITON": "1", "TRITON_INTERPRET": "1"}
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env})
+    ray.init(
+        address="local", include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}
+    )
     try:
-        table = memstore.create_table("gpu-bench", s.ray_rows, s.dim, shards=2,
-                                      optimizer=Adam(lr=1e-3), timeout_s=600)
+        table = memstore.create_table(
+            "gpu-bench", s.ray_rows, s.dim, shards=2, optimizer=Adam(lr=1e-3), timeout_s=600
+        )
         idx, w, dy = store_batch(s.ray_tokens, s.slots, s.ray_rows, s.dim, "cpu")
 
         def remote_round():
@@ -475,8 +543,13 @@ def time_ray_round(s, device: str):
             table.step()
 
         ray_ms = wall_ms(remote_round, "cpu")
-        paths = sorted({p.split("/")[1] for shard in table.stats()["shards"]
-                        for p in shard.get("kernel_paths", {})})
+        paths = sorted(
+            {
+                p.split("/")[1]
+                for shard in table.stats()["shards"]
+                for p in shard.get("kernel_paths", {})
+            }
+        )
         table.drop()
     finally:
         ray.shutdown()
@@ -489,19 +562,29 @@ def time_ray_round(s, device: str):
         local.step()
 
     local_ms = wall_ms(local_round, device)
-    return (f"2-shard Ray table round (shards on: {'/'.join(paths)})", "memstore.create_table",
-            ray_ms, "one in-process ShardTable", local_ms, s.ray_tokens)
+    return (
+        f"2-shard Ray table round (shards on: {'/'.join(paths)})",
+        "memstore.create_table",
+        ray_ms,
+        "one in-process ShardTable",
+        local_ms,
+        s.ray_tokens,
+    )
 
 
 def print_store_table(results) -> None:
-    print("\n| store op | ours | ours ms | ours tokens/s | baseline | baseline ms | "
-          "baseline tokens/s | speedup | target |")
+    print(
+        "\n| store op | ours | ours ms | ours tokens/s | baseline | baseline ms | "
+        "baseline tokens/s | speedup | target |"
+    )
     print("|---|---|---:|---:|---|---:|---:|---:|---|")
     for name, ours_name, ours_ms, base_name, base_ms, tokens in results:
         target = STORE_TARGETS.get(name)
-        print(f"| {name} | {ours_name} | {ours_ms:.1f} | {1e3 * tokens / ours_ms:,.0f} | "
-              f"{base_name} | {base_ms:.1f} | {1e3 * tokens / base_ms:,.0f} | "
-              f"{base_ms / ours_ms:.2f}× | {f'≥ {target:g}×' if target else '-'} |")
+        print(
+            f"| {name} | {ours_name} | {ours_ms:.1f} | {1e3 * tokens / ours_ms:,.0f} | "
+            f"{base_name} | {base_ms:.1f} | {1e3 * tokens / base_ms:,.0f} | "
+            f"{base_ms / ours_ms:.2f}× | {f'≥ {target:g}×' if target else '-'} |"
+        )
 
 
 def run_store(s, device: str) -> None:
@@ -519,10 +602,29 @@ def run_store(s, device: str) -> None:
 
 # ----------------------------------------------------------------------- compile only
 
-_I64_PTRS = ("idx_ptr", "rows_ptr", "order_ptr", "seg_ptr", "scratch_ptr", "index_ptr",
-             "offsets_ptr", "slot_bag_ptr")
-_F32_SCALARS = ("lr", "weight_decay", "clr", "eps", "beta1", "beta2", "omb1", "omb2", "step_size",
-                "eps_term", "shrink")
+_I64_PTRS = (
+    "idx_ptr",
+    "rows_ptr",
+    "order_ptr",
+    "seg_ptr",
+    "scratch_ptr",
+    "index_ptr",
+    "offsets_ptr",
+    "slot_bag_ptr",
+)
+_F32_SCALARS = (
+    "lr",
+    "weight_decay",
+    "clr",
+    "eps",
+    "beta1",
+    "beta2",
+    "omb1",
+    "omb2",
+    "step_size",
+    "eps_term",
+    "shrink",
+)
 
 
 def _signature(fn, dtype: str, consts: dict) -> dict:
@@ -533,10 +635,17 @@ def _signature(fn, dtype: str, consts: dict) -> dict:
         elif name in ("values_ptr", "q_ptr", "keys_ptr"):
             sig[name] = "*" + dtype
         elif name.endswith("_ptr"):
-            sig[name] = "*i64" if name in _I64_PTRS else "*i32" if name.startswith("pair") else "*fp32"
+            sig[name] = (
+                "*i64" if name in _I64_PTRS else "*i32" if name.startswith("pair") else "*fp32"
+            )
         else:
-            sig[name] = ("fp32" if name in _F32_SCALARS
-                         else "i64" if name in ("stride_v", "stride_c") else "i32")
+            sig[name] = (
+                "fp32"
+                if name in _F32_SCALARS
+                else "i64"
+                if name in ("stride_v", "stride_c")
+                else "i32"
+            )
     return sig
 
 
@@ -553,23 +662,34 @@ def compile_report() -> int:
     from kernels.triton import bag, csr, product_key, sparse_optim
 
     rows_d = dict(BLOCK_P=8, BLOCK_D=256)
-    kernels = [(bag._bag_fwd_kernel, dict(BLOCK_M=16, BLOCK_D=256), 4),
-               (csr._bag_csr_fwd_kernel, dict(BLOCK_P=16, BLOCK_D=256), 4),
-               (csr._bag_csr_dw_kernel, dict(BLOCK_P=16, BLOCK_D=256), 4),
-               (bag._bag_dw_kernel, dict(BLOCK_M=16, BLOCK_D=256), 4),
-               (bag._bag_row_grad_kernel, dict(BLOCK_P=8, BLOCK_D=256), 4),
-               (product_key._pk_topk_fwd_kernel,
-                dict(BLOCK_B=16, BLOCK_N=32, BLOCK_D=16, K_P=32, C_P=128), 4)]
-    kernels += [(getattr(sparse_optim, f"_{op}_fwd_kernel"), rows_d, 4)
-                for op in ("sgd", "adagrad", "rowwise_adagrad", "adam")]
+    kernels = [
+        (bag._bag_fwd_kernel, dict(BLOCK_M=16, BLOCK_D=256), 4),
+        (csr._bag_csr_fwd_kernel, dict(BLOCK_P=16, BLOCK_D=256), 4),
+        (csr._bag_csr_dw_kernel, dict(BLOCK_P=16, BLOCK_D=256), 4),
+        (bag._bag_dw_kernel, dict(BLOCK_M=16, BLOCK_D=256), 4),
+        (bag._bag_row_grad_kernel, dict(BLOCK_P=8, BLOCK_D=256), 4),
+        (
+            product_key._pk_topk_fwd_kernel,
+            dict(BLOCK_B=16, BLOCK_N=32, BLOCK_D=16, K_P=32, C_P=128),
+            4,
+        ),
+    ]
+    kernels += [
+        (getattr(sparse_optim, f"_{op}_fwd_kernel"), rows_d, 4)
+        for op in ("sgd", "adagrad", "rowwise_adagrad", "adam")
+    ]
     kernels.append((sparse_optim._bag_bwd_adam_kernel, dict(BLOCK_P=8, BLOCK_D=256), 4))
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cuobjdump = os.path.join(
+        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"
+    )
     failed = 0
     for fn, consts, warps in kernels:
         for dtype in ("fp32", "bf16"):
             try:
                 src = ASTSource(fn=fn, signature=_signature(fn, dtype, consts), constexprs=consts)
-                binary = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+                binary = triton.compile(
+                    src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)
+                )
             except Exception as exc:  # noqa: BLE001 - report every kernel, then fail
                 failed += 1
                 print(f"FAIL  {fn.__name__} {dtype}: {type(exc).__name__}: {str(exc)[:500]}")
@@ -579,10 +699,16 @@ def compile_report() -> int:
                 with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                     f.write(binary.asm["cubin"])
                     f.flush()
-                    out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
-                                         capture_output=True, text=True).stdout
-                usage = " ".join(w for line in out.splitlines() if "REG:" in line
-                                 for w in line.split() if w.startswith(("REG:", "STACK:", "LOCAL:")))
+                    out = subprocess.run(
+                        [cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True
+                    ).stdout
+                usage = " ".join(
+                    w
+                    for line in out.splitlines()
+                    if "REG:" in line
+                    for w in line.split()
+                    if w.startswith(("REG:", "STACK:", "LOCAL:"))
+                )
             print(f"ok    {fn.__name__:30s} {dtype}  {usage}")
     print(f"triton {triton.__version__}: {failed} kernel(s) failed to compile")
     return 1 if failed else 0
@@ -591,11 +717,21 @@ def compile_report() -> int:
 def store_sizes(a, dry_run: bool) -> argparse.Namespace:
     """Sizes of the store-level rows: the arguments, or tiny odd ones for a dry run."""
     if dry_run:
-        return argparse.Namespace(tokens=9, heads=2, k=3, n=7, dim=41, dk=8, slots=6, rows=49,
-                                  ray_rows=49, ray_tokens=9)
-    return argparse.Namespace(tokens=a.tokens, heads=a.heads, k=a.k, n=a.n, dim=a.dim, dk=a.dk,
-                              slots=a.heads * a.k, rows=a.n * a.n, ray_rows=a.ray_rows,
-                              ray_tokens=a.ray_tokens)
+        return argparse.Namespace(
+            tokens=9, heads=2, k=3, n=7, dim=41, dk=8, slots=6, rows=49, ray_rows=49, ray_tokens=9
+        )
+    return argparse.Namespace(
+        tokens=a.tokens,
+        heads=a.heads,
+        k=a.k,
+        n=a.n,
+        dim=a.dim,
+        dk=a.dk,
+        slots=a.heads * a.k,
+        rows=a.n * a.n,
+        ray_rows=a.ray_rows,
+        ray_tokens=a.ray_tokens,
+    )
 
 
 def dry_run(a) -> int:
@@ -608,8 +744,10 @@ def dry_run(a) -> int:
     started = time.perf_counter()
     run_store(store_sizes(a, dry_run=True), "cpu")
     used = sorted({path for (_, path) in _dispatch.COUNTS})
-    print(f"\ndry run: paths taken in this process {used}; "
-          f"{time.perf_counter() - started:.0f} s; timings are the interpreter's, not a GPU's")
+    print(
+        f"\ndry run: paths taken in this process {used}; "
+        f"{time.perf_counter() - started:.0f} s; timings are the interpreter's, not a GPU's"
+    )
     return 0 if used == ["triton"] else 1
 
 
@@ -625,11 +763,17 @@ def main(argv=None) -> int:
     p.add_argument("--ray-tokens", type=int, default=4096, help="tokens of a Ray table round")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-store", action="store_true", help="skip the store-level rows")
-    p.add_argument("--compile-only", action="store_true",
-                   help="compile every kernel for sm_90 and report registers/spills (no GPU needed)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="no GPU needed: the store-level rows at tiny sizes under the Triton "
-                        "interpreter (checks the script and the kernels, times nothing useful)")
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile every kernel for sm_90 and report registers/spills (no GPU needed)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="no GPU needed: the store-level rows at tiny sizes under the Triton "
+        "interpreter (checks the script and the kernels, times nothing useful)",
+    )
     a = p.parse_args(argv)
     if a.compile_only:
         return compile_report()

@@ -43,8 +43,9 @@ BYTES_PER_LOOKUP = B * M * (8 + 4) + B * DIM * 4
 
 def _batches(seed: int, count: int = 8):
     rng = np.random.default_rng(seed)
-    return [(rng.integers(0, ROWS, (B, M)), rng.random((B, M), dtype=np.float32))
-            for _ in range(count)]
+    return [
+        (rng.integers(0, ROWS, (B, M)), rng.random((B, M), dtype=np.float32)) for _ in range(count)
+    ]
 
 
 def _grpc_worker(address: str, token: str, seconds: float, seed: int, start, out) -> None:
@@ -65,8 +66,10 @@ def grpc_rate(address: str, token: str, clients: int, seconds: float) -> float:
     """Lookups per second of ``clients`` processes together."""
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_grpc_worker, args=(address, token, seconds, i, start, out))
-             for i in range(clients)]
+    procs = [
+        ctx.Process(target=_grpc_worker, args=(address, token, seconds, i, start, out))
+        for i in range(clients)
+    ]
     for p in procs:
         p.start()
     time.sleep(2.0 + 0.2 * clients)  # every client connected before the clock starts
@@ -115,9 +118,24 @@ def query_latency(address: str, token: str, table, batch: int, count: int) -> tu
 
 def start_server(gcs: str, token_file: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memstore.cli", "serve", "--address", "127.0.0.1:0",
-         "--ray-address", gcs, "--token-file", token_file, "--threads", "16"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        [
+            sys.executable,
+            "-m",
+            "memstore.cli",
+            "serve",
+            "--address",
+            "127.0.0.1:0",
+            "--ray-address",
+            gcs,
+            "--token-file",
+            token_file,
+            "--threads",
+            "16",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     line = proc.stdout.readline()
     match = re.search(r"serving on (\S+);", line)
     if not match:
@@ -164,27 +182,36 @@ def main(argv=None) -> int:
 
 def _report(rows, latency, load_start: float) -> None:
     mb = BYTES_PER_LOOKUP / 1e6
-    print(f"Lookup of {B} tokens x {M} slots on a {ROWS:,} x {DIM} float32 table, 2 shards; "
-          f"{BYTES_PER_LOOKUP / 1e3:.0f} kB per lookup\n")
-    print("| gRPC clients | gRPC tokens/s | gRPC MB/s | Ray handle tokens/s (1 process) | "
-          "ratio |")
+    print(
+        f"Lookup of {B} tokens x {M} slots on a {ROWS:,} x {DIM} float32 table, 2 shards; "
+        f"{BYTES_PER_LOOKUP / 1e3:.0f} kB per lookup\n"
+    )
+    print("| gRPC clients | gRPC tokens/s | gRPC MB/s | Ray handle tokens/s (1 process) | ratio |")
     print("|---:|---:|---:|---:|---:|")
     for clients, rate, base in rows:
-        print(f"| {clients} | {rate * B:,.0f} | {rate * mb:,.1f} | {base * B:,.0f} | "
-              f"{rate / base:.2f} |")
-    print("\n| Query (H=4, Dk=64, k=32, values) | gRPC p50 ms | gRPC p99 ms | "
-          "Ray handle p50 ms | Ray handle p99 ms |\n|---|---:|---:|---:|---:|")
+        print(
+            f"| {clients} | {rate * B:,.0f} | {rate * mb:,.1f} | {base * B:,.0f} | "
+            f"{rate / base:.2f} |"
+        )
+    print(
+        "\n| Query (H=4, Dk=64, k=32, values) | gRPC p50 ms | gRPC p99 ms | "
+        "Ray handle p50 ms | Ray handle p99 ms |\n|---|---:|---:|---:|---:|"
+    )
     for batch, ((p50, p99), (h50, h99)) in latency.items():
-        print(f"| {batch} vector{'s' if batch > 1 else ''} | {p50:.2f} | {p99:.2f} | "
-              f"{h50:.2f} | {h99:.2f} |")
+        print(
+            f"| {batch} vector{'s' if batch > 1 else ''} | {p50:.2f} | {p99:.2f} | "
+            f"{h50:.2f} | {h99:.2f} |"
+        )
     import grpc
     import ray
 
     from benchmarks.store import cpu_model
 
-    print(f"\nmachine: {os.cpu_count()} CPU threads, {cpu_model()}, "
-          f"python {platform.python_version()}, grpcio {grpc.__version__}, ray {ray.__version__}; "
-          f"1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print(
+        f"\nmachine: {os.cpu_count()} CPU threads, {cpu_model()}, "
+        f"python {platform.python_version()}, grpcio {grpc.__version__}, ray {ray.__version__}; "
+        f"1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
 
 
 if __name__ == "__main__":

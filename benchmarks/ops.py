@@ -77,19 +77,29 @@ def bench_bag_forward(values, idx, w, repeats):
     rows, flat_w, offsets = csr(idx, w)
 
     def library(vals, weights):
-        return lambda: F.embedding_bag(rows, vals, offsets, mode="sum",
-                                       per_sample_weights=weights, include_last_offset=True)
+        return lambda: F.embedding_bag(
+            rows, vals, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
+        )
 
-    native, lib = timed_pair(lambda: kernels.bag.bag_forward_csr_native(table, rows, flat_w, offsets),
-                             library(table, flat_w), repeats)
-    store, lib2 = timed_pair(lambda: kernels.bag.bag_forward_csr(table, rows, flat_w, offsets),
-                             library(table, flat_w), repeats)
+    native, lib = timed_pair(
+        lambda: kernels.bag.bag_forward_csr_native(table, rows, flat_w, offsets),
+        library(table, flat_w),
+        repeats,
+    )
+    store, lib2 = timed_pair(
+        lambda: kernels.bag.bag_forward_csr(table, rows, flat_w, offsets),
+        library(table, flat_w),
+        repeats,
+    )
     half = table.to(torch.bfloat16)
     native16, lib16 = timed_pair(
         lambda: kernels.bag.bag_forward_csr_native(half, rows, flat_w, offsets),
-        library(half, flat_w.to(torch.bfloat16)), repeats)
-    return dict(native=native, library=lib, store=store, library2=lib2, native16=native16,
-                library16=lib16)
+        library(half, flat_w.to(torch.bfloat16)),
+        repeats,
+    )
+    return dict(
+        native=native, library=lib, store=store, library2=lib2, native16=native16, library16=lib16
+    )
 
 
 def bench_backward_and_step(values, idx, w, dy, repeats):
@@ -108,8 +118,9 @@ def bench_backward_and_step(values, idx, w, dy, repeats):
     def our_step():
         step[0] += 1
         g = pending["grads"]
-        kernels.adam_step(table, m, v, g.rows, g, step=step[0], lr=1e-3, beta1=0.9,
-                          beta2=0.999, eps=1e-8)
+        kernels.adam_step(
+            table, m, v, g.rows, g, step=step[0], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8
+        )
 
     bag = torch.nn.EmbeddingBag(ROWS, DIM, mode="sum", sparse=True)
     with torch.no_grad():
@@ -130,8 +141,9 @@ def bench_backward_and_step(values, idx, w, dy, repeats):
         lib_backward()
 
     backward = timed_pair(our_backward, lib_backward, repeats, setup_b=lib_forward)
-    adam = timed_pair(our_step, opt.step, repeats, setup_a=our_backward,
-                      setup_b=lib_forward_backward)
+    adam = timed_pair(
+        our_step, opt.step, repeats, setup_a=our_backward, setup_b=lib_forward_backward
+    )
 
     def ours_fused():
         our_backward()
@@ -161,14 +173,15 @@ def bench_topk(repeats):
     q = torch.randn(B, H, DK)
     keys = torch.randn(H, 2, N, DK // 2)
     with torch.no_grad():
-        return timed_pair(lambda: kernels.product_key_topk(q, keys, K),
-                          lambda: composite_topk(q, keys, K), repeats)
+        return timed_pair(
+            lambda: kernels.product_key_topk(q, keys, K),
+            lambda: composite_topk(q, keys, K),
+            repeats,
+        )
 
 
-def bench_layer_step(repeats):
-    """One training step of a whole memory layer: forward, backward, all updates."""
-    x = torch.randn(8, B // 8, DIM)
-    target = torch.randn_like(x)
+def _layer_step_seconds(x, target, repeats):
+    """Our layer's training step; the layer and its table live only while timed."""
     layer = MemoryLayer(MemoryLayerArgs(dim=DIM, heads=H, k=K, n_keys=N, key_dim=DK))
     dense = torch.optim.Adam(layer.parameters(), lr=1e-3)
 
@@ -179,9 +192,15 @@ def bench_layer_step(repeats):
         dense.step()
         layer.table.step()
 
-    ours_t = timed(ours, repeats)
-    del layer, dense
-    gc.collect()
+    return timed(ours, repeats)
+
+
+def bench_layer_step(repeats):
+    """One training step of a whole memory layer: forward, backward, all updates."""
+    x = torch.randn(8, B // 8, DIM)
+    target = torch.randn_like(x)
+    ours_t = _layer_step_seconds(x, target, repeats)
+    gc.collect()  # the layer's table is gone before the peer allocates its own
     from product_key_memory import PKM
 
     pkm = PKM(DIM, heads=H, num_keys=N, topk=K, dim_head=DK // 2)
@@ -216,52 +235,116 @@ def main() -> None:
         fwd_gbs = idx.numel() * (DIM * 4 + 8 + 4) / f["store"] / 1e9
         rows += [
             ("bag forward f32", "C bag_forward", f["native"], lib_bag, f["library"], "library", ""),
-            ("bag forward f32, through the store's dispatch",
-             "kernels.bag.bag_forward_csr (calls the library)", f["store"], lib_bag,
-             f["library2"], "library",
-             f"same kernel both sides: dispatch overhead + noise; {fwd_gbs:.1f} GB/s = "
-             f"{100 * fwd_gbs / copy_gbs:.0f}% of copy"),
-            ("bag forward bf16", "C bag_forward (f32 accumulation, f32 out)", f["native16"],
-             lib_bag + " on bf16 (bf16 out)", f["library16"], "ours",
-             "the library returns bf16; the store's contract is f32 out"),
+            (
+                "bag forward f32, through the store's dispatch",
+                "kernels.bag.bag_forward_csr (calls the library)",
+                f["store"],
+                lib_bag,
+                f["library2"],
+                "library",
+                f"same kernel both sides: dispatch overhead + noise; {fwd_gbs:.1f} GB/s = "
+                f"{100 * fwd_gbs / copy_gbs:.0f}% of copy",
+            ),
+            (
+                "bag forward bf16",
+                "C bag_forward (f32 accumulation, f32 out)",
+                f["native16"],
+                lib_bag + " on bf16 (bf16 out)",
+                f["library16"],
+                "ours",
+                "the library returns bf16; the store's contract is f32 out",
+            ),
         ]
         bar.update()
         backward, adam, fused = bench_backward_and_step(values, idx, w, dy, args.repeats)
         rows += [
-            ("bag backward (dw + row grads)", "C dw + rows grouped by counting sort", backward[0],
-             "EmbeddingBag(sparse) autograd backward", backward[1], "ours", ""),
-            ("lazy Adam step", "C: row grads summed inside the update", adam[0],
-             "SparseAdam.step", adam[1], "ours", ""),
-            ("bag backward + lazy Adam", "both of the above", fused[0],
-             "EmbeddingBag(sparse) backward + SparseAdam", fused[1], "ours", "target ≥ 10×"),
+            (
+                "bag backward (dw + row grads)",
+                "C dw + rows grouped by counting sort",
+                backward[0],
+                "EmbeddingBag(sparse) autograd backward",
+                backward[1],
+                "ours",
+                "",
+            ),
+            (
+                "lazy Adam step",
+                "C: row grads summed inside the update",
+                adam[0],
+                "SparseAdam.step",
+                adam[1],
+                "ours",
+                "",
+            ),
+            (
+                "bag backward + lazy Adam",
+                "both of the above",
+                fused[0],
+                "EmbeddingBag(sparse) backward + SparseAdam",
+                fused[1],
+                "ours",
+                "target ≥ 10×",
+            ),
         ]
         bar.update()
         del values
         gc.collect()
         topk, base = bench_topk(args.repeats)
-        rows.append(("product_key_topk", "C selection", topk, "einsum, topk, k×k combine, topk",
-                     base, "ours", ""))
+        rows.append(
+            (
+                "product_key_topk",
+                "C selection",
+                topk,
+                "einsum, topk, k×k combine, topk",
+                base,
+                "ours",
+                "",
+            )
+        )
         bar.update()
         try:
             layer, pkm = bench_layer_step(max(3, args.repeats // 2))
-            rows.append(("MemoryLayer train step", "memstore MemoryLayer", layer,
-                         "product-key-memory PKM + dense Adam", pkm, "ours", "target ≥ 10×"))
+            rows.append(
+                (
+                    "MemoryLayer train step",
+                    "memstore MemoryLayer",
+                    layer,
+                    "product-key-memory PKM + dense Adam",
+                    pkm,
+                    "ours",
+                    "target ≥ 10×",
+                )
+            )
         except ImportError:
-            rows.append(("MemoryLayer train step", "memstore MemoryLayer", float("nan"),
-                         "product-key-memory PKM (not installed: pip install .[bench])",
-                         float("nan"), "ours", ""))
+            rows.append(
+                (
+                    "MemoryLayer train step",
+                    "memstore MemoryLayer",
+                    float("nan"),
+                    "product-key-memory PKM (not installed: pip install .[bench])",
+                    float("nan"),
+                    "ours",
+                    "",
+                )
+            )
         bar.update()
-    print(f"\nmachine: {os.cpu_count()} CPU threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}; copy {copy_gbs:.1f} GB/s (read + write); load average "
-          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)")
+    print(
+        f"\nmachine: {os.cpu_count()} CPU threads, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}; copy {copy_gbs:.1f} GB/s (read + write); load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)"
+    )
     print(f"B={B}, H={H}, k={K}, n={N} ({ROWS:,} rows), dim={DIM}, Dk={DK}, float32\n")
-    print("| op | ours | ours ms | library alternative | library ms | library / ours "
-          "| faster in this run | store uses | note |")
+    print(
+        "| op | ours | ours ms | library alternative | library ms | library / ours "
+        "| faster in this run | store uses | note |"
+    )
     print("|---|---|---:|---|---:|---:|---|---|---|")
     for name, ours_name, ours, base_name, base, uses, note in rows:
         faster = "ours" if ours < base else "library" if base < ours else "-"
-        print(f"| {name} | {ours_name} | {1e3 * ours:.1f} | {base_name} | {1e3 * base:.1f} | "
-              f"{base / ours:.2f}× | {faster} | {uses} | {note} |")
+        print(
+            f"| {name} | {ours_name} | {1e3 * ours:.1f} | {base_name} | {1e3 * base:.1f} | "
+            f"{base / ours:.2f}× | {faster} | {uses} | {note} |"
+        )
 
 
 if __name__ == "__main__":

@@ -52,53 +52,90 @@ class Figure:
 
 FIGURES = {
     # ---- measured: BENCHMARKS.md, 2-core AMD EPYC VM, torch 2.13 CPU ----------------
-    "cpu_copy_gbs": Figure(28.8, "GB/s", "measured",
-                           "BENCHMARKS.md, Kernels run 1: large tensor copy, read + write "
-                           "(`python -m benchmarks.ops --repeats 7`)"),
-    "bag_forward_gbs": Figure(11.4, "GB/s", "measured",
-                              "BENCHMARKS.md, Kernels run 1: bag_forward, 262k random 1 KiB "
-                              "rows of a 1 GiB table, same run as the copy"),
-    "backward_optim_gbs": Figure(12.0, "GB/s", "measured",
-                   "BENCHMARKS.md, Kernels profile: fused lazy Adam over the touched rows, "
-                   "values + 2 moments read and written, 'about 12-13 GB/s' (lower end)"),
-    "channel_round_ms": Figure(0.76, "ms", "measured",
-                   "BENCHMARKS.md, Store: 1-token lookup over the data channel, 2 shards, "
-                   "slower of two runs (loopback, includes the shard's work)"),
+    "cpu_copy_gbs": Figure(
+        28.8,
+        "GB/s",
+        "measured",
+        "BENCHMARKS.md, Kernels run 1: large tensor copy, read + write "
+        "(`python -m benchmarks.ops --repeats 7`)",
+    ),
+    "bag_forward_gbs": Figure(
+        11.4,
+        "GB/s",
+        "measured",
+        "BENCHMARKS.md, Kernels run 1: bag_forward, 262k random 1 KiB "
+        "rows of a 1 GiB table, same run as the copy",
+    ),
+    "backward_optim_gbs": Figure(
+        12.0,
+        "GB/s",
+        "measured",
+        "BENCHMARKS.md, Kernels profile: fused lazy Adam over the touched rows, "
+        "values + 2 moments read and written, 'about 12-13 GB/s' (lower end)",
+    ),
+    "channel_round_ms": Figure(
+        0.76,
+        "ms",
+        "measured",
+        "BENCHMARKS.md, Store: 1-token lookup over the data channel, 2 shards, "
+        "slower of two runs (loopback, includes the shard's work)",
+    ),
     # ---- spec sheets -------------------------------------------------------------------
     "h100_hbm_tbs": Figure(3.35, "TB/s", "spec", "NVIDIA H100 SXM5 data sheet: HBM3 bandwidth"),
     "h100_hbm_gb": Figure(80, "GB", "spec", "NVIDIA H100 SXM5 data sheet: HBM3 capacity"),
     "h200_hbm_tbs": Figure(4.8, "TB/s", "spec", "NVIDIA H200 SXM data sheet: HBM3e bandwidth"),
     "h200_hbm_gb": Figure(141, "GB", "spec", "NVIDIA H200 SXM data sheet: HBM3e capacity"),
-    "host_dram_gbs": Figure(921.6, "GB/s", "spec",
-                            "2 x AMD EPYC 9004: 12 channels of DDR5-4800 per socket, 460.8 "
-                            "GB/s each"),
-    "host_dram_gb": Figure(1536, "GB", "assumption",
-                           "a host-memory node with 24 x 64 GB DIMMs"),
-    "nic_gbps": Figure(400, "Gb/s", "spec",
-                       "one 400 Gb/s Ethernet NIC per node (e.g. ConnectX-7), peak per "
-                       "direction; the data channel is TCP, so this bounds it from above"),
+    "host_dram_gbs": Figure(
+        921.6,
+        "GB/s",
+        "spec",
+        "2 x AMD EPYC 9004: 12 channels of DDR5-4800 per socket, 460.8 GB/s each",
+    ),
+    "host_dram_gb": Figure(1536, "GB", "assumption", "a host-memory node with 24 x 64 GB DIMMs"),
+    "nic_gbps": Figure(
+        400,
+        "Gb/s",
+        "spec",
+        "one 400 Gb/s Ethernet NIC per node (e.g. ConnectX-7), peak per "
+        "direction; the data channel is TCP, so this bounds it from above",
+    ),
     # ---- the memory (the papers) and the training step ----------------------------------
-    "rows": Figure(64 * 2**20, "rows", "assumption",
-                   "Memory Layers at Scale (Berges et al. 2024), largest memory: 64M keys "
-                   "(8192^2 product keys)"),
-    "dim": Figure(2048, "columns", "assumption",
-                  "value dimension: 64M x 2048 = 128B parameters, the papers' largest memory"),
-    "value_bytes": Figure(2, "B", "assumption",
-                          "bf16 values (memstore tables take dtype='bfloat16')"),
-    "slots": Figure(128, "rows/token", "assumption",
-                    "heads x k = 4 x 32, the PKM / Memory+ default"),
-    "tokens_per_step": Figure(2**20, "tokens", "assumption",
-                              "global batch: 8192 tokens per GPU on 128 GPUs"),
+    "rows": Figure(
+        64 * 2**20,
+        "rows",
+        "assumption",
+        "Memory Layers at Scale (Berges et al. 2024), largest memory: 64M keys "
+        "(8192^2 product keys)",
+    ),
+    "dim": Figure(
+        2048,
+        "columns",
+        "assumption",
+        "value dimension: 64M x 2048 = 128B parameters, the papers' largest memory",
+    ),
+    "value_bytes": Figure(
+        2, "B", "assumption", "bf16 values (memstore tables take dtype='bfloat16')"
+    ),
+    "slots": Figure(
+        128, "rows/token", "assumption", "heads x k = 4 x 32, the PKM / Memory+ default"
+    ),
+    "tokens_per_step": Figure(
+        2**20, "tokens", "assumption", "global batch: 8192 tokens per GPU on 128 GPUs"
+    ),
     "gpus_per_node": Figure(8, "GPUs", "spec", "an 8-GPU HGX / p5.48xlarge node"),
     "nodes": Figure(16, "nodes", "assumption", "the cluster of the question"),
     # ---- what memstore sends and stores (memstore/table.py, grid.py, optim.py) --------
     "pair_bytes": Figure(8, "B", "code", "one (row, weight) pair: int32 row + float32 weight"),
     "offset_bytes": Figure(8, "B", "code", "offsets per token and row block hit"),
-    "activation_bytes": Figure(4, "B", "code",
-                   "lookups return float32; dy and dw travel as float32"),
-    "state_bytes": Figure(4, "B", "code",
-                          "optimizer state is float32: Adam 2 per value, row-wise Adagrad 1 "
-                          "per row and column block"),
+    "activation_bytes": Figure(
+        4, "B", "code", "lookups return float32; dy and dw travel as float32"
+    ),
+    "state_bytes": Figure(
+        4,
+        "B",
+        "code",
+        "optimizer state is float32: Adam 2 per value, row-wise Adagrad 1 per row and column block",
+    ),
 }
 
 
@@ -120,12 +157,30 @@ def deployments() -> list[Deployment]:
     """One shard per GPU on GPU nodes, one shard per host-memory node."""
     gpus, nodes = int(fig("gpus_per_node")), int(fig("nodes"))
     return [
-        Deployment(f"{nodes} x {gpus} H100 (HBM)", gpus, best_grid(nodes * gpus),
-                   fig("h100_hbm_tbs") * 1e12, fig("h100_hbm_gb") * GB, True),
-        Deployment(f"{nodes} x {gpus} H200 (HBM)", gpus, best_grid(nodes * gpus),
-                   fig("h200_hbm_tbs") * 1e12, fig("h200_hbm_gb") * GB, True),
-        Deployment(f"{nodes} host-memory nodes (DDR5)", 1, best_grid(nodes),
-                   fig("host_dram_gbs") * GB, fig("host_dram_gb") * GB, False),
+        Deployment(
+            f"{nodes} x {gpus} H100 (HBM)",
+            gpus,
+            best_grid(nodes * gpus),
+            fig("h100_hbm_tbs") * 1e12,
+            fig("h100_hbm_gb") * GB,
+            True,
+        ),
+        Deployment(
+            f"{nodes} x {gpus} H200 (HBM)",
+            gpus,
+            best_grid(nodes * gpus),
+            fig("h200_hbm_tbs") * 1e12,
+            fig("h200_hbm_gb") * GB,
+            True,
+        ),
+        Deployment(
+            f"{nodes} host-memory nodes (DDR5)",
+            1,
+            best_grid(nodes),
+            fig("host_dram_gbs") * GB,
+            fig("host_dram_gb") * GB,
+            False,
+        ),
     ]
 
 
@@ -141,9 +196,12 @@ def wire_per_token(grid: tuple[int, int], slots: int, dim: int) -> dict[str, flo
     hit = row_blocks_hit(R, slots)
     pairs = C * (slots * fig("pair_bytes") + hit * fig("offset_bytes"))
     act = fig("activation_bytes")
-    parts = {"lookup_sent": pairs, "lookup_received": hit * dim * act,
-             "backward_sent": pairs + hit * dim * act,
-             "backward_received": C * slots * act}
+    parts = {
+        "lookup_sent": pairs,
+        "lookup_received": hit * dim * act,
+        "backward_sent": pairs + hit * dim * act,
+        "backward_received": C * slots * act,
+    }
     parts["sent"] = parts["lookup_sent"] + parts["backward_sent"]
     parts["received"] = parts["lookup_received"] + parts["backward_received"]
     parts["total"] = parts["sent"] + parts["received"]
@@ -153,8 +211,7 @@ def wire_per_token(grid: tuple[int, int], slots: int, dim: int) -> dict[str, flo
 def grids(shards: int) -> list[tuple[int, int]]:
     """The (R, C) grids of ``shards`` blocks that memstore accepts (>= 64 columns)."""
     dim = int(fig("dim"))
-    return [(shards // c, c) for c in range(1, shards + 1)
-            if shards % c == 0 and dim // c >= 64]
+    return [(shards // c, c) for c in range(1, shards + 1) if shards % c == 0 and dim // c >= 64]
 
 
 def best_grid(shards: int) -> tuple[int, int]:
@@ -196,8 +253,11 @@ def memory_seconds(d: Deployment, optimizer: str) -> dict[str, float]:
     fwd_eff = fig("bag_forward_gbs") / fig("cpu_copy_gbs")
     bwd_eff = fig("backward_optim_gbs") / fig("cpu_copy_gbs")
     seconds = read / (d.shard_bandwidth * fwd_eff) + (grads + optim) / (d.shard_bandwidth * bwd_eff)
-    return {"bytes": read + grads + optim, "seconds": seconds,
-            "pending_grads": touched * cols * act}
+    return {
+        "bytes": read + grads + optim,
+        "seconds": seconds,
+        "pending_grads": touched * cols * act,
+    }
 
 
 def network_seconds(d: Deployment) -> dict[str, float]:
@@ -220,11 +280,21 @@ def size(d: Deployment, optimizer: str) -> dict:
     wire = wire_per_token(d.grid, int(fig("slots")), int(fig("dim")))
     parts = {"memory": memory["seconds"], "network": network["seconds"], "latency": latency}
     resident = shard["total"] + memory["pending_grads"]
-    return {"deployment": d, "optimizer": optimizer, "shard": shard, "resident": resident,
-            "fits": resident <= d.shard_capacity, "wire": wire,
-            "wire_step": wire["total"] * fig("tokens_per_step"), "memory": memory,
-            "network": network, "parts": parts, "overlapped": max(parts.values()),
-            "serial": sum(parts.values()), "first": max(parts, key=parts.get)}
+    return {
+        "deployment": d,
+        "optimizer": optimizer,
+        "shard": shard,
+        "resident": resident,
+        "fits": resident <= d.shard_capacity,
+        "wire": wire,
+        "wire_step": wire["total"] * fig("tokens_per_step"),
+        "memory": memory,
+        "network": network,
+        "parts": parts,
+        "overlapped": max(parts.values()),
+        "serial": sum(parts.values()),
+        "first": max(parts, key=parts.get),
+    }
 
 
 # ---- the document ----------------------------------------------------------------------
@@ -237,32 +307,46 @@ def _inputs_table() -> list[str]:
 
 
 def _results_table(results: list[dict]) -> list[str]:
-    lines = ["| deployment | optimizer | grid (R, C) | per shard: values + state (+ pending grads) | fits | wire B/token | wire GB/step (all) | NIC GB/step (node) | memory ms | network ms | channel ms | step ms, overlapped / serial | saturates first |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| deployment | optimizer | grid (R, C) "
+        "| per shard: values + state (+ pending grads) | fits | wire B/token "
+        "| wire GB/step (all) | NIC GB/step (node) | memory ms | network ms | channel ms "
+        "| step ms, overlapped / serial | saturates first |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in results:
         d, s = r["deployment"], r["shard"]
-        per_shard = (f"{s['values'] / GIB:,.2f} + {s['state'] / GIB:,.2f} "
-                     f"(+ {r['memory']['pending_grads'] / GIB:,.2f}) GiB "
-                     f"of {d.shard_capacity / GB:,.0f} GB")
+        per_shard = (
+            f"{s['values'] / GIB:,.2f} + {s['state'] / GIB:,.2f} "
+            f"(+ {r['memory']['pending_grads'] / GIB:,.2f}) GiB "
+            f"of {d.shard_capacity / GB:,.0f} GB"
+        )
         lines.append(
             f"| {d.name} | {r['optimizer']} | {d.grid} | {per_shard} | "
             f"{'yes' if r['fits'] else 'NO'} | {r['wire']['total']:,.0f} | "
             f"{r['wire_step'] / GB:,.1f} | {r['network']['bytes'] / GB:,.2f} | "
             f"{r['parts']['memory'] * 1e3:,.1f} | {r['parts']['network'] * 1e3:,.1f} | "
             f"{r['parts']['latency'] * 1e3:,.2f} | {r['overlapped'] * 1e3:,.1f} / "
-            f"{r['serial'] * 1e3:,.1f} | {r['first']} |")
+            f"{r['serial'] * 1e3:,.1f} | {r['first']} |"
+        )
     return lines
 
 
 def _grid_table(shards: int) -> list[str]:
     slots, dim = int(fig("slots")), int(fig("dim"))
-    lines = [(f"| grid for {shards} shards | row blocks hit per token | wire B/token | "
-              "of which dim-sized (y, dy) |"), "|---|---:|---:|---:|"]
+    lines = [
+        (
+            f"| grid for {shards} shards | row blocks hit per token | wire B/token | "
+            "of which dim-sized (y, dy) |"
+        ),
+        "|---|---:|---:|---:|",
+    ]
     for R, C in sorted(grids(shards)):
         wire = wire_per_token((R, C), slots, dim)
         dense = wire["lookup_received"] + (wire["backward_sent"] - wire["lookup_sent"])
-        lines.append(f"| ({R}, {C}) | {row_blocks_hit(R, slots):.1f} | {wire['total']:,.0f} | "
-                     f"{dense:,.0f} |")
+        lines.append(
+            f"| ({R}, {C}) | {row_blocks_hit(R, slots):.1f} | {wire['total']:,.0f} | {dense:,.0f} |"
+        )
     return lines
 
 
@@ -275,7 +359,8 @@ def _findings(results: list[dict]) -> list[str]:
             f"({'fits' if r['fits'] else 'does NOT fit'} in {d.shard_capacity / GB:,.0f} GB); "
             f"the store's share of a step is {r['overlapped'] * 1e3:,.1f}-"
             f"{r['serial'] * 1e3:,.1f} ms, {r['first']}-bound "
-            f"(memory {p['memory'] * 1e3:,.1f} ms, network {p['network'] * 1e3:,.1f} ms).")
+            f"(memory {p['memory'] * 1e3:,.1f} ms, network {p['network'] * 1e3:,.1f} ms)."
+        )
     return out
 
 
@@ -286,23 +371,31 @@ def _advice(results: list[dict]) -> list[str]:
         rows = [r for r in results if r["deployment"] == d]
         first = " and ".join(sorted({r["first"] for r in rows}))
         ratios = sorted(r["parts"]["network"] / r["parts"]["memory"] for r in rows)
-        out.append(f"- **{d.name}**: {first} first; the network takes {ratios[0]:,.2g}-"
-                   f"{ratios[-1]:,.2g}x the memory time (both optimizers).")
+        out.append(
+            f"- **{d.name}**: {first} first; the network takes {ratios[0]:,.2g}-"
+            f"{ratios[-1]:,.2g}x the memory time (both optimizers)."
+        )
         if "network" in first:
-            out.append(f"  Each token moves {rows[0]['wire']['total'] / 1e3:,.0f} KB over "
-                       "TCP. What would move it: y, dy and dw as bf16 instead of float32 "
-                       "(about half the dim-sized bytes), a transport over the nodes' RDMA "
-                       "fabric, or trainers placed next to the row blocks their tokens hit.")
+            out.append(
+                f"  Each token moves {rows[0]['wire']['total'] / 1e3:,.0f} KB over "
+                "TCP. What would move it: y, dy and dw as bf16 instead of float32 "
+                "(about half the dim-sized bytes), a transport over the nodes' RDMA "
+                "fabric, or trainers placed next to the row blocks their tokens hit."
+            )
         if "memory" in first:
             touched = unique_rows(fig("rows"), fig("tokens_per_step") * fig("slots"))
-            out.append(f"  Each step touches {touched / fig('rows'):.0%} of the rows "
-                       "(uniform random rows; skewed key usage touches fewer), and their "
-                       "read-modify-write with the row gradients and optimizer state "
-                       "dominates. What would move it: more host-memory nodes (fewer rows "
-                       "each), row-wise Adagrad instead of Adam, or fewer tokens per step.")
+            out.append(
+                f"  Each step touches {touched / fig('rows'):.0%} of the rows "
+                "(uniform random rows; skewed key usage touches fewer), and their "
+                "read-modify-write with the row gradients and optimizer state "
+                "dominates. What would move it: more host-memory nodes (fewer rows "
+                "each), row-wise Adagrad instead of Adam, or fewer tokens per step."
+            )
     latency = 2 * fig("channel_round_ms")
-    out.append(f"- The data channel's two rounds per step add {latency:.2f} ms (measured on "
-               "loopback, the shard's work included); they matter only for small steps.")
+    out.append(
+        f"- The data channel's two rounds per step add {latency:.2f} ms (measured on "
+        "loopback, the shard's work included); they matter only for small steps."
+    )
     return out
 
 
@@ -313,33 +406,41 @@ def render() -> str:
     lines = [
         "# Sizing the store for the largest memory of the papers",
         "",
-        ("Generated by `python -m benchmarks.sizing --out docs/scaling.md` from the inputs "
-         "below; edit the inputs in `benchmarks/sizing.py`, not this file. The method and "
-         "its formulas are in the script's docstring."),
+        (
+            "Generated by `python -m benchmarks.sizing --out docs/scaling.md` from the inputs "
+            "below; edit the inputs in `benchmarks/sizing.py`, not this file. The method and "
+            "its formulas are in the script's docstring."
+        ),
         "",
-        (f"The memory: {fig('rows'):,.0f} rows x {dim} = {total / 1e9:,.1f}B values, "
-         f"{total * fig('value_bytes') / GIB:,.0f} GiB in bf16; Adam's two float32 moments "
-         f"add {total * 8 / GIB:,.0f} GiB, row-wise Adagrad's one float per row and column "
-         f"block {fig('rows') * 4 / GIB:,.2f} GiB per column block. A step is {T:,.0f} "
-         f"tokens reading {slots} rows each from one memory layer."),
+        (
+            f"The memory: {fig('rows'):,.0f} rows x {dim} = {total / 1e9:,.1f}B values, "
+            f"{total * fig('value_bytes') / GIB:,.0f} GiB in bf16; Adam's two float32 moments "
+            f"add {total * 8 / GIB:,.0f} GiB, row-wise Adagrad's one float per row and column "
+            f"block {fig('rows') * 4 / GIB:,.2f} GiB per column block. A step is {T:,.0f} "
+            f"tokens reading {slots} rows each from one memory layer."
+        ),
         "",
         "## Inputs",
         "",
-        ("Measured figures come from this project's benchmarks on a 2-core CPU VM; no GPU "
-         "figure has been measured (BENCHMARKS.md), so GPU rows apply the CPU-measured "
-         "fraction of copy bandwidth to the HBM bandwidth of the data sheet. Treat the "
-         "GPU times as estimates until `benchmarks/gpu.py` gives a measured fraction."),
+        (
+            "Measured figures come from this project's benchmarks on a 2-core CPU VM; no GPU "
+            "figure has been measured (BENCHMARKS.md), so GPU rows apply the CPU-measured "
+            "fraction of copy bandwidth to the HBM bandwidth of the data sheet. Treat the "
+            "GPU times as estimates until `benchmarks/gpu.py` gives a measured fraction."
+        ),
         "",
         *_inputs_table(),
         "",
         "## The table",
         "",
-        ("Per shard: the block's values and optimizer state, and the float32 row gradients "
-         "that pend between a step's pushes and its update (one per touched row). "
-         "Wire: both directions, lookup and backward. NIC: the busier direction of one "
-         "node. Step: the store's share only (the dense model's compute is not in it); "
-         "'overlapped' assumes memory, network and channel rounds overlap fully, 'serial' "
-         "not at all."),
+        (
+            "Per shard: the block's values and optimizer state, and the float32 row gradients "
+            "that pend between a step's pushes and its update (one per touched row). "
+            "Wire: both directions, lookup and backward. NIC: the busier direction of one "
+            "node. Step: the store's share only (the dense model's compute is not in it); "
+            "'overlapped' assumes memory, network and channel rounds overlap fully, 'serial' "
+            "not at all."
+        ),
         "",
         *_results_table(results),
         "",
@@ -347,11 +448,13 @@ def render() -> str:
         "",
         "## Choosing the grid",
         "",
-        ("Column blocks repeat the (row, weight) pairs, 8 B per slot, to every column "
-         "block; row blocks repeat the dim-sized output and dy, 4 B per column, to every "
-         f"row block a token hits, and with {slots} random rows a token hits almost every "
-         "row block. Each deployment above uses the grid with the fewest bytes per token "
-         "among those memstore accepts (at least 64 columns per block):"),
+        (
+            "Column blocks repeat the (row, weight) pairs, 8 B per slot, to every column "
+            "block; row blocks repeat the dim-sized output and dy, 4 B per column, to every "
+            f"row block a token hits, and with {slots} random rows a token hits almost every "
+            "row block. Each deployment above uses the grid with the fewest bytes per token "
+            "among those memstore accepts (at least 64 columns per block):"
+        ),
         "",
         *_grid_table(int(fig("nodes")) * int(fig("gpus_per_node"))),
         "",

@@ -64,9 +64,14 @@ def cpu_model() -> str:
 
 def make_batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, ROWS, (B, M), generator=gen),
-             torch.softmax(torch.randn(B, M, generator=gen), -1),
-             torch.randn(B, DIM, generator=gen)) for _ in range(BATCHES)]
+    return [
+        (
+            torch.randint(0, ROWS, (B, M), generator=gen),
+            torch.softmax(torch.randn(B, M, generator=gen), -1),
+            torch.randn(B, DIM, generator=gen),
+        )
+        for _ in range(BATCHES)
+    ]
 
 
 class Round:
@@ -172,7 +177,7 @@ def route_seconds(table, batch) -> float:
             route.rows.numpy(), route.w.numpy(), route.offsets.numpy()
     table._grouped_slots(routes)
     for c in range(table.grid.shape[1]):
-        dy[:, table.grid.col_bounds[c]: table.grid.col_bounds[c + 1]].contiguous()
+        dy[:, table.grid.col_bounds[c] : table.grid.col_bounds[c + 1]].contiguous()
     return time.perf_counter() - start
 
 
@@ -189,9 +194,15 @@ def bench_ray(label, shards, threads, channel, local_round, batches, args, bar) 
         pass
     bar.set_postfix_str(f"{label}: create")
     start = time.perf_counter()
-    table = memstore.create_table(name, ROWS, DIM, shards=shards,
-                                  optimizer=memstore.Adam(lr=LR), threads_per_shard=threads,
-                                  data_channel=channel)
+    table = memstore.create_table(
+        name,
+        ROWS,
+        DIM,
+        shards=shards,
+        optimizer=memstore.Adam(lr=LR),
+        threads_per_shard=threads,
+        data_channel=channel,
+    )
     # Each shard groups its pushed slots by row, unless the label asks the client to group
     # them once for all column blocks (the comparison of what that saves).
     table._group_slots = "client groups" in label
@@ -210,8 +221,10 @@ def bench_ray(label, shards, threads, channel, local_round, batches, args, bar) 
             if record:
                 after = shard_seconds(table)
                 batch = batches[(remote.step - 1) % len(batches)]
-                remote.parts[-1] += (max(a - b for a, b in zip(after, before)),
-                                     route_seconds(table, batch))
+                remote.parts[-1] += (
+                    max(a - b for a, b in zip(after, before)),
+                    route_seconds(table, batch),
+                )
             bar.update()
         bar.set_postfix_str(f"{label}: wire, latency")
         sent, received = wire_bytes(table, batches)
@@ -220,9 +233,17 @@ def bench_ray(label, shards, threads, channel, local_round, batches, args, bar) 
         rnd, lookup, backward, step = remote.median_ms()
         local = local_round.median_ms()[0]
         return {
-            "label": label, "grid": table.grid.shape, "threads": threads, "round": rnd,
-            "parts": (lookup, backward, step), "ratio": local / rnd, "local": local,
-            "sent": sent, "received": received, "latency": latency, "create": create_s,
+            "label": label,
+            "grid": table.grid.shape,
+            "threads": threads,
+            "round": rnd,
+            "parts": (lookup, backward, step),
+            "ratio": local / rnd,
+            "local": local,
+            "sent": sent,
+            "received": received,
+            "latency": latency,
+            "create": create_s,
             "shard": 1e3 * statistics.median(p[3] for p in remote.parts),
             "route": 1e3 * statistics.median(p[4] for p in remote.parts),
             "rest": 1e3 * statistics.median(sum(p[:3]) - p[3] - p[4] for p in remote.parts),
@@ -239,8 +260,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--latency", type=int, default=200, help="1-token lookups timed")
     parser.add_argument("--no-row-grids", action="store_true", help="skip (2, 1) and (4, 1)")
-    parser.add_argument("--only", action="append", metavar="LABEL",
-                        help="run only the tables of this label (e.g. \"2 shards\"); repeatable")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="LABEL",
+        help='run only the tables of this label (e.g. "2 shards"); repeatable',
+    )
     parser.add_argument("--rows", type=int, default=ROWS, help=argparse.SUPPRESS)  # smoke tests
     args = parser.parse_args()
     globals()["ROWS"] = args.rows
@@ -251,19 +276,25 @@ def main() -> None:
     # (label, shards, threads per shard, data channel): shards x threads <= cores where
     # integers allow
     half, quarter = max(1, cores // 2), max(1, cores // 4)
-    configs = [("1 shard", 1, cores, "socket"), ("2 shards", 2, half, "socket"),
-               ("2 shards, all calls over Ray", 2, half, "ray"),
-               ("2 shards, all calls over Ray, client groups", 2, half, "ray"),
-               ("4 shards", 4, quarter, "socket")]
+    configs = [
+        ("1 shard", 1, cores, "socket"),
+        ("2 shards", 2, half, "socket"),
+        ("2 shards, all calls over Ray", 2, half, "ray"),
+        ("2 shards, all calls over Ray, client groups", 2, half, "ray"),
+        ("4 shards", 4, quarter, "socket"),
+    ]
     if not args.no_row_grids:
-        configs += [("(2,1) rows", (2, 1), half, "socket"),
-                    ("(4,1) rows", (4, 1), quarter, "socket")]
+        configs += [
+            ("(2,1) rows", (2, 1), half, "socket"),
+            ("(4,1) rows", (4, 1), quarter, "socket"),
+        ]
     if args.only:
         configs = [c for c in configs if c[0] in args.only]
     # Ray places each shard in a bundle of threads_per_shard CPUs: a 4-shard grid on
     # fewer cores needs that many logical CPUs, or create_table waits for placement.
-    ray_cpus = max(cores, max((s if isinstance(s, int) else s[0] * s[1]) * t
-                              for _, s, t, _ in configs))
+    ray_cpus = max(
+        cores, max((s if isinstance(s, int) else s[0] * s[1]) * t for _, s, t, _ in configs)
+    )
     # address="local": a fresh instance of our own, even when another job on this machine
     # has started a cluster that a bare ray.init() would join.
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
@@ -282,51 +313,63 @@ def main() -> None:
         bar.update()
         all_local = []
         for label, shards, threads, channel in configs:
-            rows.append(bench_ray(label, shards, threads, channel, local_round, batches, args,
-                                  bar))
+            rows.append(bench_ray(label, shards, threads, channel, local_round, batches, args, bar))
             all_local += local_round.parts
     local_round.parts = all_local
     local_ms, l_lookup, l_backward, l_step = local_round.median_ms()
     ray.shutdown()
     runtime = time.perf_counter() - wall
 
-    print(f"\nmachine: {cores} CPU threads, {cpu_model()}, torch {torch.__version__}, "
-          f"ray {ray.__version__}, python {platform.python_version()}; "
-          f"ray.init(num_cpus={ray_cpus}); 1-min load average {load_start:.1f} at the start, "
-          f"{os.getloadavg()[0]:.1f} at the end")
+    print(
+        f"\nmachine: {cores} CPU threads, {cpu_model()}, torch {torch.__version__}, "
+        f"ray {ray.__version__}, python {platform.python_version()}; "
+        f"ray.init(num_cpus={ray_cpus}); 1-min load average {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end"
+    )
     print(f"command: python -m benchmarks.store {' '.join(sys.argv[1:])}".rstrip())
-    print(f"B={B} tokens, H·k={M} slots/token, {ROWS:,} x {DIM} float32, Adam (lazy), random "
-          f"rows; median of {args.rounds} rounds after {args.warmup} warm-up, each Ray round "
-          f"paired with an in-process round; runtime {runtime:.0f} s\n")
-    print("| table (data channel: socket unless said) | grid (R, C) | threads/shard | "
-          "tokens/s | vs in-process (paired "
-          "in-process round ms) | wire B/token (sent + received) | 1-token lookup ms | "
-          "round ms = lookup + backward + step | slowest shard compute ms | client routing ms "
-          "| transport + rest ms | create s |")
+    print(
+        f"B={B} tokens, H·k={M} slots/token, {ROWS:,} x {DIM} float32, Adam (lazy), random "
+        f"rows; median of {args.rounds} rounds after {args.warmup} warm-up, each Ray round "
+        f"paired with an in-process round; runtime {runtime:.0f} s\n"
+    )
+    print(
+        "| table (data channel: socket unless said) | grid (R, C) | threads/shard | "
+        "tokens/s | vs in-process (paired "
+        "in-process round ms) | wire B/token (sent + received) | 1-token lookup ms | "
+        "round ms = lookup + backward + step | slowest shard compute ms | client routing ms "
+        "| transport + rest ms | create s |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
-    print(f"| in-process ShardTable | (1, 1) | {cores} (torch) | {B / local_ms * 1e3:,.0f} | "
-          f"1.00× | 0 | {local_latency:.3f} | {local_ms:.0f} = {l_lookup:.0f} + "
-          f"{l_backward:.0f} + {l_step:.0f} | {local_ms:.0f} | 0 | 0 | {local_create:.1f} |")
+    print(
+        f"| in-process ShardTable | (1, 1) | {cores} (torch) | {B / local_ms * 1e3:,.0f} | "
+        f"1.00× | 0 | {local_latency:.3f} | {local_ms:.0f} = {l_lookup:.0f} + "
+        f"{l_backward:.0f} + {l_step:.0f} | {local_ms:.0f} | 0 | 0 | {local_create:.1f} |"
+    )
     for r in rows:
         lookup, backward, step = r["parts"]
         target = ""
         if r["label"] == "2 shards":
-            target = (" ✓" if r["ratio"] >= TARGET_2_SHARDS
-                      else f" ✗ target ≥ {TARGET_2_SHARDS:.2f}×")
-        print(f"| Ray, {r['label']} | {r['grid']} | {r['threads']} | "
-              f"{B / r['round'] * 1e3:,.0f} | {r['ratio']:.2f}× ({r['local']:.0f}){target} | "
-              f"{r['sent'] + r['received']:,.0f} ({r['sent']:,.0f} + {r['received']:,.0f}) | "
-              f"{r['latency']:.3f} | {r['round']:.0f} = {lookup:.0f} + {backward:.0f} + "
-              f"{step:.0f} | {r['shard']:.0f} | {r['route']:.0f} | {r['rest']:.0f} | "
-              f"{r['create']:.1f} |")
-    print("\nvs in-process: median in-process round / median Ray round, from the rounds "
-          "paired with that table. Slowest shard compute: the shard's own lookup + "
-          "backward + step timers (ShardTable stats), the largest over shards. Client "
-          "routing: grid.route + dy slices, twice a round, and the pushed slots grouped "
-          "by row once for column blocks. Transport + rest: the remainder "
-          "(the data channel or Ray: serialization, scheduling; shard-side input checks and "
-          "conversions, assembling the result). Shards beyond the cores share them (logical "
-          "CPUs).")
+            target = (
+                " ✓" if r["ratio"] >= TARGET_2_SHARDS else f" ✗ target ≥ {TARGET_2_SHARDS:.2f}×"
+            )
+        print(
+            f"| Ray, {r['label']} | {r['grid']} | {r['threads']} | "
+            f"{B / r['round'] * 1e3:,.0f} | {r['ratio']:.2f}× ({r['local']:.0f}){target} | "
+            f"{r['sent'] + r['received']:,.0f} ({r['sent']:,.0f} + {r['received']:,.0f}) | "
+            f"{r['latency']:.3f} | {r['round']:.0f} = {lookup:.0f} + {backward:.0f} + "
+            f"{step:.0f} | {r['shard']:.0f} | {r['route']:.0f} | {r['rest']:.0f} | "
+            f"{r['create']:.1f} |"
+        )
+    print(
+        "\nvs in-process: median in-process round / median Ray round, from the rounds "
+        "paired with that table. Slowest shard compute: the shard's own lookup + "
+        "backward + step timers (ShardTable stats), the largest over shards. Client "
+        "routing: grid.route + dy slices, twice a round, and the pushed slots grouped "
+        "by row once for column blocks. Transport + rest: the remainder "
+        "(the data channel or Ray: serialization, scheduling; shard-side input checks and "
+        "conversions, assembling the result). Shards beyond the cores share them (logical "
+        "CPUs)."
+    )
 
 
 if __name__ == "__main__":

@@ -99,14 +99,27 @@ def check_peer(args: dict) -> None:
     p, m = args["pkm"].to_dict(), args["memory"].to_dict()
     if not args["pkm"].model.get("pkm_peer"):
         raise SystemExit("the pkm config needs model.pkm_peer: true")
-    same = ("data", "steps", "batch_size", "lr", "warmup", "min_lr", "weight_decay",
-            "grad_clip", "seed", "workers", "dense_equivalent")
+    same = (
+        "data",
+        "steps",
+        "batch_size",
+        "lr",
+        "warmup",
+        "min_lr",
+        "weight_decay",
+        "grad_clip",
+        "seed",
+        "workers",
+        "dense_equivalent",
+    )
     diff = [k for k in same if p[k] != m[k]]
-    diff += [f"model.{k}" for k in set(p["model"]) | set(m["model"])
-             if k not in PEER_FIELDS and p["model"].get(k) != m["model"].get(k)]
+    diff += [
+        f"model.{k}"
+        for k in set(p["model"]) | set(m["model"])
+        if k not in PEER_FIELDS and p["model"].get(k) != m["model"].get(k)
+    ]
     if diff:
-        raise SystemExit(f"pkm and memory configs differ in {sorted(diff)}: not a fair "
-                         "comparison")
+        raise SystemExit(f"pkm and memory configs differ in {sorted(diff)}: not a fair comparison")
 
 
 def parameters(margs) -> dict:
@@ -115,7 +128,7 @@ def parameters(margs) -> dict:
     model = Transformer(margs)
     total = sum(p.numel() for p in model.parameters())
     if margs.pkm_peer:
-        values = len(margs.memory_layers) * margs.mem_n_keys ** 2 * margs.dim
+        values = len(margs.memory_layers) * margs.mem_n_keys**2 * margs.dim
         return {"dense": total - values, "values": values}
     return {"dense": total, "values": sum(r * c for r, c in table_specs(margs).values())}
 
@@ -128,12 +141,22 @@ def plot(curves: dict, x: str, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, c in curves.items():
-        line, = ax.plot(c[x], c["val_bits_per_byte"], "o-", ms=3, label=f"{name}, validation")
-        ax.plot(c[x], c["train_bits_per_byte"], ":", color=line.get_color(), lw=1,
-                label=f"{name}, training windows")
+        (line,) = ax.plot(c[x], c["val_bits_per_byte"], "o-", ms=3, label=f"{name}, validation")
+        ax.plot(
+            c[x],
+            c["train_bits_per_byte"],
+            ":",
+            color=line.get_color(),
+            lw=1,
+            label=f"{name}, training windows",
+        )
     ax.set_ylabel("bits per byte")
-    ax.set_xlabel({"tokens": "tokens (bytes) seen", "seconds": "training seconds "
-                   "(steps only, without start-up and evaluation)"}[x])
+    ax.set_xlabel(
+        {
+            "tokens": "tokens (bytes) seen",
+            "seconds": "training seconds (steps only, without start-up and evaluation)",
+        }[x]
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
@@ -145,20 +168,26 @@ def plot(curves: dict, x: str, path: Path, title: str) -> None:
 def describe(a, margs) -> str:
     d = a.data
     if margs.pkm_peer:
-        layer = (f"layers {margs.memory_layers}: product_key_memory.PKM {margs.mem_n_keys}² "
-                 f"rows × {margs.dim}, {margs.mem_heads} heads × k={margs.mem_k}, key_dim "
-                 f"{margs.mem_key_dim}, values at {margs.pkm_value_scale:g} × lr (dense "
-                 "parameter)")
+        layer = (
+            f"layers {margs.memory_layers}: product_key_memory.PKM {margs.mem_n_keys}² "
+            f"rows × {margs.dim}, {margs.mem_heads} heads × k={margs.mem_k}, key_dim "
+            f"{margs.mem_key_dim}, values at {margs.pkm_value_scale:g} × lr (dense "
+            "parameter)"
+        )
     elif margs.memory_layers:
-        layer = (f"layers {margs.memory_layers}: Memory+ {margs.mem_n_keys}² rows × "
-                 f"{margs.mem_value_dim}, {margs.mem_heads} heads × k={margs.mem_k}, "
-                 f"key_dim {margs.mem_key_dim}; store {a.store.shards} shards, "
-                 f"{a.store.mode}, value_lr {a.value_lr:g}")
+        layer = (
+            f"layers {margs.memory_layers}: Memory+ {margs.mem_n_keys}² rows × "
+            f"{margs.mem_value_dim}, {margs.mem_heads} heads × k={margs.mem_k}, "
+            f"key_dim {margs.mem_key_dim}; store {a.store.shards} shards, "
+            f"{a.store.mode}, value_lr {a.value_lr:g}"
+        )
     else:
         layer = f"SwiGLU widths {margs.layer_ffn_hidden}"
-    return (f"dim {margs.dim}, {margs.n_layers} layers, {margs.n_heads} heads, {layer}; "
-            f"{a.steps} steps × {a.batch_size} windows of {d.seq_len} bytes, lr {a.lr:g}, "
-            f"{a.workers} workers")
+    return (
+        f"dim {margs.dim}, {margs.n_layers} layers, {margs.n_heads} heads, {layer}; "
+        f"{a.steps} steps × {a.batch_size} windows of {d.seq_len} bytes, lr {a.lr:g}, "
+        f"{a.workers} workers"
+    )
 
 
 def results(curves: dict, wall: dict, steps: int) -> tuple[dict, float, str]:
@@ -167,12 +196,15 @@ def results(curves: dict, wall: dict, steps: int) -> tuple[dict, float, str]:
     shortest = min(curves, key=lambda n: curves[n]["total_seconds"])
     res = {}
     for name, c in curves.items():
-        res[name] = {"val_bpb": float(c["val_bits_per_byte"][-1]),
-                     "train_bpb": float(c["train_bits_per_byte"][-1]),
-                     "val_bpb_at_T": at_seconds(c, t_eq, "val_bits_per_byte"),
-                     "seconds": float(c["total_seconds"]), "wall": wall[name],
-                     "s_per_step": float(c["total_seconds"]) / steps,
-                     "tokens": int(c["total_tokens"])}
+        res[name] = {
+            "val_bpb": float(c["val_bits_per_byte"][-1]),
+            "train_bpb": float(c["train_bits_per_byte"][-1]),
+            "val_bpb_at_T": at_seconds(c, t_eq, "val_bits_per_byte"),
+            "seconds": float(c["total_seconds"]),
+            "wall": wall[name],
+            "s_per_step": float(c["total_seconds"]) / steps,
+            "tokens": int(c["total_tokens"]),
+        }
     return res, t_eq, shortest
 
 
@@ -184,51 +216,79 @@ def report(ns, args, margs, paths, res, macs, params, t_eq, shortest) -> dict:
     """Print the markdown table and verdicts; return the ratios and targets."""
     print(f"\n### Text experiment{' (--quick)' if ns.quick else ''}\n")
     d = args["memory"].data
-    print(f"Corpus: `{d.path}`, {os.path.getsize(d.path):,} bytes, the last "
-          f"{d.val_fraction:g} held out; {d.eval_windows} fixed windows per evaluation.\n")
+    print(
+        f"Corpus: `{d.path}`, {os.path.getsize(d.path):,} bytes, the last "
+        f"{d.val_fraction:g} held out; {d.eval_windows} fixed windows per evaluation.\n"
+    )
     for name in MODELS:
-        print(f"- **{name}** (`{paths[name].relative_to(ROOT)}`): "
-              f"{describe(args[name], margs[name])}")
-    print("\n| model | params (dense + values) | MACs/token | tokens | train s | s/step "
-          "| wall s | train bpb | val bpb (equal tokens) | val bpb @ T (equal time) |")
+        print(
+            f"- **{name}** (`{paths[name].relative_to(ROOT)}`): {describe(args[name], margs[name])}"
+        )
+    print(
+        "\n| model | params (dense + values) | MACs/token | tokens | train s | s/step "
+        "| wall s | train bpb | val bpb (equal tokens) | val bpb @ T (equal time) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in MODELS:
         r, p = res[name], params[name]
-        print(f"| {name} | {p['dense']:,} + {p['values']:,} | {macs[name]['total']:,} | "
-              f"{r['tokens']:,} | {r['seconds']:.0f} | {r['s_per_step']:.3f} | "
-              f"{r['wall']:.0f} | {r['train_bpb']:.3f} | {r['val_bpb']:.3f} | "
-              f"{r['val_bpb_at_T']:.3f} |")
+        print(
+            f"| {name} | {p['dense']:,} + {p['values']:,} | {macs[name]['total']:,} | "
+            f"{r['tokens']:,} | {r['seconds']:.0f} | {r['s_per_step']:.3f} | "
+            f"{r['wall']:.0f} | {r['train_bpb']:.3f} | {r['val_bpb']:.3f} | "
+            f"{r['val_bpb_at_T']:.3f} |"
+        )
     gain = {k: 1 - res["memory"][k] / res["dense"][k] for k in ("val_bpb", "val_bpb_at_T")}
     ahead = {k: res["memory"][k] < res["pkm"][k] for k in ("val_bpb", "val_bpb_at_T")}
-    met = {"vs_dense_equal_time": gain["val_bpb_at_T"] >= TARGET_VS_DENSE,
-           "ahead_of_pkm_equal_time": ahead["val_bpb_at_T"]}
-    print(f"\nT = {t_eq:.0f} s, the {shortest} run's training time (the shortest); '@ T' "
-          "values of the other runs are interpolated between their evaluations. MACs per "
-          "token exclude attention's context mixing (the same in every model).")
-    print(f"Memory vs dense, validation bits per byte: {_lower(gain['val_bpb'])} at equal "
-          f"tokens, **{_lower(gain['val_bpb_at_T'])} at equal time** (target "
-          f">= {TARGET_VS_DENSE:.0%}: {'met' if met['vs_dense_equal_time'] else 'MISSED'}). "
-          f"Memory vs the PKM peer: {'ahead' if ahead['val_bpb'] else 'BEHIND'} at equal "
-          f"tokens, **{'ahead' if ahead['val_bpb_at_T'] else 'BEHIND'} at equal time** "
-          f"({res['memory']['val_bpb_at_T']:.3f} against {res['pkm']['val_bpb_at_T']:.3f}).")
+    met = {
+        "vs_dense_equal_time": gain["val_bpb_at_T"] >= TARGET_VS_DENSE,
+        "ahead_of_pkm_equal_time": ahead["val_bpb_at_T"],
+    }
+    print(
+        f"\nT = {t_eq:.0f} s, the {shortest} run's training time (the shortest); '@ T' "
+        "values of the other runs are interpolated between their evaluations. MACs per "
+        "token exclude attention's context mixing (the same in every model)."
+    )
+    print(
+        f"Memory vs dense, validation bits per byte: {_lower(gain['val_bpb'])} at equal "
+        f"tokens, **{_lower(gain['val_bpb_at_T'])} at equal time** (target "
+        f">= {TARGET_VS_DENSE:.0%}: {'met' if met['vs_dense_equal_time'] else 'MISSED'}). "
+        f"Memory vs the PKM peer: {'ahead' if ahead['val_bpb'] else 'BEHIND'} at equal "
+        f"tokens, **{'ahead' if ahead['val_bpb_at_T'] else 'BEHIND'} at equal time** "
+        f"({res['memory']['val_bpb_at_T']:.3f} against {res['pkm']['val_bpb_at_T']:.3f})."
+    )
     return {"memory_vs_dense": gain, "memory_ahead_of_pkm": ahead, "targets_met": met}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.text",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="the small version (text-small-*.yaml, 300 steps per model)")
-    parser.add_argument("--corpus", help="a text file (default: the standard library's "
-                        "sources, written to runs/text-corpus/stdlib.txt)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.text", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the small version (text-small-*.yaml, 300 steps per model)",
+    )
+    parser.add_argument(
+        "--corpus",
+        help="a text file (default: the standard library's "
+        "sources, written to runs/text-corpus/stdlib.txt)",
+    )
     parser.add_argument("--out", help="output folder (default runs/text[-quick])")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key of every run")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key of every run",
+    )
     ns = parser.parse_args(argv)
     out = Path(ns.out or ROOT / "runs" / ("text-quick" if ns.quick else "text")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    corpus = (Path(ns.corpus).resolve() if ns.corpus
-              else stdlib_corpus(ROOT / "runs" / "text-corpus" / "stdlib.txt"))
+    corpus = (
+        Path(ns.corpus).resolve()
+        if ns.corpus
+        else stdlib_corpus(ROOT / "runs" / "text-corpus" / "stdlib.txt")
+    )
     overrides = [f"data.path={corpus}", *ns.set]
     paths = configs(ns.quick)
     args = {name: load_config(p, overrides) for name, p in paths.items()}
@@ -250,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the runs saw different numbers of tokens")
     steps = args["memory"].steps
     res, t_eq, shortest = results(curves, wall, steps)
-    title = f"{corpus.name}: {steps} steps × {args['memory'].batch_size} × " \
-            f"{args['memory'].data.seq_len} bytes, W={args['memory'].workers}"
+    title = (
+        f"{corpus.name}: {steps} steps × {args['memory'].batch_size} × "
+        f"{args['memory'].data.seq_len} bytes, W={args['memory'].workers}"
+    )
     plots = {x: out / f"val_bpb_vs_{x}.png" for x in ("tokens", "seconds")}
     for x, path in plots.items():
         plot(curves, x, path, title)
@@ -259,11 +321,23 @@ def main(argv: list[str] | None = None) -> int:
     total_wall = time.perf_counter() - started
     print(f"All runs: {total_wall:.0f} s wall. Plots: {plots['tokens']}, {plots['seconds']}")
     with open(out / "summary.json", "w", encoding="utf-8") as f:
-        json.dump({"quick": ns.quick, "corpus": str(corpus), "corpus_bytes":
-                   os.path.getsize(corpus), "configs": {k: str(v) for k, v in paths.items()},
-                   "overrides": ns.set, "T_seconds": t_eq, "results": res,
-                   "macs_per_token": macs, "parameters": params, **verdict,
-                   "wall_seconds": total_wall}, f, indent=2)
+        json.dump(
+            {
+                "quick": ns.quick,
+                "corpus": str(corpus),
+                "corpus_bytes": os.path.getsize(corpus),
+                "configs": {k: str(v) for k, v in paths.items()},
+                "overrides": ns.set,
+                "T_seconds": t_eq,
+                "results": res,
+                "macs_per_token": macs,
+                "parameters": params,
+                **verdict,
+                "wall_seconds": total_wall,
+            },
+            f,
+            indent=2,
+        )
     return 0
 
 

@@ -49,24 +49,44 @@ WARMUP_STEPS = 20
 SETTINGS = {
     "dense (baseline)": ("facts-small-dense.yaml", []),
     "memory: data channel, step on last push": ("facts-small-memory.yaml", []),
-    "memory: data channel, separate step": ("facts-small-memory.yaml",
-                                            ["store.step_on_push=false"]),
-    "memory: all calls over Ray, separate step": ("facts-small-memory.yaml",
-                                                  ["store.step_on_push=false",
-                                                   "store.data_channel=ray"]),
+    "memory: data channel, separate step": (
+        "facts-small-memory.yaml",
+        ["store.step_on_push=false"],
+    ),
+    "memory: all calls over Ray, separate step": (
+        "facts-small-memory.yaml",
+        ["store.step_on_push=false", "store.data_channel=ray"],
+    ),
 }
 TREE_SETTINGS = ("dense (baseline)", "memory: data channel, step on last push")
 
 
-def step_ms(config: str, overrides: list[str], steps: int, run_dir: Path,
-            root: Path = ROOT) -> float:
+def step_ms(
+    config: str, overrides: list[str], steps: int, run_dir: Path, root: Path = ROOT
+) -> float:
     """Median training ms per step of one trainer process, run from the source tree
     ``root`` (its packages come first on the path of the trainer and its Ray workers)."""
-    cmd = [sys.executable, "-m", "trainer.train", "--config",
-           str(root / "trainer" / "configs" / config),
-           *sum((["--set", o] for o in [f"steps={steps}", "eval_every=0",
-                                         "checkpoint_every=0", "progress=false",
-                                         f"run_dir={run_dir}", *overrides]), [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.train",
+        "--config",
+        str(root / "trainer" / "configs" / config),
+        *sum(
+            (
+                ["--set", o]
+                for o in [
+                    f"steps={steps}",
+                    "eval_every=0",
+                    "checkpoint_every=0",
+                    "progress=false",
+                    f"run_dir={run_dir}",
+                    *overrides,
+                ]
+            ),
+            [],
+        ),
+    ]
     env = {**os.environ, "PYTHONPATH": str(root)}
     subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl", encoding="utf-8")]
@@ -77,59 +97,81 @@ def step_ms(config: str, overrides: list[str], steps: int, run_dir: Path,
 def _measure(runs: list[tuple[str, Path]], passes: int, steps: int) -> dict:
     """Median ms per step of each (setting, tree) over ``passes``, interleaved."""
     samples: dict[tuple[str, Path], list[float]] = {run: [] for run in runs}
-    with tempfile.TemporaryDirectory() as tmp, \
-            tqdm(total=passes * len(runs), desc="train_step", unit="run") as bar:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        tqdm(total=passes * len(runs), desc="train_step", unit="run") as bar,
+    ):
         for p in range(passes):
             for i, (name, root) in enumerate(runs):
                 bar.set_postfix_str(name)
                 config, overrides = SETTINGS[name]
-                samples[(name, root)].append(step_ms(config, overrides, steps,
-                                                     Path(tmp) / f"{p}-{i}", root))
+                samples[(name, root)].append(
+                    step_ms(config, overrides, steps, Path(tmp) / f"{p}-{i}", root)
+                )
                 bar.update()
     return samples
 
 
 def _print_settings(samples: dict) -> None:
     dense = statistics.median(samples[("dense (baseline)", ROOT)])
-    print("\n| setting (2 Ray workers, batch 256; memory: 2-shard store) | ms / step "
-          "(median over passes) | runs | vs dense step |")
+    print(
+        "\n| setting (2 Ray workers, batch 256; memory: 2-shard store) | ms / step "
+        "(median over passes) | runs | vs dense step |"
+    )
     print("|---|---:|---|---:|")
     for (name, _), runs in samples.items():
         value = statistics.median(runs)
-        print(f"| {name} | {value:.1f} | {', '.join(f'{v:.1f}' for v in runs)} "
-              f"| {value / dense:.2f}× |")
+        print(
+            f"| {name} | {value:.1f} | {', '.join(f'{v:.1f}' for v in runs)} "
+            f"| {value / dense:.2f}× |"
+        )
 
 
 def _print_trees(samples: dict, base: Path, cand: Path) -> None:
     ms = {key: statistics.median(runs) for key, runs in samples.items()}
-    print(f"\n| setting (2 Ray workers, batch 256) | {base} ms / step | {cand} ms / step "
-          "| cand / base | memory / dense, base | memory / dense, cand |")
+    print(
+        f"\n| setting (2 Ray workers, batch 256) | {base} ms / step | {cand} ms / step "
+        "| cand / base | memory / dense, base | memory / dense, cand |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     dense, memory = TREE_SETTINGS
     for name in TREE_SETTINGS:
         b, c = ms[(name, base)], ms[(name, cand)]
-        print(f"| {name} | {b:.1f} | {c:.1f} | {c / b:.2f}× "
-              f"| {ms[(memory, base)] / ms[(dense, base)]:.2f}× "
-              f"| {ms[(memory, cand)] / ms[(dense, cand)]:.2f}× |")
+        print(
+            f"| {name} | {b:.1f} | {c:.1f} | {c / b:.2f}× "
+            f"| {ms[(memory, base)] / ms[(dense, base)]:.2f}× "
+            f"| {ms[(memory, cand)] / ms[(dense, cand)]:.2f}× |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.train_step", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--steps", type=int, default=200, help="steps per run")
     parser.add_argument("--passes", type=int, default=2, help="times each setting runs")
-    parser.add_argument("--trees", nargs=2, type=Path, metavar=("BASE", "CAND"),
-                        help="compare two source trees on the dense and memory settings")
+    parser.add_argument(
+        "--trees",
+        nargs=2,
+        type=Path,
+        metavar=("BASE", "CAND"),
+        help="compare two source trees on the dense and memory settings",
+    )
     ns = parser.parse_args(argv)
     if ns.steps <= WARMUP_STEPS + 1:
         parser.error(f"--steps must exceed {WARMUP_STEPS + 1}")
     trees = [t.resolve() for t in ns.trees] if ns.trees else None
-    runs = ([(name, tree) for name in TREE_SETTINGS for tree in trees] if trees
-            else [(name, ROOT) for name in SETTINGS])
+    runs = (
+        [(name, tree) for name in TREE_SETTINGS for tree in trees]
+        if trees
+        else [(name, ROOT) for name in SETTINGS]
+    )
     start, load = time.perf_counter(), os.getloadavg()[0]
     samples = _measure(runs, ns.passes, ns.steps)
-    print(f"\n{os.cpu_count()} CPU threads; 1-min load average {load:.1f} at the start; "
-          f"{ns.passes} passes of {ns.steps} steps, {time.perf_counter() - start:.0f} s")
+    print(
+        f"\n{os.cpu_count()} CPU threads; 1-min load average {load:.1f} at the start; "
+        f"{ns.passes} passes of {ns.steps} steps, {time.perf_counter() - start:.0f} s"
+    )
     print(f"command: python -m benchmarks.train_step {' '.join(sys.argv[1:])}".rstrip())
     if trees:
         _print_trees(samples, *trees)

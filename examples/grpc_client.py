@@ -30,16 +30,21 @@ def main() -> int:
         print(f"{info['name']}: {info['rows']:,} rows x {info['dim']}, step {info['step']}")
         # Every reply says which step of each shard it saw.
         rows, seen = client.gather(ns.table, np.arange(4), with_seen=True)
-        print(f"rows 0-3 {rows.shape} at shard steps {seen.shard_steps} "
-              f"(whole steps: {seen.consistent})")
+        print(
+            f"rows 0-3 {rows.shape} at shard steps {seen.shard_steps} "
+            f"(whole steps: {seen.consistent})"
+        )
         # A weighted lookup: y[b] = sum_m w[b, m] * values[idx[b, m]].
         idx = np.random.default_rng(0).integers(0, info["rows"], (2, 16))
         y = client.lookup(ns.table, idx, np.full(idx.shape, 1 / 16, np.float32))
         print(f"lookup of 2 x 16 rows -> {y.shape}")
         if info["keys_published"]:
             # Top-k over the product keys the trainer published; q is (B, H, Dk).
-            q = np.random.default_rng(1).standard_normal(
-                (3, info["key_heads"], info["key_dim"])).astype(np.float32)
+            q = (
+                np.random.default_rng(1)
+                .standard_normal((3, info["key_heads"], info["key_dim"]))
+                .astype(np.float32)
+            )
             result = client.query(ns.table, q, k=ns.k)
             print(f"top-{ns.k} rows of query 0, head 0: {result.indices[0, 0].tolist()}")
     return 0

@@ -68,14 +68,21 @@ def train_loop_per_worker(config):
 
 def main(workers: int = 2, steps: int = 100, storage_path: str | None = None) -> float:
     table = memstore.create_table(
-        "example-recall", LAYER.n_keys**2, LAYER.value_dim, shards=2,
-        optimizer=memstore.Adam(lr=3e-2), step_on_push=True,
-        pushes_per_step=pushes_per_step(workers, layers=2))
+        "example-recall",
+        LAYER.n_keys**2,
+        LAYER.value_dim,
+        shards=2,
+        optimizer=memstore.Adam(lr=3e-2),
+        step_on_push=True,
+        pushes_per_step=pushes_per_step(workers, layers=2),
+    )
     try:
         trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config={"table": table.name, "steps": steps},
+            train_loop_per_worker,
+            train_loop_config={"table": table.name, "steps": steps},
             scaling_config=ScalingConfig(num_workers=workers),
-            run_config=RunConfig(name="example-recall", storage_path=storage_path))
+            run_config=RunConfig(name="example-recall", storage_path=storage_path),
+        )
         return trainer.fit().return_value
     finally:
         table.drop()

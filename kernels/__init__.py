@@ -7,8 +7,8 @@ implementation for CUDA tensors (:mod:`kernels.triton`). :mod:`kernels._dispatch
 one per call and counts the choice.
 """
 
-from .bag import BagFunction, bag_backward, bag_backward_rows, bag_forward
 from ._native import empty_hugepages as empty_table
+from .bag import BagFunction, bag_backward, bag_backward_rows, bag_forward
 from .product_key import product_key_topk
 from .row_grads import SparseRowGrads
 from .sparse_optim import adagrad_step, adam_step, rowwise_adagrad_step, sgd_step

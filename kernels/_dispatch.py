@@ -23,14 +23,21 @@ import collections
 import importlib
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from . import _native
 
-__all__ = ["register_cuda", "cuda_impl", "native_ok", "force_triton", "record", "COUNTS",
-           "TRITON_DTYPES"]
+__all__ = [
+    "register_cuda",
+    "cuda_impl",
+    "native_ok",
+    "force_triton",
+    "record",
+    "COUNTS",
+    "TRITON_DTYPES",
+]
 
 _CUDA_IMPLS: dict[str, Callable] = {}
 COUNTS: collections.Counter = collections.Counter()
@@ -71,7 +78,8 @@ def _import_triton_kernels(interpreted: bool) -> None:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
                 f"{FORCE_TRITON_ENV}=1 runs CPU tensors in the Triton interpreter, but triton "
-                "was imported without TRITON_INTERPRET=1: set both before starting Python")
+                "was imported without TRITON_INTERPRET=1: set both before starting Python"
+            )
         # Triton reads the variable when it (and each kernel) is first imported.
         os.environ["TRITON_INTERPRET"] = "1"
         importlib.import_module(f"{__package__}.triton")

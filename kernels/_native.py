@@ -3,8 +3,9 @@
 The library compiles on first use with the system C compiler (about a second) into a
 cache directory keyed by the source, the flags and the CPU, so ``-march=native`` is
 safe. Calls go through ctypes, which releases the GIL; the C code splits its work over
-OpenMP threads of torch's own runtime (``torch.set_num_threads`` sizes it). When no compiler is present, or
-``MEMSTORE_NATIVE=0``, ``library()`` returns None and callers use torch composites.
+OpenMP threads of torch's own runtime (``torch.set_num_threads`` sizes it). When no
+compiler is present, or ``MEMSTORE_NATIVE=0``, ``library()`` returns None and callers
+use torch composites.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import math
 import logging
+import math
 import os
 import platform
 import shutil
@@ -28,8 +29,16 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 # -fno-math-errno lets sqrtf vectorise (results unchanged: sqrt is correctly rounded);
 # -ffp-contract=off keeps a*b+c unfused, as torch's reference computes it.
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared",
-          "-fPIC", "-std=c11"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+    "-std=c11",
+]
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -51,6 +60,7 @@ _SIGNATURES = {
 }
 _TYPED = ("bag_forward", "bag_dw", "sgd", "adagrad", "rowwise_adagrad", "adam")
 DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
 
 def _cache_dir() -> Path:
     root = os.environ.get("MEMSTORE_CACHE_DIR") or os.path.join(
@@ -94,7 +104,7 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded C library, or None when the native path is off or cannot build."""
     if os.environ.get("MEMSTORE_NATIVE", "1") == "0":
@@ -160,6 +170,6 @@ def empty_hugepages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     raw = torch.empty(nbytes + _HUGE_PAGE, dtype=torch.uint8)
     start = (-raw.data_ptr()) % _HUGE_PAGE
-    buf = raw[start: start + nbytes]
+    buf = raw[start : start + nbytes]
     madvise(buf.data_ptr(), nbytes - nbytes % _HUGE_PAGE, _MADV_HUGEPAGE)
     return buf.view(dtype).view(shape)

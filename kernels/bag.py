@@ -28,13 +28,17 @@ __all__ = [
 
 def _check_bag_args(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
     if values.dim() != 2:
-        raise ValueError(f"values: expected a 2-d (rows, dim) tensor, got shape {tuple(values.shape)}")
+        raise ValueError(
+            f"values: expected a 2-d (rows, dim) tensor, got shape {tuple(values.shape)}"
+        )
     if idx.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"idx: expected int64 or int32, got {idx.dtype}")
     if not w.is_floating_point():
         raise TypeError(f"w: expected a floating tensor, got {w.dtype}")
     if idx.shape != w.shape:
-        raise ValueError(f"w: expected shape {tuple(idx.shape)} (same as idx), got {tuple(w.shape)}")
+        raise ValueError(
+            f"w: expected shape {tuple(idx.shape)} (same as idx), got {tuple(w.shape)}"
+        )
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= values.shape[0]):
         raise IndexError(
             f"idx: expected every index in [0, {values.shape[0]}), "
@@ -66,8 +70,12 @@ def _library_bag(values, w) -> bool:
     """float32 CPU bags go to ``F.embedding_bag``: measured faster than the C forward on
     float32 (``benchmarks/ops.py``). On bfloat16 values it returns bfloat16 sums, and
     the store returns float32 sums accumulated in float32: bfloat16 stays on the C path."""
-    return (values.device.type == "cpu" and values.dtype == torch.float32
-            and w.dtype != torch.float64 and not force_triton())
+    return (
+        values.device.type == "cpu"
+        and values.dtype == torch.float32
+        and w.dtype != torch.float64
+        and not force_triton()
+    )
 
 
 def bag_forward_csr(values, rows, w, offsets) -> torch.Tensor:
@@ -80,9 +88,14 @@ def bag_forward_csr(values, rows, w, offsets) -> torch.Tensor:
     if _library_bag(values, w):
         record("bag_forward_csr", "library")
         rows = rows.to(torch.int64)
-        return F.embedding_bag(rows, values, offsets.to(torch.int64), mode="sum",
-                               per_sample_weights=w.to(torch.float32),
-                               include_last_offset=True)
+        return F.embedding_bag(
+            rows,
+            values,
+            offsets.to(torch.int64),
+            mode="sum",
+            per_sample_weights=w.to(torch.float32),
+            include_last_offset=True,
+        )
     if _native_bag(values, w):
         record("bag_forward_csr", "native")
         return bag_forward_csr_native(values, rows, w, offsets)
@@ -103,8 +116,15 @@ def bag_forward_csr_native(values, rows, w, offsets) -> torch.Tensor:
     out = torch.empty(offsets.numel() - 1, values.shape[1], dtype=torch.float32)
     fn = _native.typed("bag_forward", values.dtype)
     _native.parallel_for(
-        fn, out.shape[0], values.data_ptr(), values.stride(0), rows.data_ptr(), w.data_ptr(),
-        offsets.data_ptr(), values.shape[1], out.data_ptr(),
+        fn,
+        out.shape[0],
+        values.data_ptr(),
+        values.stride(0),
+        rows.data_ptr(),
+        w.data_ptr(),
+        offsets.data_ptr(),
+        values.shape[1],
+        out.data_ptr(),
     )
     return out
 
@@ -135,8 +155,14 @@ def native_bag_dw(values, rows, offsets, dy) -> torch.Tensor:
     dy = dy.to(torch.float32).contiguous()
     dw = torch.empty(rows.numel(), dtype=torch.float32)
     _native.parallel_for(
-        _native.typed("bag_dw", values.dtype), offsets.numel() - 1, values.data_ptr(),
-        values.stride(0), rows.data_ptr(), offsets.data_ptr(), dy.data_ptr(), values.shape[1],
+        _native.typed("bag_dw", values.dtype),
+        offsets.numel() - 1,
+        values.data_ptr(),
+        values.stride(0),
+        rows.data_ptr(),
+        offsets.data_ptr(),
+        dy.data_ptr(),
+        values.shape[1],
         dw.data_ptr(),
     )
     return dw
@@ -218,7 +244,10 @@ class BagFunction(torch.autograd.Function):
         dvalues = None
         if ctx.needs_input_grad[0]:
             dvalues = torch.sparse_coo_tensor(
-                rows[None], grads.to(values.dtype), values.shape, is_coalesced=True,
+                rows[None],
+                grads.to(values.dtype),
+                values.shape,
+                is_coalesced=True,
                 check_invariants=False,
             )
         return dvalues, None, dw.to(w.dtype)

@@ -20,15 +20,21 @@ from .row_grads import SparseRowGrads
 __all__ = ["group_rows", "bag_dw", "bag_backward_grouped"]
 
 
-def group_rows(rows: torch.Tensor, num_rows: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_rows(
+    rows: torch.Tensor, num_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uniq (U,), seg (U+1,), order (P,)), all int64: slot ``order[q]`` is the q-th in row
     order (stable), and the slots of row ``uniq[u]`` are ``order[seg[u]:seg[u+1]]``.
     Rows must lie in [0, num_rows) when ``num_rows`` is given (it allows a counting sort)."""
     P = rows.numel()
     slots = torch.arange(P, dtype=torch.int64, device=rows.device)
-    g = SparseRowGrads.from_slots(rows, torch.empty(P, device=rows.device), slots,
-                                  torch.empty(0, 1, device=rows.device), num_rows)
+    g = SparseRowGrads.from_slots(
+        rows,
+        torch.empty(P, device=rows.device),
+        slots,
+        torch.empty(0, 1, device=rows.device),
+        num_rows,
+    )
     return g.rows, g.seg, g.slot_bag
 
 
@@ -48,15 +54,20 @@ def bag_dw(values, rows, offsets, dy) -> torch.Tensor:
     return (values[rows].to(acc) * dy.to(acc)[bag_of_slot]).sum(dim=1).to(torch.float32)
 
 
-def bag_backward_grouped(values, rows, w, offsets, dy, uniq, seg, order
-                         ) -> tuple[torch.Tensor, SparseRowGrads]:
+def bag_backward_grouped(
+    values, rows, w, offsets, dy, uniq, seg, order
+) -> tuple[torch.Tensor, SparseRowGrads]:
     """:func:`kernels.bag.bag_backward_sparse` with the grouping of ``rows`` given:
     ``uniq`` (block-local rows), ``seg`` and ``order`` as :func:`group_rows` makes them."""
     B = offsets.numel() - 1
     dw = bag_dw(values, rows, offsets, dy)
     bag_of_slot = torch.repeat_interleave(torch.arange(B, device=rows.device), offsets.diff())
     dy = dy.to(torch.float32).contiguous()
-    grads = SparseRowGrads(uniq.to(torch.int64), seg.to(torch.int64),
-                           bag_of_slot[order].contiguous(),
-                           w.to(torch.float32)[order].contiguous(), dy)
+    grads = SparseRowGrads(
+        uniq.to(torch.int64),
+        seg.to(torch.int64),
+        bag_of_slot[order].contiguous(),
+        w.to(torch.float32)[order].contiguous(),
+        dy,
+    )
     return dw, grads

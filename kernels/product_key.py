@@ -40,8 +40,17 @@ def _select_native(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     scores = torch.empty(B, H, k, dtype=torch.float32)
     index = torch.empty(B, H, k, dtype=torch.int64)
     _native.parallel_for(
-        _native.library().pk_topk, B * H, s.data_ptr(), H, s.stride(2), s.stride(0),
-        s.stride(1), n, k, scores.data_ptr(), index.data_ptr(),
+        _native.library().pk_topk,
+        B * H,
+        s.data_ptr(),
+        H,
+        s.stride(2),
+        s.stride(0),
+        s.stride(1),
+        n,
+        k,
+        scores.data_ptr(),
+        index.data_ptr(),
     )
     return scores, index
 
@@ -96,8 +105,17 @@ def _scores_backward_native(q, keys, index, ds):
     dq = torch.empty_like(q)
     dkeys = torch.empty_like(keys)
     _native.parallel_for(
-        _native.library().pk_scores_backward, q.shape[0] * H, q.data_ptr(), keys.data_ptr(),
-        index.data_ptr(), ds.data_ptr(), H, n, hd, index.shape[-1], dq.data_ptr(),
+        _native.library().pk_scores_backward,
+        q.shape[0] * H,
+        q.data_ptr(),
+        keys.data_ptr(),
+        index.data_ptr(),
+        ds.data_ptr(),
+        H,
+        n,
+        hd,
+        index.shape[-1],
+        dq.data_ptr(),
         dkeys.data_ptr(),
     )
     return dq, dkeys
@@ -116,8 +134,11 @@ def _scores_backward_composite(q, keys, index, ds):
         dq[:, :, p] = torch.einsum("bhk,bhkd->bhd", ds.to(q.dtype), rows)
         flat = (heads * n + sub).reshape(-1)
         contrib = (ds.to(q.dtype)[..., None] * q_halves[:, :, p, None, :]).reshape(-1, hd)
-        dkeys[:, p] = torch.zeros(H * n, hd, dtype=q.dtype, device=q.device).index_add_(
-            0, flat, contrib).view(H, n, hd)
+        dkeys[:, p] = (
+            torch.zeros(H * n, hd, dtype=q.dtype, device=q.device)
+            .index_add_(0, flat, contrib)
+            .view(H, n, hd)
+        )
     return dq.reshape(B, H, Dk), dkeys
 
 

@@ -100,8 +100,19 @@ def rowwise_adagrad_step_reference(values, state_sum, rows, grads, *, lr, eps):
 
 
 def adam_step_reference(
-    values, exp_avg, exp_avg_sq, rows, grads, *, step, lr, beta1, beta2, eps,
-    weight_decay=0.0, decoupled=False,
+    values,
+    exp_avg,
+    exp_avg_sq,
+    rows,
+    grads,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay=0.0,
+    decoupled=False,
 ):
     """Lazy Adam on the touched rows; untouched rows keep their moments.
 

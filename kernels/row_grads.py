@@ -35,8 +35,9 @@ class SparseRowGrads:
     dy: torch.Tensor  # (B, dim) output gradient of each bag
 
     @classmethod
-    def from_slots(cls, slot_rows, slot_w, slot_bag, dy, num_rows: int | None = None
-                   ) -> "SparseRowGrads":
+    def from_slots(
+        cls, slot_rows, slot_w, slot_bag, dy, num_rows: int | None = None
+    ) -> SparseRowGrads:
         """Group slots (any order) by row; stable, so each row keeps its slots' order.
 
         ``num_rows`` (rows lie in [0, num_rows)) allows a counting sort in C when it is
@@ -50,12 +51,12 @@ class SparseRowGrads:
             rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
             seg = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=rows.device)
             torch.cumsum(counts, 0, out=seg[1:])
-        return cls(rows, seg, slot_bag[order].contiguous(), slot_w[order].contiguous(),
-                   dy.contiguous())
+        return cls(
+            rows, seg, slot_bag[order].contiguous(), slot_w[order].contiguous(), dy.contiguous()
+        )
 
     @classmethod
-    def merge(cls, parts: list["SparseRowGrads"], num_rows: int | None = None
-              ) -> "SparseRowGrads":
+    def merge(cls, parts: list[SparseRowGrads], num_rows: int | None = None) -> SparseRowGrads:
         """One gradient holding the sum of several pushes (one per worker)."""
         if len(parts) == 1:
             return parts[0]
@@ -72,24 +73,29 @@ class SparseRowGrads:
         )
 
     @classmethod
-    def from_dense(cls, rows: torch.Tensor, grads: torch.Tensor) -> "SparseRowGrads":
+    def from_dense(cls, rows: torch.Tensor, grads: torch.Tensor) -> SparseRowGrads:
         """Dense (U, dim) gradients as one slot of weight 1 per row."""
         U = rows.numel()
         ar = torch.arange(U + 1, device=rows.device)
         return cls(rows, ar, ar[:U], torch.ones(U, dtype=grads.dtype, device=rows.device), grads)
 
     @classmethod
-    def empty(cls, dim: int, device=None) -> "SparseRowGrads":
+    def empty(cls, dim: int, device=None) -> SparseRowGrads:
         z = torch.zeros(0, dtype=torch.int64, device=device)
-        return cls(z, torch.zeros(1, dtype=torch.int64, device=device), z,
-                   torch.zeros(0, device=device), torch.zeros(0, dim, device=device))
+        return cls(
+            z,
+            torch.zeros(1, dtype=torch.int64, device=device),
+            z,
+            torch.zeros(0, device=device),
+            torch.zeros(0, dim, device=device),
+        )
 
     @property
     def dim(self) -> int:
         return self.dy.shape[1]
 
     def native(self) -> bool:
-        return (native_ok(self.dy, dtypes=(torch.float32,)) and self.slot_w.dtype == torch.float32)
+        return native_ok(self.dy, dtypes=(torch.float32,)) and self.slot_w.dtype == torch.float32
 
     def dense(self) -> torch.Tensor:
         """(U, dim) gradient of each row, summed without atomics."""
@@ -97,12 +103,17 @@ class SparseRowGrads:
         if self.native():
             out = _native.empty_hugepages((U, self.dim), torch.float32)
             view = c_view(self)
-            _native.parallel_for(_native.library().row_grads, U, ctypes.addressof(view),
-                                 self.dim, out.data_ptr())
+            _native.parallel_for(
+                _native.library().row_grads, U, ctypes.addressof(view), self.dim, out.data_ptr()
+            )
             return out
-        row_of_slot = torch.repeat_interleave(torch.arange(U, device=self.dy.device), self.seg.diff())
+        row_of_slot = torch.repeat_interleave(
+            torch.arange(U, device=self.dy.device), self.seg.diff()
+        )
         out = torch.zeros(U, self.dim, dtype=self.dy.dtype, device=self.dy.device)
-        return out.index_add_(0, row_of_slot, self.dy[self.slot_bag] * self.slot_w[:, None].to(out.dtype))
+        return out.index_add_(
+            0, row_of_slot, self.dy[self.slot_bag] * self.slot_w[:, None].to(out.dtype)
+        )
 
 
 # A counting sort sweeps all num_rows counters once: worth it up to this many per slot.
@@ -110,9 +121,11 @@ _COUNTING_ROWS_PER_SLOT = 16
 
 
 def _counting_sort_ok(slot_rows: torch.Tensor, num_rows: int) -> bool:
-    return (num_rows < 2**31
-            and num_rows <= _COUNTING_ROWS_PER_SLOT * max(slot_rows.numel(), 4096)
-            and native_ok(slot_rows, dtypes=(torch.int64,)))
+    return (
+        num_rows < 2**31
+        and num_rows <= _COUNTING_ROWS_PER_SLOT * max(slot_rows.numel(), 4096)
+        and native_ok(slot_rows, dtypes=(torch.int64,))
+    )
 
 
 def _group_rows_native(slot_rows: torch.Tensor, num_rows: int):
@@ -123,19 +136,32 @@ def _group_rows_native(slot_rows: torch.Tensor, num_rows: int):
     uniq = torch.empty(P, dtype=torch.int64)
     seg = torch.empty(P + 1, dtype=torch.int64)
     n_uniq = torch.zeros(1, dtype=torch.int64)
-    _native.parallel_for(_native.library().group_rows, P, slot_rows.data_ptr(), num_rows,
-                         counts.data_ptr(), order.data_ptr(), uniq.data_ptr(), seg.data_ptr(),
-                         n_uniq.data_ptr())
+    _native.parallel_for(
+        _native.library().group_rows,
+        P,
+        slot_rows.data_ptr(),
+        num_rows,
+        counts.data_ptr(),
+        order.data_ptr(),
+        uniq.data_ptr(),
+        seg.data_ptr(),
+        n_uniq.data_ptr(),
+    )
     U = int(n_uniq)
     return uniq[:U], seg[: U + 1], order
 
 
-def c_view(grads: "SparseRowGrads | torch.Tensor") -> _RowGradsStruct:
+def c_view(grads: SparseRowGrads | torch.Tensor) -> _RowGradsStruct:
     """The C ``RowGrads`` view of factored or dense (U, dim) gradients.
 
     The view holds raw pointers: keep ``grads`` alive while C code uses it.
     """
     if isinstance(grads, torch.Tensor):
         return _RowGradsStruct(grads.data_ptr(), None, None, None, None)
-    return _RowGradsStruct(None, grads.seg.data_ptr(), grads.slot_bag.data_ptr(),
-                           grads.slot_w.data_ptr(), grads.dy.data_ptr())
+    return _RowGradsStruct(
+        None,
+        grads.seg.data_ptr(),
+        grads.slot_bag.data_ptr(),
+        grads.slot_w.data_ptr(),
+        grads.dy.data_ptr(),
+    )

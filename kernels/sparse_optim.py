@@ -14,13 +14,13 @@ import torch
 
 from . import _native
 from ._dispatch import TRITON_DTYPES, cuda_impl, native_ok, record
-from .row_grads import SparseRowGrads, c_view
 from .reference import (
     adagrad_step_reference,
     adam_step_reference,
     rowwise_adagrad_step_reference,
     sgd_step_reference,
 )
+from .row_grads import SparseRowGrads, c_view
 
 __all__ = ["sgd_step", "adagrad_step", "rowwise_adagrad_step", "adam_step"]
 
@@ -92,8 +92,15 @@ def sgd_step(values, rows, grads, *, lr: float, weight_decay: float = 0.0) -> No
         return sgd_step_reference(values, rows, _dense(grads), lr=lr, weight_decay=weight_decay)
     view = c_view(grads)
     _native.parallel_for(
-        _native.typed("sgd", values.dtype), rows.numel(), values.data_ptr(), values.stride(0),
-        rows.data_ptr(), ctypes.addressof(view), values.shape[1], lr, weight_decay,
+        _native.typed("sgd", values.dtype),
+        rows.numel(),
+        values.data_ptr(),
+        values.stride(0),
+        rows.data_ptr(),
+        ctypes.addressof(view),
+        values.shape[1],
+        lr,
+        weight_decay,
     )
 
 
@@ -110,9 +117,16 @@ def adagrad_step(values, state_sum, rows, grads, *, lr, eps, lr_decay=0.0, step=
     clr = lr / (1 + (step - 1) * lr_decay)
     view = c_view(grads)
     _native.parallel_for(
-        _native.typed("adagrad", values.dtype), rows.numel(), values.data_ptr(),
-        values.stride(0), state_sum.data_ptr(), rows.data_ptr(), ctypes.addressof(view),
-        values.shape[1], clr, eps,
+        _native.typed("adagrad", values.dtype),
+        rows.numel(),
+        values.data_ptr(),
+        values.stride(0),
+        state_sum.data_ptr(),
+        rows.data_ptr(),
+        ctypes.addressof(view),
+        values.shape[1],
+        clr,
+        eps,
     )
 
 
@@ -123,25 +137,58 @@ def rowwise_adagrad_step(values, state_sum, rows, grads, *, lr, eps) -> None:
     if impl is not None:
         return impl(values, state_sum, rows, grads, lr=lr, eps=eps)
     if not _cpu_path("rowwise_adagrad_step", values, rows, grads):
-        return rowwise_adagrad_step_reference(values, state_sum, rows, _dense(grads), lr=lr,
-                                              eps=eps)
+        return rowwise_adagrad_step_reference(
+            values, state_sum, rows, _dense(grads), lr=lr, eps=eps
+        )
     view = c_view(grads)
     _native.parallel_for(
-        _native.typed("rowwise_adagrad", values.dtype), rows.numel(), values.data_ptr(),
-        values.stride(0), state_sum.data_ptr(), rows.data_ptr(), ctypes.addressof(view),
-        values.shape[1], lr, eps,
+        _native.typed("rowwise_adagrad", values.dtype),
+        rows.numel(),
+        values.data_ptr(),
+        values.stride(0),
+        state_sum.data_ptr(),
+        rows.data_ptr(),
+        ctypes.addressof(view),
+        values.shape[1],
+        lr,
+        eps,
     )
 
 
 def adam_step(
-    values, exp_avg, exp_avg_sq, rows, grads, *, step, lr, beta1, beta2, eps,
-    weight_decay=0.0, decoupled=False,
+    values,
+    exp_avg,
+    exp_avg_sq,
+    rows,
+    grads,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay=0.0,
+    decoupled=False,
 ) -> None:
     """Lazy Adam (SparseAdam) or, with ``decoupled``, AdamW on the touched rows."""
-    _check(values, rows, grads, [("exp_avg", exp_avg, tuple(values.shape)),
-                                 ("exp_avg_sq", exp_avg_sq, tuple(values.shape))])
-    kwargs = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                  weight_decay=weight_decay, decoupled=decoupled)
+    _check(
+        values,
+        rows,
+        grads,
+        [
+            ("exp_avg", exp_avg, tuple(values.shape)),
+            ("exp_avg_sq", exp_avg_sq, tuple(values.shape)),
+        ],
+    )
+    kwargs = dict(
+        step=step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled=decoupled,
+    )
     impl = _triton_impl("adam_step", values, rows, grads)
     if impl is not None:
         return impl(values, exp_avg, exp_avg_sq, rows, grads, **kwargs)
@@ -154,7 +201,20 @@ def adam_step(
     shrink = 1 - lr * weight_decay if decoupled else 1.0
     view = c_view(grads)
     _native.parallel_for(
-        _native.typed("adam", values.dtype), rows.numel(), values.data_ptr(), values.stride(0),
-        exp_avg.data_ptr(), exp_avg_sq.data_ptr(), rows.data_ptr(), ctypes.addressof(view),
-        values.shape[1], beta1, beta2, 1.0 - beta1, 1.0 - beta2, step_size, eps_term, shrink,
+        _native.typed("adam", values.dtype),
+        rows.numel(),
+        values.data_ptr(),
+        values.stride(0),
+        exp_avg.data_ptr(),
+        exp_avg_sq.data_ptr(),
+        rows.data_ptr(),
+        ctypes.addressof(view),
+        values.shape[1],
+        beta1,
+        beta2,
+        1.0 - beta1,
+        1.0 - beta2,
+        step_size,
+        eps_term,
+        shrink,
     )

@@ -16,12 +16,12 @@ from .grid import ShardGrid
 from .optim import Adam, _Optimizer, optimizer_from_dict
 from .table import (
     DEFAULT_TIMEOUT_S,
-    drop_table,
     NAMESPACE,
     Table,
     TableCatalog,
     catalog_name,
     check_budget,
+    drop_table,
     find_table,
     raise_if_exists,
     remove_placement_group_of,
@@ -126,11 +126,17 @@ def create_table(
     if not isinstance(step_on_push, bool):
         raise InvalidArgument("step_on_push", "True or False", step_on_push)
     if step_on_push and (mode != "sync" or pushes_per_step is None):
-        raise InvalidArgument("step_on_push",
-                              "False unless mode='sync' and pushes_per_step is given",
-                              f"True with mode={mode!r}, pushes_per_step={pushes_per_step}")
-    for field, value in (("max_staleness", max_staleness), ("pushes_per_step", pushes_per_step),
-                         ("save_every", save_every), ("max_shard_bytes", max_shard_bytes)):
+        raise InvalidArgument(
+            "step_on_push",
+            "False unless mode='sync' and pushes_per_step is given",
+            f"True with mode={mode!r}, pushes_per_step={pushes_per_step}",
+        )
+    for field, value in (
+        ("max_staleness", max_staleness),
+        ("pushes_per_step", pushes_per_step),
+        ("save_every", save_every),
+        ("max_shard_bytes", max_shard_bytes),
+    ):
         if value is not None:
             check_positive_int(field, value, minimum=0 if field == "max_staleness" else 1)
     # Resolved on the driver: shards on other nodes and directories see the same place.
@@ -141,19 +147,29 @@ def create_table(
     ray = _attach()
     raise_if_exists(name)
     config = {
-        "name": name, "rows": rows, "dim": dim, "dtype": dtype, "seed": seed,
-        "optimizer": optimizer.to_dict(), "mode": mode, "max_staleness": max_staleness,
-        "pushes_per_step": pushes_per_step, "step_on_push": step_on_push,
+        "name": name,
+        "rows": rows,
+        "dim": dim,
+        "dtype": dtype,
+        "seed": seed,
+        "optimizer": optimizer.to_dict(),
+        "mode": mode,
+        "max_staleness": max_staleness,
+        "pushes_per_step": pushes_per_step,
+        "step_on_push": step_on_push,
         "data_channel": data_channel,
         "checkpoint_root": checkpoint_root,
         "save_every": save_every,
-        "threads": threads_per_shard, "restore_from": restore_from, **channel,
+        "threads": threads_per_shard,
+        "restore_from": restore_from,
+        **channel,
     }
     grid = _grid(rows, dim, shards, config, max_shard_bytes)
     config["grid"] = grid.to_dict()
     check_budget(config, grid, max_shard_bytes)
-    config["cpus"], config["device"] = _placement(ray.cluster_resources(), len(grid.blocks()),
-                                                  threads_per_shard, cpus_per_shard, device)
+    config["cpus"], config["device"] = _placement(
+        ray.cluster_resources(), len(grid.blocks()), threads_per_shard, cpus_per_shard, device
+    )
     gpus = config["device"] == "cuda"
     try:
         shards_by_block = _spawn(ray, config, grid, worker_cls, max_restarts, gpus, timeout_s)
@@ -165,27 +181,41 @@ def create_table(
     return table
 
 
-def _placement(resources: dict, shards: int, threads: int, cpus_per_shard, device: str
-               ) -> tuple[float, str]:
+def _placement(
+    resources: dict, shards: int, threads: int, cpus_per_shard, device: str
+) -> tuple[float, str]:
     """(CPUs reserved per shard, device) for ``shards`` shards, refused at once when the
     cluster has too few CPUs or, for ``device="cuda"``, too few GPUs (one per shard),
     instead of waiting for resources that will not come."""
     if cpus_per_shard is None:
         cpus_per_shard = float(threads)
-    if (isinstance(cpus_per_shard, bool) or not isinstance(cpus_per_shard, (int, float))
-            or not math.isfinite(cpus_per_shard) or cpus_per_shard <= 0):
-        raise InvalidArgument("cpus_per_shard", "None (threads_per_shard) or a number > 0",
-                              cpus_per_shard)
+    if (
+        isinstance(cpus_per_shard, bool)
+        or not isinstance(cpus_per_shard, (int, float))
+        or not math.isfinite(cpus_per_shard)
+        or cpus_per_shard <= 0
+    ):
+        raise InvalidArgument(
+            "cpus_per_shard", "None (threads_per_shard) or a number > 0", cpus_per_shard
+        )
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
     if shards * cpus_per_shard > cpus:
-        raise InvalidArgument("shards", f"at most {cpus:g} CPUs in all ({shards} shards x "
-                              f"{cpus_per_shard:g} cpus_per_shard; a smaller cpus_per_shard "
-                              "shares cores)", shards)
+        raise InvalidArgument(
+            "shards",
+            f"at most {cpus:g} CPUs in all ({shards} shards x "
+            f"{cpus_per_shard:g} cpus_per_shard; a smaller cpus_per_shard "
+            "shares cores)",
+            shards,
+        )
     if device not in ("auto", "cpu", "cuda"):
         raise InvalidArgument("device", "'auto', 'cpu' or 'cuda'", device)
     if device == "cuda" and gpus < shards:
-        raise InvalidArgument("device", f"'cpu' or 'auto': 'cuda' needs one GPU per shard, "
-                              f"{shards} GPUs, and the cluster has {gpus:g}", device)
+        raise InvalidArgument(
+            "device",
+            f"'cpu' or 'auto': 'cuda' needs one GPU per shard, "
+            f"{shards} GPUs, and the cluster has {gpus:g}",
+            device,
+        )
     if device == "auto":
         device = "cuda" if gpus >= shards else "cpu"
     return float(cpus_per_shard), device
@@ -209,33 +239,53 @@ def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout
 
     name = config["name"]
     bundle = {"CPU": config["cpus"], **({"GPU": 1} if gpus else {})}
-    pg = placement_group([bundle] * len(grid.blocks()), strategy="SPREAD",
-                         name=f"memstore/{name}", lifetime="detached")
+    pg = placement_group(
+        [bundle] * len(grid.blocks()),
+        strategy="SPREAD",
+        name=f"memstore/{name}",
+        lifetime="detached",
+    )
     wait_s = timeout_s or DEFAULT_TIMEOUT_S
     try:
         ray.get(pg.ready(), timeout=wait_s)
     except ray.exceptions.GetTimeoutError as e:
         remove_placement_group(pg)
-        raise ShardUnavailable(f"memstore/{name}", wait_s, f"the cluster has no room for "
-                               f"{len(grid.blocks())} shards of {bundle}; free resources or "
-                               "use fewer shards or a smaller cpus_per_shard") from e
+        raise ShardUnavailable(
+            f"memstore/{name}",
+            wait_s,
+            f"the cluster has no room for "
+            f"{len(grid.blocks())} shards of {bundle}; free resources or "
+            "use fewer shards or a smaller cpus_per_shard",
+        ) from e
     if gpus:  # each block against the free memory of the GPU its bundle landed on
-        check_blocks_fit([shard_bytes(config, grid)] * len(grid.blocks()),
-                         free_gpu_memory(ray, pg, len(grid.blocks()), wait_s))
+        check_blocks_fit(
+            [shard_bytes(config, grid)] * len(grid.blocks()),
+            free_gpu_memory(ray, pg, len(grid.blocks()), wait_s),
+        )
     # The catalog restarts without limit: losing its node must not orphan the shards.
     # A restart rebuilds it from the config; the shards' copies refill published keys.
     ray.remote(TableCatalog).options(
-        name=catalog_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-        max_restarts=-1, max_task_retries=-1,
+        name=catalog_name(name),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        num_cpus=0,
+        max_restarts=-1,
+        max_task_retries=-1,
     ).remote(config)
     actor_cls = ray.remote(worker_cls)
     shards = {}
     for i, (r, c) in enumerate(grid.blocks()):
         shards[(r, c)] = actor_cls.options(
-            name=shard_name(name, r, c), namespace=NAMESPACE, lifetime="detached",
-            max_restarts=max_restarts, max_task_retries=0, num_cpus=config["cpus"],
+            name=shard_name(name, r, c),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            max_restarts=max_restarts,
+            max_task_retries=0,
+            num_cpus=config["cpus"],
             num_gpus=1 if gpus else 0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=i
+            ),
         ).remote(config, r, c)
     return shards
 
@@ -246,8 +296,9 @@ def connect(name: str, push_id: int = 0, timeout_s: float | None = None) -> Tabl
     ray = _attach()
     config = find_table(name)
     grid = ShardGrid.from_dict(config["grid"])
-    shards = {(r, c): ray.get_actor(shard_name(name, r, c), namespace=NAMESPACE)
-              for r, c in grid.blocks()}
+    shards = {
+        (r, c): ray.get_actor(shard_name(name, r, c), namespace=NAMESPACE) for r, c in grid.blocks()
+    }
     return Table(config, shards, push_id=push_id, timeout_s=timeout_s)
 
 
@@ -257,6 +308,13 @@ def load_table(path: str, name: str, shards=1, **options) -> Table:
     manifest = checkpoint.read_manifest(path)
     t = manifest["table"]
     return create_table(
-        name, t["rows"], t["dim"], shards=shards, optimizer=optimizer_from_dict(t["optimizer"]),
-        dtype=t["dtype"], seed=t.get("seed", 0), restore_from=path, **options,
+        name,
+        t["rows"],
+        t["dim"],
+        shards=shards,
+        optimizer=optimizer_from_dict(t["optimizer"]),
+        dtype=t["dtype"],
+        seed=t.get("seed", 0),
+        restore_from=path,
+        **options,
     )

@@ -112,8 +112,10 @@ _BLOCK_FILE_SLACK = 1 << 20
 _HASH_CHUNK = 16 << 20
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSpec))
 _ENTRY_FIELDS = {"block", "file", "spec", "sha256", "bytes", "last_step", "updates"}
-_EXPECTED_PATH = ("a local path, a file:// URI, or a URI whose scheme pyarrow.fs supports "
-                  "(s3://bucket/key, gs://, hdfs://, ...)")
+_EXPECTED_PATH = (
+    "a local path, a file:// URI, or a URI whose scheme pyarrow.fs supports "
+    "(s3://bucket/key, gs://, hdfs://, ...)"
+)
 
 
 # ---- locations: local paths and pyarrow.fs URIs -------------------------------------
@@ -270,8 +272,7 @@ def _spec_dict(spec) -> dict:
     try:
         return dataclasses.asdict(BlockSpec(**{k: _int(spec[k]) for k in _SPEC_FIELDS}))
     except (KeyError, TypeError, ValueError) as e:
-        raise InvalidArgument("spec", f"a BlockSpec or a dict of {list(_SPEC_FIELDS)}",
-                              spec) from e
+        raise InvalidArgument("spec", f"a BlockSpec or a dict of {list(_SPEC_FIELDS)}", spec) from e
 
 
 def _int(value) -> int:
@@ -326,14 +327,16 @@ def _check_staging(path: str, staging: str) -> str:
     parent, staged = _split(staging)
     if local:
         ok = parent == os.path.dirname(path) and re.fullmatch(
-            rf"\.{re.escape(name)}\.staging-[0-9a-f]{{32}}", staged)
+            rf"\.{re.escape(name)}\.staging-[0-9a-f]{{32}}", staged
+        )
         prefix = ""
     else:
         ok = parent == path and _DATA_DIR.match(staged)
         prefix = staged + "/"
     if not ok:
-        raise InvalidArgument("staging", f"the location checkpoint.begin({path!r}) returned",
-                              staging)
+        raise InvalidArgument(
+            "staging", f"the location checkpoint.begin({path!r}) returned", staging
+        )
     return prefix
 
 
@@ -372,9 +375,15 @@ def write_block(path: str | os.PathLike, block_id: str, state_dict: dict) -> dic
         os.makedirs(fs_path, exist_ok=True)
     _write_file(_join(path, final), data)
     log.debug("wrote %s/%s (%d bytes)", path, final, len(data))
-    return {"block": block_id, "file": final, "spec": payload["spec"],
-            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-            "last_step": payload["last_step"], "updates": payload["updates"]}
+    return {
+        "block": block_id,
+        "file": final,
+        "spec": payload["spec"],
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "last_step": payload["last_step"],
+        "updates": payload["updates"],
+    }
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -386,8 +395,9 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def commit(path: str | os.PathLike, table_config: dict, entries: list[dict], step: int, *,
-           staging: str) -> dict:
+def commit(
+    path: str | os.PathLike, table_config: dict, entries: list[dict], step: int, *, staging: str
+) -> dict:
     """Make the checkpoint at ``path`` exist from the blocks written into ``staging``.
 
     ``table_config`` must hold ``rows``, ``dim``, ``dtype`` and ``optimizer`` (a dict
@@ -405,10 +415,17 @@ def commit(path: str | os.PathLike, table_config: dict, entries: list[dict], ste
         raise InvalidArgument("step", "an int >= 0", step)
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise InvalidArgument("entries", "a list of write_block entries", type(entries).__name__)
-    entries = [dict(e, spec=_spec_dict(e.get("spec")), file=prefix + str(e.get("file")))
-               for e in entries]
-    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step,
-                "created_unix": time.time(), "table": table, "blocks": entries}
+    entries = [
+        dict(e, spec=_spec_dict(e.get("spec")), file=prefix + str(e.get("file"))) for e in entries
+    ]
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "step": step,
+        "created_unix": time.time(),
+        "table": table,
+        "blocks": entries,
+    }
     _check_entries(path, manifest)  # fills grid, last_step and updates
     try:
         _verify_blocks(path, staging, manifest, prefix)
@@ -427,16 +444,20 @@ def commit(path: str | os.PathLike, table_config: dict, entries: list[dict], ste
 
 def _verify_blocks(path: str, staging: str, manifest: dict, prefix: str) -> None:
     for e in manifest["blocks"]:
-        file = _join(staging, e["file"][len(prefix):])
+        file = _join(staging, e["file"][len(prefix) :])
         try:
             sha, size = _sha256_file(file)
         except OSError as err:
-            raise CheckpointError(path, f"block file {e['file']} is missing or unreadable: "
-                                  f"{err}") from err
+            raise CheckpointError(
+                path, f"block file {e['file']} is missing or unreadable: {err}"
+            ) from err
         if (sha, size) != (e["sha256"], e["bytes"]):
-            raise CheckpointError(path, f"block file {e['file']} is not the one written "
-                                  f"(sha256 {sha}, {size} bytes; entry {e['sha256']}, "
-                                  f"{e['bytes']} bytes)")
+            raise CheckpointError(
+                path,
+                f"block file {e['file']} is not the one written "
+                f"(sha256 {sha}, {size} bytes; entry {e['sha256']}, "
+                f"{e['bytes']} bytes)",
+            )
 
 
 def _commit_local(path: str, staging: str, data: bytes) -> None:
@@ -448,8 +469,9 @@ def _commit_local(path: str, staging: str, data: bytes) -> None:
         # there (another save won the race) makes the rename fail, never merge.
         os.rename(staging, path)
     except OSError as e:
-        raise CheckpointError(path, f"already exists (another save committed it first): "
-                              f"{e.strerror}") from e
+        raise CheckpointError(
+            path, f"already exists (another save committed it first): {e.strerror}"
+        ) from e
     _fsync_dir(os.path.dirname(path))
 
 
@@ -511,28 +533,40 @@ def _check_entries(path: str, manifest: dict) -> None:
     rb = sorted({b for s in specs for b in (s.row_start, s.row_stop)})
     cb = sorted({b for s in specs for b in (s.col_start, s.col_stop)})
     cells = {(s.row_start, s.row_stop, s.col_start, s.col_stop) for s in specs}
-    if rb[0] != 0 or rb[-1] != rows or cb[0] != 0 or cb[-1] != dim \
-            or len(cells) != len(specs) or len(specs) != (len(rb) - 1) * (len(cb) - 1) \
-            or any((r0, r1) not in zip(rb, rb[1:]) or (c0, c1) not in zip(cb, cb[1:])
-                   for r0, r1, c0, c1 in cells):
-        raise CheckpointError(path, f"blocks do not tile {rows} x {dim} as a grid "
-                              f"(row bounds {rb[:8]}, col bounds {cb[:8]}, "
-                              f"{len(specs)} blocks)")
+    if (
+        rb[0] != 0
+        or rb[-1] != rows
+        or cb[0] != 0
+        or cb[-1] != dim
+        or len(cells) != len(specs)
+        or len(specs) != (len(rb) - 1) * (len(cb) - 1)
+        or any(
+            (r0, r1) not in zip(rb, rb[1:]) or (c0, c1) not in zip(cb, cb[1:])
+            for r0, r1, c0, c1 in cells
+        )
+    ):
+        raise CheckpointError(
+            path,
+            f"blocks do not tile {rows} x {dim} as a grid "
+            f"(row bounds {rb[:8]}, col bounds {cb[:8]}, "
+            f"{len(specs)} blocks)",
+        )
     files = [e["file"] for e in entries]
     if len(set(files)) != len(files) or len({f.rpartition("/")[0] for f in files}) != 1:
-        raise CheckpointError(path, "two blocks name the same file, or blocks sit in "
-                              "different data directories")
+        raise CheckpointError(
+            path, "two blocks name the same file, or blocks sit in different data directories"
+        )
     counters = {(e["last_step"], e["updates"]) for e in entries}
     if len(counters) != 1:
         # Blocks saved at different steps would mix two states of the table.
         raise CheckpointError(path, f"blocks disagree on (last_step, updates): {sorted(counters)}")
-    (last_step, updates), = counters
-    manifest.update(grid={"row_bounds": rb, "col_bounds": cb}, last_step=last_step,
-                    updates=updates)
+    ((last_step, updates),) = counters
+    manifest.update(grid={"row_bounds": rb, "col_bounds": cb}, last_step=last_step, updates=updates)
 
 
 def _check_entry(path: str, entry: dict, table: dict) -> BlockSpec:
     """One manifest entry's fields, by type, pattern and bound."""
+
     def bad(reason):
         return CheckpointError(path, f"block entry {str(entry)[:200]}: {reason}")
 
@@ -592,11 +626,15 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(path, f"{MANIFEST} is not a {FORMAT_NAME} manifest")
     if manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(path, f"unknown format version {manifest.get('version')!r} "
-                              f"(this memstore reads version {FORMAT_VERSION})")
+        raise CheckpointError(
+            path,
+            f"unknown format version {manifest.get('version')!r} "
+            f"(this memstore reads version {FORMAT_VERSION})",
+        )
     if manifest.get("manifest_sha256") != _manifest_sha256(manifest):
-        raise CheckpointError(path, f"{MANIFEST} is corrupt: its manifest_sha256 does not "
-                              "match its contents")
+        raise CheckpointError(
+            path, f"{MANIFEST} is corrupt: its manifest_sha256 does not match its contents"
+        )
     try:
         table = manifest["table"]
         _check_table(table, lambda reason: CheckpointError(path, f"table: {reason}"))
@@ -623,16 +661,16 @@ def checkpoints(root: str | os.PathLike) -> list[str]:
 def _committed(root: str | os.PathLike):
     root = resolve(root, "root")
     names = _list(root) or []
-    steps = sorted(((int(m.group(1)), n) for n in names if (m := _STEP_DIR.match(n))),
-                   reverse=True)
+    steps = sorted(((int(m.group(1)), n) for n in names if (m := _STEP_DIR.match(n))), reverse=True)
     for _, name in steps:
         path = _join(root, name)
         try:
             manifest = read_manifest(path)
             for e in manifest["blocks"]:
                 if _file_size(_join(path, *e["file"].split("/"))) != e["bytes"]:
-                    raise CheckpointError(path, f"block file {e['file']} is missing or of "
-                                          "another size")
+                    raise CheckpointError(
+                        path, f"block file {e['file']} is missing or of another size"
+                    )
         except CheckpointError as e:
             log.info("skipping %s: %s", path, e.reason)
             continue
@@ -662,14 +700,18 @@ def load_block(path: str | os.PathLike, spec: BlockSpec, manifest: dict | None =
     manifest = read_manifest(path) if manifest is None else manifest
     table = manifest["table"]
     if (spec.rows, spec.dim) != (table["rows"], table["dim"]):
-        raise CheckpointError(path, f"target block is of a {spec.rows} x {spec.dim} table, "
-                              f"the checkpoint of a {table['rows']} x {table['dim']} table")
+        raise CheckpointError(
+            path,
+            f"target block is of a {spec.rows} x {spec.dim} table, "
+            f"the checkpoint of a {table['rows']} x {table['dim']} table",
+        )
     kind = OptimizerKind(table["optimizer"]["kind"])
     _check_rowwise_columns(path, manifest, spec, kind)
     shape = spec.shape
     values = torch.empty(shape, dtype=DTYPES[table["dtype"]])
-    state = {n: torch.empty(kind.state_shape(*shape), dtype=torch.float32)
-             for n in kind.state_names()}
+    state = {
+        n: torch.empty(kind.state_shape(*shape), dtype=torch.float32) for n in kind.state_names()
+    }
     for entry in manifest["blocks"]:
         src = BlockSpec(**entry["spec"])
         r0, r1 = max(src.row_start, spec.row_start), min(src.row_stop, spec.row_stop)
@@ -678,23 +720,34 @@ def load_block(path: str | os.PathLike, spec: BlockSpec, manifest: dict | None =
             continue
         stored = _read_block(path, entry, manifest)
         # Source and target coordinates of the overlap.
-        sr, sc = slice(r0 - src.row_start, r1 - src.row_start), slice(c0 - src.col_start,
-                                                                    c1 - src.col_start)
-        tr, tc = slice(r0 - spec.row_start, r1 - spec.row_start), slice(c0 - spec.col_start,
-                                                                      c1 - spec.col_start)
+        sr, sc = (
+            slice(r0 - src.row_start, r1 - src.row_start),
+            slice(c0 - src.col_start, c1 - src.col_start),
+        )
+        tr, tc = (
+            slice(r0 - spec.row_start, r1 - spec.row_start),
+            slice(c0 - spec.col_start, c1 - spec.col_start),
+        )
         values[tr, tc] = stored["values"][sr, sc]
         for name, out in state.items():
             if out.dim() == 1:  # row-wise: the target's columns are this one column block
                 out[tr] = stored["state"][name][sr]
             else:
                 out[tr, tc] = stored["state"][name][sr, sc]
-    return {"spec": dataclasses.asdict(spec), "dtype": table["dtype"],
-            "optimizer": dict(table["optimizer"]), "values": values, "state": state,
-            "last_step": manifest["last_step"], "updates": manifest["updates"]}
+    return {
+        "spec": dataclasses.asdict(spec),
+        "dtype": table["dtype"],
+        "optimizer": dict(table["optimizer"]),
+        "values": values,
+        "state": state,
+        "last_step": manifest["last_step"],
+        "updates": manifest["updates"],
+    }
 
 
-def restore_block(root: str | os.PathLike | None, spec: BlockSpec,
-                  restore_from: str | os.PathLike | None = None) -> tuple[str, dict] | None:
+def restore_block(
+    root: str | os.PathLike | None, spec: BlockSpec, restore_from: str | os.PathLike | None = None
+) -> tuple[str, dict] | None:
     """``(path, state_dict)`` of the newest checkpoint under ``root`` whose blocks for
     ``spec`` load, else of ``restore_from``; None when there is no checkpoint at all.
 
@@ -711,8 +764,12 @@ def restore_block(root: str | os.PathLike | None, spec: BlockSpec,
         except CheckpointError as e:
             if i == len(candidates) - 1:
                 raise
-            log.warning("checkpoint %s does not load (%s); falling back to %s", path,
-                        e.reason, candidates[i + 1])
+            log.warning(
+                "checkpoint %s does not load (%s); falling back to %s",
+                path,
+                e.reason,
+                candidates[i + 1],
+            )
     return None
 
 
@@ -722,9 +779,11 @@ def _check_rowwise_columns(path: str, manifest: dict, spec: BlockSpec, kind) -> 
     cb = manifest["grid"]["col_bounds"]
     if (spec.col_start, spec.col_stop) not in set(zip(cb, cb[1:])):
         raise CheckpointError(
-            path, f"rowwise_adagrad keeps one accumulator per (row, column block); target "
+            path,
+            f"rowwise_adagrad keeps one accumulator per (row, column block); target "
             f"columns [{spec.col_start}, {spec.col_stop}) are not one stored column block "
-            f"(column bounds {cb}), and changing the column grid would change the optimizer")
+            f"(column bounds {cb}), and changing the column grid would change the optimizer",
+        )
 
 
 def _load_verified(path: str, entry: dict):
@@ -741,8 +800,11 @@ def _load_verified(path: str, entry: dict):
     except OSError as e:
         raise CheckpointError(path, f"block file {entry['file']} is unreadable: {e}") from e
     if (sha, size) != (entry["sha256"], entry["bytes"]):
-        raise CheckpointError(path, f"block file {entry['file']} is corrupt: sha256 {sha} "
-                              f"!= {entry['sha256']} in the manifest")
+        raise CheckpointError(
+            path,
+            f"block file {entry['file']} is corrupt: sha256 {sha} "
+            f"!= {entry['sha256']} in the manifest",
+        )
     try:
         # weights_only: a checkpoint must never be able to run code.
         return torch.load(source, map_location="cpu", weights_only=True, mmap=local)
@@ -753,9 +815,12 @@ def _load_verified(path: str, entry: dict):
 def _read_block(path: str, entry: dict, manifest: dict) -> dict:
     """Load one stored block after checking its sha256 and its contents' metadata."""
     stored = _load_verified(path, entry)
-    if not isinstance(stored, dict) or not isinstance(stored.get("state"), dict) \
-            or not isinstance(stored.get("values"), torch.Tensor) \
-            or not all(isinstance(t, torch.Tensor) for t in stored["state"].values()):
+    if (
+        not isinstance(stored, dict)
+        or not isinstance(stored.get("state"), dict)
+        or not isinstance(stored.get("values"), torch.Tensor)
+        or not all(isinstance(t, torch.Tensor) for t in stored["state"].values())
+    ):
         raise CheckpointError(path, f"block file {entry['file']} is not a memstore block")
     table, src = manifest["table"], BlockSpec(**entry["spec"])
     kind = OptimizerKind(table["optimizer"]["kind"])
@@ -763,12 +828,15 @@ def _read_block(path: str, entry: dict, manifest: dict) -> dict:
     problems = [
         stored.get("format") != _BLOCK_FORMAT and "not a memstore block",
         stored.get("spec") != entry["spec"] and "spec differs from the manifest",
-        (stored.get("dtype") != table["dtype"] or stored["values"].dtype
-         != DTYPES[table["dtype"]]) and f"dtype {stored.get('dtype')} != {table['dtype']}",
+        (stored.get("dtype") != table["dtype"] or stored["values"].dtype != DTYPES[table["dtype"]])
+        and f"dtype {stored.get('dtype')} != {table['dtype']}",
         _norm_opt(stored.get("optimizer")) != table["optimizer"] and "optimizer differs",
         tuple(stored["values"].shape) != src.shape and "values shape differs from its spec",
-        any(tuple(t.shape) != want_state or t.dtype != torch.float32
-            for t in stored["state"].values()) and "state shape or dtype differs",
+        any(
+            tuple(t.shape) != want_state or t.dtype != torch.float32
+            for t in stored["state"].values()
+        )
+        and "state shape or dtype differs",
         set(stored["state"]) != set(kind.state_names())
         and "state tensors differ from the optimizer's",
     ]

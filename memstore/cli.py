@@ -38,8 +38,13 @@ def _client(ns):
     from .client import MemoryClient
 
     roots = pathlib.Path(ns.tls_ca).read_bytes() if ns.tls_ca else None
-    return MemoryClient(ns.address, token_file=ns.token_file, root_certificates=roots,
-                        server_name=ns.tls_server_name, read_retries=2)
+    return MemoryClient(
+        ns.address,
+        token_file=ns.token_file,
+        root_certificates=roots,
+        server_name=ns.tls_server_name,
+        read_retries=2,
+    )
 
 
 def _ray(ns):
@@ -54,8 +59,10 @@ def _ray(ns):
 def _table_rows(headers: list[str], rows: list[list]) -> str:
     cells = [headers] + [[_fmt(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                               enumerate(zip(r, widths))) for r in cells)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in cells
+    )
 
 
 def _fmt(v) -> str:
@@ -68,20 +75,48 @@ def _fmt(v) -> str:
 
 def _shard_table(shards: list[dict]) -> str:
     return _table_rows(
-        ["shard", "rows", "cols", "bytes", "step", "pending", "lookups", "tokens", "pushes",
-         "rows_updated"],
-        [[s["block"], s["rows"], s["cols"], s["bytes"], s["last_step"], len(s["pending_steps"]),
-          int(s.get("lookups", 0)), int(s.get("tokens", 0)), int(s.get("pushes", 0)),
-          int(s.get("rows_updated", 0))] for s in shards])
+        [
+            "shard",
+            "rows",
+            "cols",
+            "bytes",
+            "step",
+            "pending",
+            "lookups",
+            "tokens",
+            "pushes",
+            "rows_updated",
+        ],
+        [
+            [
+                s["block"],
+                s["rows"],
+                s["cols"],
+                s["bytes"],
+                s["last_step"],
+                len(s["pending_steps"]),
+                int(s.get("lookups", 0)),
+                int(s.get("tokens", 0)),
+                int(s.get("pushes", 0)),
+                int(s.get("rows_updated", 0)),
+            ]
+            for s in shards
+        ],
+    )
 
 
 # ---- gRPC commands ---------------------------------------------------------------------
 def _tables(ns) -> int:
     with _client(ns) as c:
         tables = c.tables()
-    print(_table_rows(["name", "rows", "dim", "step"],
-                      [[t["name"], t["rows"], t["dim"], t["step"]] for t in tables])
-          if tables else "no tables")
+    print(
+        _table_rows(
+            ["name", "rows", "dim", "step"],
+            [[t["name"], t["rows"], t["dim"], t["step"]] for t in tables],
+        )
+        if tables
+        else "no tables"
+    )
     return 0
 
 
@@ -89,10 +124,12 @@ def _describe(ns) -> int:
     with _client(ns) as c:
         d = c.describe(ns.name)
     params = ", ".join(f"{k}={v:g}" for k, v in sorted(d["optimizer_params"].items()))
-    print(f"table {d['name']}: {d['rows']:,} rows x {d['dim']} {d['dtype']}, grid "
-          f"{d['grid'][0]} x {d['grid'][1]}, {d['mode']} mode, step {d['step']}\n"
-          f"optimizer {d['optimizer']} ({params}); keys "
-          f"{'published' if d['keys_published'] else 'not published'}")
+    print(
+        f"table {d['name']}: {d['rows']:,} rows x {d['dim']} {d['dtype']}, grid "
+        f"{d['grid'][0]} x {d['grid'][1]}, {d['mode']} mode, step {d['step']}\n"
+        f"optimizer {d['optimizer']} ({params}); keys "
+        f"{'published' if d['keys_published'] else 'not published'}"
+    )
     print(_shard_table(d["shards"]))
     return 0
 
@@ -100,8 +137,7 @@ def _describe(ns) -> int:
 def _stats(ns) -> int:
     with _client(ns) as c:
         s = c.stats(ns.name)
-    print(f"table {ns.name}: step {s['step']}, {s['bytes']:,} bytes in "
-          f"{len(s['shards'])} shards")
+    print(f"table {ns.name}: step {s['step']}, {s['bytes']:,} bytes in {len(s['shards'])} shards")
     print(_shard_table(s["shards"]))
     if ns.plot:
         _plot_stats(ns.name, s["shards"], ns.plot)
@@ -120,8 +156,9 @@ def _plot_stats(name: str, shards: list[dict], path: str) -> None:
     fig, (load, usage) = plt.subplots(1, 2, figsize=(10, 4))
     x = range(len(blocks))
     load.bar([i - 0.2 for i in x], [s.get("tokens", 0) for s in shards], 0.4, label="tokens")
-    load.bar([i + 0.2 for i in x], [s.get("rows_updated", 0) for s in shards], 0.4,
-             label="rows updated")
+    load.bar(
+        [i + 0.2 for i in x], [s.get("rows_updated", 0) for s in shards], 0.4, label="rows updated"
+    )
     load.set(title=f"{name}: load per shard", xticks=list(x), xticklabels=blocks, xlabel="shard")
     load.legend()
     usage.bar(list(x), [s.get("rows_updated", 0) / max(s["rows"], 1) for s in shards])
@@ -167,14 +204,28 @@ def _create(ns) -> int:
     from . import api, optim
 
     _ray(ns)
-    optimizer = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
-                 "adagrad": optim.Adagrad, "rowwise_adagrad": optim.RowWiseAdagrad}[ns.optimizer]
+    optimizer = {
+        "adam": optim.Adam,
+        "adamw": optim.AdamW,
+        "sgd": optim.SGD,
+        "adagrad": optim.Adagrad,
+        "rowwise_adagrad": optim.RowWiseAdagrad,
+    }[ns.optimizer]
     shards = tuple(ns.shards) if len(ns.shards) == 2 else ns.shards[0]
-    t = api.create_table(ns.name, ns.rows, ns.dim, shards=shards, dtype=ns.dtype, seed=ns.seed,
-                         mode=ns.mode, optimizer=optimizer(lr=ns.lr),
-                         checkpoint_root=ns.checkpoint_root)
-    print(f"created {t.name}: {t.rows:,} x {t.dim} over a {t.grid.shape[0]} x "
-          f"{t.grid.shape[1]} grid")
+    t = api.create_table(
+        ns.name,
+        ns.rows,
+        ns.dim,
+        shards=shards,
+        dtype=ns.dtype,
+        seed=ns.seed,
+        mode=ns.mode,
+        optimizer=optimizer(lr=ns.lr),
+        checkpoint_root=ns.checkpoint_root,
+    )
+    print(
+        f"created {t.name}: {t.rows:,} x {t.dim} over a {t.grid.shape[0]} x {t.grid.shape[1]} grid"
+    )
     return 0
 
 
@@ -210,16 +261,27 @@ def _serve(ns) -> int:
 
     if ns.stop:
         _ray(ns)
-        print("stopped the detached server" if server.stop_detached() else
-              "no detached server was running")
+        print(
+            "stopped the detached server"
+            if server.stop_detached()
+            else "no detached server was running"
+        )
         return 0
     options = server.ServerOptions(
-        address=ns.address, token_file=ns.token_file, tls_cert=ns.tls_cert, tls_key=ns.tls_key,
-        max_message_bytes=ns.max_message_bytes, save_root=ns.save_root, threads=ns.threads)
+        address=ns.address,
+        token_file=ns.token_file,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        max_message_bytes=ns.max_message_bytes,
+        save_root=ns.save_root,
+        threads=ns.threads,
+    )
     if ns.detach:
         _ray(ns)
-        print(f"memstore gRPC serving on {server.start_detached(options)} (detached; "
-              "memstore serve --stop ends it)")
+        print(
+            f"memstore gRPC serving on {server.start_detached(options)} (detached; "
+            "memstore serve --stop ends it)"
+        )
         return 0
     import ray
 
@@ -227,8 +289,10 @@ def _serve(ns) -> int:
     if not ray.is_initialized():  # the cluster named, else RAY_ADDRESS, else a local one
         ray.init(address=ns.ray_address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
     running = server.start(options)
-    print(f"memstore gRPC serving on {running.address}; tokens from {running.token_source}",
-          flush=True)
+    print(
+        f"memstore gRPC serving on {running.address}; tokens from {running.token_source}",
+        flush=True,
+    )
     _wait_for_signal(running)
     return 0
 
@@ -266,10 +330,12 @@ def _benchmarks() -> list[str]:
     """The modules of the ``benchmarks`` package installed beside memstore."""
     spec = importlib.util.find_spec("benchmarks")
     if spec is None or not spec.submodule_search_locations:
-        raise InvalidArgument("bench", "the benchmarks package, installed with memstore",
-                              "not importable")
-    return sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations)
-                  if not m.ispkg)
+        raise InvalidArgument(
+            "bench", "the benchmarks package, installed with memstore", "not importable"
+        )
+    return sorted(
+        m.name for m in pkgutil.iter_modules(spec.submodule_search_locations) if not m.ispkg
+    )
 
 
 def _bench(ns) -> int:
@@ -277,8 +343,9 @@ def _bench(ns) -> int:
     if ns.name not in names:
         raise InvalidArgument("bench", f"one of {names}", ns.name)
     # In the current folder: the benchmarks write their runs under it (runs/...).
-    return subprocess.run([sys.executable, "-m", f"benchmarks.{ns.name}", *ns.args],
-                          check=False).returncode
+    return subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{ns.name}", *ns.args], check=False
+    ).returncode
 
 
 def _demo(ns) -> int:
@@ -297,22 +364,36 @@ def _demo(ns) -> int:
 # ---- parser ------------------------------------------------------------------------------
 def _grpc_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
-    g.add_argument("--address", default=DEFAULT_ADDRESS,
-                   help="HOST:PORT of `memstore serve` (default $MEMSTORE_ADDRESS or %(default)s)")
-    g.add_argument("--token-file", help="file whose first token is sent (default "
-                   "$MEMSTORE_TOKEN, else ~/.memstore/grpc-token)")
+    g.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help="HOST:PORT of `memstore serve` (default $MEMSTORE_ADDRESS or %(default)s)",
+    )
+    g.add_argument(
+        "--token-file",
+        help="file whose first token is sent (default "
+        "$MEMSTORE_TOKEN, else ~/.memstore/grpc-token)",
+    )
     g.add_argument("--tls-ca", help="PEM root certificate(s): use TLS")
     g.add_argument("--tls-server-name", help="name the server certificate is checked against")
 
 
 def _ray_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray-address", help="the Ray cluster (default $RAY_ADDRESS, else the "
-                   "running local cluster)")
+    p.add_argument(
+        "--ray-address",
+        help="the Ray cluster (default $RAY_ADDRESS, else the running local cluster)",
+    )
 
 
 def _shards_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", type=int, nargs="+", default=[1], metavar="N",
-                   help="S shards, or R C for an R x C grid (default 1)")
+    p.add_argument(
+        "--shards",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="N",
+        help="S shards, or R C for an R x C grid (default 1)",
+    )
 
 
 def _add_cluster_commands(sub) -> None:
@@ -330,8 +411,11 @@ def _add_table_commands(sub) -> None:
     p.add_argument("--rows", type=int, required=True)
     p.add_argument("--dim", type=int, required=True)
     _shards_option(p)
-    p.add_argument("--optimizer", default="adam",
-                   choices=["adam", "adamw", "sgd", "adagrad", "rowwise_adagrad"])
+    p.add_argument(
+        "--optimizer",
+        default="adam",
+        choices=["adam", "adamw", "sgd", "adagrad", "rowwise_adagrad"],
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mode", default="sync", choices=["sync", "async"])
@@ -369,13 +453,15 @@ def _add_query_commands(sub) -> None:
     p.add_argument("--plot", metavar="PNG", help="also draw per-shard load and row usage")
     _grpc_options(p)
     p.set_defaults(run=_stats)
-    p = sub.add_parser("query", help="top-k rows for query vectors over the published keys "
-                       "(gRPC)")
+    p = sub.add_parser("query", help="top-k rows for query vectors over the published keys (gRPC)")
     p.add_argument("--table", required=True)
     p.add_argument("--vectors", required=True, help=".npy of shape (B, H, Dk)")
     p.add_argument("-k", type=int, default=32, help="rows per head (default 32)")
-    p.add_argument("--out", help="write indices to OUT.npy and scores to OUT.scores.npy, or "
-                   "indices, scores and values to OUT.npz; default: print them")
+    p.add_argument(
+        "--out",
+        help="write indices to OUT.npy and scores to OUT.scores.npy, or "
+        "indices, scores and values to OUT.npz; default: print them",
+    )
     _grpc_options(p)
     p.set_defaults(run=_query)
 
@@ -384,31 +470,47 @@ def _add_serve_command(sub) -> None:
     from .server import DEFAULT_ADDRESS as SERVE_ADDRESS
     from .server import DEFAULT_MAX_MESSAGE_BYTES
 
-    p = sub.add_parser("serve", help="serve every table over gRPC (memstore.v1.MemoryStore)",
-                       description="Serve every table of the Ray cluster over gRPC. Calls "
-                       "need a bearer token: from --token-file, else $MEMSTORE_TOKEN, else "
-                       "a token generated into ~/.memstore/grpc-token (mode 0600).")
-    p.add_argument("--address", default=SERVE_ADDRESS,
-                   help="HOST:PORT to bind (default %(default)s: this machine only)")
+    p = sub.add_parser(
+        "serve",
+        help="serve every table over gRPC (memstore.v1.MemoryStore)",
+        description="Serve every table of the Ray cluster over gRPC. Calls "
+        "need a bearer token: from --token-file, else $MEMSTORE_TOKEN, else "
+        "a token generated into ~/.memstore/grpc-token (mode 0600).",
+    )
+    p.add_argument(
+        "--address",
+        default=SERVE_ADDRESS,
+        help="HOST:PORT to bind (default %(default)s: this machine only)",
+    )
     _ray_option(p)
-    p.add_argument("--detach", action="store_true",
-                   help="run as a detached Ray actor that lives with the cluster")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="run as a detached Ray actor that lives with the cluster",
+    )
     p.add_argument("--stop", action="store_true", help="stop the detached server")
     p.add_argument("--token-file", help="tokens, one per line: TOKEN [read,write,admin]")
     p.add_argument("--tls-cert", help="PEM certificate (with --tls-key): serve TLS")
     p.add_argument("--tls-key", help="PEM private key")
-    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
-                   help="largest request or reply (default %(default)s)")
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest request or reply (default %(default)s)",
+    )
     p.add_argument("--save-root", help="directory Save may write under (default: Save refused)")
     p.add_argument("--threads", type=int, default=16, help="calls served at once")
     p.set_defaults(run=_serve)
 
 
 def _add_job_commands(sub, plugins: dict, with_demo_options: bool) -> None:
-    p = sub.add_parser("bench", help="run a benchmark of the benchmarks package by name",
-                       description="memstore bench NAME [ARGS...] runs python -m "
-                       "benchmarks.NAME ARGS in the current folder (e.g. memstore bench "
-                       "facts --quick).")
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark of the benchmarks package by name",
+        description="memstore bench NAME [ARGS...] runs python -m "
+        "benchmarks.NAME ARGS in the current folder (e.g. memstore bench "
+        "facts --quick).",
+    )
     p.add_argument("name", help="facts, text, ops, store, train_step, grpc, ...")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     p.set_defaults(run=_bench)
@@ -425,9 +527,12 @@ def _add_job_commands(sub, plugins: dict, with_demo_options: bool) -> None:
 
 
 def build_parser(plugins: dict, command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memstore", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="memstore",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_cluster_commands(sub)
     _add_table_commands(sub)

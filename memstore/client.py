@@ -43,15 +43,18 @@ class Seen:
     consistent: bool
 
     @classmethod
-    def of(cls, message) -> "Seen":
+    def of(cls, message) -> Seen:
         return cls(message.step, dict(message.shard_steps), message.consistent)
 
     @classmethod
-    def joined(cls, parts: list["Seen"]) -> "Seen":
+    def joined(cls, parts: list[Seen]) -> Seen:
         """One Seen for the answer assembled from split calls."""
         same = all(p.shard_steps == parts[0].shard_steps for p in parts)
-        return cls(min(p.step for p in parts), parts[-1].shard_steps,
-                   same and all(p.consistent for p in parts))
+        return cls(
+            min(p.step for p in parts),
+            parts[-1].shard_steps,
+            same and all(p.consistent for p in parts),
+        )
 
 
 @dataclasses.dataclass
@@ -87,11 +90,19 @@ def _like(template, a: np.ndarray):
 
 
 class MemoryClient:
-    def __init__(self, address: str, token: str | None = None,
-                 root_certificates: bytes | None = None, *, token_file: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout_s: float = 60.0,
-                 read_retries: int = 4, backoff_s: float = 0.1,
-                 server_name: str | None = None):
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        *,
+        token_file: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        timeout_s: float = 60.0,
+        read_retries: int = 4,
+        backoff_s: float = 0.1,
+        server_name: str | None = None,
+    ):
         """``token``: else ``token_file``, $MEMSTORE_TOKEN, or ~/.memstore/grpc-token.
         ``root_certificates`` (PEM bytes) turns on TLS; ``server_name`` overrides the
         name the certificate is checked against."""
@@ -102,8 +113,10 @@ class MemoryClient:
         self.backoff_s = backoff_s
         token = client_token(token, token_file)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if root_certificates is not None:
@@ -117,7 +130,7 @@ class MemoryClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "MemoryClient":
+    def __enter__(self) -> MemoryClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -133,7 +146,7 @@ class MemoryClient:
             except grpc.RpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
-                    time.sleep(self.backoff_s * (2 ** attempt))
+                    time.sleep(self.backoff_s * (2**attempt))
                     continue
                 raise RemoteError(method, code.name, e.details() or "") from None
 
@@ -149,17 +162,26 @@ class MemoryClient:
     # ---- reads -------------------------------------------------------------------------
     def tables(self) -> list[dict]:
         reply = self._call("ListTables", pb.ListTablesRequest(), read=True)
-        return [{"name": t.name, "rows": t.rows, "dim": t.dim, "step": t.seen.step}
-                for t in reply.tables]
+        return [
+            {"name": t.name, "rows": t.rows, "dim": t.dim, "step": t.seen.step}
+            for t in reply.tables
+        ]
 
     def describe(self, table: str) -> dict:
         r = self._call("DescribeTable", pb.DescribeTableRequest(table=table), read=True)
         return {
-            "name": r.name, "rows": r.rows, "dim": r.dim, "grid": tuple(r.grid),
-            "dtype": r.dtype, "optimizer": r.optimizer,
-            "optimizer_params": dict(r.optimizer_params), "mode": r.mode,
-            "step": r.seen.step, "keys_published": r.keys_published,
-            "key_heads": r.key_heads, "key_dim": r.key_dim,
+            "name": r.name,
+            "rows": r.rows,
+            "dim": r.dim,
+            "grid": tuple(r.grid),
+            "dtype": r.dtype,
+            "optimizer": r.optimizer,
+            "optimizer_params": dict(r.optimizer_params),
+            "mode": r.mode,
+            "step": r.seen.step,
+            "keys_published": r.keys_published,
+            "key_heads": r.key_heads,
+            "key_dim": r.key_dim,
             "shards": [_shard_dict(s) for s in r.shards],
         }
 
@@ -176,8 +198,8 @@ class MemoryClient:
         ys, seen = [], []
         for s in range(0, max(len(i), 1), rows):
             request = pb.LookupRequest(table=table)
-            encode(i[s:s + rows], request.idx)
-            _encode_float(wn[s:s + rows], request.w)
+            encode(i[s : s + rows], request.idx)
+            _encode_float(wn[s : s + rows], request.w)
             reply = self._call("Lookup", request, read=True)
             ys.append(decode("y", reply.y, reply.HasField("y"), FLOATS, 2))
             seen.append(Seen.of(reply.seen))
@@ -191,7 +213,7 @@ class MemoryClient:
         parts, seen = [], []
         for s in range(0, max(len(r), 1), step):
             request = pb.GatherRequest(table=table)
-            encode(r[s:s + step], request.rows)
+            encode(r[s : s + step], request.rows)
             reply = self._call("Gather", request, read=True)
             parts.append(decode("values", reply.values, reply.HasField("values"), FLOATS, 2))
             seen.append(Seen.of(reply.seen))
@@ -209,18 +231,30 @@ class MemoryClient:
         parts = []
         for s in range(0, max(len(qn), 1), step):
             request = pb.QueryRequest(table=table, k=k, return_values=return_values)
-            _encode_float(qn[s:s + step], request.q)
+            _encode_float(qn[s : s + step], request.q)
             parts.append(self._call("Query", request, read=True))
         return QueryResult(
             _like(q, np.concatenate([decode("indices", p.indices, True, INTS, 3) for p in parts])),
             _like(q, np.concatenate([decode("scores", p.scores, True, FLOATS, 3) for p in parts])),
-            _like(q, np.concatenate([decode("values", p.values, True, FLOATS, 2)
-                                     for p in parts])) if return_values else None,
-            Seen.joined([Seen.of(p.seen) for p in parts]))
+            _like(q, np.concatenate([decode("values", p.values, True, FLOATS, 2) for p in parts]))
+            if return_values
+            else None,
+            Seen.joined([Seen.of(p.seen) for p in parts]),
+        )
 
     # ---- writes (never retried) -------------------------------------------------------
-    def apply_gradients(self, table: str, idx, w, dy, step: int, push_id: int = 0,
-                        lr: float | None = None, *, with_seen: bool = False):
+    def apply_gradients(
+        self,
+        table: str,
+        idx,
+        w,
+        dy,
+        step: int,
+        push_id: int = 0,
+        lr: float | None = None,
+        *,
+        with_seen: bool = False,
+    ):
         """Push the row gradients of dy (B, dim) for (step, push_id); returns dw (B, M).
         One message: a push larger than the limit is refused, never split (each part
         would count as a push)."""
@@ -231,14 +265,19 @@ class MemoryClient:
         if lr is not None:
             request.lr = lr
         if request.ByteSize() > self.max_message_bytes:
-            raise InvalidArgument("dy", f"a push under {self.max_message_bytes} bytes (pushes "
-                                  "are not split; push smaller batches)", request.ByteSize())
+            raise InvalidArgument(
+                "dy",
+                f"a push under {self.max_message_bytes} bytes (pushes "
+                "are not split; push smaller batches)",
+                request.ByteSize(),
+            )
         reply = self._call("ApplyGradients", request, read=False)
         dw = _like(idx, decode("dw", reply.dw, reply.HasField("dw"), FLOATS, 2))
         return (dw, Seen.of(reply.seen)) if with_seen else dw
 
-    def step(self, table: str, step: int, pushes_per_step: int | None = None,
-             lr: float | None = None) -> int:
+    def step(
+        self, table: str, step: int, pushes_per_step: int | None = None, lr: float | None = None
+    ) -> int:
         """Apply step ``step``; returns the rows updated."""
         request = pb.StepRequest(table=table, step=step)
         if pushes_per_step is not None:
@@ -269,6 +308,12 @@ def _encode_float(a: np.ndarray, out) -> None:
 
 
 def _shard_dict(s) -> dict:
-    return {"block": s.block, "rows": s.rows, "cols": s.cols, "bytes": s.bytes,
-            "last_step": s.last_step, "pending_steps": list(s.pending_steps), **dict(s.counters)}
-
+    return {
+        "block": s.block,
+        "rows": s.rows,
+        "cols": s.cols,
+        "bytes": s.bytes,
+        "last_step": s.last_step,
+        "pending_steps": list(s.pending_steps),
+        **dict(s.counters),
+    }

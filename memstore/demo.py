@@ -40,10 +40,17 @@ class DemoResult:
 
 def run_demo(args: DemoArgs, progress: bool = True) -> DemoResult:
     torch.manual_seed(args.seed)
-    layer = MemoryLayer(MemoryLayerArgs(
-        dim=args.dim, heads=args.heads, k=args.k, n_keys=args.n_keys, key_dim=args.dim,
-        value_lr=1e-2, seed=args.seed,
-    ))
+    layer = MemoryLayer(
+        MemoryLayerArgs(
+            dim=args.dim,
+            heads=args.heads,
+            k=args.k,
+            n_keys=args.n_keys,
+            key_dim=args.dim,
+            value_lr=1e-2,
+            seed=args.seed,
+        )
+    )
     inputs = torch.randn(args.facts, args.dim)
     targets = torch.randn(args.facts, args.dim)
     dense = torch.optim.Adam(layer.parameters(), lr=1e-3)

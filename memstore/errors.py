@@ -51,7 +51,8 @@ def _wire_value(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)) and all(
-            v is None or isinstance(v, (bool, int, float, str)) for v in value):
+        v is None or isinstance(v, (bool, int, float, str)) for v in value
+    ):
         return list(value)
     return str(value)[:_WIRE_MESSAGE_CHARS]
 
@@ -63,8 +64,7 @@ def to_wire(error: BaseException) -> dict:
     if isinstance(error, MemstoreError) and _wire_class(type(error).__name__) is type(error):
         fields = {k: _wire_value(v) for k, v in vars(error).items() if k != "message"}
         return {"class": type(error).__name__, "message": error.message, "fields": fields}
-    return {"class": "MemstoreError", "message": f"{type(error).__name__}: {error}",
-            "fields": {}}
+    return {"class": "MemstoreError", "message": f"{type(error).__name__}: {error}", "fields": {}}
 
 
 def _wire_class(name) -> type | None:
@@ -83,8 +83,7 @@ def from_wire(data) -> MemstoreError:
     cls, fields = _wire_class(data.get("class")), data.get("fields")
     if cls is None or cls is MemstoreError or not isinstance(fields, dict):
         return MemstoreError(message)
-    params = [p for p in inspect.signature(cls.__init__).parameters.values()
-              if p.name != "self"]
+    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
     try:
         return cls(**{p.name: fields[p.name] for p in params if p.name in fields})
     except Exception:  # noqa: BLE001 - fields that do not fit the class: keep the message
@@ -105,9 +104,7 @@ class StepOutOfOrder(InvalidArgument):
     """A push or step names a step the table has already applied."""
 
     def __init__(self, step: int, last_applied: int):
-        super().__init__(
-            "step", f"a step after the last applied step {last_applied}", step
-        )
+        super().__init__("step", f"a step after the last applied step {last_applied}", step)
         self.step = step
         self.last_applied = last_applied
 

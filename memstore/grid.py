@@ -50,26 +50,36 @@ class ShardGrid:
     col_bounds: tuple[int, ...]
 
     @classmethod
-    def make(cls, rows: int, dim: int, shards) -> "ShardGrid":
+    def make(cls, rows: int, dim: int, shards) -> ShardGrid:
         """``shards=S`` (column blocks while each keeps >= 64 columns, then row blocks)
         or ``shards=(R, C)``."""
         check_positive_int("rows", rows)
         check_positive_int("dim", dim)
         if isinstance(shards, int) and not isinstance(shards, bool):
             check_positive_int("shards", shards)
-            C = max(c for c in range(1, shards + 1)
-                    if shards % c == 0 and (c == 1 or dim // c >= MIN_COLUMNS_PER_BLOCK))
+            C = max(
+                c
+                for c in range(1, shards + 1)
+                if shards % c == 0 and (c == 1 or dim // c >= MIN_COLUMNS_PER_BLOCK)
+            )
             R = shards // C
-        elif (isinstance(shards, (tuple, list)) and len(shards) == 2
-              and all(isinstance(x, int) and x >= 1 for x in shards)):
+        elif (
+            isinstance(shards, (tuple, list))
+            and len(shards) == 2
+            and all(isinstance(x, int) and x >= 1 for x in shards)
+        ):
             R, C = shards
         else:
             raise InvalidArgument("shards", "an int >= 1 or a pair (R, C) of ints >= 1", shards)
         if R > rows:
             raise InvalidArgument("shards", f"at most {rows} row blocks (one row each)", R)
         if C > 1 and dim // C < MIN_COLUMNS_PER_BLOCK:
-            raise InvalidArgument("shards", f"column blocks of >= {MIN_COLUMNS_PER_BLOCK} "
-                                  f"columns (dim {dim} allows {dim // MIN_COLUMNS_PER_BLOCK})", C)
+            raise InvalidArgument(
+                "shards",
+                f"column blocks of >= {MIN_COLUMNS_PER_BLOCK} "
+                f"columns (dim {dim} allows {dim // MIN_COLUMNS_PER_BLOCK})",
+                C,
+            )
         return cls(rows, dim, tuple(_even_bounds(rows, R)), tuple(_even_bounds(dim, C)))
 
     @property
@@ -77,8 +87,14 @@ class ShardGrid:
         return (len(self.row_bounds) - 1, len(self.col_bounds) - 1)
 
     def block(self, r: int, c: int) -> BlockSpec:
-        return BlockSpec(self.rows, self.dim, self.row_bounds[r], self.row_bounds[r + 1],
-                         self.col_bounds[c], self.col_bounds[c + 1])
+        return BlockSpec(
+            self.rows,
+            self.dim,
+            self.row_bounds[r],
+            self.row_bounds[r + 1],
+            self.col_bounds[c],
+            self.col_bounds[c + 1],
+        )
 
     def blocks(self) -> list[tuple[int, int]]:
         R, C = self.shape
@@ -110,7 +126,7 @@ class ShardGrid:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShardGrid":
+    def from_dict(cls, d: dict) -> ShardGrid:
         return cls(d["rows"], d["dim"], tuple(d["row_bounds"]), tuple(d["col_bounds"]))
 
 
@@ -126,7 +142,10 @@ def unpack_grouping(packed: torch.Tensor, pairs: int) -> tuple[torch.Tensor, ...
     """(uniq, seg, order) views of a packed grouping of ``pairs`` slots."""
     rest = packed.numel() - pairs - 1
     if packed.dim() != 1 or rest < 0 or rest % 2:
-        raise InvalidArgument("grouping", f"order ({pairs}) | uniq (U) | seg (U+1) as one "
-                              "1-d array", tuple(packed.shape))
+        raise InvalidArgument(
+            "grouping",
+            f"order ({pairs}) | uniq (U) | seg (U+1) as one 1-d array",
+            tuple(packed.shape),
+        )
     U = rest // 2
-    return packed[pairs: pairs + U], packed[pairs + U:], packed[:pairs]
+    return packed[pairs : pairs + U], packed[pairs + U :], packed[:pairs]

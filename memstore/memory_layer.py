@@ -39,8 +39,9 @@ class ValueTable(Protocol):
 
     def lookup(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
 
-    def backward(self, idx, w, dy, step: int | None = None, push_id: int = 0,
-                 lr: float | None = None) -> torch.Tensor: ...
+    def backward(
+        self, idx, w, dy, step: int | None = None, push_id: int = 0, lr: float | None = None
+    ) -> torch.Tensor: ...
 
     def step(self, step: int | None = None, lr: float | None = None) -> int: ...
 
@@ -59,7 +60,7 @@ class MemoryLayerArgs:
     seed: int = 0  # seeds the local table's initial values
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MemoryLayerArgs":
+    def from_dict(cls, d: dict) -> MemoryLayerArgs:
         return dataclass_from_dict(cls, d, "memory layer config")
 
     def __post_init__(self) -> None:
@@ -74,8 +75,9 @@ class MemoryLayerArgs:
         if self.k > self.n_keys**2:
             raise InvalidArgument("k", f"at most n_keys² = {self.n_keys**2}", self.k)
         if not self.memory_plus and self.value_dim != self.dim:
-            raise InvalidArgument("value_dim", f"{self.dim} (= dim) without memory_plus",
-                                  self.value_dim)
+            raise InvalidArgument(
+                "value_dim", f"{self.dim} (= dim) without memory_plus", self.value_dim
+            )
 
 
 class TableLookup(torch.autograd.Function):
@@ -114,11 +116,13 @@ class MemoryLayer(nn.Module):
         self.args = args
         rows = args.n_keys**2
         if table is None:
-            table = ShardTable(rows, args.value_dim, optimizer=Adam(lr=args.value_lr),
-                               seed=args.seed)
+            table = ShardTable(
+                rows, args.value_dim, optimizer=Adam(lr=args.value_lr), seed=args.seed
+            )
         if table.rows != rows or table.dim != args.value_dim:
-            raise InvalidArgument("table", f"a {rows} x {args.value_dim} value table",
-                                  f"{table.rows} x {table.dim}")
+            raise InvalidArgument(
+                "table", f"a {rows} x {args.value_dim} value table", f"{table.rows} x {table.dim}"
+            )
         self.table = table
         self.step: int | None = None
         self.value_lr: float | None = None  # this step's value lr (schedules); None: the table's
@@ -147,8 +151,7 @@ class MemoryLayer(nn.Module):
         flat = x.reshape(-1, a.dim)
         scores, idx = self.topk(flat)
         w = torch.softmax(scores.float(), dim=-1).flatten(1)  # (N, heads·k)
-        y = TableLookup.apply(w, idx.flatten(1), self.table, self.step, self.push_id,
-                              self.value_lr)
+        y = TableLookup.apply(w, idx.flatten(1), self.table, self.step, self.push_id, self.value_lr)
         y = y.to(device=x.device, dtype=x.dtype)  # a remote table answers on the host
         if a.memory_plus:
             y = self.out(y * F.silu(self.gate(flat)))

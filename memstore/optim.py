@@ -20,7 +20,15 @@ import kernels
 from ._internal.validation import dataclass_from_dict
 from .errors import InvalidArgument
 
-__all__ = ["OptimizerKind", "SGD", "Adagrad", "RowWiseAdagrad", "Adam", "AdamW", "optimizer_from_dict"]
+__all__ = [
+    "OptimizerKind",
+    "SGD",
+    "Adagrad",
+    "RowWiseAdagrad",
+    "Adam",
+    "AdamW",
+    "optimizer_from_dict",
+]
 
 
 class OptimizerKind(enum.Enum):
@@ -66,8 +74,11 @@ def _non_negative(name: str, value: float) -> None:
 
 
 def _betas(value) -> None:
-    if not (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in value)):
+    if not (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in value)
+    ):
         raise InvalidArgument("betas", "two numbers in [0, 1)", value)
 
 
@@ -84,8 +95,10 @@ class _Optimizer:
 
     def init_state(self, rows: int, dim: int, device) -> dict[str, torch.Tensor]:
         shape = self.kind.state_shape(rows, dim)
-        return {name: _state_tensor(shape, device).fill_(self.initial_state_value())
-                for name in self.kind.state_names()}
+        return {
+            name: _state_tensor(shape, device).fill_(self.initial_state_value())
+            for name in self.kind.state_names()
+        }
 
     def apply(self, values, state, rows, grads, *, step: int) -> None:
         """Update ``values`` and ``state`` in place; ``step`` is the 1-based update count."""
@@ -127,8 +140,16 @@ class Adagrad(_Optimizer):
         return float(self.initial_accumulator_value)
 
     def apply(self, values, state, rows, grads, *, step):
-        kernels.adagrad_step(values, state["sum"], rows, grads, lr=self.lr, eps=self.eps,
-                             lr_decay=self.lr_decay, step=step)
+        kernels.adagrad_step(
+            values,
+            state["sum"],
+            rows,
+            grads,
+            lr=self.lr,
+            eps=self.eps,
+            lr_decay=self.lr_decay,
+            step=step,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +188,18 @@ class Adam(_Optimizer):
 
     def apply(self, values, state, rows, grads, *, step):
         kernels.adam_step(
-            values, state["exp_avg"], state["exp_avg_sq"], rows, grads, step=step, lr=self.lr,
-            beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-            weight_decay=self._decay(), decoupled=self.kind is OptimizerKind.ADAMW,
+            values,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            rows,
+            grads,
+            step=step,
+            lr=self.lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            eps=self.eps,
+            weight_decay=self._decay(),
+            decoupled=self.kind is OptimizerKind.ADAMW,
         )
 
 
@@ -197,8 +227,9 @@ def optimizer_from_dict(d: dict) -> _Optimizer:
     try:
         kind = OptimizerKind(d.pop("kind"))
     except (KeyError, ValueError) as e:
-        raise InvalidArgument("optimizer.kind", f"one of {[k.value for k in OptimizerKind]}",
-                              d.get("kind")) from e
+        raise InvalidArgument(
+            "optimizer.kind", f"one of {[k.value for k in OptimizerKind]}", d.get("kind")
+        ) from e
     if "betas" in d:
         d["betas"] = tuple(d["betas"])
     return dataclass_from_dict(_BY_KIND[kind], d, "optimizer")

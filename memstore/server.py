@@ -75,13 +75,17 @@ def _check(options: ServerOptions) -> None:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise InvalidArgument("address", "HOST:PORT", options.address)
     if (options.tls_cert is None) != (options.tls_key is None):
-        raise InvalidArgument("tls_cert", "both --tls-cert and --tls-key, or neither",
-                              "only one of them")
-    if isinstance(options.max_message_bytes, bool) or not isinstance(options.max_message_bytes,
-                                                                      int) \
-            or not 1 << 16 <= options.max_message_bytes <= (1 << 31) - 1:
-        raise InvalidArgument("max_message_bytes", "an int in [65536, 2^31)",
-                              options.max_message_bytes)
+        raise InvalidArgument(
+            "tls_cert", "both --tls-cert and --tls-key, or neither", "only one of them"
+        )
+    if (
+        isinstance(options.max_message_bytes, bool)
+        or not isinstance(options.max_message_bytes, int)
+        or not 1 << 16 <= options.max_message_bytes <= (1 << 31) - 1
+    ):
+        raise InvalidArgument(
+            "max_message_bytes", "an int in [65536, 2^31)", options.max_message_bytes
+        )
 
 
 def _is_loopback(host: str) -> bool:
@@ -111,30 +115,41 @@ def start(options: ServerOptions | None = None) -> Server:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="memstore-grpc"),
         interceptors=[TokenAuth(tokens)],
-        options=[("grpc.max_receive_message_length", limit),
-                 ("grpc.max_send_message_length", limit)],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
         maximum_concurrent_rpcs=options.threads * 8,
     )
     pb_grpc.add_MemoryStoreServicer_to_server(
-        guarded(MemoryStoreServicer(options.timeout_s, options.save_root)), server)
+        guarded(MemoryStoreServicer(options.timeout_s, options.save_root)), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     host = options.address.rpartition(":")[0]
     if options.tls_cert:
         port = server.add_secure_port(options.address, _credentials(options))
     else:
         if not _is_loopback(host):
-            log.warning("serving %s without TLS: tokens cross the network in the clear; "
-                        "give --tls-cert and --tls-key", options.address)
+            log.warning(
+                "serving %s without TLS: tokens cross the network in the clear; "
+                "give --tls-cert and --tls-key",
+                options.address,
+            )
         port = server.add_insecure_port(options.address)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = f"{host}:{port}"
-    log.info("memstore gRPC on %s (%s), tokens from %s", address,
-             "TLS" if options.tls_cert else "plaintext", source)
+    log.info(
+        "memstore gRPC on %s (%s), tokens from %s",
+        address,
+        "TLS" if options.tls_cert else "plaintext",
+        source,
+    )
     return Server(server, address, source, health_servicer)
 
 
@@ -173,10 +188,17 @@ def start_detached(options: ServerOptions) -> str:
     if options.tokens is None:
         options.tokens, source = server_tokens(options.token_file, options.generated_token_file)
         log.info("detached server tokens from %s", source)
-    actor = ray.remote(DetachedServer).options(
-        name=DETACHED_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-        max_concurrency=4,
-    ).remote(options)
+    actor = (
+        ray.remote(DetachedServer)
+        .options(
+            name=DETACHED_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            num_cpus=0,
+            max_concurrency=4,
+        )
+        .remote(options)
+    )
     return ray.get(actor.address.remote())
 
 

@@ -54,18 +54,20 @@ class BlockSpec:
     col_stop: int
 
     @classmethod
-    def whole(cls, rows: int, dim: int) -> "BlockSpec":
+    def whole(cls, rows: int, dim: int) -> BlockSpec:
         return cls(rows, dim, 0, rows, 0, dim)
 
     def __post_init__(self) -> None:
         check_positive_int("rows", self.rows)
         check_positive_int("dim", self.dim)
         if not 0 <= self.row_start < self.row_stop <= self.rows:
-            raise InvalidArgument("row_range", f"0 <= start < stop <= {self.rows}",
-                                  (self.row_start, self.row_stop))
+            raise InvalidArgument(
+                "row_range", f"0 <= start < stop <= {self.rows}", (self.row_start, self.row_stop)
+            )
         if not 0 <= self.col_start < self.col_stop <= self.dim:
-            raise InvalidArgument("col_range", f"0 <= start < stop <= {self.dim}",
-                                  (self.col_start, self.col_stop))
+            raise InvalidArgument(
+                "col_range", f"0 <= start < stop <= {self.dim}", (self.col_start, self.col_stop)
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -82,8 +84,8 @@ def initial_values(spec: BlockSpec, seed: int, std: float, dtype: torch.dtype) -
         gen = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
         full = torch.randn(_INIT_CHUNK_ROWS, spec.dim, generator=gen)
         a, b = max(lo, spec.row_start), min(lo + _INIT_CHUNK_ROWS, spec.row_stop)
-        out[a - spec.row_start: b - spec.row_start] = (
-            full[a - lo: b - lo, spec.col_start: spec.col_stop] * std
+        out[a - spec.row_start : b - spec.row_start] = (
+            full[a - lo : b - lo, spec.col_start : spec.col_stop] * std
         ).to(dtype)
     return out
 
@@ -118,8 +120,11 @@ class ShardTable:
         if optimizer is None:
             optimizer = Adam()
         if not isinstance(optimizer, _Optimizer):
-            raise InvalidArgument("optimizer", "a memstore optimizer (SGD, Adagrad, "
-                                  "RowWiseAdagrad, Adam, AdamW)", type(optimizer).__name__)
+            raise InvalidArgument(
+                "optimizer",
+                "a memstore optimizer (SGD, Adagrad, RowWiseAdagrad, Adam, AdamW)",
+                type(optimizer).__name__,
+            )
         self.optimizer = optimizer
         self.device = torch.device(device)
         std = dim**-0.5 if init_std is None else init_std
@@ -130,8 +135,16 @@ class ShardTable:
         # step -> push_id -> that push's row gradients, in factored form
         self._pending: dict[int, dict[int, kernels.SparseRowGrads]] = {}
         self._step_lr: dict[int, float] = {}  # step -> the lr its pushes asked for
-        self._counters = {"lookups": 0, "tokens": 0, "pushes": 0, "duplicate_pushes": 0,
-                          "rows_updated": 0, "lookup_s": 0.0, "backward_s": 0.0, "step_s": 0.0}
+        self._counters = {
+            "lookups": 0,
+            "tokens": 0,
+            "pushes": 0,
+            "duplicate_pushes": 0,
+            "rows_updated": 0,
+            "lookup_s": 0.0,
+            "backward_s": 0.0,
+            "step_s": 0.0,
+        }
 
     # ---- reads ---------------------------------------------------------------
     @property
@@ -164,21 +177,30 @@ class ShardTable:
             return wire_float(field, t, shape)
         check_tensor(field, t, len(shape))
         if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
-            raise InvalidArgument(field, f"a float32 tensor of shape {tuple(shape)}",
-                                  f"{t.dtype} of shape {tuple(t.shape)}")
+            raise InvalidArgument(
+                field,
+                f"a float32 tensor of shape {tuple(shape)}",
+                f"{t.dtype} of shape {tuple(t.shape)}",
+            )
         return t
 
-    def _csr_bags(self, rows, w, offsets, checked: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _csr_bags(
+        self, rows, w, offsets, checked: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validated ragged bags (what a router sends a row block) as block-local CSR.
         The row range and the offsets are always checked: the kernels index with them."""
         local = self._local_index(rows, 1, field="rows")
         w = self._floats("w", w, (rows.shape[0],), checked)
         check_index("offsets", offsets, 1, 0, rows.shape[0] + 1)
-        if (offsets.numel() == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != rows.shape[0]
-                or bool((offsets.diff() < 0).any())):
-            raise InvalidArgument("offsets", f"non-decreasing from 0 to {rows.shape[0]}",
-                                  "another sequence")
+        if (
+            offsets.numel() == 0
+            or int(offsets[0]) != 0
+            or int(offsets[-1]) != rows.shape[0]
+            or bool((offsets.diff() < 0).any())
+        ):
+            raise InvalidArgument(
+                "offsets", f"non-decreasing from 0 to {rows.shape[0]}", "another sequence"
+            )
         return local, w.to(self.device, torch.float32), offsets.to(self.device, torch.int64)
 
     def lookup(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -202,8 +224,9 @@ class ShardTable:
         return self.values[local].clone()
 
     # ---- updates -------------------------------------------------------------
-    def backward(self, idx, w, dy, step: int | None = None, push_id: int = 0,
-                 lr: float | None = None) -> torch.Tensor:
+    def backward(
+        self, idx, w, dy, step: int | None = None, push_id: int = 0, lr: float | None = None
+    ) -> torch.Tensor:
         """dw (B, M) = <values[idx], dy>; the row gradients pend for (step, push_id).
 
         ``step`` defaults to the step after the last applied one. A second push of the
@@ -213,8 +236,18 @@ class ShardTable:
         local, flat_w, offsets = self._bags(idx, w)
         return self._backward(local, flat_w, offsets, dy, step, push_id, lr).reshape(idx.shape)
 
-    def backward_csr(self, rows, w, offsets, dy, step: int | None = None, push_id: int = 0,
-                     lr: float | None = None, checked: bool = False, grouping=None):
+    def backward_csr(
+        self,
+        rows,
+        w,
+        offsets,
+        dy,
+        step: int | None = None,
+        push_id: int = 0,
+        lr: float | None = None,
+        checked: bool = False,
+        grouping=None,
+    ):
         """dw (P,) for ragged bags; see :meth:`backward`. ``checked``: w and dy are
         float32 and their values were checked by the sender. ``grouping``: the slots
         grouped by row by the sender, (uniq, seg, order) as ``kernels.grouped.group_rows``
@@ -233,16 +266,27 @@ class ShardTable:
         s = self.spec
         check_index("uniq", uniq, 1, s.row_start, s.row_stop)
         check_index("seg", seg, 1, 0, pairs + 1)
-        if (seg.numel() != uniq.numel() + 1 or int(seg[0]) != 0 or int(seg[-1]) != pairs
-                or bool((seg.diff() < 0).any())):
-            raise InvalidArgument("seg", f"{uniq.numel() + 1} non-decreasing offsets from 0 "
-                                  f"to {pairs}", "another sequence")
+        if (
+            seg.numel() != uniq.numel() + 1
+            or int(seg[0]) != 0
+            or int(seg[-1]) != pairs
+            or bool((seg.diff() < 0).any())
+        ):
+            raise InvalidArgument(
+                "seg",
+                f"{uniq.numel() + 1} non-decreasing offsets from 0 to {pairs}",
+                "another sequence",
+            )
         uniq = uniq.to(device=self.device, dtype=torch.int64)
-        return (uniq - s.row_start if s.row_start else uniq,
-                seg.to(self.device, torch.int64), order.to(self.device, torch.int64))
+        return (
+            uniq - s.row_start if s.row_start else uniq,
+            seg.to(self.device, torch.int64),
+            order.to(self.device, torch.int64),
+        )
 
-    def _backward(self, local, w, offsets, dy, step, push_id, lr, checked=False,
-                  grouping=None) -> torch.Tensor:
+    def _backward(
+        self, local, w, offsets, dy, step, push_id, lr, checked=False, grouping=None
+    ) -> torch.Tensor:
         dy = self._floats("dy", dy, (offsets.numel() - 1, self.spec.shape[1]), checked)
         step = self._check_open_step(step)
         check_step("push_id", push_id)
@@ -304,8 +348,9 @@ class ShardTable:
         for stale in [s for s in self._step_lr if s < step]:
             del self._step_lr[stale]
         if pushes:
-            grads = kernels.SparseRowGrads.merge([pushes[w] for w in sorted(pushes)],
-                                                 self.spec.shape[0])
+            grads = kernels.SparseRowGrads.merge(
+                [pushes[w] for w in sorted(pushes)], self.spec.shape[0]
+            )
         else:
             grads = kernels.SparseRowGrads.empty(self.spec.shape[1], self.device)
         self.updates += 1
@@ -375,8 +420,9 @@ class ShardTable:
             **self._counters,
             # Which implementation (triton, native, library, composite) each kernel op
             # of this process took: a shard actor's process serves one block.
-            "kernel_paths": {f"{op}/{path}": n for (op, path), n in
-                             sorted(kernels._dispatch.COUNTS.items())},
+            "kernel_paths": {
+                f"{op}/{path}": n for (op, path), n in sorted(kernels._dispatch.COUNTS.items())
+            },
         }
 
     def _count(self, timer: str, start: float, tokens: int = 0) -> None:

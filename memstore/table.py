@@ -24,7 +24,9 @@ import torch
 import kernels
 
 from . import checkpoint
+from ._internal.data_channel import ChannelSettings, DataClient
 from ._internal.validation import check_index, check_lr, check_step, wire_float
+from ._internal.wire import to_tensor
 from .errors import (
     InvalidArgument,
     MemoryBudgetExceeded,
@@ -36,8 +38,6 @@ from .errors import (
     TableExists,
     TableNotFound,
 )
-from ._internal.data_channel import ChannelSettings, DataClient
-from ._internal.wire import to_tensor
 from .grid import ShardGrid, pack_grouping
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,9 @@ class Table:
     steps mean the values come from one step of the table).
     """
 
-    def __init__(self, config: dict, shards: dict, push_id: int = 0,
-                 timeout_s: float | None = None):
+    def __init__(
+        self, config: dict, shards: dict, push_id: int = 0, timeout_s: float | None = None
+    ):
         self.config = config
         self.name = config["name"]
         self.grid = ShardGrid.from_dict(config["grid"])
@@ -163,8 +164,12 @@ class Table:
     def _call_all(self, method: str, *args, fenced: bool = False) -> dict:
         """``method(*args)`` on every shard; ``fenced``: with the incarnation expected of
         each as the last argument."""
-        return self._wait({b: getattr(a, method).remote(
-            *args, *((self._incarnations[b],) if fenced else ())) for b, a in self.shards.items()})
+        return self._wait(
+            {
+                b: getattr(a, method).remote(*args, *((self._incarnations[b],) if fenced else ()))
+                for b, a in self.shards.items()
+            }
+        )
 
     def _checked(self, results: dict) -> dict:
         """Strip incarnations; a changed one means a shard restarted from a checkpoint.
@@ -185,8 +190,9 @@ class Table:
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                ray.get(self.shards[block].info.remote(),
-                        timeout=max(0.0, deadline - time.monotonic()))
+                ray.get(
+                    self.shards[block].info.remote(), timeout=max(0.0, deadline - time.monotonic())
+                )
                 break
             except ray.exceptions.ActorUnavailableError:
                 # Restarting: Ray answers at once, so poll until the deadline.
@@ -211,16 +217,27 @@ class Table:
             # The reload covers every shard restarted by now (a lost node restarts all of
             # its shards): each restart is marked, so that no handle meeting another of
             # them reloads again and drops the steps trained since.
-            restarts = sorted({info["incarnation"]} | {i["incarnation"] for i in infos.values()
-                                                       if i.get("restarted")})
-            ray.get([actor.reload.remote(info["restored_path"], restarts)
-                     for actor in self.shards.values()], timeout=self.timeout_s)
+            restarts = sorted(
+                {info["incarnation"]}
+                | {i["incarnation"] for i in infos.values() if i.get("restarted")}
+            )
+            ray.get(
+                [
+                    actor.reload.remote(info["restored_path"], restarts)
+                    for actor in self.shards.values()
+                ],
+                timeout=self.timeout_s,
+            )
         self._note(self._call_all("info"))
         self.last_step = info["restored_step"]
         if notify:
             raise StoreRolledBack(info["restored_step"], shard_name(self.name, *block))
-        log.warning("table %s rolled back to step %d: shard %s had restarted", self.name,
-                    info["restored_step"], shard_name(self.name, *block))
+        log.warning(
+            "table %s rolled back to step %d: shard %s had restarted",
+            self.name,
+            info["restored_step"],
+            shard_name(self.name, *block),
+        )
 
     @staticmethod
     def _reconciled(restart: str, infos: dict) -> bool:
@@ -248,8 +265,8 @@ class Table:
         routes = self.grid.route(idx, w)
         parts = self._data_call("lookup", routes)
         y = torch.zeros(idx.shape[0], self.dim)
-        for (r, c), part in parts.items():
-            y[:, self.grid.col_bounds[c]: self.grid.col_bounds[c + 1]] += to_tensor(part)
+        for (_r, c), part in parts.items():
+            y[:, self.grid.col_bounds[c] : self.grid.col_bounds[c + 1]] += to_tensor(part)
         return y
 
     def _data_call(self, op: str, routes, extra: dict | None = None) -> dict:
@@ -265,29 +282,50 @@ class Table:
         """
         arrays = [(r.rows.numpy(), r.w.numpy(), r.offsets.numpy()) for r in routes]
         extra = {b: (extra or {}).get(b, ((), ())) for b in self.shards}
-        extra = {b: (more, (*scalars, self._incarnations[b])) for b, (more, scalars)
-                 in extra.items()}
+        extra = {
+            b: (more, (*scalars, self._incarnations[b])) for b, (more, scalars) in extra.items()
+        }
         todo = list(self.shards)
         results = {}
         if all(self._addresses.get(b) for b in todo):
-            requests = {(r, c): (self._addresses[(r, c)], op, arrays[r] + extra[(r, c)][0],
-                                 extra[(r, c)][1]) for r, c in todo}
+            requests = {
+                (r, c): (
+                    self._addresses[(r, c)],
+                    op,
+                    arrays[r] + extra[(r, c)][0],
+                    extra[(r, c)][1],
+                )
+                for r, c in todo
+            }
             try:
                 results, todo = self._data_channel().call_all(requests)
             except ShardRestarted as e:
                 self._roll_back(tuple(int(x) for x in e.shard.split("-")))
             except TimeoutError:
-                log.warning("no reply from a shard of %s on the data channel within %g s: "
-                            "the call goes over Ray", self.name, self.timeout_s)
+                log.warning(
+                    "no reply from a shard of %s on the data channel within %g s: "
+                    "the call goes over Ray",
+                    self.name,
+                    self.timeout_s,
+                )
                 results, todo = {}, list(self.shards)
             for block in todo:
-                log.info("data channel to %s failed: the call goes over Ray",
-                         shard_name(self.name, *block))
+                log.info(
+                    "data channel to %s failed: the call goes over Ray",
+                    shard_name(self.name, *block),
+                )
         if todo:
             sent = self._put_routes(arrays)
-            results.update(self._wait({
-                (r, c): getattr(self.shards[(r, c)], op).remote(
-                    *sent[r], *extra[(r, c)][0], *extra[(r, c)][1]) for r, c in todo}))
+            results.update(
+                self._wait(
+                    {
+                        (r, c): getattr(self.shards[(r, c)], op).remote(
+                            *sent[r], *extra[(r, c)][0], *extra[(r, c)][1]
+                        )
+                        for r, c in todo
+                    }
+                )
+            )
         return self._checked(results)
 
     def _data_channel(self) -> DataClient:
@@ -311,15 +349,24 @@ class Table:
         out = torch.zeros(rows.shape[0], self.dim)
         inner = torch.tensor(self.grid.row_bounds[1:-1], dtype=rows.dtype)
         block_of = torch.bucketize(rows, inner, right=True)
-        refs = {(r, c): a.gather.remote(rows[block_of == r].numpy(), self._incarnations[(r, c)])
-                for (r, c), a in self.shards.items()}
+        refs = {
+            (r, c): a.gather.remote(rows[block_of == r].numpy(), self._incarnations[(r, c)])
+            for (r, c), a in self.shards.items()
+        }
         for (r, c), part in self._checked(self._wait(refs)).items():
             c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
             out[block_of == r, c0:c1] = to_tensor(part)
         return out
 
-    def backward(self, idx, w, dy, step: int | None = None, push_id: int | None = None,
-                 lr: float | None = None):
+    def backward(
+        self,
+        idx,
+        w,
+        dy,
+        step: int | None = None,
+        push_id: int | None = None,
+        lr: float | None = None,
+    ):
         """dw (B, M); the row gradients pend at the shards for (step, push_id). ``lr``:
         the learning rate step s is applied with (a schedule; all pushes of s agree),
         default the table optimizer's."""
@@ -333,8 +380,10 @@ class Table:
         extra = {}
         for r, c in self.shards:
             c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
-            extra[(r, c)] = ((dy[:, c0:c1].contiguous().numpy(), *grouped[r:r + 1]),
-                             (step, push_id, lr))
+            extra[(r, c)] = (
+                (dy[:, c0:c1].contiguous().numpy(), *grouped[r : r + 1]),
+                (step, push_id, lr),
+            )
         dw = torch.zeros(idx.shape, dtype=torch.float32)
         try:
             parts = self._data_call("backward", routes, extra)
@@ -343,7 +392,7 @@ class Table:
         except MemstoreError:
             self._retract(step, push_id)
             raise
-        for (r, c), part in parts.items():
+        for (r, _c), part in parts.items():
             dw[routes[r].mask] += to_tensor(part)
         return dw
 
@@ -359,8 +408,10 @@ class Table:
             if backward is None or len(backward.arrays) < 5:
                 return []
         bounds = self.grid.row_bounds
-        return [pack_grouping(route.rows, bounds[r], bounds[r + 1]).numpy()
-                for r, route in enumerate(routes)]
+        return [
+            pack_grouping(route.rows, bounds[r], bounds[r + 1]).numpy()
+            for r, route in enumerate(routes)
+        ]
 
     def _retract(self, step: int, push_id: int) -> None:
         """A block refused the push (a step or lr check of its own): withdraw it from the
@@ -368,14 +419,22 @@ class Table:
         if len(self.shards) == 1:
             return
         ray = _ray()
-        taken = ray.get([a.retract.remote(step, push_id) for a in self.shards.values()],
-                        timeout=self.timeout_s)
+        taken = ray.get(
+            [a.retract.remote(step, push_id) for a in self.shards.values()], timeout=self.timeout_s
+        )
         if any(taken):
-            log.warning("push (step %d, push_id %d) refused by a block of %s: withdrawn from "
-                        "%d blocks that had taken it", step, push_id, self.name, sum(taken))
+            log.warning(
+                "push (step %d, push_id %d) refused by a block of %s: withdrawn from "
+                "%d blocks that had taken it",
+                step,
+                push_id,
+                self.name,
+                sum(taken),
+            )
 
-    def step(self, step: int | None = None, pushes_per_step: int | None = None,
-             lr: float | None = None) -> int:
+    def step(
+        self, step: int | None = None, pushes_per_step: int | None = None, lr: float | None = None
+    ) -> int:
         """Apply the optimizer for ``step`` on every shard; ``pushes_per_step`` (default: the
         table's ``pushes_per_step``) pushes must have arrived. ``lr`` overrides the learning
         rate of this step. Returns the rows updated."""
@@ -383,8 +442,11 @@ class Table:
         lr = check_lr("lr", lr)
         if pushes_per_step is None:
             pushes_per_step = self.config.get("pushes_per_step")
-        elif (isinstance(pushes_per_step, bool) or not isinstance(pushes_per_step, int)
-              or pushes_per_step < 1):
+        elif (
+            isinstance(pushes_per_step, bool)
+            or not isinstance(pushes_per_step, int)
+            or pushes_per_step < 1
+        ):
             raise InvalidArgument("pushes_per_step", "None or an int >= 1", pushes_per_step)
         # With step_on_push the shards applied s with its last push; this confirms it.
         done = self._checked(self._call_all("step", step, pushes_per_step, lr, fenced=True))
@@ -403,15 +465,22 @@ class Table:
         """
         n = math.isqrt(self.rows)
         if keys.dim() != 4 or keys.shape[1] != 2 or keys.shape[2] != n or n * n != self.rows:
-            raise InvalidArgument("keys", f"shape (H, 2, {n}, Dk/2) for a table of n² = "
-                                  f"{self.rows} rows", tuple(keys.shape))
+            raise InvalidArgument(
+                "keys",
+                f"shape (H, 2, {n}, Dk/2) for a table of n² = {self.rows} rows",
+                tuple(keys.shape),
+            )
         keys = wire_float("keys", keys.detach(), tuple(keys.shape)).cpu()
         version = uuid.uuid4().hex
         ray = _ray()
         ref = ray.put(keys.numpy())
-        ray.get([self._catalog().publish_keys.remote(ref, version),
-                    *(a.publish_keys.remote(ref, version) for a in self.shards.values())],
-                   timeout=self.timeout_s)
+        ray.get(
+            [
+                self._catalog().publish_keys.remote(ref, version),
+                *(a.publish_keys.remote(ref, version) for a in self.shards.values()),
+            ],
+            timeout=self.timeout_s,
+        )
         self._keys = (version, keys.clone())
 
     def _published_keys(self) -> tuple[str, torch.Tensor]:
@@ -454,8 +523,11 @@ class Table:
     def _query_with(self, keys: torch.Tensor, q, k: int):
         H, _, n, half = keys.shape
         if not isinstance(q, torch.Tensor) or q.dim() != 3 or tuple(q.shape[1:]) != (H, 2 * half):
-            raise InvalidArgument("q", f"a (B, {H}, {2 * half}) tensor (heads and key width "
-                                  "of the published keys)", tuple(getattr(q, "shape", ())))
+            raise InvalidArgument(
+                "q",
+                f"a (B, {H}, {2 * half}) tensor (heads and key width of the published keys)",
+                tuple(getattr(q, "shape", ())),
+            )
         q = wire_float("q", q.detach(), tuple(q.shape))
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n * n:
             raise InvalidArgument("k", f"an int in [1, {n * n}]", k)
@@ -471,8 +543,9 @@ class Table:
         if path is None:
             root = self.config.get("checkpoint_root")
             if not root:
-                raise InvalidArgument("path", "a directory (the table has no checkpoint_root)",
-                                      None)
+                raise InvalidArgument(
+                    "path", "a directory (the table has no checkpoint_root)", None
+                )
             if self.config.get("step_on_push"):  # shards step without this handle
                 self.last_step = max(i["last_step"] for i in self._call_all("info").values())
             path = checkpoint.checkpoint_dir(root, self.last_step)
@@ -486,8 +559,9 @@ class Table:
             raise
         # The blocks' own step: with step_on_push it can be ahead of this handle's.
         self.last_step = max(int(e["last_step"]) for e in entries)
-        table_config = {k: self.config[k] for k in ("name", "rows", "dim", "dtype", "optimizer",
-                                                   "seed")}
+        table_config = {
+            k: self.config[k] for k in ("name", "rows", "dim", "dtype", "optimizer", "seed")
+        }
         checkpoint.commit(path, table_config, entries, self.last_step, staging=staging)
         return path
 
@@ -555,9 +629,11 @@ def find_table(name: str) -> dict:
     try:
         catalog = ray.get_actor(catalog_name(name), namespace=NAMESPACE)
     except ValueError as e:
-        known = sorted(a["name"][: -len("/catalog")] for a in
-                       ray.util.list_named_actors(all_namespaces=True)
-                       if a.get("namespace") == NAMESPACE and a["name"].endswith("/catalog"))
+        known = sorted(
+            a["name"][: -len("/catalog")]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a.get("namespace") == NAMESPACE and a["name"].endswith("/catalog")
+        )
         raise TableNotFound(name, known) from e
     return ray.get(catalog.get_config.remote())
 

@@ -26,8 +26,14 @@ def generate(out_root: pathlib.Path) -> list[pathlib.Path]:
     from grpc_tools import protoc
 
     out_root.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={out_root}", f"--pyi_out={out_root}",
-            f"--grpc_python_out={out_root}", str(PROTO_DIR / PROTO)]
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"--python_out={out_root}",
+        f"--pyi_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        str(PROTO_DIR / PROTO),
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
     return [out_root / "memstore" / "v1" / name for name in OUTPUTS]
@@ -35,8 +41,12 @@ def generate(out_root: pathlib.Path) -> list[pathlib.Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT,
-                        help="root the memstore/v1/ files go under (default: the repository)")
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=ROOT,
+        help="root the memstore/v1/ files go under (default: the repository)",
+    )
     ns = parser.parse_args(argv)
     for path in generate(ns.out):
         print(path)

@@ -1,5 +1,7 @@
+import fcntl
 import os
 import random
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,3 +17,19 @@ def reseed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_raylet_cluster_at_a_time(request):
+    """The suite runs in two processes of whole test files (pytest-xdist, pyproject's
+    addopts). Files that start real raylets (marker `cluster`) take turns, so that two
+    multi-node clusters never start at once on a 2-core machine."""
+    if request.node.get_closest_marker("cluster") is None:
+        yield
+        return
+    with open(os.path.join(tempfile.gettempdir(), "memstore-tests-raylets.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -6,5 +6,13 @@ store table (push ids, DDP beside the store); ``trainer.train`` wires the rest."
 from .data import Batch, ByteDataset, FactsCorpus, evaluate
 from .model import ModelArgs, Transformer, dense_equivalent, table_specs
 
-__all__ = ["ModelArgs", "Transformer", "dense_equivalent", "table_specs",
-           "Batch", "FactsCorpus", "ByteDataset", "evaluate"]
+__all__ = [
+    "ModelArgs",
+    "Transformer",
+    "dense_equivalent",
+    "table_specs",
+    "Batch",
+    "FactsCorpus",
+    "ByteDataset",
+    "evaluate",
+]

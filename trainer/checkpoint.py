@@ -37,9 +37,25 @@ from memstore import checkpoint as store_checkpoint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINTS", "STORE", "ABANDONED", "MODEL_FILE", "STORE_FILE", "step_dir",
-           "store_path", "write", "read", "save_local", "checkpoint_steps", "resume_step",
-           "set_aside", "set_aside_after", "has_checkpoints", "clear", "is_uri"]
+__all__ = [
+    "CHECKPOINTS",
+    "STORE",
+    "ABANDONED",
+    "MODEL_FILE",
+    "STORE_FILE",
+    "step_dir",
+    "store_path",
+    "write",
+    "read",
+    "save_local",
+    "checkpoint_steps",
+    "resume_step",
+    "set_aside",
+    "set_aside_after",
+    "has_checkpoints",
+    "clear",
+    "is_uri",
+]
 
 CHECKPOINTS = "checkpoints"
 STORE = "store"
@@ -70,6 +86,7 @@ def store_path(root: str | Path, table: str, step: int) -> str:
 
 
 # ---- one checkpoint directory ------------------------------------------------------
+
 
 def write(folder: str | Path, step: int, state: dict, tables: dict[str, str]) -> None:
     """``model.pt`` (``state``: tensors and plain types) and ``store.json`` (the store
@@ -130,6 +147,7 @@ def _fsync_dir(path: Path) -> None:
 
 # ---- the checkpoints of a run ------------------------------------------------------
 
+
 def _steps(folder: Path) -> list[int]:
     names = os.listdir(folder) if folder.is_dir() else []
     return sorted(int(m.group(1)) for n in names if (m := _STEP.match(n)))
@@ -137,14 +155,20 @@ def _steps(folder: Path) -> list[int]:
 
 def model_steps(root: Path) -> list[int]:
     """Steps with a complete model checkpoint directory (both files)."""
-    return [s for s in _steps(root / CHECKPOINTS)
-            if all((Path(step_dir(root, s)) / f).is_file() for f in (MODEL_FILE, STORE_FILE))]
+    return [
+        s
+        for s in _steps(root / CHECKPOINTS)
+        if all((Path(step_dir(root, s)) / f).is_file() for f in (MODEL_FILE, STORE_FILE))
+    ]
 
 
 def store_steps(root: Path, table: str) -> list[int]:
     """Steps with a committed store checkpoint of ``table``."""
-    return sorted(int(m.group(1)) for p in store_checkpoint.checkpoints(root / STORE / table)
-                  if (m := _STEP.match(os.path.basename(p))))
+    return sorted(
+        int(m.group(1))
+        for p in store_checkpoint.checkpoints(root / STORE / table)
+        if (m := _STEP.match(os.path.basename(p)))
+    )
 
 
 def checkpoint_steps(root: Path, tables: list[str]) -> list[int]:
@@ -158,9 +182,9 @@ def checkpoint_steps(root: Path, tables: list[str]) -> list[int]:
 
 
 def has_checkpoints(root: Path) -> bool:
-    return any((root / sub).exists() and any((root / sub).iterdir())
-               for sub in (CHECKPOINTS, STORE)) or any(
-        (root / name).exists() for name in RAY_TRAIN_FILES)
+    return any(
+        (root / sub).exists() and any((root / sub).iterdir()) for sub in (CHECKPOINTS, STORE)
+    ) or any((root / name).exists() for name in RAY_TRAIN_FILES)
 
 
 def clear(root: Path) -> None:
@@ -207,19 +231,29 @@ def resume_step(root: Path, tables: list[str], strict: bool = True) -> int | Non
         if has_checkpoints(root) and not strict:
             set_aside_after(root, tables, -1)
         elif has_checkpoints(root):
-            found = {"model": model_steps(root),
-                     **{f"store {n}": store_steps(root, n) for n in tables}}
+            found = {
+                "model": model_steps(root),
+                **{f"store {n}": store_steps(root, n) for n in tables},
+            }
             raise memstore.CheckpointError(
-                str(root), f"no step has both a model and a store checkpoint ({found}); "
+                str(root),
+                f"no step has both a model and a store checkpoint ({found}); "
                 "nothing was changed: start over with --overwrite, or restore the missing "
-                "files")
+                "files",
+            )
         return None
     start = steps[-1]
-    newer = sorted({s for s in model_steps(root) if s > start} | {
-        s for n in tables for s in store_steps(root, n) if s > start})
+    newer = sorted(
+        {s for s in model_steps(root) if s > start}
+        | {s for n in tables for s in store_steps(root, n) if s > start}
+    )
     if newer:
-        log.warning("resuming at step %d, the newest step with model and store checkpoints; "
-                    "checkpoints of later steps %s are set aside under %s", start, newer,
-                    root / ABANDONED)
+        log.warning(
+            "resuming at step %d, the newest step with model and store checkpoints; "
+            "checkpoints of later steps %s are set aside under %s",
+            start,
+            newer,
+            root / ABANDONED,
+        )
     set_aside_after(root, tables, start)
     return start

@@ -15,24 +15,40 @@ DESCRIPTION = "Train the memory-layer LM (in-process, or on Ray Train with worke
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memstore train", description=DESCRIPTION)
-    parser.add_argument("--config", help="a YAML file, or a built-in config's name "
-                        "(trainer.configs.names(): tiny, facts-small-memory, ...)")
+    parser.add_argument(
+        "--config",
+        help="a YAML file, or a built-in config's name "
+        "(trainer.configs.names(): tiny, facts-small-memory, ...)",
+    )
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true",
-                       help="continue from the newest step with model and store checkpoints "
-                       "(never deletes a checkpoint)")
-    start.add_argument("--overwrite", action="store_true",
-                       help="start a new run where checkpoints exist, deleting them")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set workers=2 --set model.dim=64")
+    start.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest step with model and store checkpoints "
+        "(never deletes a checkpoint)",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run where checkpoints exist, deleting them",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set workers=2 --set model.dim=64",
+    )
     return parser
 
 
 def summary_line(run_dir: str, result: dict) -> str:
     ev = result.get("eval") or {}
     figures = ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float))
-    return (f"{run_dir}: {result['step']} steps, {result['tokens']:,} tokens in "
-            f"{result['seconds']:.1f} s; final loss {result['losses'][-1][1]:.4f}; {figures}")
+    return (
+        f"{run_dir}: {result['step']} steps, {result['tokens']:,} tokens in "
+        f"{result['seconds']:.1f} s; final loss {result['losses'][-1][1]:.4f}; {figures}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,18 @@ from memstore._internal.validation import (
 from . import configs
 from .model import ModelArgs, dense_equivalent
 
-__all__ = ["DataKind", "StoreMode", "DataChannel", "ValueSchedule", "Device", "DataArgs",
-           "StoreArgs", "RayArgs", "TrainArgs", "load_config"]
+__all__ = [
+    "DataKind",
+    "StoreMode",
+    "DataChannel",
+    "ValueSchedule",
+    "Device",
+    "DataArgs",
+    "StoreArgs",
+    "RayArgs",
+    "TrainArgs",
+    "load_config",
+]
 
 
 class DataKind(str, enum.Enum):
@@ -79,13 +89,15 @@ class DataArgs:
             raise InvalidArgument("path", "a text file for kind 'text'", self.path)
         for name in ("val_path", "val_fraction"):
             if self.kind is DataKind.FACTS and getattr(self, name) is not None:
-                raise InvalidArgument(name, "unset for kind 'facts' (every fact is "
-                                      "evaluated)", getattr(self, name))
+                raise InvalidArgument(
+                    name, "unset for kind 'facts' (every fact is evaluated)", getattr(self, name)
+                )
         if self.val_fraction is not None and not 0 < self.val_fraction < 1:
             raise InvalidArgument("val_fraction", "a number in (0, 1)", self.val_fraction)
         if self.val_fraction is not None and self.val_path is not None:
-            raise InvalidArgument("val_fraction", "unset when data.val_path is given",
-                                  self.val_fraction)
+            raise InvalidArgument(
+                "val_fraction", "unset when data.val_path is given", self.val_fraction
+            )
 
 
 @dataclasses.dataclass
@@ -170,8 +182,9 @@ class TrainArgs:
         check_fields(self)
         check_known_keys(ModelArgs, self.model, "model")
         if self.workers and self.batch_size % self.workers:
-            raise InvalidArgument("batch_size", f"a multiple of workers={self.workers}",
-                                  self.batch_size)
+            raise InvalidArgument(
+                "batch_size", f"a multiple of workers={self.workers}", self.batch_size
+            )
 
     def to_dict(self) -> dict:
         """Plain types only (enums as their values): YAML and Ray can carry it."""
@@ -180,8 +193,7 @@ class TrainArgs:
     def model_args(self, vocab_size: int) -> ModelArgs:
         """The model: vocab from the data, value_lr from here, seed from here unless
         the model section names one, then the dense equivalent when asked."""
-        d = {"vocab_size": vocab_size, "seed": self.seed, **self.model,
-             "value_lr": self.value_lr}
+        d = {"vocab_size": vocab_size, "seed": self.seed, **self.model, "value_lr": self.value_lr}
         args = ModelArgs.from_dict(d)
         return dense_equivalent(args) if self.dense_equivalent else args
 
@@ -219,8 +231,7 @@ def set_path(d: dict, dotted: str, value) -> None:
     for i, key in enumerate(keys):
         fields = {f.name for f in dataclasses.fields(cls)}
         if key not in fields:
-            raise InvalidArgument("--set", f"a key among {sorted(fields)}",
-                                  ".".join(keys[: i + 1]))
+            raise InvalidArgument("--set", f"a key among {sorted(fields)}", ".".join(keys[: i + 1]))
         if i == len(keys) - 1:
             node[key] = value
             return

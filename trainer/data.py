@@ -25,8 +25,7 @@ from memstore._internal.validation import check_positive_int
 if TYPE_CHECKING:
     from .config import TrainArgs
 
-__all__ = ["Batch", "ByteDataset", "FactsCorpus", "StepData", "evaluate", "text_nll",
-           "text_splits"]
+__all__ = ["Batch", "ByteDataset", "FactsCorpus", "StepData", "evaluate", "text_nll", "text_splits"]
 
 
 class Batch(NamedTuple):
@@ -36,6 +35,7 @@ class Batch(NamedTuple):
 
 
 # ---- factual recall ----------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class FactsCorpus:
@@ -118,8 +118,9 @@ def evaluate(model: torch.nn.Module, corpus: FactsCorpus, batch_size: int = 1024
         batch = corpus.batch(np.arange(start, min(start + batch_size, corpus.n_facts)))
         logits = model(batch.inputs)[:, 1].float()  # (N, vocab) at the value position
         answer = batch.targets[:, 1]
-        hits += int((logits[:, values.start: values.stop].argmax(-1) + values.start
-                     == answer).sum())
+        hits += int(
+            (logits[:, values.start : values.stop].argmax(-1) + values.start == answer).sum()
+        )
         hits_any += int((logits.argmax(-1) == answer).sum())
         nll += float(F.cross_entropy(logits, answer, reduction="sum"))
     model.train(was_training)
@@ -128,6 +129,7 @@ def evaluate(model: torch.nn.Module, corpus: FactsCorpus, batch_size: int = 1024
 
 
 # ---- byte-level text ---------------------------------------------------------------
+
 
 class ByteDataset:
     """Windows of a byte range of a file: vocabulary 256, token = byte.
@@ -142,8 +144,9 @@ class ByteDataset:
 
     vocab_size = 256
 
-    def __init__(self, path: str | os.PathLike, seq_len: int, start: int = 0,
-                 stop: int | None = None):
+    def __init__(
+        self, path: str | os.PathLike, seq_len: int, start: int = 0, stop: int | None = None
+    ):
         check_positive_int("seq_len", seq_len, 1)
         if not os.path.isfile(path):
             raise InvalidArgument("path", "an existing file", os.fspath(path))
@@ -153,8 +156,9 @@ class ByteDataset:
         if isinstance(stop, bool) or not isinstance(stop, int) or not start <= stop <= size:
             raise InvalidArgument("stop", f"an int in [start={start}, size={size}]", stop)
         if stop - start < seq_len + 1:
-            raise InvalidArgument("path", f"at least seq_len + 1 = {seq_len + 1} bytes",
-                                  f"{stop - start} bytes")
+            raise InvalidArgument(
+                "path", f"at least seq_len + 1 = {seq_len + 1} bytes", f"{stop - start} bytes"
+            )
         self.path, self.seq_len = os.fspath(path), seq_len
         self.start, self.stop = start, stop
         self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
@@ -171,16 +175,21 @@ class ByteDataset:
         """min(n, len) file offsets of windows spread evenly over the range, first and
         last window included: the same every time (evaluation)."""
         check_positive_int("n", n, 1)
-        return np.unique(np.linspace(self.start, self.start + len(self) - 1,
-                                     min(n, len(self))).round().astype(np.int64))
+        return np.unique(
+            np.linspace(self.start, self.start + len(self) - 1, min(n, len(self)))
+            .round()
+            .astype(np.int64)
+        )
 
     def window(self, starts: np.ndarray) -> Batch:
         """The windows at file offsets ``starts`` (each inside the range)."""
         starts = np.asarray(starts, dtype=np.int64)
         if starts.size and (starts.min() < self.start or starts.max() >= self.start + len(self)):
-            raise InvalidArgument("starts", f"offsets in [{self.start}, "
-                                  f"{self.start + len(self)})",
-                                  f"[{starts.min()}, {starts.max()}]")
+            raise InvalidArgument(
+                "starts",
+                f"offsets in [{self.start}, {self.start + len(self)})",
+                f"[{starts.min()}, {starts.max()}]",
+            )
         offsets = starts[:, None] + np.arange(self.seq_len + 1)
         chunk = torch.from_numpy(self.data[offsets].astype(np.int64))
         return Batch(chunk[:, :-1], chunk[:, 1:], None)
@@ -196,8 +205,12 @@ class ByteDataset:
         return loss_nats / math.log(2)
 
 
-def text_splits(path: str | os.PathLike, seq_len: int, val_path: str | os.PathLike | None = None,
-                val_fraction: float | None = None) -> tuple[ByteDataset, ByteDataset | None]:
+def text_splits(
+    path: str | os.PathLike,
+    seq_len: int,
+    val_path: str | os.PathLike | None = None,
+    val_fraction: float | None = None,
+) -> tuple[ByteDataset, ByteDataset | None]:
     """(train, validation) data sets of a text corpus.
 
     - ``val_path``: train on all of ``path``, validate on all of ``val_path``;
@@ -217,24 +230,33 @@ def text_splits(path: str | os.PathLike, seq_len: int, val_path: str | os.PathLi
         try:
             return train, ByteDataset(val_path, seq_len)
         except InvalidArgument as e:
-            raise InvalidArgument("val_path" if e.field == "path" else e.field, e.expected,
-                                  e.got) from None
-    ok = (not isinstance(val_fraction, bool) and isinstance(val_fraction, (int, float))
-          and 0 < val_fraction < 1)
+            raise InvalidArgument(
+                "val_path" if e.field == "path" else e.field, e.expected, e.got
+            ) from None
+    ok = (
+        not isinstance(val_fraction, bool)
+        and isinstance(val_fraction, (int, float))
+        and 0 < val_fraction < 1
+    )
     if not ok:
         raise InvalidArgument("val_fraction", "a number in (0, 1)", val_fraction)
     whole = ByteDataset(path, seq_len)  # the file exists and holds a window
     split = math.floor(whole.stop * (1 - val_fraction))
     need = seq_len + 1
     if split < need or whole.stop - split < need:
-        raise InvalidArgument("val_fraction", f"a split of the {whole.stop} bytes leaving "
-                              f"both parts at least seq_len + 1 = {need} bytes", val_fraction)
+        raise InvalidArgument(
+            "val_fraction",
+            f"a split of the {whole.stop} bytes leaving "
+            f"both parts at least seq_len + 1 = {need} bytes",
+            val_fraction,
+        )
     return ByteDataset(path, seq_len, 0, split), ByteDataset(path, seq_len, split)
 
 
 @torch.no_grad()
-def text_nll(model: torch.nn.Module, data: ByteDataset, starts: np.ndarray,
-             batch_size: int = 1024) -> float:
+def text_nll(
+    model: torch.nn.Module, data: ByteDataset, starts: np.ndarray, batch_size: int = 1024
+) -> float:
     """Mean next-byte NLL (nats) of the model over the windows at file offsets
     ``starts``, every position counted. The model's mode is restored afterwards."""
     check_positive_int("batch_size", batch_size, 1)
@@ -242,15 +264,17 @@ def text_nll(model: torch.nn.Module, data: ByteDataset, starts: np.ndarray,
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
-        b = data.window(starts[i: i + batch_size])
-        nll = F.cross_entropy(model(b.inputs).float().flatten(0, 1), b.targets.flatten(),
-                              reduction="sum")
+        b = data.window(starts[i : i + batch_size])
+        nll = F.cross_entropy(
+            model(b.inputs).float().flatten(0, 1), b.targets.flatten(), reduction="sum"
+        )
         total, count = total + float(nll), count + b.targets.numel()
     model.train(was_training)
     return total / count
 
 
 # ---- the data of a training run ----------------------------------------------------
+
 
 class StepData:
     """The batch of every step of a run, a pure function of (seed, step): resuming at
@@ -265,8 +289,9 @@ class StepData:
             self.vocab_size = self.corpus.vocab_size
         else:
             try:
-                self.corpus, self.validation = text_splits(d.path, d.seq_len, d.val_path,
-                                                           d.val_fraction)
+                self.corpus, self.validation = text_splits(
+                    d.path, d.seq_len, d.val_path, d.val_fraction
+                )
             except InvalidArgument as e:
                 raise InvalidArgument(f"data.{e.field}", e.expected, e.got) from None
             self.vocab_size = ByteDataset.vocab_size
@@ -290,8 +315,7 @@ class StepData:
         out = {}
         for part, data in (("train", self.corpus), ("val", self.validation)):
             if data is not None:
-                nll = text_nll(model, data, data.fixed_starts(d.eval_windows),
-                               d.eval_batch_size)
+                nll = text_nll(model, data, data.fixed_starts(d.eval_windows), d.eval_batch_size)
                 out[f"{part}_nll"], out[f"{part}_bits_per_byte"] = nll, nll / math.log(2)
         head = "val" if self.validation is not None else "train"
         out["nll"], out["bits_per_byte"] = out[f"{head}_nll"], out[f"{head}_bits_per_byte"]

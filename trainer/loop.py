@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from memstore import InvalidArgument
 from memstore import checkpoint as store_checkpoint
@@ -60,19 +61,31 @@ def write_config(args: TrainArgs, model_args: ModelArgs, run_dir: Path) -> None:
 
 
 def saved_state(replica: Replica, seconds: float, tokens: int) -> dict:
-    return {**replica.state(), "seconds": seconds, "tokens": tokens,
-            "model_args": replica.model_args.to_dict()}
+    return {
+        **replica.state(),
+        "seconds": seconds,
+        "tokens": tokens,
+        "model_args": replica.model_args.to_dict(),
+    }
 
 
 def check_resumable(saved: dict, replica: Replica) -> None:
     if saved["model_args"] != replica.model_args.to_dict():
-        raise InvalidArgument("model", "the model of the checkpoint being resumed",
-                              "a different model config")
+        raise InvalidArgument(
+            "model", "the model of the checkpoint being resumed", "a different model config"
+        )
 
 
-def run_steps(args: TrainArgs, replica: Replica, run: Run, run_dir: Path, start: int,
-              counters: tuple[float, int], stop_after: int | None = None,
-              on_step: Callable[[int, int], None] | None = None) -> dict | None:
+def run_steps(
+    args: TrainArgs,
+    replica: Replica,
+    run: Run,
+    run_dir: Path,
+    start: int,
+    counters: tuple[float, int],
+    stop_after: int | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict | None:
     """Steps ``start + 1`` to ``args.steps`` (or ``stop_after``, as if the job was
     killed there: no final evaluation). ``counters``: training seconds and tokens so
     far. ``on_step(step, rank)`` runs after every step (tests inject faults). Returns
@@ -91,20 +104,31 @@ def run_steps(args: TrainArgs, replica: Replica, run: Run, run_dir: Path, start:
             dt = time.perf_counter() - t0
             out = run.total(out)
             seconds, tokens = seconds + dt, tokens + out["tokens"]
-            row = {"step": step, "loss": out["loss"], "lr": out["lr"],
-                   "grad_norm": out["grad_norm"], "tokens": tokens, "seconds": seconds}
+            row = {
+                "step": step,
+                "loss": out["loss"],
+                "lr": out["lr"],
+                "grad_norm": out["grad_norm"],
+                "tokens": tokens,
+                "seconds": seconds,
+            }
             if run.chief:
                 if args.eval_every and step % args.eval_every == 0:
                     last_eval = row["eval"] = replica.evaluate()
                 metrics.log(row)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
-                run.checkpoint(step, saved_state(replica, seconds, tokens)
-                               if run.chief else None)
+                run.checkpoint(step, saved_state(replica, seconds, tokens) if run.chief else None)
             bar.update(1)
-            bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{out['tokens'] / dt:,.0f}",
-                            **({"recall": f"{last_eval['recall']:.3f}"}
-                               if last_eval and "recall" in last_eval else {}),
-                            refresh=False)
+            bar.set_postfix(
+                loss=f"{out['loss']:.4f}",
+                tok_s=f"{out['tokens'] / dt:,.0f}",
+                **(
+                    {"recall": f"{last_eval['recall']:.3f}"}
+                    if last_eval and "recall" in last_eval
+                    else {}
+                ),
+                refresh=False,
+            )
             if on_step is not None:
                 on_step(step, replica.rank)
             if stop_after is not None and step >= stop_after:
@@ -118,10 +142,17 @@ def run_steps(args: TrainArgs, replica: Replica, run: Run, run_dir: Path, start:
         last_eval = replica.evaluate()
         metrics.set_last_eval(last_eval)
     if not stopped:
-        plot(metrics, run_dir / PLOT, f"{args.store.name}: {args.steps} steps, "
-             f"W={args.workers}")
-    return {"step": step, "stopped": stopped, "start": start, "losses": metrics.losses(),
-            "eval": last_eval, "seconds": seconds, "tokens": tokens, "run_dir": str(run_dir)}
+        plot(metrics, run_dir / PLOT, f"{args.store.name}: {args.steps} steps, W={args.workers}")
+    return {
+        "step": step,
+        "stopped": stopped,
+        "start": start,
+        "losses": metrics.losses(),
+        "eval": last_eval,
+        "seconds": seconds,
+        "tokens": tokens,
+        "run_dir": str(run_dir),
+    }
 
 
 class LocalRun:
@@ -132,9 +163,11 @@ class LocalRun:
 
     def __init__(self, args: TrainArgs, run_dir: Path):
         if args.ray.storage_path is not None:
-            raise InvalidArgument("ray.storage_path", "unset with workers: 0 (in-process "
-                                  "runs keep their checkpoints in run_dir)",
-                                  args.ray.storage_path)
+            raise InvalidArgument(
+                "ray.storage_path",
+                "unset with workers: 0 (in-process runs keep their checkpoints in run_dir)",
+                args.ray.storage_path,
+            )
         self.args, self.run_dir = args, run_dir
         self.replica = Replica(args)
         self.tables = self.replica.model.value_tables()
@@ -152,8 +185,9 @@ class LocalRun:
         elif resume:
             log.warning("no checkpoint in %s: starting from step 0", self.run_dir)
         write_config(self.args, self.replica.model_args, self.run_dir)
-        return run_steps(self.args, self.replica, self, self.run_dir, start, counters,
-                         stop_after, on_step)
+        return run_steps(
+            self.args, self.replica, self, self.run_dir, start, counters, stop_after, on_step
+        )
 
     def step_tables(self, step: int) -> None:
         for table in self.tables.values():
@@ -171,12 +205,17 @@ class LocalRun:
             staging = store_checkpoint.begin(path)
             entry = store_checkpoint.write_block(staging, "0-0", sd)
             seed = self.replica.model_args.seed + table_users(self.replica.model_args)[name][0]
-            config = {"name": name, "rows": table.rows, "dim": table.dim, "dtype": sd["dtype"],
-                      "optimizer": sd["optimizer"], "seed": seed}
+            config = {
+                "name": name,
+                "rows": table.rows,
+                "dim": table.dim,
+                "dtype": sd["dtype"],
+                "optimizer": sd["optimizer"],
+                "seed": seed,
+            }
             store_checkpoint.commit(path, config, [entry], step, staging=staging)
         checkpoint.save_local(self.run_dir, step, state, paths)
 
     def _load_tables(self, stores: dict) -> None:
         for name, table in self.tables.items():
-            table.load_state_dict(store_checkpoint.load_block(stores["tables"][name],
-                                                              table.spec))
+            table.load_state_dict(store_checkpoint.load_block(stores["tables"][name], table.spec))

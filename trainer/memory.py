@@ -41,8 +41,9 @@ from memstore._internal.validation import check_positive_int
 __all__ = ["push_id", "pushes_per_step", "MemoryPushes", "sum_dense_gradients"]
 
 
-def push_id(rank: int, layer: int = 0, micro_batch: int = 0, *, layers: int = 1,
-            micro_batches: int = 1) -> int:
+def push_id(
+    rank: int, layer: int = 0, micro_batch: int = 0, *, layers: int = 1, micro_batches: int = 1
+) -> int:
     """The push id of memory layer ``layer`` (its position among the ``layers`` layers
     that read one table) of data-parallel ``rank`` in micro-batch ``micro_batch`` (of
     ``micro_batches`` per step): ``(rank · micro_batches + micro_batch) · layers + layer``,
@@ -50,8 +51,10 @@ def push_id(rank: int, layer: int = 0, micro_batch: int = 0, *, layers: int = 1,
     check_positive_int("rank", rank, 0)
     check_positive_int("layers", layers)
     check_positive_int("micro_batches", micro_batches)
-    for name, value, count in (("layer", layer, layers), ("micro_batch", micro_batch,
-                                                          micro_batches)):
+    for name, value, count in (
+        ("layer", layer, layers),
+        ("micro_batch", micro_batch, micro_batches),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < count:
             raise InvalidArgument(name, f"an int in [0, {count})", value)
     return (rank * micro_batches + micro_batch) * layers + layer
@@ -80,33 +83,40 @@ class MemoryPushes:
     default the Ray Train world rank of this worker.
     """
 
-    def __init__(self, layers: Sequence[MemoryLayer], rank: int | None = None,
-                 micro_batches: int = 1):
+    def __init__(
+        self, layers: Sequence[MemoryLayer], rank: int | None = None, micro_batches: int = 1
+    ):
         self.layers = list(layers)
         if not self.layers or not all(isinstance(m, MemoryLayer) for m in self.layers):
-            raise InvalidArgument("layers", "a non-empty sequence of MemoryLayers",
-                                  [type(m).__name__ for m in self.layers])
+            raise InvalidArgument(
+                "layers",
+                "a non-empty sequence of MemoryLayers",
+                [type(m).__name__ for m in self.layers],
+            )
         self.rank = _world_rank() if rank is None else check_positive_int("rank", rank, 0)
         self.micro_batches = check_positive_int("micro_batches", micro_batches)
         self._position: list[tuple[int, int]] = []  # (position, layers) of each layer
         for layer in self.layers:
             readers = [m for m in self.layers if m.table is layer.table]
-            self._position.append((next(i for i, m in enumerate(readers) if m is layer),
-                                   len(readers)))
+            self._position.append(
+                (next(i for i, m in enumerate(readers) if m is layer), len(readers))
+            )
 
     def per_rank(self, layer: MemoryLayer) -> int:
         """Pushes of one rank per step to the table ``layer`` reads."""
         return self.micro_batches * sum(m.table is layer.table for m in self.layers)
 
-    def set_step(self, step: int | None, micro_batch: int = 0,
-                 value_lr: float | None = None) -> None:
+    def set_step(
+        self, step: int | None, micro_batch: int = 0, value_lr: float | None = None
+    ) -> None:
         """Tag the next backward: ``step`` (None: each table's next), micro-batch
         ``micro_batch`` of this step, and the lr the tables apply the step with (None:
         their optimizer's)."""
         for layer, (position, count) in zip(self.layers, self._position, strict=True):
             layer.step = step
-            layer.push_id = push_id(self.rank, position, micro_batch, layers=count,
-                                    micro_batches=self.micro_batches)
+            layer.push_id = push_id(
+                self.rank, position, micro_batch, layers=count, micro_batches=self.micro_batches
+            )
             layer.value_lr = value_lr
 
 

@@ -64,15 +64,23 @@ def plot(metrics: Metrics, path: Path, title: str) -> None:
     ax.set_yscale("log")
     evals = [r for r in metrics.rows if "eval" in r]
     at = [r["step"] for r in evals]
-    for key, label in (("train_nll", "eval nll, training windows"),
-                       ("val_nll", "eval nll, validation windows")):
+    for key, label in (
+        ("train_nll", "eval nll, training windows"),
+        ("val_nll", "eval nll, validation windows"),
+    ):
         if evals and key in evals[0]["eval"]:
             ax.plot(at, [r["eval"][key] for r in evals], "o-", ms=3, label=label)
     if evals and "recall" in evals[0]["eval"]:
         ax.plot(at, [r["eval"]["nll"] for r in evals], "o-", ms=3, label="eval nll")
         ax2 = ax.twinx()
-        ax2.plot(at, [r["eval"]["recall"] for r in evals], "s--", ms=3, color="tab:green",
-                 label="eval recall")
+        ax2.plot(
+            at,
+            [r["eval"]["recall"] for r in evals],
+            "s--",
+            ms=3,
+            color="tab:green",
+            label="eval recall",
+        )
         ax2.set_ylabel("recall")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="center right")
@@ -105,6 +113,9 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str, stream=None
 
     stream = sys.stderr if stream is None else stream
     terminal = hasattr(stream, "isatty") and stream.isatty()
-    options = {"dynamic_ncols": True} if terminal else {
-        "file": _Lines(stream), "mininterval": LOG_INTERVAL_S, "ncols": 100}
+    options = (
+        {"dynamic_ncols": True}
+        if terminal
+        else {"file": _Lines(stream), "mininterval": LOG_INTERVAL_S, "ncols": 100}
+    )
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, **options)

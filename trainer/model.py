@@ -45,8 +45,14 @@ from .memory import push_id
 if TYPE_CHECKING:
     from .data import Batch
 
-__all__ = ["ModelArgs", "Transformer", "table_specs", "table_users", "dense_equivalent",
-           "ffn_slot_macs"]
+__all__ = [
+    "ModelArgs",
+    "Transformer",
+    "table_specs",
+    "table_users",
+    "dense_equivalent",
+    "ffn_slot_macs",
+]
 
 SHARED_TABLE = "memory"  # the name of the shared pool; per-layer tables are "memory.<i>"
 # Dense weights are N(0, 0.02²); residual outputs (attention and FFN projections) are
@@ -55,6 +61,7 @@ INIT_STD = 0.02
 
 
 # ---- config ------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class ModelArgs:
@@ -105,22 +112,31 @@ class ModelArgs:
         if self.mem_value_dim is None:
             self.mem_value_dim = self.dim
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise InvalidArgument("n_heads", f"a divisor of dim={self.dim} leaving an even "
-                                  "head width (rotary pairs)", self.n_heads)
+            raise InvalidArgument(
+                "n_heads",
+                f"a divisor of dim={self.dim} leaving an even head width (rotary pairs)",
+                self.n_heads,
+            )
         self._check_layer_lists()
         if self.memory_layers:
             self.memory_args()  # validates the mem_* fields
-        if self.pkm_peer and (self.memory_plus or self.mem_value_dim != self.dim
-                              or self.mem_key_dim % 2):
-            raise InvalidArgument("pkm_peer", "memory_plus false, mem_value_dim = dim and "
-                                  "an even mem_key_dim (PKM: no gate, values of width "
-                                  "dim, two key halves)", self.pkm_peer)
+        if self.pkm_peer and (
+            self.memory_plus or self.mem_value_dim != self.dim or self.mem_key_dim % 2
+        ):
+            raise InvalidArgument(
+                "pkm_peer",
+                "memory_plus false, mem_value_dim = dim and "
+                "an even mem_key_dim (PKM: no gate, values of width "
+                "dim, two key halves)",
+                self.pkm_peer,
+            )
 
     def _check_layer_lists(self) -> None:
         layers = self.memory_layers
         if len(set(layers)) != len(layers) or any(not 0 <= i < self.n_layers for i in layers):
-            raise InvalidArgument("memory_layers", f"distinct indices in [0, {self.n_layers})",
-                                  layers)
+            raise InvalidArgument(
+                "memory_layers", f"distinct indices in [0, {self.n_layers})", layers
+            )
         self.memory_layers = sorted(layers)
         widths = self.layer_ffn_hidden
         if widths is not None and len(widths) != self.n_layers:
@@ -128,12 +144,22 @@ class ModelArgs:
 
     def memory_args(self) -> MemoryLayerArgs:
         """The MemoryLayerArgs of every memory layer; errors name the mem_* field."""
-        fields = dict(heads="mem_heads", k="mem_k", n_keys="mem_n_keys", key_dim="mem_key_dim",
-                      value_dim="mem_value_dim", qk_norm="mem_qk_norm")
+        fields = dict(
+            heads="mem_heads",
+            k="mem_k",
+            n_keys="mem_n_keys",
+            key_dim="mem_key_dim",
+            value_dim="mem_value_dim",
+            qk_norm="mem_qk_norm",
+        )
         try:
-            return MemoryLayerArgs(dim=self.dim, memory_plus=self.memory_plus,
-                                   value_lr=self.value_lr, seed=self.seed,
-                                   **{ours: getattr(self, f) for ours, f in fields.items()})
+            return MemoryLayerArgs(
+                dim=self.dim,
+                memory_plus=self.memory_plus,
+                value_lr=self.value_lr,
+                seed=self.seed,
+                **{ours: getattr(self, f) for ours, f in fields.items()},
+            )
         except InvalidArgument as e:
             raise InvalidArgument(fields.get(e.field, e.field), e.expected, e.got) from None
 
@@ -142,6 +168,7 @@ class ModelArgs:
 
 
 # ---- value tables ------------------------------------------------------------------
+
 
 def table_users(args: ModelArgs) -> dict[str, list[int]]:
     """Table name -> the memory layers that read it, in layer order."""
@@ -162,12 +189,14 @@ def _local_tables(args: ModelArgs) -> dict[str, ValueTable]:
     specs, tables = table_specs(args), {}
     for name, users in table_users(args).items():
         rows, dim = specs[name]
-        tables[name] = memstore.ShardTable(rows, dim, optimizer=memstore.Adam(lr=args.value_lr),
-                                           seed=args.seed + users[0])
+        tables[name] = memstore.ShardTable(
+            rows, dim, optimizer=memstore.Adam(lr=args.value_lr), seed=args.seed + users[0]
+        )
     return tables
 
 
 # ---- blocks ------------------------------------------------------------------------
+
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, ...]:
     """cos and sin (max_seq_len, head_dim/2) of the rotary angles."""
@@ -225,8 +254,9 @@ class _ScaledBag(nn.Module):
         self.weight = nn.Parameter(weight.detach() / scale)
 
     def forward(self, idx: torch.Tensor, per_sample_weights: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.embedding_bag(idx, self.weight,
-                                            per_sample_weights=per_sample_weights, mode="sum")
+        return self.scale * F.embedding_bag(
+            idx, self.weight, per_sample_weights=per_sample_weights, mode="sum"
+        )
 
 
 def pkm_peer_layer(args: ModelArgs) -> nn.Module:
@@ -235,8 +265,13 @@ def pkm_peer_layer(args: ModelArgs) -> nn.Module:
     with its own init; the value read scaled by ``pkm_value_scale``."""
     from product_key_memory import PKM
 
-    layer = PKM(args.dim, heads=args.mem_heads, num_keys=args.mem_n_keys, topk=args.mem_k,
-                dim_head=args.mem_key_dim // 2)
+    layer = PKM(
+        args.dim,
+        heads=args.mem_heads,
+        num_keys=args.mem_n_keys,
+        topk=args.mem_k,
+        dim_head=args.mem_key_dim // 2,
+    )
     layer.values = _ScaledBag(layer.values.weight, args.pkm_value_scale)
     return layer
 
@@ -261,6 +296,7 @@ class Block(nn.Module):
 
 # ---- model -------------------------------------------------------------------------
 
+
 class Transformer(nn.Module):
     """Decoder-only LM: tokens (B, T) -> logits (B, T, vocab_size).
 
@@ -270,18 +306,27 @@ class Transformer(nn.Module):
     they set the push ids (module docstring).
     """
 
-    def __init__(self, args: ModelArgs, tables: dict[str, ValueTable] | None = None,
-                 rank: int = 0, micro_batches: int = 1):
+    def __init__(
+        self,
+        args: ModelArgs,
+        tables: dict[str, ValueTable] | None = None,
+        rank: int = 0,
+        micro_batches: int = 1,
+    ):
         super().__init__()
         self.args = args
         self.rank = check_positive_int("rank", rank, 0)
         self.micro_batches = check_positive_int("micro_batches", micro_batches)
         self._tables = _local_tables(args) if tables is None else dict(tables)
         if set(self._tables) != set(table_specs(args)):
-            raise InvalidArgument("tables", f"exactly the tables {sorted(table_specs(args))}",
-                                  sorted(self._tables))
-        tables = {layer: self._tables[name] for name, users in table_users(args).items()
-                  for layer in users}
+            raise InvalidArgument(
+                "tables", f"exactly the tables {sorted(table_specs(args))}", sorted(self._tables)
+            )
+        tables = {
+            layer: self._tables[name]
+            for name, users in table_users(args).items()
+            for layer in users
+        }
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             self.embed = nn.Embedding(args.vocab_size, args.dim)
@@ -297,8 +342,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() != 2 or not 1 <= tokens.shape[1] <= self.args.max_seq_len:
-            raise InvalidArgument("tokens", f"(B, T) with 1 <= T <= {self.args.max_seq_len}",
-                                  tuple(tokens.shape))
+            raise InvalidArgument(
+                "tokens", f"(B, T) with 1 <= T <= {self.args.max_seq_len}", tuple(tokens.shape)
+            )
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin)
@@ -325,8 +371,9 @@ class Transformer(nn.Module):
 
     def pushes_per_rank(self) -> dict[str, int]:
         """Name -> pushes of one rank per step (distinct push ids)."""
-        return {name: len(users) * self.micro_batches
-                for name, users in table_users(self.args).items()}
+        return {
+            name: len(users) * self.micro_batches for name, users in table_users(self.args).items()
+        }
 
     def peer_values(self) -> list[nn.Parameter]:
         """The value parameters of the ``pkm_peer`` layers (none otherwise)."""
@@ -336,11 +383,11 @@ class Transformer(nn.Module):
 
     def memory_layers(self) -> list[MemoryLayer]:
         """The MemoryLayers (none for a ``pkm_peer`` model)."""
-        return [] if self.args.pkm_peer else [self.layers[i].ffn
-                                              for i in self.args.memory_layers]
+        return [] if self.args.pkm_peer else [self.layers[i].ffn for i in self.args.memory_layers]
 
-    def set_step(self, step: int | None, micro_batch: int = 0,
-                 value_lr: float | None = None) -> None:
+    def set_step(
+        self, step: int | None, micro_batch: int = 0, value_lr: float | None = None
+    ) -> None:
         """Tag the row gradients of the next backward with ``step`` (None: each
         table's next step) and the push ids of micro-batch ``micro_batch`` in
         [0, micro_batches); the tables apply that step with ``value_lr`` (None: their
@@ -348,12 +395,18 @@ class Transformer(nn.Module):
         for users in table_users(self.args).values():
             for position, i in enumerate(users):
                 layer = self.layers[i].ffn
-                layer.push_id = push_id(self.rank, position, micro_batch, layers=len(users),
-                                        micro_batches=self.micro_batches)
+                layer.push_id = push_id(
+                    self.rank,
+                    position,
+                    micro_batch,
+                    layers=len(users),
+                    micro_batches=self.micro_batches,
+                )
                 layer.step, layer.value_lr = step, value_lr
 
 
 # ---- the dense baseline ------------------------------------------------------------
+
 
 def ffn_slot_macs(args: ModelArgs, layer: int) -> int:
     """Multiply-adds per token of layer ``layer``'s FFN slot (FFN or memory layer).

@@ -61,6 +61,7 @@ def experiment_root(args: TrainArgs, run_dir: Path) -> str:
 
 # ---- the tables in the store -------------------------------------------------------
 
+
 class StoreTables:
     """The store tables of a run: their names, options, creation and restoration."""
 
@@ -77,11 +78,17 @@ class StoreTables:
 
     def options(self, name: str) -> dict:
         s = self.args.store
-        return dict(shards=s.shards, mode=s.mode.value, max_staleness=s.max_staleness,
-                    pushes_per_step=pushes_per_step(self.world, layers=len(self.users[name])),
-                    step_on_push=s.step_on_push, data_channel=s.data_channel.value,
-                    checkpoint_root=f"{self.root}/{checkpoint.STORE}/{name}",
-                    threads_per_shard=s.threads_per_shard, timeout_s=s.timeout_s)
+        return dict(
+            shards=s.shards,
+            mode=s.mode.value,
+            max_staleness=s.max_staleness,
+            pushes_per_step=pushes_per_step(self.world, layers=len(self.users[name])),
+            step_on_push=s.step_on_push,
+            data_channel=s.data_channel.value,
+            checkpoint_root=f"{self.root}/{checkpoint.STORE}/{name}",
+            threads_per_shard=s.threads_per_shard,
+            timeout_s=s.timeout_s,
+        )
 
     def prepare(self, start: int, stores: dict | None) -> None:
         """Rank 0, before anyone connects: every table at step ``start``, from the
@@ -91,8 +98,10 @@ class StoreTables:
                 table = self.check_existing(name)
                 if table.last_step != start:
                     raise memstore.InvalidArgument(
-                        "store.connect", f"a table {table.name} at step {start}, where this "
-                        "run starts", f"step {table.last_step}")
+                        "store.connect",
+                        f"a table {table.name} at step {start}, where this run starts",
+                        f"step {table.last_step}",
+                    )
                 continue
             if table_exists(store_name):  # left by a failed attempt, or kept by a run
                 if self._at_step(store_name, start):
@@ -100,9 +109,14 @@ class StoreTables:
                 memstore.drop_table(store_name)
             if stores is None:
                 rows, dim = self.specs[name]
-                memstore.create_table(store_name, rows, dim,
-                                      optimizer=memstore.Adam(lr=self.args.value_lr),
-                                      seed=self.seed + self.users[name][0], **self.options(name))
+                memstore.create_table(
+                    store_name,
+                    rows,
+                    dim,
+                    optimizer=memstore.Adam(lr=self.args.value_lr),
+                    seed=self.seed + self.users[name][0],
+                    **self.options(name),
+                )
             else:
                 memstore.load_table(stores["tables"][name], store_name, **self.options(name))
 
@@ -126,19 +140,24 @@ class StoreTables:
         rows, dim = self.specs[name]
         pushes = self.options(name)["pushes_per_step"]
         if (table.rows, table.dim) != (rows, dim):
-            raise memstore.InvalidArgument("store.connect", f"a table {table.name} of "
-                                           f"{rows} x {dim} for this model",
-                                           f"{table.rows} x {table.dim}")
+            raise memstore.InvalidArgument(
+                "store.connect",
+                f"a table {table.name} of {rows} x {dim} for this model",
+                f"{table.rows} x {table.dim}",
+            )
         if table.config.get("step_on_push") and table.config.get("pushes_per_step") != pushes:
             raise memstore.InvalidArgument(
-                "store.connect", f"a table {table.name} that steps after {pushes} pushes "
-                "(workers x memory layers)",
-                f"pushes_per_step={table.config.get('pushes_per_step')}")
+                "store.connect",
+                f"a table {table.name} that steps after {pushes} pushes (workers x memory layers)",
+                f"pushes_per_step={table.config.get('pushes_per_step')}",
+            )
         return table
 
     def connect(self) -> dict[str, memstore.Table]:
-        return {name: memstore.connect(store_name, timeout_s=self.args.store.timeout_s)
-                for name, store_name in self.names().items()}
+        return {
+            name: memstore.connect(store_name, timeout_s=self.args.store.timeout_s)
+            for name, store_name in self.names().items()
+        }
 
     def drop(self) -> None:
         for store_name in self.names().values():
@@ -149,6 +168,7 @@ class StoreTables:
 
 
 # ---- inside each worker ------------------------------------------------------------
+
 
 class RayTrainRun:
     """What :func:`trainer.loop.run_steps` needs on a Ray Train worker."""
@@ -191,16 +211,19 @@ class RayTrainRun:
                 path = checkpoint.store_path(self.root, name, step)
                 if not checkpoint.is_uri(self.root):
                     checkpoint.set_aside(Path(self.root), Path(path))
-                    checkpoint.set_aside(Path(self.root), Path(checkpoint.step_dir(self.root,
-                                                                                  step)))
+                    checkpoint.set_aside(
+                        Path(self.root), Path(checkpoint.step_dir(self.root, step))
+                    )
                 paths[name] = table.save(path)
             folder = tempfile.mkdtemp(prefix="memstore-train-")
             checkpoint.write(folder, step, state, paths)
             ckpt = ray.train.Checkpoint.from_directory(folder)
         try:
-            ray.train.report({"step": step}, checkpoint=ckpt,
-                             checkpoint_dir_name=f"{checkpoint.CHECKPOINTS}/"
-                             f"{checkpoint.step_name(step)}")
+            ray.train.report(
+                {"step": step},
+                checkpoint=ckpt,
+                checkpoint_dir_name=f"{checkpoint.CHECKPOINTS}/{checkpoint.step_name(step)}",
+            )
         finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -224,14 +247,18 @@ def _restore_point(root: str, tables: list[str]) -> tuple[int, str | None]:
     if not checkpoint.is_uri(root):
         step = checkpoint.resume_step(Path(root), tables, strict=False)
         if step is not None and registered is not None and step > registered["step"]:
-            log.info("resuming from step %d, newer than Ray Train's latest checkpoint "
-                     "(step %d)", step, registered["step"])
+            log.info(
+                "resuming from step %d, newer than Ray Train's latest checkpoint (step %d)",
+                step,
+                registered["step"],
+            )
         return (0, None) if step is None else (step, checkpoint.step_dir(root, step))
     if registered is None:
         return 0, None
     if not checkpoint.committed(registered, tables):
-        raise memstore.CheckpointError(latest.path, "a store checkpoint it names is "
-                                       "missing or not committed")
+        raise memstore.CheckpointError(
+            latest.path, "a store checkpoint it names is missing or not committed"
+        )
     return registered["step"], latest.path
 
 
@@ -279,11 +306,20 @@ def train_loop_per_worker(config: dict) -> dict | None:
     elif rank == 0:
         write_config(args, replica.model_args, run_dir)
     run = RayTrainRun(args, rank, root, tables)
-    return run_steps(args, replica, run, run_dir, start, counters, config.get("stop_after"),
-                     config.get("on_step"))
+    return run_steps(
+        args,
+        replica,
+        run,
+        run_dir,
+        start,
+        counters,
+        config.get("stop_after"),
+        config.get("on_step"),
+    )
 
 
 # ---- the driver --------------------------------------------------------------------
+
 
 def _attach_ray(args: TrainArgs, tables: int) -> bool:
     """Attach to Ray (RAY_ADDRESS or a running instance) or start a local one with a
@@ -298,9 +334,14 @@ def _attach_ray(args: TrainArgs, tables: int) -> bool:
     shards = args.store.shards
     per_table = shards if isinstance(shards, int) else shards[0] * shards[1]
     need = tables * per_table * args.store.threads_per_shard + args.workers * math.ceil(
-        args.ray.cpus_per_worker)
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need),
-             include_dashboard=False, log_to_driver=False)
+        args.ray.cpus_per_worker
+    )
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, need),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     return True
 
 
@@ -333,8 +374,9 @@ def _user_error(error: BaseException) -> BaseException:
     return error
 
 
-def fit(args: TrainArgs, run_dir: Path, root: str, resume: bool, stop_after: int | None,
-        on_step) -> dict:
+def fit(
+    args: TrainArgs, run_dir: Path, root: str, resume: bool, stop_after: int | None, on_step
+) -> dict:
     """Run the TorchTrainer and return rank 0's summary. Tables this run created are
     dropped at the end unless ``store.keep``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -349,22 +391,37 @@ def fit(args: TrainArgs, run_dir: Path, root: str, resume: bool, stop_after: int
         elif not resume:
             taken = [n for n in store.names().values() if table_exists(n)]
             if taken:
-                raise memstore.InvalidArgument("store.name", "a prefix whose tables do not "
-                                               "exist yet (or store.connect: true)", taken)
+                raise memstore.InvalidArgument(
+                    "store.name",
+                    "a prefix whose tables do not exist yet (or store.connect: true)",
+                    taken,
+                )
         use_gpu = _use_gpu(args)
         storage, name = root.rsplit("/", 1)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"args": _worker_config(args, run_dir), "root": root,
-                               "run_dir": str(run_dir), "stop_after": stop_after,
-                               "on_step": on_step},
-            scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": args.ray.cpus_per_worker}),
-            run_config=RunConfig(name=name, storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=args.ray.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=None)),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo",
-                                     timeout_s=int(args.store.timeout_s or 1800)))
+            train_loop_config={
+                "args": _worker_config(args, run_dir),
+                "root": root,
+                "run_dir": str(run_dir),
+                "stop_after": stop_after,
+                "on_step": on_step,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=args.workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": args.ray.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=args.ray.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
+            ),
+            torch_config=TorchConfig(
+                backend="nccl" if use_gpu else "gloo", timeout_s=int(args.store.timeout_s or 1800)
+            ),
+        )
         try:
             result = trainer.fit()
         except Exception as e:  # noqa: BLE001 - a memstore error is the user's to see
@@ -380,4 +437,3 @@ def fit(args: TrainArgs, run_dir: Path, root: str, resume: bool, stop_after: int
             import ray
 
             ray.shutdown()
-

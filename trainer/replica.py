@@ -60,8 +60,14 @@ class Replica:
     ShardTables, in-process); ``device``: default the config's. With ``world > 1`` the
     model is wrapped in DDP (the process group exists: Ray Train made it)."""
 
-    def __init__(self, args: TrainArgs, rank: int = 0, world: int = 1,
-                 tables: dict | None = None, device: torch.device | None = None):
+    def __init__(
+        self,
+        args: TrainArgs,
+        rank: int = 0,
+        world: int = 1,
+        tables: dict | None = None,
+        device: torch.device | None = None,
+    ):
         self.args, self.rank, self.world = args, rank, world
         if args.threads_per_worker:
             torch.set_num_threads(args.threads_per_worker)
@@ -75,12 +81,18 @@ class Replica:
             from torch.nn.parallel import DistributedDataParallel
 
             # The rotary tables are buffers equal on every rank: no sync per forward.
-            sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                    inspect.signature(DistributedDataParallel).parameters
-                    else {"broadcast_buffers": False})
-            self.net = sum_dense_gradients(DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                **sync))
+            sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False}
+            )
+            self.net = sum_dense_gradients(
+                DistributedDataParallel(
+                    self.model,
+                    device_ids=[self.device] if self.device.type == "cuda" else None,
+                    **sync,
+                )
+            )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._build_optimizer()
 
@@ -93,26 +105,34 @@ class Replica:
         groups = [{"params": self.clipped}]
         if values:
             adam = memstore.Adam()
-            groups.append({"params": values, "values": True, "weight_decay": 0.0,
-                           "betas": adam.betas, "eps": adam.eps})
-        self.opt = torch.optim.AdamW(groups, lr=self.args.lr, betas=(0.9, 0.95),
-                                     weight_decay=self.args.weight_decay)
+            groups.append(
+                {
+                    "params": values,
+                    "values": True,
+                    "weight_decay": 0.0,
+                    "betas": adam.betas,
+                    "eps": adam.eps,
+                }
+            )
+        self.opt = torch.optim.AdamW(
+            groups, lr=self.args.lr, betas=(0.9, 0.95), weight_decay=self.args.weight_decay
+        )
 
     def train_step(self, step: int) -> dict:
         """Forward and backward of this rank's slice, clip, dense update. Returns this
         rank's share of the loss (the shares sum to the global mean), the global
         gradient norm before clipping, and this rank's tokens."""
         start = time.perf_counter()
-        batch = Batch(*(t if t is None else t.to(self.device)
-                        for t in self.data.global_batch(step)))
+        batch = Batch(
+            *(t if t is None else t.to(self.device) for t in self.data.global_batch(step))
+        )
         count = batch.targets.numel() if batch.mask is None else int(batch.mask.sum())
         per = batch.inputs.shape[0] // self.world
         rows = slice(self.rank * per, (self.rank + 1) * per)
         self.model.set_step(step, value_lr=value_lr_at(self.args, step))
         self.opt.zero_grad(set_to_none=True)
         logits = self.net(batch.inputs[rows])
-        nll = F.cross_entropy(logits.flatten(0, 1), batch.targets[rows].flatten(),
-                              reduction="none")
+        nll = F.cross_entropy(logits.flatten(0, 1), batch.targets[rows].flatten(), reduction="none")
         if batch.mask is not None:
             nll = nll * batch.mask[rows].flatten().to(nll.dtype)
         loss = nll.sum() / max(count, 1)
@@ -128,9 +148,13 @@ class Replica:
         for group in self.opt.param_groups:
             group["lr"] = value_lr_at(self.args, step) if group.get("values") else lr
         self.opt.step()
-        return {"loss": float(loss.detach()), "grad_norm": float(norm), "lr": lr,
-                "tokens": int(batch.inputs[rows].numel()),
-                "seconds": time.perf_counter() - start}
+        return {
+            "loss": float(loss.detach()),
+            "grad_norm": float(norm),
+            "lr": lr,
+            "tokens": int(batch.inputs[rows].numel()),
+            "seconds": time.perf_counter() - start,
+        }
 
     def evaluate(self) -> dict:
         return self.data.evaluate(self.model)
@@ -138,11 +162,15 @@ class Replica:
     def state(self) -> dict:
         """Dense parameters and optimizer state (the values live in the tables)."""
         opt = self.opt.state_dict()
-        opt["state"] = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
-                        for i, st in opt["state"].items()}
-        return {"model": {k: v.detach().cpu().clone() for k, v in
-                          self.model.state_dict().items()},
-                "optimizer": opt, "rng": torch.get_rng_state()}
+        opt["state"] = {
+            i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+            for i, st in opt["state"].items()
+        }
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": opt,
+            "rng": torch.get_rng_state(),
+        }
 
     def load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

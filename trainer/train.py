@@ -42,13 +42,35 @@ from .loop import CONFIG, METRICS, PLOT, LocalRun
 from .model import table_specs
 from .replica import lr_at, value_lr_at
 
-__all__ = ["TrainArgs", "DataArgs", "StoreArgs", "RayArgs", "load_config", "train", "main",
-           "StepData", "lr_at", "value_lr_at", "checkpoint_steps", "table_specs", "METRICS",
-           "PLOT", "CONFIG", "CHECKPOINTS", "STORE", "ABANDONED"]
+__all__ = [
+    "TrainArgs",
+    "DataArgs",
+    "StoreArgs",
+    "RayArgs",
+    "load_config",
+    "train",
+    "main",
+    "StepData",
+    "lr_at",
+    "value_lr_at",
+    "checkpoint_steps",
+    "table_specs",
+    "METRICS",
+    "PLOT",
+    "CONFIG",
+    "CHECKPOINTS",
+    "STORE",
+    "ABANDONED",
+]
 
 
-def train(args: TrainArgs, resume: bool = False, stop_after: int | None = None,
-          on_step=None, overwrite: bool = False) -> dict:
+def train(
+    args: TrainArgs,
+    resume: bool = False,
+    stop_after: int | None = None,
+    on_step=None,
+    overwrite: bool = False,
+) -> dict:
     """Train; returns the summary of the run (rank 0's): ``step``, ``stopped``,
     ``start`` (the step this attempt started from), ``losses``, ``eval``, ``seconds``,
     ``tokens``, ``run_dir``.
@@ -60,8 +82,9 @@ def train(args: TrainArgs, resume: bool = False, stop_after: int | None = None,
     after every step on every rank (tests inject faults with it)."""
     run_dir = Path(args.run_dir).absolute()
     if resume and overwrite:
-        raise InvalidArgument("overwrite", "False with resume (continue or start over, "
-                              "not both)", overwrite)
+        raise InvalidArgument(
+            "overwrite", "False with resume (continue or start over, not both)", overwrite
+        )
     if args.workers == 0:
         root = run_dir
     else:
@@ -70,8 +93,12 @@ def train(args: TrainArgs, resume: bool = False, stop_after: int | None = None,
         root = experiment_root(args, run_dir)
     local = not checkpoint.is_uri(root)
     if local and not resume and not overwrite and checkpoint.has_checkpoints(Path(root)):
-        raise InvalidArgument("run_dir", "a directory without checkpoints (or --resume to "
-                              "continue it, --overwrite to start over)", str(root))
+        raise InvalidArgument(
+            "run_dir",
+            "a directory without checkpoints (or --resume to "
+            "continue it, --overwrite to start over)",
+            str(root),
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     if local and not resume:
         checkpoint.clear(Path(root))

@@ -39,8 +39,10 @@ def _row_major(values: torch.Tensor) -> torch.Tensor:
 def _check_kernel_dtypes(values: torch.Tensor, w: torch.Tensor) -> None:
     """The kernels accumulate in float32: the dispatcher keeps float64 (gradcheck) in torch."""
     if values.dtype not in KERNEL_DTYPES or accumulation_dtype(values, w) != torch.float32:
-        raise TypeError(f"values, w: the Triton bag kernels take {KERNEL_DTYPES} values and "
-                        f"float32 accumulation, got {values.dtype} and {w.dtype}")
+        raise TypeError(
+            f"values, w: the Triton bag kernels take {KERNEL_DTYPES} values and "
+            f"float32 accumulation, got {values.dtype} and {w.dtype}"
+        )
 
 
 @triton.jit
@@ -144,8 +146,9 @@ def _bag_row_grad_kernel(
     cmask = cols < dim
     start = tl.load(seg_ptr + u)
     end = tl.load(seg_ptr + u + 1)
-    acc = segment_row_grad(order_ptr, w_ptr, dy_ptr, start, end, M, dim, cols, cmask,
-                           BLOCK_P, BLOCK_D)
+    acc = segment_row_grad(
+        order_ptr, w_ptr, dy_ptr, start, end, M, dim, cols, cmask, BLOCK_P, BLOCK_D
+    )
     tl.store(grads_ptr + u * dim + cols, acc, mask=cmask)
 
 
@@ -164,8 +167,15 @@ def bag_forward_triton(values: torch.Tensor, idx: torch.Tensor, w: torch.Tensor)
     BLOCK_D = _block_d(dim)
     grid = (B, triton.cdiv(dim, BLOCK_D))
     _bag_fwd_kernel[grid](
-        values, idx.contiguous(), w.contiguous(), out, M, dim, values.stride(0),
-        BLOCK_M=_BLOCK_M, BLOCK_D=BLOCK_D,
+        values,
+        idx.contiguous(),
+        w.contiguous(),
+        out,
+        M,
+        dim,
+        values.stride(0),
+        BLOCK_M=_BLOCK_M,
+        BLOCK_D=BLOCK_D,
     )
     return out
 
@@ -202,10 +212,26 @@ def bag_backward_triton(values, idx, w, dy):
         return dw, (rows, grads)
     BLOCK_D = _block_d(dim)
     _bag_dw_kernel[(B, triton.cdiv(M, _BLOCK_M))](
-        values, idx, dy, dw, M, dim, values.stride(0), BLOCK_M=_BLOCK_M, BLOCK_D=BLOCK_D,
+        values,
+        idx,
+        dy,
+        dw,
+        M,
+        dim,
+        values.stride(0),
+        BLOCK_M=_BLOCK_M,
+        BLOCK_D=BLOCK_D,
     )
     # Random lookups put ~1-2 slots on a row, so a small slot tile wastes few lanes.
     _bag_row_grad_kernel[(rows.numel(), triton.cdiv(dim, BLOCK_D))](
-        order, seg, w, dy, grads, M, dim, BLOCK_P=8, BLOCK_D=BLOCK_D,
+        order,
+        seg,
+        w,
+        dy,
+        grads,
+        M,
+        dim,
+        BLOCK_P=8,
+        BLOCK_D=BLOCK_D,
     )
     return dw, (rows, grads)

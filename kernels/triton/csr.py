@@ -86,8 +86,11 @@ def _bag_csr_dw_kernel(
 
 
 def _csr_args(rows, w, offsets):
-    return (rows.to(torch.int64).contiguous(), w.to(torch.float32).contiguous(),
-            offsets.to(torch.int64).contiguous())
+    return (
+        rows.to(torch.int64).contiguous(),
+        w.to(torch.float32).contiguous(),
+        offsets.to(torch.int64).contiguous(),
+    )
 
 
 @register_cuda("bag_forward_csr")
@@ -103,8 +106,16 @@ def bag_forward_csr_triton(values, rows, w, offsets) -> torch.Tensor:
         return out  # an empty grid is not a valid launch
     BLOCK_D = _block_d(dim)
     _bag_csr_fwd_kernel[(B, triton.cdiv(dim, BLOCK_D))](
-        values, rows, w, offsets, out, dim, values.stride(0), values.stride(1),
-        BLOCK_P=_BLOCK_P, BLOCK_D=BLOCK_D,
+        values,
+        rows,
+        w,
+        offsets,
+        out,
+        dim,
+        values.stride(0),
+        values.stride(1),
+        BLOCK_P=_BLOCK_P,
+        BLOCK_D=BLOCK_D,
     )
     return out
 
@@ -121,8 +132,16 @@ def bag_dw_csr_triton(values, rows, offsets, dy) -> torch.Tensor:
     if B and P and dim:
         longest = int(offsets.diff().max())  # sizes the grid: one program per slot tile
         _bag_csr_dw_kernel[(B, triton.cdiv(longest, _BLOCK_P))](
-            values, rows, offsets, dy, dw, dim, values.stride(0), values.stride(1),
-            BLOCK_P=_BLOCK_P, BLOCK_D=_block_d(dim),
+            values,
+            rows,
+            offsets,
+            dy,
+            dw,
+            dim,
+            values.stride(0),
+            values.stride(1),
+            BLOCK_P=_BLOCK_P,
+            BLOCK_D=_block_d(dim),
         )
     elif P:
         dw.zero_()  # dim == 0: every dot product is empty
@@ -137,6 +156,9 @@ def bag_backward_sparse_triton(values, rows, w, offsets, dy) -> tuple[torch.Tens
     dy = dy.to(torch.float32).contiguous()
     dw = bag_dw_csr_triton(values, rows, offsets, dy)
     # output_size: no device-to-host sync to size the result.
-    bag_of_slot = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=rows.device),
-                                          offsets.diff(), output_size=rows.numel())
+    bag_of_slot = torch.repeat_interleave(
+        torch.arange(offsets.numel() - 1, device=rows.device),
+        offsets.diff(),
+        output_size=rows.numel(),
+    )
     return dw, SparseRowGrads.from_slots(rows, w, bag_of_slot, dy)

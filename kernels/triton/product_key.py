@@ -85,8 +85,11 @@ def _half_scores(
         d = d0 + tl.arange(0, BLOCK_D)
         dmask = d < D2
         qt = tl.load(q_base + d[None, :], mask=bmask[:, None] & dmask[None, :], other=0.0)
-        kt = tl.load(k_base + ncols[None, :] * D2 + d[:, None],
-                     mask=dmask[:, None] & nmask[None, :], other=0.0)
+        kt = tl.load(
+            k_base + ncols[None, :] * D2 + d[:, None],
+            mask=dmask[:, None] & nmask[None, :],
+            other=0.0,
+        )
         # ieee: TF32 would reorder near-equal candidates against the float32 reference.
         s += tl.dot(qt.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
     return s
@@ -117,8 +120,9 @@ def _half_topk(
     big = tl.broadcast_to(big, (BLOCK_B, K_P))
     thr = tl.min(big, axis=1)
     for n0 in range(0, n, BLOCK_N):
-        s = _half_scores(q_ptr, keys_ptr, b_offs, bmask, h, half, n0, H, n, D2,
-                         BLOCK_B, BLOCK_N, BLOCK_D)
+        s = _half_scores(
+            q_ptr, keys_ptr, b_offs, bmask, h, half, n0, H, n, D2, BLOCK_B, BLOCK_N, BLOCK_D
+        )
         ncols = n0 + tl.arange(0, BLOCK_N)[None, :]
         chunk = tl.where(ncols < n, _pack(s, ncols), _EMPTY)
         # Only chunk entries above the current kk-th best can enter: insert them best
@@ -175,8 +179,9 @@ def _pk_topk_fwd_kernel(
     bmask = b_offs < B
     half_base = scratch_ptr + ((b_offs * H + h) * 2) * kk
     for half in range(2):
-        top = _half_topk(q_ptr, keys_ptr, b_offs, bmask, h, half, H, n, D2, kk,
-                         BLOCK_B, BLOCK_N, BLOCK_D, K_P)
+        top = _half_topk(
+            q_ptr, keys_ptr, b_offs, bmask, h, half, H, n, D2, kk, BLOCK_B, BLOCK_N, BLOCK_D, K_P
+        )
         _store_sorted(top, half_base + half * kk, bmask, kk)
     # Other threads of this program wrote the lists; make them visible before gathering.
     tl.debug_barrier()
@@ -214,8 +219,9 @@ def product_key_select_triton(q: torch.Tensor, keys: torch.Tensor, k: int):
     n, D2 = keys.shape[2], keys.shape[3]
     kk = min(k, n)
     if n * n > 2**32:
-        raise ValueError(f"keys: n = {n} sub-keys per half exceeds the packed index range "
-                         "(n² <= 2³²)")
+        raise ValueError(
+            f"keys: n = {n} sub-keys per half exceeds the packed index range (n² <= 2³²)"
+        )
     index = torch.empty(B, H, k, dtype=torch.int64, device=q.device)
     scores = torch.empty(B, H, k, dtype=torch.float32, device=q.device)
     if B == 0 or H == 0:
@@ -224,8 +230,20 @@ def product_key_select_triton(q: torch.Tensor, keys: torch.Tensor, k: int):
     scratch = torch.empty(B, H, 2, kk, dtype=torch.int64, device=q.device)
     grid = (triton.cdiv(B, _BLOCK_B), H)
     _pk_topk_fwd_kernel[grid](
-        q.contiguous(), keys.contiguous(), pair_a, pair_b, scratch, index, scores,
-        B, H, n, D2, k, kk, pair_a.numel(),
+        q.contiguous(),
+        keys.contiguous(),
+        pair_a,
+        pair_b,
+        scratch,
+        index,
+        scores,
+        B,
+        H,
+        n,
+        D2,
+        k,
+        kk,
+        pair_a.numel(),
         BLOCK_B=_BLOCK_B,
         BLOCK_N=min(_MAX_BLOCK_N, max(16, triton.next_power_of_2(n))),
         BLOCK_D=_BLOCK_D,

@@ -41,8 +41,9 @@ __all__ = [
 
 def _check_values(values: torch.Tensor) -> None:
     if values.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"values: the Triton optimizer kernels take {KERNEL_DTYPES}, "
-                        f"got {values.dtype}")
+        raise TypeError(
+            f"values: the Triton optimizer kernels take {KERNEL_DTYPES}, got {values.dtype}"
+        )
 
 
 def _factored(rows: torch.Tensor, grads) -> tuple[torch.Tensor, ...]:
@@ -50,8 +51,12 @@ def _factored(rows: torch.Tensor, grads) -> tuple[torch.Tensor, ...]:
     become one slot of weight 1 per row (exact: the kernels multiply by 1.0)."""
     if not isinstance(grads, SparseRowGrads):
         grads = SparseRowGrads.from_dense(rows, grads.to(torch.float32).contiguous())
-    return (grads.seg.contiguous(), grads.slot_bag.contiguous(),
-            grads.slot_w.to(torch.float32).contiguous(), grads.dy.to(torch.float32).contiguous())
+    return (
+        grads.seg.contiguous(),
+        grads.slot_bag.contiguous(),
+        grads.slot_w.to(torch.float32).contiguous(),
+        grads.dy.to(torch.float32).contiguous(),
+    )
 
 
 def _grid(rows: torch.Tensor, dim: int):
@@ -105,8 +110,11 @@ def factored_row_grad(
         pmask = p < end
         bag = tl.load(slot_bag_ptr + p, mask=pmask, other=0)
         w = tl.load(slot_w_ptr + p, mask=pmask, other=0.0)
-        g = tl.load(dy_ptr + bag[:, None] * dim + cols[None, :],
-                    mask=pmask[:, None] & cmask[None, :], other=0.0)
+        g = tl.load(
+            dy_ptr + bag[:, None] * dim + cols[None, :],
+            mask=pmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
         acc += tl.sum(g * w[:, None], axis=0)
     return acc
 
@@ -128,8 +136,9 @@ def _sgd_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     u, row, voffs, cols, cmask = _row_tile(rows_ptr, dim, stride_v, stride_c, BLOCK_D)
-    g = factored_row_grad(seg_ptr, slot_bag_ptr, slot_w_ptr, dy_ptr, u, dim, cols, cmask,
-                          BLOCK_P, BLOCK_D)
+    g = factored_row_grad(
+        seg_ptr, slot_bag_ptr, slot_w_ptr, dy_ptr, u, dim, cols, cmask, BLOCK_P, BLOCK_D
+    )
     v = tl.load(values_ptr + voffs, mask=cmask, other=0.0).to(tl.float32)
     g = g + weight_decay * v
     out = round_to_storage(v - lr * g, values_ptr.dtype.element_ty)
@@ -154,8 +163,9 @@ def _adagrad_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     u, row, voffs, cols, cmask = _row_tile(rows_ptr, dim, stride_v, stride_c, BLOCK_D)
-    g = factored_row_grad(seg_ptr, slot_bag_ptr, slot_w_ptr, dy_ptr, u, dim, cols, cmask,
-                          BLOCK_P, BLOCK_D)
+    g = factored_row_grad(
+        seg_ptr, slot_bag_ptr, slot_w_ptr, dy_ptr, u, dim, cols, cmask, BLOCK_P, BLOCK_D
+    )
     s = tl.load(state_ptr + row * dim + cols, mask=cmask, other=0.0) + g * g
     tl.store(state_ptr + row * dim + cols, s, mask=cmask)
     v = tl.load(values_ptr + voffs, mask=cmask, other=0.0).to(tl.float32)
@@ -188,8 +198,9 @@ def _rowwise_adagrad_fwd_kernel(
     sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        g = factored_row_grad(seg_ptr, slot_bag_ptr, slot_w_ptr, dy_ptr, u, dim, cols,
-                              cols < dim, BLOCK_P, BLOCK_D)
+        g = factored_row_grad(
+            seg_ptr, slot_bag_ptr, slot_w_ptr, dy_ptr, u, dim, cols, cols < dim, BLOCK_P, BLOCK_D
+        )
         sq += g * g
     s = tl.load(state_ptr + row) + tl.sum(sq, axis=0) / dim
     tl.store(state_ptr + row, s)
@@ -197,8 +208,9 @@ def _rowwise_adagrad_fwd_kernel(
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < dim
-        g = factored_row_grad(seg_ptr, slot_bag_ptr, slot_w_ptr, dy_ptr, u, dim, cols, cmask,
-                              BLOCK_P, BLOCK_D)
+        g = factored_row_grad(
+            seg_ptr, slot_bag_ptr, slot_w_ptr, dy_ptr, u, dim, cols, cmask, BLOCK_P, BLOCK_D
+        )
         voffs = row * stride_v + cols * stride_c
         v = tl.load(values_ptr + voffs, mask=cmask, other=0.0).to(tl.float32)
         out = round_to_storage(v - scale * g, values_ptr.dtype.element_ty)
@@ -257,10 +269,27 @@ def _adam_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     u, row, voffs, cols, cmask = _row_tile(rows_ptr, dim, stride_v, stride_c, BLOCK_D)
-    g = factored_row_grad(seg_ptr, slot_bag_ptr, slot_w_ptr, dy_ptr, u, dim, cols, cmask,
-                          BLOCK_P, BLOCK_D)
-    _adam_update(values_ptr, m_ptr, s_ptr, row, voffs, cols, cmask, g, dim,
-                 beta1, beta2, omb1, omb2, step_size, eps_term, shrink)
+    g = factored_row_grad(
+        seg_ptr, slot_bag_ptr, slot_w_ptr, dy_ptr, u, dim, cols, cmask, BLOCK_P, BLOCK_D
+    )
+    _adam_update(
+        values_ptr,
+        m_ptr,
+        s_ptr,
+        row,
+        voffs,
+        cols,
+        cmask,
+        g,
+        dim,
+        beta1,
+        beta2,
+        omb1,
+        omb2,
+        step_size,
+        eps_term,
+        shrink,
+    )
 
 
 @triton.jit
@@ -289,10 +318,27 @@ def _bag_bwd_adam_kernel(
     u, row, voffs, cols, cmask = _row_tile(rows_ptr, dim, stride_v, 1, BLOCK_D)
     start = tl.load(seg_ptr + u)
     end = tl.load(seg_ptr + u + 1)
-    g = segment_row_grad(order_ptr, w_ptr, dy_ptr, start, end, M, dim, cols, cmask,
-                         BLOCK_P, BLOCK_D)
-    _adam_update(values_ptr, m_ptr, s_ptr, row, voffs, cols, cmask, g, dim,
-                 beta1, beta2, omb1, omb2, step_size, eps_term, shrink)
+    g = segment_row_grad(
+        order_ptr, w_ptr, dy_ptr, start, end, M, dim, cols, cmask, BLOCK_P, BLOCK_D
+    )
+    _adam_update(
+        values_ptr,
+        m_ptr,
+        s_ptr,
+        row,
+        voffs,
+        cols,
+        cmask,
+        g,
+        dim,
+        beta1,
+        beta2,
+        omb1,
+        omb2,
+        step_size,
+        eps_term,
+        shrink,
+    )
 
 
 # Slot tile of the row reduction: random lookups put 1-2 slots on most rows.
@@ -307,8 +353,16 @@ def _launch(kernel, values, states, rows, grads, scalars, grid=None) -> None:
         return
     # rows.contiguous(): the kernels index rows by position (rows[::2] has stride 2).
     kernel[grid or _grid(rows, dim)](
-        values, *states, rows.contiguous(), *_factored(rows, grads), dim, values.stride(0),
-        values.stride(1), *[float(x) for x in scalars], BLOCK_P=_BLOCK_P, BLOCK_D=_block_d(dim),
+        values,
+        *states,
+        rows.contiguous(),
+        *_factored(rows, grads),
+        dim,
+        values.stride(0),
+        values.stride(1),
+        *[float(x) for x in scalars],
+        BLOCK_P=_BLOCK_P,
+        BLOCK_D=_block_d(dim),
     )
 
 
@@ -326,8 +380,15 @@ def adagrad_step_triton(values, state_sum, rows, grads, *, lr, eps, lr_decay=0.0
 
 @register_cuda("rowwise_adagrad_step")
 def rowwise_adagrad_step_triton(values, state_sum, rows, grads, *, lr, eps) -> None:
-    _launch(_rowwise_adagrad_fwd_kernel, values, (state_sum,), rows, grads, (lr, eps),
-            grid=(rows.numel(),))
+    _launch(
+        _rowwise_adagrad_fwd_kernel,
+        values,
+        (state_sum,),
+        rows,
+        grads,
+        (lr, eps),
+        grid=(rows.numel(),),
+    )
 
 
 def _adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled):
@@ -337,14 +398,32 @@ def _adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled):
     step_size = lr * math.sqrt(bc2) / bc1
     eps_term = eps * math.sqrt(bc2) if decoupled else eps
     shrink = 1 - lr * weight_decay if decoupled else 1.0
-    return (float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, float(step_size),
-            float(eps_term), float(shrink))
+    return (
+        float(beta1),
+        float(beta2),
+        1.0 - beta1,
+        1.0 - beta2,
+        float(step_size),
+        float(eps_term),
+        float(shrink),
+    )
 
 
 @register_cuda("adam_step")
 def adam_step_triton(
-    values, exp_avg, exp_avg_sq, rows, grads, *, step, lr, beta1, beta2, eps,
-    weight_decay=0.0, decoupled=False,
+    values,
+    exp_avg,
+    exp_avg_sq,
+    rows,
+    grads,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay=0.0,
+    decoupled=False,
 ) -> None:
     """Lazy Adam (SparseAdam) or, with ``decoupled``, AdamW on the touched rows."""
     scalars = _adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
@@ -352,8 +431,20 @@ def adam_step_triton(
 
 
 def bag_backward_adam_step(
-    values, exp_avg, exp_avg_sq, idx, w, dy, *, step, lr, beta1, beta2, eps,
-    weight_decay=0.0, decoupled=False,
+    values,
+    exp_avg,
+    exp_avg_sq,
+    idx,
+    w,
+    dy,
+    *,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay=0.0,
+    decoupled=False,
 ):
     """bag_backward followed by adam_step on its rows, with the row gradients kept on chip.
 
@@ -381,11 +472,31 @@ def bag_backward_adam_step(
     BLOCK_D = _block_d(dim)
     # dw reads the old values, so it must run before the update rewrites them.
     _bag_dw_kernel[(B, triton.cdiv(M, _BLOCK_M))](
-        values, idx, dy, dw, M, dim, values.stride(0), BLOCK_M=_BLOCK_M, BLOCK_D=BLOCK_D,
+        values,
+        idx,
+        dy,
+        dw,
+        M,
+        dim,
+        values.stride(0),
+        BLOCK_M=_BLOCK_M,
+        BLOCK_D=BLOCK_D,
     )
     scalars = _adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
     _bag_bwd_adam_kernel[_grid(rows, dim)](
-        values, exp_avg, exp_avg_sq, rows, order, seg, w, dy, M, dim, values.stride(0),
-        *scalars, BLOCK_P=8, BLOCK_D=BLOCK_D,
+        values,
+        exp_avg,
+        exp_avg_sq,
+        rows,
+        order,
+        seg,
+        w,
+        dy,
+        M,
+        dim,
+        values.stride(0),
+        *scalars,
+        BLOCK_P=8,
+        BLOCK_D=BLOCK_D,
     )
     return dw, rows

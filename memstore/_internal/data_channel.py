@@ -38,8 +38,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import hmac
 import heapq
+import hmac
 import ipaddress
 import itertools
 import json
@@ -74,9 +74,15 @@ CONNECT_S = 10.0
 # flight per shard, so anything beyond this is a misbehaving peer, held back by TCP.
 QUEUED_MESSAGES = 64
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-_BROKEN_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED | zmq.EVENT_CONNECT_RETRIED
-                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_MONITOR_STOPPED)
+_BROKEN_EVENTS = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CLOSED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_MONITOR_STOPPED
+)
 
 
 class ChannelBroken(ConnectionError):
@@ -88,8 +94,12 @@ class ProtocolError(ValueError):
 
 
 # ---- settings ------------------------------------------------------------------------
-def channel_config(bind: str | None = None, encrypt: bool = False,
-                   max_batch: int = DEFAULT_MAX_BATCH, max_pairs: int = DEFAULT_MAX_PAIRS) -> dict:
+def channel_config(
+    bind: str | None = None,
+    encrypt: bool = False,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_pairs: int = DEFAULT_MAX_PAIRS,
+) -> dict:
     """A new table's config entries for its data channel, validated, with a fresh secret:
     ``bind`` the IPv4 address shards listen on (None: their node's IP; "0.0.0.0": every
     interface), ``encrypt`` CURVE instead of PLAIN, and the most rows (``max_batch``) and
@@ -98,15 +108,23 @@ def channel_config(bind: str | None = None, encrypt: bool = False,
         try:
             ipaddress.IPv4Address(bind)
         except (ipaddress.AddressValueError, TypeError):
-            raise InvalidArgument("data_bind", "an IPv4 address of the shards' nodes, or None "
-                                  "for each node's IP", bind) from None
+            raise InvalidArgument(
+                "data_bind",
+                "an IPv4 address of the shards' nodes, or None for each node's IP",
+                bind,
+            ) from None
     if not isinstance(encrypt, bool):
         raise InvalidArgument("data_encrypt", "True or False", encrypt)
     for field, value in (("max_batch", max_batch), ("max_pairs", max_pairs)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 30:
             raise InvalidArgument(field, "an int in [1, 2**30]", value)
-    return {"data_secret": secrets.token_hex(32), "data_bind": bind, "data_encrypt": encrypt,
-            "max_batch": max_batch, "max_pairs": max_pairs}
+    return {
+        "data_secret": secrets.token_hex(32),
+        "data_bind": bind,
+        "data_encrypt": encrypt,
+        "max_batch": max_batch,
+        "max_pairs": max_pairs,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +139,15 @@ def table_caps(max_batch: int, max_pairs: int, cols: int) -> dict[str, OpCaps]:
     """The ops a shard serves: lookup(rows, w, offsets) -> y (B, cols) and
     backward(rows, w, offsets, dy (B, cols)) -> dw (pairs)."""
     # Named by the caller's argument each array comes from: a refusal names that.
-    pairs = (("idx", "max_pairs", max_pairs), ("w", "max_pairs", max_pairs),
-             ("idx", "max_batch", max_batch + 1))
-    return {"lookup": OpCaps(pairs, max_batch * cols),
-            "backward": OpCaps(pairs + (("dy", "max_batch", max_batch * cols),), max_pairs)}
+    pairs = (
+        ("idx", "max_pairs", max_pairs),
+        ("w", "max_pairs", max_pairs),
+        ("idx", "max_batch", max_batch + 1),
+    )
+    return {
+        "lookup": OpCaps(pairs, max_batch * cols),
+        "backward": OpCaps(pairs + (("dy", "max_batch", max_batch * cols),), max_pairs),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +161,17 @@ class ChannelSettings:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @classmethod
-    def from_config(cls, config: dict) -> "ChannelSettings":
+    def from_config(cls, config: dict) -> ChannelSettings:
         bounds = config["grid"]["col_bounds"]
         cols = max(b - a for a, b in zip(bounds, bounds[1:]))
-        caps = table_caps(int(config.get("max_batch") or DEFAULT_MAX_BATCH),
-                          int(config.get("max_pairs") or DEFAULT_MAX_PAIRS), cols)
-        return cls(secret=config["data_secret"], caps=caps,
-                   encrypt=bool(config.get("data_encrypt", False)))
+        caps = table_caps(
+            int(config.get("max_batch") or DEFAULT_MAX_BATCH),
+            int(config.get("max_pairs") or DEFAULT_MAX_PAIRS),
+            cols,
+        )
+        return cls(
+            secret=config["data_secret"], caps=caps, encrypt=bool(config.get("data_encrypt", False))
+        )
 
     def request_bytes(self) -> int:
         """The largest frame a server accepts (ZeroMQ's MAXMSGSIZE)."""
@@ -158,8 +185,9 @@ class ChannelSettings:
     def curve_keys(self, side: str) -> tuple[bytes, bytes]:
         """(public, secret) Z85 CURVE keys of ``side`` ("server" or "client"), derived
         from the table secret and the protocol version."""
-        seed = hmac.new(self.secret.encode(), f"{PROTOCOL}|{side}".encode(),
-                        hashlib.sha256).digest()
+        seed = hmac.new(
+            self.secret.encode(), f"{PROTOCOL}|{side}".encode(), hashlib.sha256
+        ).digest()
         secret_key = zmq.utils.z85.encode(seed)
         return zmq.curve_public(secret_key), secret_key
 
@@ -209,16 +237,24 @@ def decode(frames: list, caps_of) -> tuple[dict, list[np.ndarray]]:
         raise ProtocolError("a request id in [0, 2**63)")
     described = header.get("arrays")
     caps = caps_of(header)
-    if not isinstance(described, list) or len(described) != len(frames) - 1 \
-            or len(described) > len(caps):
+    if (
+        not isinstance(described, list)
+        or len(described) != len(frames) - 1
+        or len(described) > len(caps)
+    ):
         raise ProtocolError(f"at most {len(caps)} arrays, one frame each")
     return header, [_view(d, _buffer(f), cap) for d, f, cap in zip(described, frames[1:], caps)]
 
 
 def _view(described, buf: memoryview, cap: int) -> np.ndarray:
-    if not (isinstance(described, list) and len(described) == 2 and described[0] in DTYPES
-            and isinstance(described[1], list) and len(described[1]) <= 4
-            and all(type(n) is int and n >= 0 for n in described[1])):
+    if not (
+        isinstance(described, list)
+        and len(described) == 2
+        and described[0] in DTYPES
+        and isinstance(described[1], list)
+        and len(described[1]) <= 4
+        and all(type(n) is int and n >= 0 for n in described[1])
+    ):
         raise ProtocolError(f"an array described as [dtype, shape], got {described!r:.200}")
     dtype, shape = np.dtype(described[0]), described[1]
     count = math.prod(shape)
@@ -253,7 +289,7 @@ class ReplyFaults:
             self._plans[op].extend([float(seconds)] * n)
 
     def _next(self, op: str):
-        """"send", "drop", or a delay in seconds for the reply of a call of ``op``."""
+        """ "send", "drop", or a delay in seconds for the reply of a call of ``op``."""
         with self._lock:
             self.handled[op] += 1
             if not self._plans.get(op):
@@ -275,8 +311,13 @@ class DataServer:
     ``counters`` counts refused handshakes and malformed requests.
     """
 
-    def __init__(self, host: str, handlers: dict, settings: ChannelSettings,
-                 advertised_host: str | None = None):
+    def __init__(
+        self,
+        host: str,
+        handlers: dict,
+        settings: ChannelSettings,
+        advertised_host: str | None = None,
+    ):
         self.handlers = handlers
         self.settings = settings
         self.faults = ReplyFaults()
@@ -294,15 +335,16 @@ class DataServer:
         self._router.zap_domain = b"memstore"
         if settings.encrypt:
             self._router.curve_server = True
-            self._router.curve_publickey, self._router.curve_secretkey = \
-                settings.curve_keys("server")
+            self._router.curve_publickey, self._router.curve_secretkey = settings.curve_keys(
+                "server"
+            )
         else:
             self._router.plain_server = True
         self._monitor = self._router.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED)
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED
+        )
         port = self._router.bind_to_random_port(f"tcp://{host}")
-        self.address = (advertised_host if host == "0.0.0.0" and advertised_host else host,
-                        port)
+        self.address = (advertised_host if host == "0.0.0.0" and advertised_host else host, port)
         self._thread = threading.Thread(target=self._serve, name="memstore-data", daemon=True)
         self._thread.start()
 
@@ -361,8 +403,9 @@ class DataServer:
             reason = b"OK" if ok else b"bad credentials"
         if not ok:
             self.counters["refused"] += 1
-        self._zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400", reason,
-                                  b"memstore" if ok else b"", b""])
+        self._zap.send_multipart(
+            [b"1.0", request_id, b"200" if ok else b"400", reason, b"memstore" if ok else b"", b""]
+        )
 
     def _credentials_ok(self, mechanism: bytes, credentials: list) -> bool:
         if self.settings.encrypt:
@@ -390,14 +433,29 @@ class DataServer:
         try:
             header, arrays = decode(frames, self._caps_of)
             op, args = header["op"], header.get("args", [])
-            if not isinstance(args, list) or len(args) > MAX_ARGS or not all(
-                    a is None or isinstance(a, (bool, int, float, str)) for a in args):
+            if (
+                not isinstance(args, list)
+                or len(args) > MAX_ARGS
+                or not all(a is None or isinstance(a, (bool, int, float, str)) for a in args)
+            ):
                 raise ProtocolError(f"args: a list of at most {MAX_ARGS} JSON scalars")
         except ProtocolError as e:
             self.counters["malformed"] += 1
             rid = header.get("id") if isinstance(header, dict) else None
-            self._send([identity, *encode({"id": rid, "ok": False, "error": to_wire(
-                InvalidArgument("frame", str(e), "a malformed request"))})])
+            self._send(
+                [
+                    identity,
+                    *encode(
+                        {
+                            "id": rid,
+                            "ok": False,
+                            "error": to_wire(
+                                InvalidArgument("frame", str(e), "a malformed request")
+                            ),
+                        }
+                    ),
+                ]
+            )
             return
         reply = self._run(op, arrays, args)
         action = self.faults._next(op)
@@ -521,7 +579,7 @@ class DataClient:
 
     def check(self, requests: dict) -> None:
         """Raise InvalidArgument for a request beyond the table's caps, before any is sent."""
-        for address, op, arrays, args in requests.values():
+        for _address, op, arrays, _args in requests.values():
             caps = self.settings.caps.get(op)
             if caps is None:
                 raise InvalidArgument("op", f"one of {sorted(self.settings.caps)}", op)
@@ -529,8 +587,11 @@ class DataClient:
                 raise InvalidArgument(op, f"at most {len(caps.arrays)} arrays", len(arrays))
             for a, (name, setting, most) in zip(arrays, caps.arrays):
                 if np.size(a) > most:
-                    raise InvalidArgument(name, f"at most {most} elements per shard and call "
-                                          f"(the table's {setting})", np.size(a))
+                    raise InvalidArgument(
+                        name,
+                        f"at most {most} elements per shard and call (the table's {setting})",
+                        np.size(a),
+                    )
 
     def call_all(self, requests: dict) -> tuple[dict, list]:
         """{key: (address, op, arrays, args)} -> ({key: (incarnation, array[, seen])},
@@ -549,8 +610,11 @@ class DataClient:
                     try:
                         peer = self._peer(address)
                         rid = next(self.ids)
-                        peer.sock.send_multipart(encode({"id": rid, "op": op, "args": list(args)},
-                                                        arrays), copy=False, flags=zmq.NOBLOCK)
+                        peer.sock.send_multipart(
+                            encode({"id": rid, "op": op, "args": list(args)}, arrays),
+                            copy=False,
+                            flags=zmq.NOBLOCK,
+                        )
                         pending[rid] = (key, tuple(address), op)
                     except (ChannelBroken, zmq.ZMQError) as e:
                         log.debug("data channel: %s", e)
@@ -567,8 +631,11 @@ class DataClient:
         for key, header, arrays in replies:
             if header.get("ok") is True and len(arrays) == 1:
                 seen = header.get("seen")
-                out[key] = ((header.get("incarnation"), arrays[0]) if seen is None
-                            else (header.get("incarnation"), arrays[0], seen))
+                out[key] = (
+                    (header.get("incarnation"), arrays[0])
+                    if seen is None
+                    else (header.get("incarnation"), arrays[0], seen)
+                )
             elif error is None:
                 error = from_wire(header.get("error"))
         if error is not None:

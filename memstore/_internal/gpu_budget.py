@@ -31,20 +31,24 @@ class GpuFree:
     gpu: str
 
 
-def check_blocks_fit(need_bytes: list[int], gpus: list[GpuFree],
-                     reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> None:
+def check_blocks_fit(
+    need_bytes: list[int], gpus: list[GpuFree], reserve_bytes: int = DEFAULT_RESERVE_BYTES
+) -> None:
     """Raise MemoryBudgetExceeded for the first block whose bytes exceed its GPU's free
     memory less ``reserve_bytes``; block i lands on ``gpus[i]``."""
     if len(need_bytes) != len(gpus):
-        raise ValueError(f"need_bytes: expected one entry per GPU ({len(gpus)}), "
-                         f"got {len(need_bytes)}")
+        raise ValueError(
+            f"need_bytes: expected one entry per GPU ({len(gpus)}), got {len(need_bytes)}"
+        )
     for need, gpu in zip(need_bytes, gpus):
         allowed = max(0, gpu.free_bytes - reserve_bytes)
         if need > allowed:
             raise MemoryBudgetExceeded(
-                need, allowed,
+                need,
+                allowed,
                 f"GPU {gpu.gpu} on node {gpu.node} ({gpu.free_bytes:,} of {gpu.total_bytes:,} "
-                f"bytes free, less {reserve_bytes:,} reserved for the shard's CUDA context)")
+                f"bytes free, less {reserve_bytes:,} reserved for the shard's CUDA context)",
+            )
 
 
 def _probe() -> tuple[int, int, str, str]:
@@ -67,6 +71,10 @@ def free_gpu_memory(ray, pg, bundles: int, timeout_s: float) -> list[GpuFree]:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     probe = ray.remote(num_cpus=0, num_gpus=1, max_calls=1)(_probe)
-    refs = [probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-        pg, placement_group_bundle_index=i)).remote() for i in range(bundles)]
+    refs = [
+        probe.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+        ).remote()
+        for i in range(bundles)
+    ]
     return [GpuFree(*answer) for answer in ray.get(refs, timeout=timeout_s)]

@@ -29,8 +29,10 @@ TOKEN_ENV = "MEMSTORE_TOKEN"
 DEFAULT_TOKEN_FILE = os.path.join("~", ".memstore", "grpc-token")
 _SERVICE = "/memstore.v1.MemoryStore/"
 METHOD_SCOPES = {
-    **{_SERVICE + m: "read" for m in ("ListTables", "DescribeTable", "Query", "Lookup",
-                                      "Gather", "Stats")},
+    **{
+        _SERVICE + m: "read"
+        for m in ("ListTables", "DescribeTable", "Query", "Lookup", "Gather", "Stats")
+    },
     **{_SERVICE + m: "write" for m in ("ApplyGradients", "Step", "PublishKeys")},
     _SERVICE + "Save": "admin",
 }
@@ -41,8 +43,11 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 def _check_private(path: str) -> None:
     st = os.stat(path)
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) or st.st_uid != os.getuid():
-        raise InvalidArgument("token_file", f"{path} owned by you and readable by you only "
-                              "(chmod 600)", oct(stat.S_IMODE(st.st_mode)))
+        raise InvalidArgument(
+            "token_file",
+            f"{path} owned by you and readable by you only (chmod 600)",
+            oct(stat.S_IMODE(st.st_mode)),
+        )
 
 
 def parse_tokens(text: str, where: str) -> dict[str, frozenset[str]]:
@@ -54,8 +59,11 @@ def parse_tokens(text: str, where: str) -> dict[str, frozenset[str]]:
         parts = line.split()
         scopes = frozenset(parts[1].split(",")) if len(parts) > 1 else frozenset(SCOPES)
         if len(parts) > 2 or not scopes <= set(SCOPES) or len(parts[0]) < 16:
-            raise InvalidArgument(f"{where} line {n}", "'<token of 16+ characters> "
-                                  "[read,write,admin]'", "a malformed line")
+            raise InvalidArgument(
+                f"{where} line {n}",
+                "'<token of 16+ characters> [read,write,admin]'",
+                "a malformed line",
+            )
         tokens[parts[0]] = scopes
     if not tokens:
         raise InvalidArgument(where, "at least one token", "none")
@@ -82,8 +90,9 @@ def write_new_token(path: str) -> str:
     return token
 
 
-def server_tokens(token_file: str | None, generated_file: str = DEFAULT_TOKEN_FILE
-                  ) -> tuple[dict[str, frozenset[str]], str]:
+def server_tokens(
+    token_file: str | None, generated_file: str = DEFAULT_TOKEN_FILE
+) -> tuple[dict[str, frozenset[str]], str]:
     """The tokens a server accepts and where they came from: ``token_file``, else
     $MEMSTORE_TOKEN, else ``generated_file`` (reused when present and private, made
     with a new token otherwise)."""
@@ -94,8 +103,9 @@ def server_tokens(token_file: str | None, generated_file: str = DEFAULT_TOKEN_FI
     path = os.path.expanduser(generated_file)
     if not os.path.exists(path):
         write_new_token(path)
-        log.warning("no token configured: wrote a new token (scopes read, write, admin) to %s",
-                    path)
+        log.warning(
+            "no token configured: wrote a new token (scopes read, write, admin) to %s", path
+        )
     return read_token_file(path), path
 
 
@@ -115,7 +125,7 @@ def client_token(token: str | None = None, token_file: str | None = None) -> str
 def bearer(metadata) -> str | None:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):]
+            return value[len("Bearer ") :]
     return None
 
 
@@ -158,10 +168,15 @@ class TokenAuth(grpc.ServerInterceptor):
         scopes = self._scopes_of(bearer(handler_call_details.invocation_metadata))
         need = METHOD_SCOPES.get(method)
         if scopes is None:
-            return _refusal(continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED,
-                            "a valid token is needed: metadata 'authorization: Bearer <token>'")
+            return _refusal(
+                continuation(handler_call_details),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a valid token is needed: metadata 'authorization: Bearer <token>'",
+            )
         if need is not None and need not in scopes:
-            return _refusal(continuation(handler_call_details), grpc.StatusCode.PERMISSION_DENIED,
-                            f"{method} needs a token with scope {need!r}; this one has "
-                            f"{sorted(scopes)}")
+            return _refusal(
+                continuation(handler_call_details),
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} needs a token with scope {need!r}; this one has {sorted(scopes)}",
+            )
         return continuation(handler_call_details)

@@ -26,9 +26,13 @@ _WIRE = {
 }
 FLOATS = frozenset({pb.FLOAT32, pb.FLOAT64, pb.BFLOAT16, pb.FLOAT16})
 INTS = frozenset({pb.INT32, pb.INT64})
-_OF_NUMPY = {np.dtype("float32"): pb.FLOAT32, np.dtype("float64"): pb.FLOAT64,
-             np.dtype("int32"): pb.INT32, np.dtype("int64"): pb.INT64,
-             np.dtype("float16"): pb.FLOAT16}
+_OF_NUMPY = {
+    np.dtype("float32"): pb.FLOAT32,
+    np.dtype("float64"): pb.FLOAT64,
+    np.dtype("int32"): pb.INT32,
+    np.dtype("int64"): pb.INT64,
+    np.dtype("float16"): pb.FLOAT16,
+}
 
 
 def _names(kinds) -> str:
@@ -52,9 +56,12 @@ def decode(field: str, message, has: bool, kinds: frozenset, ndim: int) -> np.nd
     for d in shape:
         count *= d
     if count * wire.itemsize != len(message.data):
-        raise InvalidArgument(f"{field}.data", f"{count * wire.itemsize} bytes for shape "
-                              f"{list(shape)} of {pb.DType.Name(message.dtype)}",
-                              f"{len(message.data)} bytes")
+        raise InvalidArgument(
+            f"{field}.data",
+            f"{count * wire.itemsize} bytes for shape "
+            f"{list(shape)} of {pb.DType.Name(message.dtype)}",
+            f"{len(message.data)} bytes",
+        )
     if count == 0:
         raise InvalidArgument(field, "a non-empty tensor", f"shape {list(shape)}")
     a = np.frombuffer(message.data, dtype=wire).reshape(shape)
@@ -70,8 +77,7 @@ def encode(a, out=None):
     int32/64), little-endian, C order."""
     a = np.asarray(a)
     if a.dtype not in _OF_NUMPY:
-        raise InvalidArgument("tensor", f"dtype among {sorted(str(d) for d in _OF_NUMPY)}",
-                              a.dtype)
+        raise InvalidArgument("tensor", f"dtype among {sorted(str(d) for d in _OF_NUMPY)}", a.dtype)
     out = pb.Tensor() if out is None else out
     out.dtype = _OF_NUMPY[a.dtype]
     out.shape[:] = a.shape

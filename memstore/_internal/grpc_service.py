@@ -93,8 +93,11 @@ def _catalog_id(name: str) -> str:
 
 def table_names() -> list[str]:
     ray = _ray()
-    return sorted(a["name"][: -len("/catalog")] for a in ray.util.list_named_actors(True)
-                  if a.get("namespace") == NAMESPACE and a["name"].endswith("/catalog"))
+    return sorted(
+        a["name"][: -len("/catalog")]
+        for a in ray.util.list_named_actors(True)
+        if a.get("namespace") == NAMESPACE and a["name"].endswith("/catalog")
+    )
 
 
 def shard_steps(table: Table) -> dict[str, int]:
@@ -102,8 +105,7 @@ def shard_steps(table: Table) -> dict[str, int]:
     ray = _ray()
     blocks = list(table.shards)
     try:
-        infos = ray.get([table.shards[b].info.remote() for b in blocks],
-                        timeout=table.timeout_s)
+        infos = ray.get([table.shards[b].info.remote() for b in blocks], timeout=table.timeout_s)
     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
         raise ShardUnavailable(table.name, table.timeout_s, str(e).splitlines()[0]) from e
     return {f"{r}-{c}": int(i["last_step"]) for (r, c), i in zip(blocks, infos)}
@@ -143,8 +145,12 @@ def _tensor(field, message, request, kinds, ndim) -> torch.Tensor:
 def _shard_message(stats: dict) -> pb.ShardStats:
     out = pb.ShardStats(**{k: stats[k] for k in _SHARD_FIELDS if k in stats})
     for key, value in stats.items():
-        if key not in _SHARD_FIELDS and key != "pid" and isinstance(value, (int, float)) \
-                and not isinstance(value, bool):
+        if (
+            key not in _SHARD_FIELDS
+            and key != "pid"
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+        ):
             out.counters[key] = float(value)
     return out
 
@@ -185,9 +191,16 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
         cfg = table.config
         kind, params = _optimizer_params(cfg)
         reply = pb.DescribeTableReply(
-            name=table.name, rows=table.rows, dim=table.dim, grid=list(table.grid.shape),
-            dtype=str(cfg.get("dtype", "")), optimizer=kind, optimizer_params=params,
-            mode=str(cfg.get("mode", "")), shards=[_shard_message(s) for s in stats["shards"]])
+            name=table.name,
+            rows=table.rows,
+            dim=table.dim,
+            grid=list(table.grid.shape),
+            dtype=str(cfg.get("dtype", "")),
+            optimizer=kind,
+            optimizer_params=params,
+            mode=str(cfg.get("mode", "")),
+            shards=[_shard_message(s) for s in stats["shards"]],
+        )
         shape = self._key_shape(table)
         if shape is not None:
             reply.keys_published = True
@@ -201,16 +214,18 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
         catalog = ray.get_actor(catalog_name(table.name), namespace=NAMESPACE)
         keys = ray.get(catalog.get_keys.remote(), timeout=table.timeout_s)
         if keys is None:
-            copies = ray.get([a.get_keys.remote() for a in table.shards.values()],
-                             timeout=table.timeout_s)
+            copies = ray.get(
+                [a.get_keys.remote() for a in table.shards.values()], timeout=table.timeout_s
+            )
             keys = next((k for k in copies if k is not None), None)
         return None if keys is None else tuple(keys.shape)
 
     def Stats(self, request, context):
         table = self.tables.get(request.table)
         stats = table.stats()
-        reply = pb.StatsReply(bytes=int(stats["bytes"]),
-                              shards=[_shard_message(s) for s in stats["shards"]])
+        reply = pb.StatsReply(
+            bytes=int(stats["bytes"]), shards=[_shard_message(s) for s in stats["shards"]]
+        )
         return _seen_from_stats(reply, stats)
 
     def Lookup(self, request, context):
@@ -238,8 +253,10 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
             indices, scores, values = _read(table, lambda: table.query(q, request.k), reply.seen)
         except InvalidArgument as e:
             if e.field == "keys" and e.got is None:
-                raise PreconditionFailed("keys", f"table {table.name} has no published keys; "
-                                         "publish them with PublishKeys") from e
+                raise PreconditionFailed(
+                    "keys",
+                    f"table {table.name} has no published keys; publish them with PublishKeys",
+                ) from e
             raise
         encode(indices.numpy().astype(np.int64), reply.indices)
         encode(scores.float().numpy(), reply.scores)
@@ -276,8 +293,11 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
     def Step(self, request, context):
         table = self.tables.get(request.table)
         step = check_step("step", request.step)
-        pushes_per_step = (check_step("pushes_per_step", request.pushes_per_step)
-                           if request.HasField("pushes_per_step") else None)
+        pushes_per_step = (
+            check_step("pushes_per_step", request.pushes_per_step)
+            if request.HasField("pushes_per_step")
+            else None
+        )
         lr = check_lr("lr", request.lr) if request.HasField("lr") else None
         self._at_current_step(table, step)
         updated = table.step(step, pushes_per_step=pushes_per_step, lr=lr)
@@ -303,11 +323,11 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
 
     def _save_path(self, path: str) -> str:
         if self.save_root is None:
-            raise PreconditionFailed("path", "this server has no save directory (serve "
-                                     "--save-root DIR)")
+            raise PreconditionFailed(
+                "path", "this server has no save directory (serve --save-root DIR)"
+            )
         if not path or os.path.isabs(path) or "\x00" in path or "://" in path:
-            raise InvalidArgument("path", "a relative path under the server's save directory",
-                                  path)
+            raise InvalidArgument("path", "a relative path under the server's save directory", path)
         full = os.path.realpath(os.path.join(self.save_root, path))
         if full == self.save_root or os.path.commonpath([full, self.save_root]) != self.save_root:
             raise InvalidArgument("path", "a path inside the server's save directory", path)
@@ -335,8 +355,11 @@ def _guard(servicer, name, method):
             code, message = status_for(e)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
-                        grpc.StatusCode.INTERNAL):
+            if code in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.ABORTED,
+                grpc.StatusCode.INTERNAL,
+            ):
                 servicer.tables.forget(getattr(request, "table", ""))
             context.abort(code, message)
 

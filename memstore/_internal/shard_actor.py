@@ -8,10 +8,11 @@ the arrays come back as tensors with ``torch.from_numpy``. It is wrapped with
 Every data call carries the incarnation the caller expects and returns
 ``(incarnation, result)``; reads return ``(incarnation, result, seen)``, where
 ``seen`` is the block's last applied step and the version of its published keys, taken
-under the lock with the read, so a reader learns both without another call. The incarnation is new each time the actor process starts;
-a call addressed to another one is refused before anything changes
-(:class:`ShardRestarted`, fencing), and the caller rolls the table back to the
-checkpoint the restarted shard reports (``restored_path``, ``restored_step``).
+under the lock with the read, so a reader learns both without another call. The
+incarnation is new each time the actor process starts; a call addressed to another one
+is refused before anything changes (:class:`ShardRestarted`, fencing), and the caller
+rolls the table back to the checkpoint the restarted shard reports (``restored_path``,
+``restored_step``).
 
 A push is identified by (step, push_id). The shard keeps the replies of its recent
 pushes, so a push repeated after a lost reply is answered with the dw it already got,
@@ -80,7 +81,8 @@ class ShardWorker:
         self.staleness: list[int] = []
         # (step, push_id) -> the dw its push got, newest last; bounded (see _remember)
         self.replies: collections.OrderedDict[tuple[int, int], np.ndarray] = (
-            collections.OrderedDict())
+            collections.OrderedDict()
+        )
         # The restarted incarnations (of any block) this block was rolled back for.
         self.reconciled: set[str] = set()
         self.replayed = 0  # repeated pushes answered from self.replies
@@ -95,14 +97,20 @@ class ShardWorker:
             self.data_server = DataServer(
                 config.get("data_bind") or _node_ip(),
                 {"lookup": self.lookup, "backward": self.backward},
-                ChannelSettings.from_config(config), advertised_host=_node_ip())
+                ChannelSettings.from_config(config),
+                advertised_host=_node_ip(),
+            )
 
     def _new_table(self) -> ShardTable:
         """This block with its initial values (the seed fixes them for any grid)."""
         c = self.config
         return ShardTable(
-            c["rows"], c["dim"], optimizer=optimizer_from_dict(c["optimizer"]), dtype=c["dtype"],
-            seed=c["seed"], device=c.get("device", "cpu"),
+            c["rows"],
+            c["dim"],
+            optimizer=optimizer_from_dict(c["optimizer"]),
+            dtype=c["dtype"],
+            seed=c["seed"],
+            device=c.get("device", "cpu"),
             row_range=(self.spec.row_start, self.spec.row_stop),
             col_range=(self.spec.col_start, self.spec.col_stop),
         )
@@ -110,15 +118,21 @@ class ShardWorker:
     def _restore(self) -> int:
         """Load the newest committed checkpoint of the table, if there is one."""
         # A damaged newest checkpoint falls back to the previous one (with a warning).
-        found = checkpoint.restore_block(self.config.get("checkpoint_root"), self.spec,
-                                         self.config.get("restore_from"))
+        found = checkpoint.restore_block(
+            self.config.get("checkpoint_root"), self.spec, self.config.get("restore_from")
+        )
         if found is None:
             return 0
         path, state = found
         self.table.load_state_dict(state)
         self.restored_path = path
-        log.info("shard %s of %s restored step %d from %s", self.block_id,
-                 self.config["name"], self.table.last_step, path)
+        log.info(
+            "shard %s of %s restored step %d from %s",
+            self.block_id,
+            self.config["name"],
+            self.table.last_step,
+            path,
+        )
         return self.table.last_step
 
     # ---- control -------------------------------------------------------------
@@ -168,19 +182,20 @@ class ShardWorker:
     def lookup(self, rows, w, offsets, expected: str):
         self._fence(expected)
         start = time.perf_counter()
-        y = self.table.lookup_csr(to_tensor(rows), to_tensor(w), to_tensor(offsets),
-                                  checked=True).numpy()
+        y = self.table.lookup_csr(
+            to_tensor(rows), to_tensor(w), to_tensor(offsets), checked=True
+        ).numpy()
         self.metrics.add("memstore_lookups_total", 1)
         self.metrics.add("memstore_rows_read_total", rows.shape[0])
-        self.metrics.call("lookup", time.perf_counter() - start,
-                          rows.nbytes + w.nbytes + offsets.nbytes, y.nbytes)
+        self.metrics.call(
+            "lookup", time.perf_counter() - start, rows.nbytes + w.nbytes + offsets.nbytes, y.nbytes
+        )
         return self.incarnation, y, self._seen()
 
     @_locked
     def gather(self, rows, expected: str):
         self._fence(expected)
-        return (self.incarnation, self.table.gather(to_tensor(rows)).float().numpy(),
-                self._seen())
+        return (self.incarnation, self.table.gather(to_tensor(rows)).float().numpy(), self._seen())
 
     @_locked
     def backward(self, rows, w, offsets, dy, *rest):
@@ -190,7 +205,8 @@ class ShardWorker:
         slots grouped by row by the client (``grid.pack_grouping``), sent to the column
         blocks of a grid so that none of them groups the same slots again."""
         grouping, (step, push_id, lr, expected) = (
-            (rest[0], rest[1:]) if rest and isinstance(rest[0], np.ndarray) else (None, rest))
+            (rest[0], rest[1:]) if rest and isinstance(rest[0], np.ndarray) else (None, rest)
+        )
         self._fence(expected)
         cached = self.replies.get((step, push_id))
         if cached is not None:
@@ -204,17 +220,22 @@ class ShardWorker:
         if self.config.get("mode") == "async":
             dw = self._backward_async(args, step, push_id, lr)
         else:
-            dw = self.table.backward_csr(*args, step=step, push_id=push_id, lr=lr,
-                                         checked=True, grouping=grouping).numpy()
+            dw = self.table.backward_csr(
+                *args, step=step, push_id=push_id, lr=lr, checked=True, grouping=grouping
+            ).numpy()
             # step_on_push implies pushes_per_step (create_table checks it): the last push steps.
             if self.config.get("step_on_push") and (
-                    len(self.table.pushes(step)) >= self.config["pushes_per_step"]):
+                len(self.table.pushes(step)) >= self.config["pushes_per_step"]
+            ):
                 self.table.step(step)
         self._remember((step, push_id), dw)
         self.metrics.add("memstore_rows_read_total", rows.shape[0])
-        self.metrics.call("backward", time.perf_counter() - start, sum(
-            a.nbytes for a in (rows, w, offsets, dy, *(() if grouping is None else grouping))),
-            dw.nbytes)
+        self.metrics.call(
+            "backward",
+            time.perf_counter() - start,
+            sum(a.nbytes for a in (rows, w, offsets, dy, *(() if grouping is None else grouping))),
+            dw.nbytes,
+        )
         self._report_table()
         return self.incarnation, dw
 
@@ -249,11 +270,17 @@ class ShardWorker:
         max_staleness = self.config.get("max_staleness")
         lag = self.max_seen_step - step
         if max_staleness is not None and lag > max_staleness:
-            raise InvalidArgument("step", f"at most {max_staleness} steps behind the newest "
-                                  f"push ({self.max_seen_step})", step)
+            raise InvalidArgument(
+                "step",
+                f"at most {max_staleness} steps behind the newest push ({self.max_seen_step})",
+                step,
+            )
         if self.max_seen_step and step > self.max_seen_step + MAX_STEPS_AHEAD:
-            raise InvalidArgument("step", f"at most {MAX_STEPS_AHEAD} steps ahead of the "
-                                  f"newest push ({self.max_seen_step})", step)
+            raise InvalidArgument(
+                "step",
+                f"at most {MAX_STEPS_AHEAD} steps ahead of the newest push ({self.max_seen_step})",
+                step,
+            )
         internal = self.table.last_step + 1
         dw = self.table.backward_csr(*args, step=internal, push_id=push_id, lr=lr, checked=True)
         if (push_id, step) not in self.async_applied:
@@ -276,8 +303,11 @@ class ShardWorker:
         if pushes_per_step is not None:
             arrived = self.table.pushes(step)
             if len(arrived) < pushes_per_step:
-                raise InvalidArgument("step", f"{pushes_per_step} pushes before step {step}",
-                                      f"pushes with ids {arrived}")
+                raise InvalidArgument(
+                    "step",
+                    f"{pushes_per_step} pushes before step {step}",
+                    f"pushes with ids {arrived}",
+                )
         updated = self.table.step(step, lr=lr)
         self._report_table()
         return self.incarnation, updated
@@ -311,8 +341,12 @@ class ShardWorker:
 
     @_locked
     def stats(self) -> dict:
-        out = {"block": self.block_id, "pid": os.getpid(), **self.table.stats(),
-               "replayed_pushes": self.replayed}
+        out = {
+            "block": self.block_id,
+            "pid": os.getpid(),
+            **self.table.stats(),
+            "replayed_pushes": self.replayed,
+        }
         if self.staleness:
             out["staleness_mean"] = float(np.mean(self.staleness))
             out["staleness_max"] = int(np.max(self.staleness))

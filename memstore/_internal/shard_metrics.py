@@ -43,8 +43,11 @@ class ShardMetrics:
             for name, text in GAUGES.items():
                 self.series[name] = Gauge(name, description=text, tag_keys=keys)
             self.series["memstore_call_seconds"] = Histogram(
-                "memstore_call_seconds", description="data call latency in the shard",
-                boundaries=LATENCY_BOUNDARIES, tag_keys=(*keys, "op"))
+                "memstore_call_seconds",
+                description="data call latency in the shard",
+                boundaries=LATENCY_BOUNDARIES,
+                tag_keys=(*keys, "op"),
+            )
         except Exception:  # noqa: BLE001 - metrics are never worth failing a shard for
             log.warning("shard metrics unavailable", exc_info=True)
             self.series = {}

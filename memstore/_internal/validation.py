@@ -65,17 +65,24 @@ def wire_float(field: str, t, shape: tuple[int, ...]) -> torch.Tensor:
         raise InvalidArgument(field, f"shape {tuple(shape)}", f"shape {tuple(t.shape)}")
     t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()):
-        raise InvalidArgument(field, "finite float32 values (no NaN, Inf or magnitudes "
-                              "beyond float32's range)", "NaN, Inf or an overflow")
+        raise InvalidArgument(
+            field,
+            "finite float32 values (no NaN, Inf or magnitudes beyond float32's range)",
+            "NaN, Inf or an overflow",
+        )
     return t
 
 
 def check_step_window(field: str, step: int, last_applied: int) -> int:
     """A step after ``last_applied`` and at most MAX_STEPS_AHEAD beyond it."""
     if not last_applied < step <= last_applied + MAX_STEPS_AHEAD:
-        raise InvalidArgument(field, f"a step in [{last_applied + 1}, "
-                              f"{last_applied + MAX_STEPS_AHEAD}] (at most {MAX_STEPS_AHEAD} "
-                              f"after the last applied step {last_applied})", step)
+        raise InvalidArgument(
+            field,
+            f"a step in [{last_applied + 1}, "
+            f"{last_applied + MAX_STEPS_AHEAD}] (at most {MAX_STEPS_AHEAD} "
+            f"after the last applied step {last_applied})",
+            step,
+        )
     return step
 
 
@@ -83,8 +90,7 @@ def check_lr(field: str, lr) -> float | None:
     """None (the optimizer's own lr) or a finite number > 0."""
     if lr is None:
         return None
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
-            or lr <= 0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise InvalidArgument(field, "None or a finite number > 0", lr)
     return float(lr)
 
@@ -103,8 +109,11 @@ def check_known_keys(cls, d: Mapping, field: str) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
         prefix = f"{field}." if field else ""
-        raise InvalidArgument(field or "config", f"keys among {sorted(known)}",
-                              "unknown keys " + ", ".join(prefix + str(k) for k in unknown))
+        raise InvalidArgument(
+            field or "config",
+            f"keys among {sorted(known)}",
+            "unknown keys " + ", ".join(prefix + str(k) for k in unknown),
+        )
 
 
 def dataclass_from_dict(cls, d, field: str):
@@ -153,8 +162,9 @@ def _checked(field: str, value, hint):
                 return _checked(field, value, option)
             except InvalidArgument as e:
                 errors.append(e.expected)
-        raise InvalidArgument(field, " or ".join(errors + (
-            ["None"] if type(None) in options else [])), value)
+        raise InvalidArgument(
+            field, " or ".join(errors + (["None"] if type(None) in options else [])), value
+        )
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise InvalidArgument(field, f"a list of {_name(typing.get_args(hint)[0])}", value)
@@ -170,8 +180,11 @@ def _checked_plain(field: str, value, kind):
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidArgument(field, "an int", value)
     elif kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise InvalidArgument(field, "a finite number", value)
         return float(value)
     elif isinstance(kind, type) and issubclass(kind, enum.Enum):
@@ -183,8 +196,11 @@ def _checked_plain(field: str, value, kind):
         try:
             return dataclass_from_dict(kind, value, field)
         except InvalidArgument as e:
-            inner = e.field if e.field.startswith(f"{field}.") or e.field == field \
+            inner = (
+                e.field
+                if e.field.startswith(f"{field}.") or e.field == field
                 else f"{field}.{e.field}"
+            )
             raise InvalidArgument(inner, e.expected, e.got) from None
     return value
 
@@ -206,5 +222,10 @@ def _check_bounds(field: str, value, bounds: Mapping) -> None:
 def _name(kind) -> str:
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in kind)
-    return {bool: "true or false", str: "a string", dict: "a mapping", int: "an int",
-            float: "a finite number"}.get(kind, getattr(kind, "__name__", str(kind)))
+    return {
+        bool: "true or false",
+        str: "a string",
+        dict: "a mapping",
+        int: "an int",
+        float: "a finite number",
+    }.get(kind, getattr(kind, "__name__", str(kind)))

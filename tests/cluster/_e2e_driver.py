@@ -41,9 +41,22 @@ TIMEOUT_S = 30.0
 # facts-small-memory.yaml scaled down: 2 layers, the second FFN a Memory+ layer over a
 # shared table of 32² = 1024 rows (4 row blocks of 256 rows).
 CORPUS = FactsCorpus(entities=200, attributes=4, values=20, seed=0)
-MODEL = ModelArgs(vocab_size=CORPUS.vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=2,
-                  memory_layers=[1], memory_plus=True, mem_heads=2, mem_k=4, mem_n_keys=32,
-                  mem_key_dim=16, shared_memory=True, value_lr=VALUE_LR, seed=SEED)
+MODEL = ModelArgs(
+    vocab_size=CORPUS.vocab_size,
+    dim=32,
+    n_layers=2,
+    n_heads=2,
+    max_seq_len=2,
+    memory_layers=[1],
+    memory_plus=True,
+    mem_heads=2,
+    mem_k=4,
+    mem_n_keys=32,
+    mem_key_dim=16,
+    shared_memory=True,
+    value_lr=VALUE_LR,
+    seed=SEED,
+)
 
 
 class Trainer:
@@ -51,14 +64,14 @@ class Trainer:
 
     def __init__(self, tables: dict | None):
         self.model = Transformer(MODEL, tables=tables)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.95),
-                                     weight_decay=0.1)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1
+        )
 
     def step(self, step: int) -> float:
         """One step on the facts of ``step``: loss, backward (pushes the value rows'
         gradients, tagged with ``step``), clipped dense update, then the table step."""
-        batch = CORPUS.batch(np.random.default_rng([SEED, step]).integers(0, CORPUS.n_facts,
-                                                                           BATCH))
+        batch = CORPUS.batch(np.random.default_rng([SEED, step]).integers(0, CORPUS.n_facts, BATCH))
         self.model.set_step(step)
         self.opt.zero_grad(set_to_none=True)
         loss = self.model.loss(batch)
@@ -88,8 +101,10 @@ def _train(store: Trainer, reference: Trainer, steps) -> float:
 
 
 def _diff(store: Trainer, reference: Trainer) -> float:
-    dense = max(float((a - b).abs().max()) for a, b in
-                zip(store.model.parameters(), reference.model.parameters()))
+    dense = max(
+        float((a - b).abs().max())
+        for a, b in zip(store.model.parameters(), reference.model.parameters())
+    )
     return max(dense, float((store.values() - reference.values()).abs().max()))
 
 
@@ -129,9 +144,16 @@ def _wait_for(command: str) -> None:
 def _create_table():
     ((name, (rows, dim)),) = table_specs(MODEL).items()
     return name, memstore.create_table(
-        NAME, rows=rows, dim=dim, shards=SHARDS, seed=MODEL.seed + table_users(MODEL)[name][0],
-        optimizer=memstore.Adam(lr=VALUE_LR), checkpoint_root=os.environ["E2E_CHECKPOINT_ROOT"],
-        max_restarts=2, timeout_s=TIMEOUT_S)
+        NAME,
+        rows=rows,
+        dim=dim,
+        shards=SHARDS,
+        seed=MODEL.seed + table_users(MODEL)[name][0],
+        optimizer=memstore.Adam(lr=VALUE_LR),
+        checkpoint_root=os.environ["E2E_CHECKPOINT_ROOT"],
+        max_restarts=2,
+        timeout_s=TIMEOUT_S,
+    )
 
 
 def _publish_and_query(table, model: Transformer, work: Path) -> bool:
@@ -140,8 +162,7 @@ def _publish_and_query(table, model: Transformer, work: Path) -> bool:
     keys, q, indices = _query_inputs(model)
     table.publish_keys(keys)
     got_indices, scores, values = table.query(q, k=MODEL.mem_k)
-    for name, array in (("q", q), ("indices", got_indices), ("scores", scores),
-                        ("values", values)):
+    for name, array in (("q", q), ("indices", got_indices), ("scores", scores), ("values", values)):
         np.save(work / f"{name}.npy", array.numpy())
     return bool(torch.equal(got_indices, indices))
 
@@ -170,15 +191,26 @@ def main() -> int:
         placed = _shard_ips(table)
         loss_diffs = [_train(store, reference, (1, 2))]
         saved_path = table.save()
-        saved = {"store": store.state(), "reference": reference.state(),
-                 "table": copy.deepcopy(reference.model.value_tables()[table_name].state_dict()),
-                 "values": store.values()}
+        saved = {
+            "store": store.state(),
+            "reference": reference.state(),
+            "table": copy.deepcopy(reference.model.value_tables()[table_name].state_dict()),
+            "values": store.values(),
+        }
         loss_diffs.append(_train(store, reference, (3,)))  # a step after the checkpoint
         same_topk = _publish_and_query(table, store.model, work)
         np.save(work / "rows-trained.npy", store.values().numpy())
-        _say(phase="trained", driver=ray.util.get_node_ip_address(), shards=placed,
-             grid=list(table.grid.shape), checkpoint=saved_path, last_step=table.last_step,
-             loss_diff=max(loss_diffs), max_diff=_diff(store, reference), same_topk=same_topk)
+        _say(
+            phase="trained",
+            driver=ray.util.get_node_ip_address(),
+            shards=placed,
+            grid=list(table.grid.shape),
+            checkpoint=saved_path,
+            last_step=table.last_step,
+            loss_diff=max(loss_diffs),
+            max_diff=_diff(store, reference),
+            same_topk=same_topk,
+        )
 
         _wait_for("node-stopped")
         rolled_back = _train_until_rolled_back(store, first=4)
@@ -189,9 +221,15 @@ def main() -> int:
         restored_diff = float((store.values() - saved["values"]).abs().max())
         loss_diff = _train(store, reference, (3, 4))
         np.save(work / "rows-recovered.npy", store.values().numpy())
-        _say(phase="recovered", rolled_back_to=rolled_back, last_step=table.last_step,
-             restored_diff=restored_diff, loss_diff=loss_diff,
-             max_diff=_diff(store, reference), shards=_shard_ips(table))
+        _say(
+            phase="recovered",
+            rolled_back_to=rolled_back,
+            last_step=table.last_step,
+            restored_diff=restored_diff,
+            loss_diff=loss_diff,
+            max_diff=_diff(store, reference),
+            shards=_shard_ips(table),
+        )
         _wait_for("done")  # the test reads the recovered table over gRPC meanwhile
     finally:
         memstore.drop_table(NAME)

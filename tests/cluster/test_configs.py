@@ -27,10 +27,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 SCHEMAS = CLUSTER / "kuberay" / "schemas"
-SCHEMA_FILES = {("ray.io/v1", "RayCluster"): "ray.io_v1.yaml",
-                ("ray.io/v1", "RayJob"): "ray.io_v1.yaml",
-                ("v1", "Service"): "core_v1.yaml",
-                ("v1", "PersistentVolumeClaim"): "core_v1.yaml"}
+SCHEMA_FILES = {
+    ("ray.io/v1", "RayCluster"): "ray.io_v1.yaml",
+    ("ray.io/v1", "RayJob"): "ray.io_v1.yaml",
+    ("v1", "Service"): "core_v1.yaml",
+    ("v1", "PersistentVolumeClaim"): "core_v1.yaml",
+}
 
 
 def _yaml_files() -> list[Path]:
@@ -82,15 +84,21 @@ def manifest_errors(doc: dict) -> list[str]:
     vendored = _load(SCHEMAS / SCHEMA_FILES[key])
     schema = _strict({"$defs": vendored["$defs"], **vendored[key[1]]})
     validator = jsonschema.Draft202012Validator(schema)
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in validator.iter_errors(doc)]
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
+    ]
 
 
 # ---- every file ------------------------------------------------------------------------
 def test_every_yaml_parses_and_is_checked_by_one_validator():
     files = _yaml_files()
-    assert {p.name for p in files} >= {"aws.yaml", "onprem.yaml", "raycluster.yaml",
-                                        "rayjob.yaml", "service.yaml"}
+    assert {p.name for p in files} >= {
+        "aws.yaml",
+        "onprem.yaml",
+        "raycluster.yaml",
+        "rayjob.yaml",
+        "service.yaml",
+    }
     for path in files:
         doc = _load(path)
         assert isinstance(doc, dict) and doc, path
@@ -110,12 +118,15 @@ def test_manifest_passes_its_schema(path):
 
 
 # ---- the checks reject broken files ------------------------------------------------------
-@pytest.mark.parametrize("field, value", [
-    ("max_workers", "16"),                        # a string where Ray wants an integer
-    ("available_node_types.gpu_worker.resources.GPU", "8"),
-    ("available_node_types.gpu_worker.node_config", None),   # a required field removed
-    ("head_start_ray_command", ["ray start --head"]),        # misspelt key
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_workers", "16"),  # a string where Ray wants an integer
+        ("available_node_types.gpu_worker.resources.GPU", "8"),
+        ("available_node_types.gpu_worker.node_config", None),  # a required field removed
+        ("head_start_ray_command", ["ray start --head"]),  # misspelt key
+    ],
+)
 def test_launcher_check_rejects_a_broken_config(field, value):
     config = _load(CLUSTER / "aws.yaml")
     *parents, last = field.split(".")
@@ -131,17 +142,33 @@ def test_launcher_check_rejects_a_broken_config(field, value):
     assert last in str(raised.value) or repr(value) in str(raised.value)
 
 
-@pytest.mark.parametrize("file, path, value", [
-    ("raycluster.yaml", ["spec", "workerGroupSpecs", 0, "replicas"], "2"),
-    ("raycluster.yaml", ["spec", "workerGroupSpecs", 0, "minReplicas"], None),
-    ("raycluster.yaml", ["spec", "headGroupSpec", "template", "spec", "containers", 0,
-                         "ports", 0, "containerPort"], "6379"),
-    ("raycluster.yaml", ["spec", "workerGroupSpecs", 0, "rayStartParam"], {}),  # typo
-    ("rayjob.yaml", ["spec", "shutdownAfterJobFinishes"], "no"),
-    ("rayjob.yaml", ["spec", "entrypoint"], ["memstore", "train"]),
-    ("service.yaml", ["spec", "ports", 0, "port"], "50051"),
-    ("service.yaml", ["spec", "type"], "Public"),
-])
+@pytest.mark.parametrize(
+    "file, path, value",
+    [
+        ("raycluster.yaml", ["spec", "workerGroupSpecs", 0, "replicas"], "2"),
+        ("raycluster.yaml", ["spec", "workerGroupSpecs", 0, "minReplicas"], None),
+        (
+            "raycluster.yaml",
+            [
+                "spec",
+                "headGroupSpec",
+                "template",
+                "spec",
+                "containers",
+                0,
+                "ports",
+                0,
+                "containerPort",
+            ],
+            "6379",
+        ),
+        ("raycluster.yaml", ["spec", "workerGroupSpecs", 0, "rayStartParam"], {}),  # typo
+        ("rayjob.yaml", ["spec", "shutdownAfterJobFinishes"], "no"),
+        ("rayjob.yaml", ["spec", "entrypoint"], ["memstore", "train"]),
+        ("service.yaml", ["spec", "ports", 0, "port"], "50051"),
+        ("service.yaml", ["spec", "type"], "Public"),
+    ],
+)
 def test_manifest_check_rejects_a_wrong_field(file, path, value):
     doc = _load(CLUSTER / "kuberay" / file)
     node = doc
@@ -168,8 +195,11 @@ def _head_ports(raycluster: dict) -> dict[str, int]:
 
 
 def test_service_and_job_point_at_the_raycluster():
-    cluster, job, service = _kuberay("raycluster.yaml"), _kuberay("rayjob.yaml"), \
-        _kuberay("service.yaml")
+    cluster, job, service = (
+        _kuberay("raycluster.yaml"),
+        _kuberay("rayjob.yaml"),
+        _kuberay("service.yaml"),
+    )
     name = cluster["metadata"]["name"]
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": name}
     assert service["spec"]["selector"] == {"ray.io/cluster": name, "ray.io/node-type": "head"}
@@ -209,9 +239,13 @@ def test_launchers_open_and_fix_the_ports_they_document():
         config = _load(path)
         head = " ".join(config["head_start_ray_commands"])
         worker = " ".join(config["worker_start_ray_commands"])
-        for flag in ("--object-manager-port=8076", "--node-manager-port=8077",
-                     "--min-worker-port=10002", "--max-worker-port=19999",
-                     "--metrics-export-port=8080"):
+        for flag in (
+            "--object-manager-port=8076",
+            "--node-manager-port=8077",
+            "--min-worker-port=10002",
+            "--max-worker-port=19999",
+            "--metrics-export-port=8080",
+        ):
             assert flag in head and flag in worker, (path.name, flag)
         assert re.search(r"--port=6379\b", head)
         assert "--address=$RAY_HEAD_IP:6379" in worker

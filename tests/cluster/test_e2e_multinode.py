@@ -48,16 +48,25 @@ REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "cluster" / "local"
 HEAD_IP, WORKER_IPS = "127.0.0.20", ["127.0.0.21", "127.0.0.22"]
 # A lost raylet is declared dead after 3 missed health checks 0.5 s apart.
-FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                      "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+FAST_HEALTH_CHECKS = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 3,
+}
 TABLE = "e2e-facts"  # the driver's table
 BUCKET, PREFIX = "memstore-e2e", "facts-memory"
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 RAY_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
 SERVER_THREADS = 2  # each thread of `memstore serve` keeps its own table handle
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
+# Its own run is about a minute; it may first wait for the other raylet tests (conftest).
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 
 def _free_gcs_port() -> int:
@@ -74,10 +83,14 @@ def _free_gcs_port() -> int:
 
 def _processes_of(markers: list[str]) -> list[str]:
     """Command lines of running processes that contain any of the markers."""
-    out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True,
-                         check=True).stdout
-    return [line for line in out.splitlines() if not line.lstrip().startswith("Z")
-            and any(m in line + " " for m in markers)]
+    out = subprocess.run(
+        ["ps", "-eo", "stat=,args="], capture_output=True, text=True, check=True
+    ).stdout
+    return [
+        line
+        for line in out.splitlines()
+        if not line.lstrip().startswith("Z") and any(m in line + " " for m in markers)
+    ]
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -109,14 +122,21 @@ def s3():
                 assert server.poll() is None and time.monotonic() < deadline, "no moto_server"
                 time.sleep(0.1)
         endpoint = f"127.0.0.1:{port}"
-        fs = pafs.S3FileSystem(access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                               secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                               region=S3_CREDENTIALS["AWS_DEFAULT_REGION"], scheme="http",
-                               endpoint_override=endpoint, allow_bucket_creation=True)
+        fs = pafs.S3FileSystem(
+            access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            region=S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+            scheme="http",
+            endpoint_override=endpoint,
+            allow_bucket_creation=True,
+        )
         fs.create_dir(BUCKET)
         yield SimpleNamespace(
-            fs=fs, process=server, command=" ".join(command),
-            root=f"s3://{BUCKET}/{PREFIX}?endpoint_override={endpoint}&scheme=http")
+            fs=fs,
+            process=server,
+            command=" ".join(command),
+            root=f"s3://{BUCKET}/{PREFIX}?endpoint_override={endpoint}&scheme=http",
+        )
     finally:
         _stop(server)
 
@@ -131,26 +151,48 @@ def local_cluster(s3):
     local_dir = tempfile.mkdtemp(prefix="rle", dir="/tmp")  # short: unix socket paths
     # The nodes get the S3 credentials as a cloud machine would: shards on any node
     # write and (restarted) read the checkpoints.
-    env = {**os.environ, **S3_CREDENTIALS, "RAY": str(ray_cli), "RAY_PORT": str(port),
-           "HEAD_IP": HEAD_IP, "HEAD_CPUS": "0", "WORKER_CPUS": "4", "OBJECT_STORE_MB": "100",
-           "HEAD_SYSTEM_CONFIG": json.dumps(FAST_HEALTH_CHECKS),
-           "RAY_LOCAL_DIR": local_dir, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        **S3_CREDENTIALS,
+        "RAY": str(ray_cli),
+        "RAY_PORT": str(port),
+        "HEAD_IP": HEAD_IP,
+        "HEAD_CPUS": "0",
+        "WORKER_CPUS": "4",
+        "OBJECT_STORE_MB": "100",
+        "HEAD_SYSTEM_CONFIG": json.dumps(FAST_HEALTH_CHECKS),
+        "RAY_LOCAL_DIR": local_dir,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     for var in RAY_VARS:
         env.pop(var, None)
     cluster = {"env": env, "dir": local_dir, "address": f"{HEAD_IP}:{port}"}
     try:
-        started = subprocess.run([str(LOCAL / "start-local.sh"), "2"], env=env,
-                                 capture_output=True, text=True, timeout=120, check=False)
+        started = subprocess.run(
+            [str(LOCAL / "start-local.sh"), "2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert started.returncode == 0, started.stderr[-3000:]
-        exports = dict(line.removeprefix("export ").split("=", 1)
-                       for line in started.stdout.splitlines())
+        exports = dict(
+            line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines()
+        )
         assert exports["RAY_ADDRESS"] == cluster["address"]
         cluster["driver_env"] = {**env, **exports}
         yield cluster
     finally:  # the test stops it itself; this is for a test that failed before that
-        stopped = subprocess.run([str(LOCAL / "stop-local.sh")], env=env, capture_output=True,
-                                 text=True, timeout=60, check=False)
+        stopped = subprocess.run(
+            [str(LOCAL / "stop-local.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         left = _processes_of([local_dir + "/", f"--address={cluster['address']} "])
         for marker in (local_dir + "/", f"--address={cluster['address']} "):
             subprocess.run(["pkill", "-9", "-f", marker], check=False)
@@ -173,8 +215,9 @@ def _read_phase(driver: subprocess.Popen, phase: str, stderr: Path) -> dict:
     line = driver.stdout.readline()
     if not line:
         driver.wait(timeout=30)
-        pytest.fail(f"driver exited {driver.returncode} before {phase!r}: "
-                    f"{stderr.read_text()[-3000:]}")
+        pytest.fail(
+            f"driver exited {driver.returncode} before {phase!r}: {stderr.read_text()[-3000:]}"
+        )
     event = json.loads(line)
     assert event["phase"] == phase, event
     return event
@@ -189,10 +232,26 @@ def _serve(env: dict, token_file: Path, log: Path) -> tuple[subprocess.Popen, st
     """`memstore serve` on a free port of 127.0.0.1, a driver of the cluster."""
     with log.open("w") as err:
         server = subprocess.Popen(
-            [sys.executable, "-m", "memstore.cli", "serve", "--address", "127.0.0.1:0",
-             "--ray-address", env["RAY_ADDRESS"], "--token-file", str(token_file),
-             "--threads", str(SERVER_THREADS)],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+            [
+                sys.executable,
+                "-m",
+                "memstore.cli",
+                "serve",
+                "--address",
+                "127.0.0.1:0",
+                "--ray-address",
+                env["RAY_ADDRESS"],
+                "--token-file",
+                str(token_file),
+                "--threads",
+                str(SERVER_THREADS),
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     line = server.stdout.readline()
     assert "serving on 127.0.0.1:" in line, log.read_text()[-3000:]
     return server, line.split("serving on ")[1].split(";")[0]
@@ -203,28 +262,55 @@ def _query_cli(address: str, token_file: Path, work: Path, k: int) -> dict:
     env = {key: value for key, value in os.environ.items() if key not in RAY_VARS}
     out = work / "grpc-query.npz"
     done = subprocess.run(
-        [sys.executable, "-m", "memstore.cli", "query", "--table", TABLE, "--vectors",
-         str(work / "q.npy"), "-k", str(k), "--out", str(out), "--address", address,
-         "--token-file", str(token_file)],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+        [
+            sys.executable,
+            "-m",
+            "memstore.cli",
+            "query",
+            "--table",
+            TABLE,
+            "--vectors",
+            str(work / "q.npy"),
+            "-k",
+            str(k),
+            "--out",
+            str(out),
+            "--address",
+            address,
+            "--token-file",
+            str(token_file),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(out, allow_pickle=False) as answer:
         return dict(answer)
 
 
-def test_train_serve_lose_a_worker_node_recover_and_shut_down(local_cluster, s3, grpc_token,
-                                                              tmp_path):
+def test_train_serve_lose_a_worker_node_recover_and_shut_down(
+    local_cluster, s3, grpc_token, tmp_path
+):
     from memstore.client import MemoryClient
 
     work = tmp_path / "work"
     work.mkdir()
-    env = {**local_cluster["driver_env"], "E2E_CHECKPOINT_ROOT": s3.root,
-           "E2E_WORK_DIR": str(work)}
+    env = {**local_cluster["driver_env"], "E2E_CHECKPOINT_ROOT": s3.root, "E2E_WORK_DIR": str(work)}
     driver_log = tmp_path / "driver.log"
     with driver_log.open("w") as err:
-        driver = subprocess.Popen([sys.executable, "-m", "tests.cluster._e2e_driver"], env=env,
-                                  cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=err, text=True)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "tests.cluster._e2e_driver"],
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     server = None
     token, token_file = grpc_token
     try:
@@ -238,28 +324,35 @@ def test_train_serve_lose_a_worker_node_recover_and_shut_down(local_cluster, s3,
         assert trained["same_topk"]  # the store's query = the model's own top-k
         checkpoint = f"s3://{BUCKET}/{PREFIX}/step-000000002"
         assert trained["checkpoint"].split("?")[0] == checkpoint
-        manifest = json.loads(s3.fs.open_input_stream(
-            f"{BUCKET}/{PREFIX}/step-000000002/manifest.json").readall())
+        manifest = json.loads(
+            s3.fs.open_input_stream(f"{BUCKET}/{PREFIX}/step-000000002/manifest.json").readall()
+        )
         assert manifest["step"] == 2 and len(manifest["blocks"]) == 4
 
         # 2. served over gRPC: a query and a gather from other processes
-        server, address = _serve(local_cluster["driver_env"], token_file,
-                                 tmp_path / "serve.log")
+        server, address = _serve(local_cluster["driver_env"], token_file, tmp_path / "serve.log")
         answer = _query_cli(address, token_file, work, k=4)
         np.testing.assert_array_equal(answer["indices"], np.load(work / "indices.npy"))
-        np.testing.assert_allclose(answer["scores"], np.load(work / "scores.npy"),
-                                   rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(answer["values"], np.load(work / "values.npy"),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            answer["scores"], np.load(work / "scores.npy"), rtol=1e-6, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            answer["values"], np.load(work / "values.npy"), rtol=1e-6, atol=1e-6
+        )
         rows = np.load(work / "rows-trained.npy")
         with MemoryClient(address, token=token, read_retries=0) as client:
             np.testing.assert_array_equal(client.gather(TABLE, np.arange(len(rows))), rows)
 
         # 3. a worker node lost: rolled back to the S3 checkpoint, trained on
         lost = WORKER_IPS[1]
-        stopped = subprocess.run([str(LOCAL / "stop-local.sh"), "--node", lost],
-                                 env=local_cluster["env"], capture_output=True, text=True,
-                                 timeout=60, check=False)
+        stopped = subprocess.run(
+            [str(LOCAL / "stop-local.sh"), "--node", lost],
+            env=local_cluster["env"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert stopped.returncode == 0, stopped.stderr
         assert not (Path(local_cluster["dir"]) / f"node-{lost}.pids").exists()
         _tell(driver, "node-stopped")
@@ -270,8 +363,9 @@ def test_train_serve_lose_a_worker_node_recover_and_shut_down(local_cluster, s3,
         assert recovered["loss_diff"] <= 1e-5 and recovered["max_diff"] <= 1e-5
         assert recovered["shards"] == [WORKER_IPS[0]] * 4  # restarted on the survivor
         with MemoryClient(address, token=token, read_retries=0) as client:
-            np.testing.assert_array_equal(client.gather(TABLE, np.arange(len(rows))),
-                                          np.load(work / "rows-recovered.npy"))
+            np.testing.assert_array_equal(
+                client.gather(TABLE, np.arange(len(rows))), np.load(work / "rows-recovered.npy")
+            )
         _tell(driver, "done")
         assert driver.wait(timeout=60) == 0, driver_log.read_text()[-3000:]
 
@@ -283,12 +377,27 @@ def test_train_serve_lose_a_worker_node_recover_and_shut_down(local_cluster, s3,
             if process is not None:
                 _stop(process)
 
-    stopped = subprocess.run([str(LOCAL / "stop-local.sh")], env=local_cluster["env"],
-                             capture_output=True, text=True, timeout=60, check=False)
+    stopped = subprocess.run(
+        [str(LOCAL / "stop-local.sh")],
+        env=local_cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert stopped.returncode == 0, stopped.stderr
     s3.process.terminate()
     s3.process.wait(timeout=30)
     # Nothing of the cluster, the server or the S3 server may be left running (the
     # driver was waited for above).
-    assert _processes_of([local_cluster["dir"] + "/", f"--address={local_cluster['address']} ",
-                          str(token_file), s3.command + " "]) == []
+    assert (
+        _processes_of(
+            [
+                local_cluster["dir"] + "/",
+                f"--address={local_cluster['address']} ",
+                str(token_file),
+                s3.command + " ",
+            ]
+        )
+        == []
+    )

@@ -48,11 +48,14 @@ def test_h100_adam_row_by_hand():
     assert r["serial"] == pytest.approx(seconds + nic_bytes / 50e9 + 2 * 0.76e-3)
 
 
-@pytest.mark.parametrize("grid, sent, received", [
-    ((1, 1), 3_088, 1_536),  # BENCHMARKS.md, Store: 1 shard
-    ((2, 1), 4_128, 2_560),  # (2, 1) rows
-    ((4, 1), 6_208, 4_608),  # (4, 1) rows
-])
+@pytest.mark.parametrize(
+    "grid, sent, received",
+    [
+        ((1, 1), 3_088, 1_536),  # BENCHMARKS.md, Store: 1 shard
+        ((2, 1), 4_128, 2_560),  # (2, 1) rows
+        ((4, 1), 6_208, 4_608),  # (4, 1) rows
+    ],
+)
 def test_wire_model_gives_the_bytes_benchmarks_store_counted(grid, sent, received):
     """The store benchmark counted these bytes per token at dim 256, 128 slots. Its
     column grids are left out: it counted an array put once in Ray's object store for
@@ -94,5 +97,6 @@ def test_unique_rows_matches_a_sampled_count():
 
 
 def test_docs_scaling_is_the_scripts_output():
-    assert (REPO / "docs" / "scaling.md").read_text(encoding="utf-8") == sizing.render(), \
+    assert (REPO / "docs" / "scaling.md").read_text(encoding="utf-8") == sizing.render(), (
         "regenerate: python -m benchmarks.sizing --out docs/scaling.md"
+    )

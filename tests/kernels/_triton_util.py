@@ -6,10 +6,10 @@ interpreter is chosen when ``@triton.jit`` decorates a function: Triton reads
 ``TRITON_INTERPRET`` (through ``triton.knobs``) at that moment, not at launch. The
 kernels of ``kernels.triton`` are decorated when that package is first imported: on a
 machine without CUDA only here, after the variable is set, or by ``kernels._dispatch``
-under ``MEMSTORE_FORCE_TRITON=1``, which sets it too. Triton's own library functions (``tl.sum``, ``tl.max``, ...) are
-decorated when ``triton`` itself is imported: when something imported triton before
-this module, :func:`_interpret_triton_library` swaps them for interpreted ones, so the
-tests run whatever the import order.
+under ``MEMSTORE_FORCE_TRITON=1``, which sets it too. Triton's own library functions
+(``tl.sum``, ``tl.max``, ...) are decorated when ``triton`` itself is imported: when
+something imported triton before this module, :func:`_interpret_triton_library` swaps
+them for interpreted ones, so the tests run whatever the import order.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Every test runs from a fixed seed. The ``path`` fixture runs a test once through
 fast path the dispatch picks (C, or a library kernel where that measured faster) and
 once through the torch composites. It records the path ``kernels._dispatch`` logged
 for each op and every call that entered the C library (``_native.parallel_for`` is
-the one way in), so a test named after a path asserts it went through that path. On CPU the composites
-*are* ``kernels.reference``: tests therefore check values against implementations
+the one way in), so a test named after a path asserts it went through that path. On
+CPU the composites *are* ``kernels.reference``: tests therefore check values against implementations
 that share no code with the package: ``torch.optim``, ``F.embedding_bag``, autograd
 of a plain torch expression, or a float64 loop written out in the test.
 """
@@ -104,13 +104,17 @@ class Dispatch:
                 assert self.paths(op) <= {"composite"}, f"{op} took {self.paths(op)}"
             return
         for op, path in expected.items():
-            assert self.paths(op) == {path}, f"{op}: expected the {path} path, took {self.paths(op)}"
+            assert self.paths(op) == {path}, (
+                f"{op}: expected the {path} path, took {self.paths(op)}"
+            )
             if path == "native":
                 assert any(s.startswith(C_FUNCTION[op]) for s in self.symbols), (
-                    f"{op} never entered its C function; called {self.symbols}")
+                    f"{op} never entered its C function; called {self.symbols}"
+                )
             else:
                 assert not any(s.startswith(C_FUNCTION[op]) for s in self.symbols), (
-                    f"{op} took {path} but ran its C function")
+                    f"{op} took {path} but ran its C function"
+                )
 
 
 def _spy_native(monkeypatch, calls: Dispatch) -> None:

@@ -47,8 +47,14 @@ def embedding_bag64(values, rows, w, offsets, dy):
     CSR bags, from F.embedding_bag and its autograd."""
     v = values.double().requires_grad_()
     w64 = w.double().requires_grad_()
-    y = F.embedding_bag(rows.long(), v, offsets[:-1].long(), mode="sum", per_sample_weights=w64,
-                        include_last_offset=False)
+    y = F.embedding_bag(
+        rows.long(),
+        v,
+        offsets[:-1].long(),
+        mode="sum",
+        per_sample_weights=w64,
+        include_last_offset=False,
+    )
     y.backward(dy.double())
     return y.detach(), w64.grad, v.grad
 
@@ -150,7 +156,9 @@ def test_bag_gradients_match_autograd(path, B, M, R, dim, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bag_int32_idx(path, dtype):
-    values, idx, w, dy = _inputs(17, 6, 30, 9, dtype, torch.randint(0, 30, (17, 6), dtype=torch.int32))
+    values, idx, w, dy = _inputs(
+        17, 6, 30, 9, dtype, torch.randint(0, 30, (17, 6), dtype=torch.int32)
+    )
     _check(values, idx, w, dy)
     _took_bag(path, values)
 
@@ -366,8 +374,9 @@ def _slot_sums64(rows, w, bag, dy, R):
     return out
 
 
-@pytest.mark.parametrize("P, R", [(0, 10), (1, 1), (9, 5), (41, 1000), (341, 341), (4096, 7),
-                                  (20000, 65536)])
+@pytest.mark.parametrize(
+    "P, R", [(0, 10), (1, 1), (9, 5), (41, 1000), (341, 341), (4096, 7), (20000, 65536)]
+)
 def test_row_grads_counting_sort_equals_comparison_sort(native_calls, P, R):
     """from_slots with num_rows (the C counting sort) groups exactly as torch.sort does;
     merge of two pushes sums them, as a float64 loop over the slots does."""

@@ -5,6 +5,7 @@ tables get 2 MiB-aligned memory advised for transparent huge pages."""
 import ctypes
 import os
 import platform
+import re
 import shutil
 
 import pytest
@@ -17,8 +18,9 @@ NATIVE_BUILDS = shutil.which("cc") is not None or shutil.which("gcc") is not Non
 THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="no C compiler")
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
 def test_native_library_builds_and_loads():
     lib = _native.library()
     assert lib is not None
@@ -87,13 +89,17 @@ def test_build_is_cached_by_source_and_renamed_into_place(monkeypatch, tmp_path)
     monkeypatch.setattr(_native, "_SOURCE", edited)
     second = _native._build("cc")
     assert second != first and second.exists()
-    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == sorted([first.name, second.name])
+    assert sorted(p.name for p in (tmp_path / "native").iterdir()) == sorted(
+        [first.name, second.name]
+    )
 
 
 def _openmp_runtimes() -> set[str]:
+    """Mapped OpenMP runtimes: GNU libgomp, Intel libiomp5, LLVM libomp (by file name;
+    other libraries with "omp" in their names, like libarrow_compute, are not ones)."""
     with open("/proc/self/maps") as maps:
-        return {line.split()[-1] for line in maps
-                if "omp" in line.rsplit("/", 1)[-1] and line.split()[-1].startswith("/")}
+        paths = {line.split()[-1] for line in maps if line.split()[-1].startswith("/")}
+    return {p for p in paths if re.match(r"lib(g|i)?omp[0-9]*([.-]|$)", p.rsplit("/", 1)[-1])}
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
@@ -140,10 +146,22 @@ def test_without_native_library_the_ops_use_the_composites(monkeypatch, caplog):
         assert "no C compiler" in caplog.text
         before = _dispatch.COUNTS[("adam_step", "composite")]
         values, m, v = torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4, 3)
-        adam_step(values, m, v, torch.tensor([1]), torch.ones(1, 3), step=1, lr=0.1,
-                  beta1=0.9, beta2=0.999, eps=1e-8)
+        adam_step(
+            values,
+            m,
+            v,
+            torch.tensor([1]),
+            torch.ones(1, 3),
+            step=1,
+            lr=0.1,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+        )
         assert _dispatch.COUNTS[("adam_step", "composite")] == before + 1
-        torch.testing.assert_close(values[1], torch.full((3,), -0.1))  # Adam's first step: -lr·sign(g)
+        torch.testing.assert_close(
+            values[1], torch.full((3,), -0.1)
+        )  # Adam's first step: -lr·sign(g)
         assert not values[[0, 2, 3]].any()
     finally:
         monkeypatch.undo()

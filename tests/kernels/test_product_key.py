@@ -113,8 +113,10 @@ def test_topk_non_contiguous_query(path):
     path.took(product_key_topk="native")
 
 
-@pytest.mark.parametrize("B, H, n, Dk, k", [(1, 1, 1, 2, 1), (2, 1, 3, 4, 7), (9, 4, 16, 32, 8),
-                                            (5, 3, 41, 10, 32), (3, 2, 8, 14, 64)])
+@pytest.mark.parametrize(
+    "B, H, n, Dk, k",
+    [(1, 1, 1, 2, 1), (2, 1, 3, 4, 7), (9, 4, 16, 32, 8), (5, 3, 41, 10, 32), (3, 2, 8, 14, 64)],
+)
 def test_topk_gradients_match_reference(path, B, H, n, Dk, k):
     q, keys = _inputs(B, H, n, Dk, requires_grad=True)
     q_ref, keys_ref = (t.detach().clone().requires_grad_() for t in (q, keys))

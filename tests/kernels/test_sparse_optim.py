@@ -70,33 +70,54 @@ def adam64(v, states, g, *, step, lr, beta1, beta2, eps, weight_decay=0.0, decou
 OPTIMIZERS = {
     "sgd": (sgd_step, sgd64, lambda R, d: [], lambda t: dict(lr=0.1)),
     "sgd_weight_decay": (
-        sgd_step, sgd64, lambda R, d: [], lambda t: dict(lr=0.1, weight_decay=0.05),
+        sgd_step,
+        sgd64,
+        lambda R, d: [],
+        lambda t: dict(lr=0.1, weight_decay=0.05),
     ),
     "adagrad": (
-        adagrad_step, adagrad64, lambda R, d: [(R, d)], lambda t: dict(lr=0.1, eps=1e-10, step=t),
+        adagrad_step,
+        adagrad64,
+        lambda R, d: [(R, d)],
+        lambda t: dict(lr=0.1, eps=1e-10, step=t),
     ),
     "adagrad_lr_decay": (
-        adagrad_step, adagrad64, lambda R, d: [(R, d)],
+        adagrad_step,
+        adagrad64,
+        lambda R, d: [(R, d)],
         lambda t: dict(lr=0.1, eps=1e-10, lr_decay=0.05, step=t),
     ),
     "rowwise_adagrad": (
-        rowwise_adagrad_step, rowwise_adagrad64, lambda R, d: [(R,)],
+        rowwise_adagrad_step,
+        rowwise_adagrad64,
+        lambda R, d: [(R,)],
         lambda t: dict(lr=0.1, eps=1e-8),
     ),
     "adam": (
-        adam_step, adam64, lambda R, d: [(R, d), (R, d)],
+        adam_step,
+        adam64,
+        lambda R, d: [(R, d), (R, d)],
         lambda t: dict(step=t, lr=0.2, beta1=0.9, beta2=0.999, eps=1e-8),
     ),
     "adamw": (
-        adam_step, adam64, lambda R, d: [(R, d), (R, d)],
-        lambda t: dict(step=t, lr=0.2, beta1=0.9, beta2=0.999, eps=1e-8,
-                       weight_decay=0.1, decoupled=True),
+        adam_step,
+        adam64,
+        lambda R, d: [(R, d), (R, d)],
+        lambda t: dict(
+            step=t, lr=0.2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True
+        ),
     ),
 }
 # The op (as kernels._dispatch records it) each optimizer runs; on CPU it takes the C path.
-OP = {"sgd": "sgd_step", "sgd_weight_decay": "sgd_step", "adagrad": "adagrad_step",
-      "adagrad_lr_decay": "adagrad_step", "rowwise_adagrad": "rowwise_adagrad_step",
-      "adam": "adam_step", "adamw": "adam_step"}
+OP = {
+    "sgd": "sgd_step",
+    "sgd_weight_decay": "sgd_step",
+    "adagrad": "adagrad_step",
+    "adagrad_lr_decay": "adagrad_step",
+    "rowwise_adagrad": "rowwise_adagrad_step",
+    "adam": "adam_step",
+    "adamw": "adam_step",
+}
 
 # float32 results against the float64 oracle: a few float32 roundings of values of
 # magnitude below 2, i.e. well under 1e-6.
@@ -137,8 +158,9 @@ def _f64(t: torch.Tensor) -> np.ndarray:
     return t.double().numpy()
 
 
-def assert_bf16_is_rounded(actual: torch.Tensor, exact: np.ndarray, before: np.ndarray
-                           ) -> np.ndarray:
+def assert_bf16_is_rounded(
+    actual: torch.Tensor, exact: np.ndarray, before: np.ndarray
+) -> np.ndarray:
     """``actual`` (bfloat16) is the bfloat16 nearest to the exact float64 update: at most
     half a bfloat16 ulp away, plus the float32 error of computing the update (a few
     1e-7 of the magnitudes involved), which can flip a rounding that lies on a tie."""
@@ -150,7 +172,8 @@ def assert_bf16_is_rounded(actual: torch.Tensor, exact: np.ndarray, before: np.n
     bad = err > half_ulp + slack
     assert not bad.any(), (
         f"{int(bad.sum())} values not the nearest bfloat16: worst error "
-        f"{err[bad].max():.3g} against half an ulp {half_ulp[bad][err[bad].argmax()]:.3g}")
+        f"{err[bad].max():.3g} against half an ulp {half_ulp[bad][err[bad].argmax()]:.3g}"
+    )
     return half_ulp + slack
 
 
@@ -344,8 +367,9 @@ def _adamw_hyper():
 
 
 def _torch_adamw(param):
-    return torch.optim.AdamW([param], lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=0.1, foreach=False)
+    return torch.optim.AdamW(
+        [param], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, foreach=False
+    )
 
 
 @pytest.mark.parametrize("dim", DIMS)
@@ -361,11 +385,14 @@ def test_adamw_steps_on_same_rows_match_torch_adamw(path, dim):
         grads = torch.randn(rows.numel(), dim)
         sub.grad = grads.clone()
         opt.step()
-        adam_step(values, exp_avg, exp_avg_sq, rows, grads, step=t, decoupled=True, **_adamw_hyper())
+        adam_step(
+            values, exp_avg, exp_avg_sq, rows, grads, step=t, decoupled=True, **_adamw_hyper()
+        )
         torch.testing.assert_close(values[rows], sub.detach(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(exp_avg[rows], opt.state[sub]["exp_avg"], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(exp_avg_sq[rows], opt.state[sub]["exp_avg_sq"], rtol=1e-5,
-                                   atol=1e-8)
+        torch.testing.assert_close(
+            exp_avg_sq[rows], opt.state[sub]["exp_avg_sq"], rtol=1e-5, atol=1e-8
+        )
     keep = _untouched(ROWS, rows)
     assert torch.equal(values[keep], before[keep])
     assert not exp_avg[keep].any() and not exp_avg_sq[keep].any()
@@ -377,8 +404,9 @@ def test_adamw_steps_on_same_rows_match_torch_adamw(path, dim):
 def test_adam_moment_weights_exact(path, beta2, decoupled):
     """The moments weigh the gradient by exactly 1 - beta (to float32 rounding), also
     for a beta2 whose 1 - beta2 is not a float32 number."""
-    hyper = dict(step=1, lr=1e-2, beta1=0.9, beta2=beta2, eps=1e-8, weight_decay=0.1,
-                 decoupled=decoupled)
+    hyper = dict(
+        step=1, lr=1e-2, beta1=0.9, beta2=beta2, eps=1e-8, weight_decay=0.1, decoupled=decoupled
+    )
     values = torch.randn(ROWS, 9)
     states = [torch.zeros(ROWS, 9), torch.zeros(ROWS, 9)]
     rows = torch.randperm(ROWS)[:150]
@@ -470,8 +498,6 @@ def test_step_validates_state_width(name, states, field):
         op(values, *states, rows, grads, **hyper(1))
 
 
-
-
 # ---- factored row gradients (what a table's step passes) ----------------------------
 
 
@@ -489,10 +515,12 @@ def test_step_with_factored_gradients_matches_float64_oracle(path, name, dtype):
     grads = SparseRowGrads.from_slots(slot_rows, slot_w, slot_bag, dy, num_rows=R)
     rows = grads.rows
     dense64 = torch.zeros(R, dim, dtype=torch.float64).index_add_(
-        0, slot_rows, slot_w.double()[:, None] * dy.double()[slot_bag])[rows]
+        0, slot_rows, slot_w.double()[:, None] * dy.double()[slot_bag]
+    )[rows]
     before = values.clone()
-    expected = oracle(_f64(values[rows]), [_f64(s[rows]) for s in states], dense64.numpy(),
-                      **hyper(2))
+    expected = oracle(
+        _f64(values[rows]), [_f64(s[rows]) for s in states], dense64.numpy(), **hyper(2)
+    )
     op(values, *states, rows, grads, **hyper(2))
     _check_step(values, states, rows, expected, before)
     keep = _untouched(R, rows)

@@ -109,8 +109,9 @@ def test_empty_batch():
     assert dw.shape == (0, 3) and rows.numel() == 0 and grads.shape == (0, 9)
 
 
-@pytest.mark.parametrize("values_dtype, w_dtype", [(torch.float64, torch.float32),
-                                                     (torch.float32, torch.float64)])
+@pytest.mark.parametrize(
+    "values_dtype, w_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)]
+)
 def test_float64_inputs_stay_in_torch(values_dtype, w_dtype, triton_dispatch):
     # The kernels accumulate in float32: the launchers refuse float64 (gradcheck) inputs,
     # and the public ops keep them on the torch composite, in float64.
@@ -158,7 +159,12 @@ def test_all_kernels_compile_for_sm90_without_a_gpu():
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--compile-only"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu.py"), "--compile-only"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("\nok ") + proc.stdout.startswith("ok ") == 22

@@ -129,8 +129,18 @@ def _kernel_step(name, values, state, grads, lr):
         triton_kernels.adagrad_step_triton(values, state[0], rows, grads, lr=lr, eps=1e-10)
     else:
         triton_kernels.adam_step_triton(
-            values, *state, rows, grads, step=1, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8,
-            weight_decay=0.1 if name == "adamw" else 0.0, decoupled=name == "adamw")
+            values,
+            *state,
+            rows,
+            grads,
+            step=1,
+            lr=lr,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.1 if name == "adamw" else 0.0,
+            decoupled=name == "adamw",
+        )
 
 
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "adam", "adamw"])
@@ -168,8 +178,9 @@ def test_rowwise_adagrad_factored_matches_loop(dtype):
         expected_values[r] -= 0.1 * g / (expected_state[r].sqrt() + 1e-8)
     dev_values, dev_state = _on_device(values.clone(), state.clone())
     _, grads = bag_backward_sparse_triton(*_on_device(values, rows, w, offsets, dy))
-    triton_kernels.rowwise_adagrad_step_triton(dev_values, dev_state, grads.rows, grads,
-                                               lr=0.1, eps=1e-8)
+    triton_kernels.rowwise_adagrad_step_triton(
+        dev_values, dev_state, grads.rows, grads, lr=0.1, eps=1e-8
+    )
     assert_close(dev_state, expected_state.float(), torch.float32)
     assert_close(dev_values, expected_values.to(dtype), dtype, **_ONE_ULP.get(dtype, {}))
 
@@ -188,10 +199,14 @@ def test_interpreter_works_whatever_the_import_order():
         " torch.tensor([2., 1.]), torch.tensor([0, 2]))\n"
         "print(out.tolist())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",
-                                                           "MEMSTORE_FORCE_TRITON")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TRITON_INTERPRET", "MEMSTORE_FORCE_TRITON")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[[15.0, 18.0, 21.0]]"
 

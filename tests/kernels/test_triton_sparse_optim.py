@@ -63,8 +63,12 @@ def test_sgd(shape, dtype):
     g = generator(10)
     values = torch.randn(R, dim, generator=g).to(dtype)
     rows, grads = _rows_and_grads(g, R, dim, U)
-    ref, dev = _run_both(sgd_step_reference, triton_kernels.sgd_step_triton,
-                         [values, rows, grads], dict(lr=0.1, weight_decay=0.01))
+    ref, dev = _run_both(
+        sgd_step_reference,
+        triton_kernels.sgd_step_triton,
+        [values, rows, grads],
+        dict(lr=0.1, weight_decay=0.01),
+    )
     _compare(ref, dev, 1, values)
 
 
@@ -76,9 +80,12 @@ def test_adagrad(shape, dtype):
     values = torch.randn(R, dim, generator=g).to(dtype)
     state = torch.rand(R, dim, generator=g)
     rows, grads = _rows_and_grads(g, R, dim, U)
-    ref, dev = _run_both(adagrad_step_reference, triton_kernels.adagrad_step_triton,
-                         [values, state, rows, grads],
-                         dict(lr=0.05, eps=1e-10, lr_decay=0.01, step=3))
+    ref, dev = _run_both(
+        adagrad_step_reference,
+        triton_kernels.adagrad_step_triton,
+        [values, state, rows, grads],
+        dict(lr=0.05, eps=1e-10, lr_decay=0.01, step=3),
+    )
     _compare(ref, dev, 2, values)
 
 
@@ -90,8 +97,12 @@ def test_rowwise_adagrad(shape, dtype):
     values = torch.randn(R, dim, generator=g).to(dtype)
     state = torch.rand(R, generator=g)
     rows, grads = _rows_and_grads(g, R, dim, U)
-    ref, dev = _run_both(rowwise_adagrad_step_reference, triton_kernels.rowwise_adagrad_step_triton,
-                         [values, state, rows, grads], dict(lr=0.05, eps=1e-8))
+    ref, dev = _run_both(
+        rowwise_adagrad_step_reference,
+        triton_kernels.rowwise_adagrad_step_triton,
+        [values, state, rows, grads],
+        dict(lr=0.05, eps=1e-8),
+    )
     _compare(ref, dev, 2, values)
 
 
@@ -102,7 +113,9 @@ ADAM_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", ADAM_CONFIGS, ids=["sparse_adam_step1", "sparse_adam_step5", "adamw"])
+@pytest.mark.parametrize(
+    "config", ADAM_CONFIGS, ids=["sparse_adam_step1", "sparse_adam_step5", "adamw"]
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_adam(shape, dtype, config):
@@ -113,8 +126,12 @@ def test_adam(shape, dtype, config):
     exp_avg_sq = torch.rand(R, dim, generator=g) * 0.01
     rows, grads = _rows_and_grads(g, R, dim, U)
     kwargs = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, **config)
-    ref, dev = _run_both(adam_step_reference, triton_kernels.adam_step_triton,
-                         [values, exp_avg, exp_avg_sq, rows, grads], kwargs)
+    ref, dev = _run_both(
+        adam_step_reference,
+        triton_kernels.adam_step_triton,
+        [values, exp_avg, exp_avg_sq, rows, grads],
+        kwargs,
+    )
     _compare(ref, dev, 3, values)
 
 
@@ -136,14 +153,17 @@ def test_strided_rows():
     values = torch.randn(12, 9, generator=g)
     rows = torch.randperm(12, generator=g)[::2]  # stride 2
     grads = torch.randn(rows.numel(), 9, generator=g)
-    ref, dev = _run_both(sgd_step_reference, triton_kernels.sgd_step_triton,
-                         [values, rows, grads], dict(lr=0.1))
+    ref, dev = _run_both(
+        sgd_step_reference, triton_kernels.sgd_step_triton, [values, rows, grads], dict(lr=0.1)
+    )
     _compare(ref, dev, 1, values)
     state = torch.rand(12, generator=g)
     ref = [values.clone(), state.clone()]
     rowwise_adagrad_step_reference(*ref, rows, grads, lr=0.1, eps=1e-8)
     dev = [values.clone().to(DEVICE), state.clone().to(DEVICE)]
-    triton_kernels.rowwise_adagrad_step_triton(*dev, rows.to(DEVICE), grads.to(DEVICE), lr=0.1, eps=1e-8)
+    triton_kernels.rowwise_adagrad_step_triton(
+        *dev, rows.to(DEVICE), grads.to(DEVICE), lr=0.1, eps=1e-8
+    )
     _compare(ref, dev, 2, values)
 
 
@@ -176,8 +196,15 @@ def test_bag_backward_adam_step_matches_unfused_reference(case, dtype, decoupled
         idx = torch.randint(0, R, (B, M), generator=g)
     w = torch.randn(B, M, generator=g)
     dy = torch.randn(B, dim, generator=g)
-    kwargs = dict(step=4, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
-                  weight_decay=0.05 if decoupled else 0.0, decoupled=decoupled)
+    kwargs = dict(
+        step=4,
+        lr=0.1,
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.05 if decoupled else 0.0,
+        decoupled=decoupled,
+    )
 
     ref = [values.clone(), exp_avg.clone(), exp_avg_sq.clone()]
     dw_ref, (rows_ref, grads_ref) = bag_backward_reference(ref[0], idx, w, dy)
@@ -203,7 +230,8 @@ def test_public_adam_dispatches_to_triton(triton_dispatch):
     exp_avg, exp_avg_sq = torch.zeros(R, dim), torch.zeros(R, dim)
     rows, grads = _rows_and_grads(g, R, dim, U)
     kwargs = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
-    ref, dev = _run_both(adam_step_reference, adam_step,
-                         [values, exp_avg, exp_avg_sq, rows, grads], kwargs)
+    ref, dev = _run_both(
+        adam_step_reference, adam_step, [values, exp_avg, exp_avg_sq, rows, grads], kwargs
+    )
     _compare(ref, dev, 3, values)
     assert triton_dispatch() == {("adam_step", "triton"): 1}

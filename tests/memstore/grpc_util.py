@@ -30,12 +30,18 @@ def auth(token: str = ADMIN):
 
 def tensor(a: np.ndarray, dtype=None, shape=None, data=None) -> pb.Tensor:
     """A Tensor message of ``a``; dtype, shape or data overridden to make it malformed."""
-    kinds = {np.dtype("float32"): pb.FLOAT32, np.dtype("int64"): pb.INT64,
-             np.dtype("int32"): pb.INT32, np.dtype("float64"): pb.FLOAT64}
+    kinds = {
+        np.dtype("float32"): pb.FLOAT32,
+        np.dtype("int64"): pb.INT64,
+        np.dtype("int32"): pb.INT32,
+        np.dtype("float64"): pb.FLOAT64,
+    }
     a = np.ascontiguousarray(a)
-    return pb.Tensor(dtype=kinds[a.dtype] if dtype is None else dtype,
-                     shape=list(a.shape) if shape is None else shape,
-                     data=a.tobytes() if data is None else data)
+    return pb.Tensor(
+        dtype=kinds[a.dtype] if dtype is None else dtype,
+        shape=list(a.shape) if shape is None else shape,
+        data=a.tobytes() if data is None else data,
+    )
 
 
 def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from memstore._internal.data_channel import (
     PROTOCOL,
@@ -35,12 +36,26 @@ FUZZ_FRAMES, FUZZ_HANDSHAKES = 400, 200  # examples, reported in the reliability
 
 def shard_config(**channel) -> dict:
     """The config create_table makes for a 1-shard table, listening on loopback."""
-    return {"name": "sec", "rows": ROWS, "dim": DIM, "dtype": "float32", "seed": 3,
-            "optimizer": Adam().to_dict(), "mode": "sync", "max_staleness": None,
-            "pushes_per_step": None, "step_on_push": False, "data_channel": "socket",
-            "checkpoint_root": None, "save_every": None, "threads": 1, "restore_from": None,
-            "grid": ShardGrid.make(ROWS, DIM, 1).to_dict(), "device": "cpu",
-            **channel_config("127.0.0.1", **channel)}
+    return {
+        "name": "sec",
+        "rows": ROWS,
+        "dim": DIM,
+        "dtype": "float32",
+        "seed": 3,
+        "optimizer": Adam().to_dict(),
+        "mode": "sync",
+        "max_staleness": None,
+        "pushes_per_step": None,
+        "step_on_push": False,
+        "data_channel": "socket",
+        "checkpoint_root": None,
+        "save_every": None,
+        "threads": 1,
+        "restore_from": None,
+        "grid": ShardGrid.make(ROWS, DIM, 1).to_dict(),
+        "device": "cpu",
+        **channel_config("127.0.0.1", **channel),
+    }
 
 
 def lookup_request(address, incarnation, seed=0):
@@ -84,22 +99,30 @@ def assert_serves(worker, client=None):
 
 
 # ---- fuzzers ---------------------------------------------------------------------------
-_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8)
-_described = st.lists(st.one_of(
-    st.sampled_from(["int64", "float32", "float64", "object", "<U4", "", "bool"]),
-    st.lists(st.integers(-3, 2**41), max_size=5), _scalars), max_size=3)
+_scalars = (
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+)
+_described = st.lists(
+    st.one_of(
+        st.sampled_from(["int64", "float32", "float64", "object", "<U4", "", "bool"]),
+        st.lists(st.integers(-3, 2**41), max_size=5),
+        _scalars,
+    ),
+    max_size=3,
+)
 _headers = st.one_of(
     st.binary(max_size=120),
-    st.fixed_dictionaries({
-        "v": st.sampled_from([PROTOCOL, "memstore-data/0", 1, None]),
-        "id": st.one_of(st.integers(-5, 2**64), st.text(max_size=3), st.none()),
-        "op": st.sampled_from(["lookup", "backward", "step", "save", "", "__init__"]),
-        "args": st.one_of(st.lists(_scalars, max_size=20), _scalars),
-        "arrays": st.one_of(st.lists(_described, max_size=6), _scalars),
-    }).map(lambda h: json.dumps(h).encode()),
+    st.fixed_dictionaries(
+        {
+            "v": st.sampled_from([PROTOCOL, "memstore-data/0", 1, None]),
+            "id": st.one_of(st.integers(-5, 2**64), st.text(max_size=3), st.none()),
+            "op": st.sampled_from(["lookup", "backward", "step", "save", "", "__init__"]),
+            "args": st.one_of(st.lists(_scalars, max_size=20), _scalars),
+            "arrays": st.one_of(st.lists(_described, max_size=6), _scalars),
+        }
+    ).map(lambda h: json.dumps(h).encode()),
 )
-_frames = st.lists(st.one_of(st.binary(max_size=64), st.integers(0, 2048).map(bytes)),
-                   max_size=6)
+_frames = st.lists(st.one_of(st.binary(max_size=64), st.integers(0, 2048).map(bytes)), max_size=6)
 
 
 def test_fuzzed_frames_get_an_error_reply_and_change_nothing(shard):
@@ -108,20 +131,30 @@ def test_fuzzed_frames_get_an_error_reply_and_change_nothing(shard):
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
-    sock.plain_username, sock.plain_password = PROTOCOL.encode(), \
-        shard.config["data_secret"].encode()
-    sock.connect("tcp://%s:%d" % shard.data_server.address)
+    sock.plain_username, sock.plain_password = (
+        PROTOCOL.encode(),
+        shard.config["data_secret"].encode(),
+    )
+    sock.connect("tcp://{}:{}".format(*shard.data_server.address))
     sent = []
 
-    @settings(max_examples=FUZZ_FRAMES, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_FRAMES,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(_headers, _frames)
     def fuzz(header, frames):
         sock.send_multipart([header, *frames])
         assert sock.poll(10_000), "the shard sent no reply to a malformed message"
         reply = json.loads(sock.recv_multipart()[0])
         assert reply["ok"] is False and reply["error"]["class"] in (
-            "InvalidArgument", "ShardRestarted", "MemstoreError")
+            "InvalidArgument",
+            "ShardRestarted",
+            "MemstoreError",
+        )
         sent.append(1)
 
     try:
@@ -137,8 +170,15 @@ def test_fuzzed_frames_get_an_error_reply_and_change_nothing(shard):
 
 def _greeting(mechanism: bytes, as_server: int = 0, minor: int = 0) -> bytes:
     """A ZMTP 3 greeting (64 bytes)."""
-    return (b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, minor]) + mechanism.ljust(20, b"\0")
-            + bytes([as_server]) + b"\0" * 31)
+    return (
+        b"\xff"
+        + b"\0" * 8
+        + b"\x7f"
+        + bytes([3, minor])
+        + mechanism.ljust(20, b"\0")
+        + bytes([as_server])
+        + b"\0" * 31
+    )
 
 
 def _hello(username: bytes, password: bytes) -> bytes:
@@ -148,12 +188,18 @@ def _hello(username: bytes, password: bytes) -> bytes:
 
 _handshakes = st.one_of(
     st.binary(max_size=300),
-    st.builds(lambda m, s, tail: _greeting(m, s) + tail,
-              st.sampled_from([b"PLAIN", b"NULL", b"CURVE", b"GSSAPI", b"\xff" * 20]),
-              st.integers(0, 255), st.binary(max_size=200)),
-    st.builds(lambda u, p, tail: _greeting(b"PLAIN") + _hello(u, p) + tail,
-              st.sampled_from([PROTOCOL.encode(), b"", b"memstore-data/0"]),
-              st.binary(min_size=0, max_size=80), st.binary(max_size=200)),
+    st.builds(
+        lambda m, s, tail: _greeting(m, s) + tail,
+        st.sampled_from([b"PLAIN", b"NULL", b"CURVE", b"GSSAPI", b"\xff" * 20]),
+        st.integers(0, 255),
+        st.binary(max_size=200),
+    ),
+    st.builds(
+        lambda u, p, tail: _greeting(b"PLAIN") + _hello(u, p) + tail,
+        st.sampled_from([PROTOCOL.encode(), b"", b"memstore-data/0"]),
+        st.binary(min_size=0, max_size=80),
+        st.binary(max_size=200),
+    ),
 )
 
 
@@ -186,8 +232,9 @@ def _vm_kib(status, field: str) -> int:
     """A memory figure of this process from its open /proc/self/status (opened before
     the descriptor limit is lowered, so that reading it needs no new descriptor)."""
     status.seek(0)
-    return next(int(line.split()[1]) for line in status.read().splitlines()
-                if line.startswith(field + ":"))
+    return next(
+        int(line.split()[1]) for line in status.read().splitlines() if line.startswith(field + ":")
+    )
 
 
 def _serve_shard(conn, config: dict, spare_fds: int | None) -> None:
@@ -202,9 +249,14 @@ def _serve_shard(conn, config: dict, spare_fds: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     conn.send((worker.data_server.address, worker.incarnation, worker.fingerprint()))
     while conn.recv() == "stats":
-        conn.send({"handled": dict(worker.data_server.faults.handled),
-                   "counters": dict(worker.data_server.counters),
-                   "fingerprint": worker.fingerprint(), "hwm_kib": _vm_kib(status, "VmHWM")})
+        conn.send(
+            {
+                "handled": dict(worker.data_server.faults.handled),
+                "counters": dict(worker.data_server.counters),
+                "fingerprint": worker.fingerprint(),
+                "hwm_kib": _vm_kib(status, "VmHWM"),
+            }
+        )
 
 
 @pytest.fixture
@@ -213,8 +265,9 @@ def child_shard(request):
     channel, spare = getattr(request, "param", ({}, None))
     config = shard_config(**channel)
     parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(target=_serve_shard, args=(child, config, spare),
-                                           daemon=True)
+    proc = mp.get_context("spawn").Process(
+        target=_serve_shard, args=(child, config, spare), daemon=True
+    )
     proc.start()
     assert parent.poll(120), "the child shard did not start"
     address, incarnation, fingerprint = parent.recv()
@@ -243,17 +296,23 @@ def _valid_call(config, address, incarnation, timeout_s=10.0):
     return client_of(config, timeout_s).call_all({0: lookup_request(address, incarnation)})
 
 
-def test_a_peer_without_the_secret_reads_nothing_writes_nothing_and_costs_no_memory(
-        child_shard):
+def test_a_peer_without_the_secret_reads_nothing_writes_nothing_and_costs_no_memory(child_shard):
     config, address, incarnation, fingerprint, stats = child_shard
     hwm = stats()["hwm_kib"]
     big = np.zeros(1 << 20, dtype=np.float32)  # 4 MiB per array
     for secret in ["", "0" * 64, config["data_secret"][:-1] + "x", config["data_secret"] + "0"]:
         wrong = dict(config, data_secret=secret)
         for _ in range(5):
-            out, broken = client_of(wrong, timeout_s=3).call_all({0: (
-                address, "backward", (big, big, big[:9].astype(np.int64),
-                                      big.reshape(-1, DIM)), (1, 0, None, incarnation))})
+            out, broken = client_of(wrong, timeout_s=3).call_all(
+                {
+                    0: (
+                        address,
+                        "backward",
+                        (big, big, big[:9].astype(np.int64), big.reshape(-1, DIM)),
+                        (1, 0, None, incarnation),
+                    )
+                }
+            )
             assert (out, broken) == ({}, [0])
     junk = bytes(8 << 20)  # 8 MiB of zeros, a frame length of 0 and then nothing valid
     for _ in range(8):
@@ -270,8 +329,9 @@ def test_a_peer_without_the_secret_reads_nothing_writes_nothing_and_costs_no_mem
     assert broken == [] and out[0][1].shape == (8, DIM)
 
 
-@pytest.mark.parametrize("child_shard", [({"max_batch": 64, "max_pairs": 1024}, None)],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "child_shard", [({"max_batch": 64, "max_pairs": 1024}, None)], indirect=True
+)
 def test_an_oversized_frame_is_refused_before_it_is_allocated(child_shard):
     config, address, incarnation, fingerprint, stats = child_shard
     hwm = stats()["hwm_kib"]
@@ -279,9 +339,11 @@ def test_an_oversized_frame_is_refused_before_it_is_allocated(child_shard):
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.plain_username, sock.plain_password = PROTOCOL.encode(), config["data_secret"].encode()
-    sock.connect("tcp://%s:%d" % tuple(address))
-    header = b'{"v": "%s", "id": 1, "op": "lookup", "args": [], "arrays": [["float32", [16777216]]]}' \
+    sock.connect("tcp://{}:{}".format(*address))
+    header = (
+        b'{"v": "%s", "id": 1, "op": "lookup", "args": [], "arrays": [["float32", [16777216]]]}'
         % PROTOCOL.encode()
+    )
     try:
         for _ in range(4):  # 64 MiB each, where the table's cap is 64 KiB
             sock.send_multipart([header, bytes(64 << 20)])
@@ -313,7 +375,6 @@ def test_the_listener_serves_again_after_running_out_of_descriptors(child_shard)
     assert stats()["handled"] == {"lookup": 1}
 
 
-
 def test_the_secret_shows_in_no_stats_repr_log_or_checkpoint_file(shard, tmp_path, caplog):
     secret = shard.config["data_secret"]
     with caplog.at_level("DEBUG"):
@@ -321,8 +382,13 @@ def test_the_secret_shows_in_no_stats_repr_log_or_checkpoint_file(shard, tmp_pat
         wrong = client_of(dict(shard.config, data_secret="f" * 64), timeout_s=3)
         assert wrong.call_all({0: lookup_request(shard.data_server.address, "x")})[1] == [0]
         entry = shard.save(str(tmp_path / "ckpt"), *fence(ShardWorker.save, shard.incarnation))
-    texts = [json.dumps(shard.stats()), json.dumps(entry, default=str), caplog.text,
-             repr(shard.data_server.settings), repr(ChannelSettings.from_config(shard.config))]
+    texts = [
+        json.dumps(shard.stats()),
+        json.dumps(entry, default=str),
+        caplog.text,
+        repr(shard.data_server.settings),
+        repr(ChannelSettings.from_config(shard.config)),
+    ]
     texts += [p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file()]
     assert len(texts) > 5 and not any(secret in t for t in texts)
 
@@ -332,8 +398,10 @@ def test_a_batch_beyond_the_tables_caps_is_refused_before_anything_is_sent(shard
 
     handled = dict(shard.data_server.faults.handled)
     request = lookup_request(shard.data_server.address, shard.incarnation)  # 8 bags, 32 pairs
-    for caps, setting in [(dict(max_batch=64, max_pairs=16), "max_pairs"),
-                          (dict(max_batch=4, max_pairs=64), "max_batch")]:
+    for caps, setting in [
+        (dict(max_batch=64, max_pairs=16), "max_pairs"),
+        (dict(max_batch=4, max_pairs=64), "max_batch"),
+    ]:
         with pytest.raises(InvalidArgument) as e:
             client_of(dict(shard.config, **caps)).call_all({0: request})
         assert e.value.field == "idx" and setting in e.value.expected

@@ -32,15 +32,20 @@ GRIDS = {  # uneven bounds on purpose
 
 def specs(grid):
     rb, cb = GRIDS[grid] if isinstance(grid, str) else grid
-    return {f"r{i}c{j}": BlockSpec(ROWS, DIM, r0, r1, c0, c1)
-            for i, (r0, r1) in enumerate(zip(rb, rb[1:]))
-            for j, (c0, c1) in enumerate(zip(cb, cb[1:]))}
+    return {
+        f"r{i}c{j}": BlockSpec(ROWS, DIM, r0, r1, c0, c1)
+        for i, (r0, r1) in enumerate(zip(rb, rb[1:]))
+        for j, (c0, c1) in enumerate(zip(cb, cb[1:]))
+    }
 
 
 def batch(seed, B=32, M=6):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, ROWS, (B, M), generator=g), torch.rand(B, M, generator=g),
-            torch.randn(B, DIM, generator=g))
+    return (
+        torch.randint(0, ROWS, (B, M), generator=g),
+        torch.rand(B, M, generator=g),
+        torch.randn(B, DIM, generator=g),
+    )
 
 
 def trained(optimizer=None, dtype="float32", steps=2):
@@ -55,29 +60,47 @@ def cut(sd, spec):
     """The part of a whole-table state_dict that a block of ``spec`` holds."""
     r, c = slice(spec.row_start, spec.row_stop), slice(spec.col_start, spec.col_stop)
     state = {k: (v[r] if v.dim() == 1 else v[r, c]).clone() for k, v in sd["state"].items()}
-    return {**sd, "spec": dataclasses.asdict(spec), "values": sd["values"][r, c].clone(),
-            "state": state}
+    return {
+        **sd,
+        "spec": dataclasses.asdict(spec),
+        "values": sd["values"][r, c].clone(),
+        "state": state,
+    }
 
 
 def as_table(like, spec, sd):
-    t = ShardTable(ROWS, DIM, optimizer=like.optimizer, dtype=like.dtype_name, seed=99,
-                   row_range=(spec.row_start, spec.row_stop),
-                   col_range=(spec.col_start, spec.col_stop))
+    t = ShardTable(
+        ROWS,
+        DIM,
+        optimizer=like.optimizer,
+        dtype=like.dtype_name,
+        seed=99,
+        row_range=(spec.row_start, spec.row_stop),
+        col_range=(spec.col_start, spec.col_stop),
+    )
     t.load_state_dict(sd)
     return t
 
 
 def config(t, **extra):
-    return {"name": "mem0", "rows": ROWS, "dim": DIM, "dtype": t.dtype_name,
-            "optimizer": t.optimizer.to_dict(), "seed": 7, **extra}
+    return {
+        "name": "mem0",
+        "rows": ROWS,
+        "dim": DIM,
+        "dtype": t.dtype_name,
+        "optimizer": t.optimizer.to_dict(),
+        "seed": 7,
+        **extra,
+    }
 
 
 def manifest_sha256(m):
     """The manifest checksum as the format defines it: sha256 of the canonical JSON
     (sorted keys, no spaces) of every field but itself."""
     body = {k: v for k, v in m.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-                          ).hexdigest()
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def write_manifest(file, m):
@@ -89,8 +112,10 @@ def save_grid(path, whole, grid, step=2):
     """Cut ``whole`` into real ShardTable blocks of ``grid`` and checkpoint them."""
     sd = whole.state_dict()
     staging = ck.begin(path)
-    entries = [ck.write_block(staging, bid, as_table(whole, s, cut(sd, s)).state_dict())
-               for bid, s in specs(grid).items()]
+    entries = [
+        ck.write_block(staging, bid, as_table(whole, s, cut(sd, s)).state_dict())
+        for bid, s in specs(grid).items()
+    ]
     return ck.commit(path, config(whole), entries, step, staging=staging)
 
 
@@ -129,12 +154,22 @@ def test_manifest_contents(tmp_path):
     save_grid(path, whole, "2x2", step=2)
     m = ck.read_manifest(path)
     assert (m["format"], m["version"], m["step"], m["last_step"], m["updates"]) == (
-        "memstore-checkpoint", 2, 2, 2, 2)
+        "memstore-checkpoint",
+        2,
+        2,
+        2,
+        2,
+    )
     assert m["table"]["name"] == "mem0" and m["table"]["seed"] == 7
-    assert m["table"]["optimizer"] == {"kind": "adam", "lr": 0.05, "betas": [0.9, 0.999],
-                                       "eps": 1e-8}
-    assert sorted(e["file"] for e in m["blocks"]) == [f"block-r{i}c{j}.pt" for i in (0, 1)
-                                                     for j in (0, 1)]
+    assert m["table"]["optimizer"] == {
+        "kind": "adam",
+        "lr": 0.05,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+    }
+    assert sorted(e["file"] for e in m["blocks"]) == [
+        f"block-r{i}c{j}.pt" for i in (0, 1) for j in (0, 1)
+    ]
     for e in m["blocks"]:
         data = (path / e["file"]).read_bytes()
         assert (e["sha256"], e["bytes"]) == (hashlib.sha256(data).hexdigest(), len(data))
@@ -148,7 +183,7 @@ def route(spec, idx, w, dy):
     """The (token, slot) pairs a block owns, one per row of a sub-batch, as a shard gets them."""
     mine = (idx >= spec.row_start) & (idx < spec.row_stop)
     tok = mine.nonzero()[:, 0]
-    return idx[mine][:, None], w[mine][:, None], dy[tok, spec.col_start:spec.col_stop]
+    return idx[mine][:, None], w[mine][:, None], dy[tok, spec.col_start : spec.col_stop]
 
 
 def test_training_continues_identically_after_reload(tmp_path):
@@ -156,8 +191,9 @@ def test_training_continues_identically_after_reload(tmp_path):
     save_grid(tmp_path, whole, "2x2")
     reloaded = ShardTable(ROWS, DIM, optimizer=whole.optimizer, seed=1)
     reloaded.load_state_dict(ck.load_block(tmp_path, BlockSpec.whole(ROWS, DIM)))
-    blocks = {bid: as_table(whole, s, ck.load_block(tmp_path, s))
-              for bid, s in specs("3x2").items()}
+    blocks = {
+        bid: as_table(whole, s, ck.load_block(tmp_path, s)) for bid, s in specs("3x2").items()
+    }
     idx, w, dy = batch(3)
     for t in (whole, reloaded):
         t.backward(idx, w, dy, step=3)
@@ -242,8 +278,9 @@ ck.commit(path, cfg, entries, 2, staging=staging)
 
 def test_save_killed_before_commit_falls_back_to_previous_step(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", _CRASHING_SAVER, str(tmp_path)], env=env,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_SAVER, str(tmp_path)], env=env, stderr=subprocess.PIPE
+    )
     marker = tmp_path / "blocks-of-step-2-written"
     deadline = time.monotonic() + 60
     while not marker.exists():
@@ -275,8 +312,10 @@ def test_corrupted_block_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"block file block-r2c0\.pt is corrupt"):
         ck.load_block(tmp_path, BlockSpec.whole(ROWS, DIM))
     # Blocks that do not overlap the damaged one still load.
-    assert_same(ck.load_block(tmp_path, BlockSpec(ROWS, DIM, 0, 250, 0, DIM)),
-                cut(whole.state_dict(), BlockSpec(ROWS, DIM, 0, 250, 0, DIM)))
+    assert_same(
+        ck.load_block(tmp_path, BlockSpec(ROWS, DIM, 0, 250, 0, DIM)),
+        cut(whole.state_dict(), BlockSpec(ROWS, DIM, 0, 250, 0, DIM)),
+    )
 
 
 def test_corrupt_or_unknown_manifest_raises(tmp_path):
@@ -310,12 +349,14 @@ def test_bfloat16_round_trip(tmp_path):
 def rowwise_column_grid(steps=2):
     """A 1 x 2 column grid trained as shards train it: each block its own accumulators."""
     opt = memstore.RowWiseAdagrad(lr=0.1)
-    blocks = {f"r0c{j}": ShardTable(ROWS, DIM, optimizer=opt, seed=7, col_range=c)
-              for j, c in enumerate([(0, 33), (33, DIM)])}
+    blocks = {
+        f"r0c{j}": ShardTable(ROWS, DIM, optimizer=opt, seed=7, col_range=c)
+        for j, c in enumerate([(0, 33), (33, DIM)])
+    }
     for step in range(1, steps + 1):
         idx, w, dy = batch(step)
         for t in blocks.values():
-            t.backward(idx, w, dy[:, t.spec.col_start:t.spec.col_stop], step=step)
+            t.backward(idx, w, dy[:, t.spec.col_start : t.spec.col_stop], step=step)
             t.step(step)
     return blocks
 
@@ -331,16 +372,20 @@ def test_rowwise_adagrad_round_trip_with_the_same_column_grid(tmp_path):
             s = BlockSpec(ROWS, DIM, r0, r1, t.spec.col_start, t.spec.col_stop)
             got = ck.load_block(tmp_path, s)
             assert got["state"]["sum"].shape == (r1 - r0,)
-            expected = {**sd, "values": sd["values"][r0:r1],
-                        "state": {"sum": sd["state"]["sum"][r0:r1]}}
+            expected = {
+                **sd,
+                "values": sd["values"][r0:r1],
+                "state": {"sum": sd["state"]["sum"][r0:r1]},
+            }
             assert_same(got, expected)
 
 
 @pytest.mark.parametrize("cols", [(0, DIM), (0, 20), (20, 50)])
 def test_rowwise_adagrad_refuses_a_changed_column_grid(tmp_path, cols):
     blocks = rowwise_column_grid(steps=1)
-    save_blocks(tmp_path, {bid: t.state_dict() for bid, t in blocks.items()},
-                config(blocks["r0c0"]), 1)
+    save_blocks(
+        tmp_path, {bid: t.state_dict() for bid, t in blocks.items()}, config(blocks["r0c0"]), 1
+    )
     with pytest.raises(CheckpointError, match="rowwise_adagrad.*not one stored column block"):
         ck.load_block(tmp_path, BlockSpec(ROWS, DIM, 0, ROWS, *cols))
 
@@ -350,13 +395,22 @@ def test_parallel_writers_and_commit_checks(tmp_path):
     sd, path = whole.state_dict(), tmp_path / "ck"
     staging = ck.begin(path)
     with ThreadPoolExecutor(4) as pool:  # shards write their blocks concurrently
-        entries = list(pool.map(lambda item: ck.write_block(staging, item[0], cut(sd, item[1])),
-                                specs("2x2").items()))
+        entries = list(
+            pool.map(
+                lambda item: ck.write_block(staging, item[0], cut(sd, item[1])),
+                specs("2x2").items(),
+            )
+        )
     with pytest.raises(CheckpointError, match="do not tile"):
         ck.commit(path, config(whole), entries[:3], 1, staging=staging)
     with pytest.raises(CheckpointError, match="disagree"):
-        ck.commit(path, config(whole), [entries[0], {**entries[1], "updates": 5}, *entries[2:]],
-                  1, staging=staging)
+        ck.commit(
+            path,
+            config(whole),
+            [entries[0], {**entries[1], "updates": 5}, *entries[2:]],
+            1,
+            staging=staging,
+        )
     with pytest.raises(InvalidArgument, match="table_config"):
         ck.commit(path, {"rows": ROWS, "dim": DIM}, entries, 1, staging=staging)
     with pytest.raises(InvalidArgument, match="staging"):
@@ -388,21 +442,35 @@ def test_commit_rehashes_every_block(tmp_path):
     assert ck.latest_checkpoint(tmp_path) is None
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("file", "../block-r0c0.pt", "file: block-<block>.pt"),
-    ("file", "/etc/passwd", "file: block-<block>.pt"),
-    ("file", "data-0123/block-r0c0.pt", "file: block-<block>.pt"),
-    ("file", "block-r1c1.pt", "file: block-<block>.pt"),  # another block's file
-    ("block", "r0c0/../x", "block: 1-64"),
-    ("sha256", "0" * 63, "sha256: 64"),
-    ("bytes", 1 << 40, "bytes: at most"),
-    ("bytes", -1, "counters malformed"),
-    ("spec", {"rows": ROWS, "dim": DIM, "row_start": 0, "row_stop": ROWS + 5,
-              "col_start": 0, "col_stop": DIM}, "spec or counters malformed"),
-    ("extra", 1, "exactly the fields"),
-])
-def test_hostile_manifest_entries_refused_before_any_file_is_opened(tmp_path, field, value,
-                                                                    message):
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("file", "../block-r0c0.pt", "file: block-<block>.pt"),
+        ("file", "/etc/passwd", "file: block-<block>.pt"),
+        ("file", "data-0123/block-r0c0.pt", "file: block-<block>.pt"),
+        ("file", "block-r1c1.pt", "file: block-<block>.pt"),  # another block's file
+        ("block", "r0c0/../x", "block: 1-64"),
+        ("sha256", "0" * 63, "sha256: 64"),
+        ("bytes", 1 << 40, "bytes: at most"),
+        ("bytes", -1, "counters malformed"),
+        (
+            "spec",
+            {
+                "rows": ROWS,
+                "dim": DIM,
+                "row_start": 0,
+                "row_stop": ROWS + 5,
+                "col_start": 0,
+                "col_stop": DIM,
+            },
+            "spec or counters malformed",
+        ),
+        ("extra", 1, "exactly the fields"),
+    ],
+)
+def test_hostile_manifest_entries_refused_before_any_file_is_opened(
+    tmp_path, field, value, message
+):
     save_grid(tmp_path, trained(steps=1), "1x1", step=1)
     file = tmp_path / "manifest.json"
     good = json.loads(file.read_text())
@@ -416,13 +484,16 @@ def test_hostile_manifest_entries_refused_before_any_file_is_opened(tmp_path, fi
     assert ck.latest_checkpoint(tmp_path.parent) is None
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"dtype": "float64"}, "dtype: one of"),
-    ({"dtype": "object"}, "dtype: one of"),
-    ({"rows": ROWS + 1}, "table shape differs"),
-    ({"rows": True}, "rows: an int"),
-    ({"optimizer": {"kind": "evil"}}, "unknown optimizer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dtype": "float64"}, "dtype: one of"),
+        ({"dtype": "object"}, "dtype: one of"),
+        ({"rows": ROWS + 1}, "table shape differs"),
+        ({"rows": True}, "rows: an int"),
+        ({"optimizer": {"kind": "evil"}}, "unknown optimizer"),
+    ],
+)
 def test_manifest_table_config_is_constrained(tmp_path, change, message):
     save_grid(tmp_path, trained(steps=1), "2x2", step=1)
     file = tmp_path / "manifest.json"
@@ -514,8 +585,9 @@ def test_paths_resolve_on_the_caller_and_unknown_schemes_are_errors(tmp_path, mo
     assert ck.checkpoint_dir("rel", 7) == str(tmp_path / "rel" / "step-000000007")
     uri = "s3://bucket/root?endpoint_override=127.0.0.1:1&scheme=http"
     assert ck.resolve(uri) == uri
-    assert ck.checkpoint_dir(uri, 3) == ("s3://bucket/root/step-000000003"
-                                          "?endpoint_override=127.0.0.1:1&scheme=http")
+    assert ck.checkpoint_dir(uri, 3) == (
+        "s3://bucket/root/step-000000003?endpoint_override=127.0.0.1:1&scheme=http"
+    )
     for bad in ("foo://bucket/x", "memstore://x", ""):
         with pytest.raises(InvalidArgument, match="checkpoint_root: expected a local path"):
             ck.resolve(bad, "checkpoint_root")
@@ -530,8 +602,12 @@ def test_a_block_cut_from_a_larger_tensor_stores_only_its_rows(tmp_path):
     """torch.save writes a view's whole storage; a block file must hold its rows only."""
     whole = trained(steps=1)
     sd, spec = whole.state_dict(), BlockSpec(ROWS, DIM, 0, 100, 0, DIM)
-    view = {**sd, "spec": spec, "values": sd["values"][:100],
-            "state": {k: v[:100] for k, v in sd["state"].items()}}
+    view = {
+        **sd,
+        "spec": spec,
+        "values": sd["values"][:100],
+        "state": {k: v[:100] for k, v in sd["state"].items()},
+    }
     staging = ck.begin(tmp_path / "ck")
     entry = ck.write_block(staging, "r0", view)
     rows_bytes = 100 * DIM * 4 * 3  # values, exp_avg, exp_avg_sq

@@ -22,14 +22,23 @@ ROWS, DIM, SEED = 3000, 64, 11
 SHARD_ROWS = 40_000  # 15 MB per shard and save: long enough for kills to land inside
 ROW_BOUNDS = (0, 900, 2100, ROWS)  # the saving driver's 3 blocks
 DRIVER_KILLS = SHARD_KILLS = 10
-CONFIG = {"name": "faults", "rows": ROWS, "dim": DIM, "dtype": "float32",
-          "optimizer": {"kind": "adam", "lr": 0.05}, "seed": SEED}
+CONFIG = {
+    "name": "faults",
+    "rows": ROWS,
+    "dim": DIM,
+    "dtype": "float32",
+    "optimizer": {"kind": "adam", "lr": 0.05},
+    "seed": SEED,
+}
 
 
 def batch(step, rows, B=32, M=4):
     g = torch.Generator().manual_seed(1000 + step)
-    return (torch.randint(0, rows, (B, M), generator=g), torch.rand(B, M, generator=g),
-            torch.randn(B, DIM, generator=g))
+    return (
+        torch.randint(0, rows, (B, M), generator=g),
+        torch.rand(B, M, generator=g),
+        torch.randn(B, DIM, generator=g),
+    )
 
 
 def train_step(t, step):
@@ -78,9 +87,12 @@ def _save_forever(root: str) -> None:
         staging = ck.begin(path)
         entries = []
         for i, (r0, r1) in enumerate(zip(ROW_BOUNDS, ROW_BOUNDS[1:])):
-            part = {**sd, "spec": BlockSpec(ROWS, DIM, r0, r1, 0, DIM),
-                    "values": sd["values"][r0:r1],
-                    "state": {k: v[r0:r1] for k, v in sd["state"].items()}}
+            part = {
+                **sd,
+                "spec": BlockSpec(ROWS, DIM, r0, r1, 0, DIM),
+                "values": sd["values"][r0:r1],
+                "state": {k: v[r0:r1] for k, v in sd["state"].items()},
+            }
             entries.append(ck.write_block(staging, f"{i}-0", part))
         ck.commit(path, CONFIG, entries, step, staging=staging)
 
@@ -126,9 +138,18 @@ def test_shard_killed_at_random_points_of_saves(tmp_path, table_names):
     rng = random.Random(SEED + 1)
     expected = ReferenceValues(SHARD_ROWS)
     name = table_names("faults")
-    t = memstore.create_table(name, SHARD_ROWS, DIM, shards=2, optimizer=Adam(lr=0.05), seed=SEED,
-                              checkpoint_root=str(tmp_path), max_restarts=SHARD_KILLS + 1,
-                              timeout_s=60, data_channel="ray")
+    t = memstore.create_table(
+        name,
+        SHARD_ROWS,
+        DIM,
+        shards=2,
+        optimizer=Adam(lr=0.05),
+        seed=SEED,
+        checkpoint_root=str(tmp_path),
+        max_restarts=SHARD_KILLS + 1,
+        timeout_s=60,
+        data_channel="ray",
+    )
     t.save()  # step 0: a restart always finds a committed checkpoint
     stats = {"kills": 0, "saves_failed": 0, "saves_committed": 0}
     step = 0
@@ -142,8 +163,9 @@ def test_shard_killed_at_random_points_of_saves(tmp_path, table_names):
         saver = threading.Thread(target=_record, args=(outcome, t.save))
         saver.start()
         # From the moment the save is staged, a seeded delay into the shards' writes.
-        while saver.is_alive() and not [n for n in os.listdir(tmp_path) if ".staging-" in n
-                                        and n not in staged_before]:
+        while saver.is_alive() and not [
+            n for n in os.listdir(tmp_path) if ".staging-" in n and n not in staged_before
+        ]:
             time.sleep(0.002)
         time.sleep(rng.uniform(0.0, 0.15))
         os.kill(pid, signal.SIGKILL)

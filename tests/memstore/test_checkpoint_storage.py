@@ -20,8 +20,12 @@ from memstore.shard_table import BlockSpec
 ROWS, DIM, SEED = 600, 24, 3
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUCKET = "memstore-ck"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 def _free_port() -> int:
@@ -36,9 +40,17 @@ def s3():
     import pyarrow.fs as pafs
 
     port = _free_port()
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"),
-                               "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "moto_server"),
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     saved = {k: os.environ.get(k) for k in CREDENTIALS}
     os.environ.update(CREDENTIALS)  # before Ray starts: its workers inherit them
     try:
@@ -51,8 +63,9 @@ def s3():
                 assert server.poll() is None and time.monotonic() < deadline, "no moto_server"
                 time.sleep(0.1)
         endpoint = f"127.0.0.1:{port}"
-        pafs.S3FileSystem(endpoint_override=endpoint, scheme="http",
-                          allow_bucket_creation=True).create_dir(BUCKET)
+        pafs.S3FileSystem(
+            endpoint_override=endpoint, scheme="http", allow_bucket_creation=True
+        ).create_dir(BUCKET)
 
         def uri(key: str) -> str:
             return f"s3://{BUCKET}/{key}?endpoint_override={endpoint}&scheme=http"
@@ -73,16 +86,24 @@ def ray_s3(s3):
     """The module's Ray instance, started after the S3 credentials are in the environment."""
     import ray
 
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": CREDENTIALS})
+    ray.init(
+        address="local",
+        num_cpus=16,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": CREDENTIALS},
+    )
     yield ray
     ray.shutdown()
 
 
 def batch(step, B=16, M=4):
     g = torch.Generator().manual_seed(step)
-    return (torch.randint(0, ROWS, (B, M), generator=g), torch.rand(B, M, generator=g),
-            torch.randn(B, DIM, generator=g))
+    return (
+        torch.randint(0, ROWS, (B, M), generator=g),
+        torch.rand(B, M, generator=g),
+        torch.randn(B, DIM, generator=g),
+    )
 
 
 def train(t, steps, first=1):
@@ -108,14 +129,25 @@ def test_library_round_trip_and_hostile_uri_on_s3(s3, tmp_path):
     sd = whole.state_dict()
     entries = []
     for bid, (r0, r1) in {"0-0": (0, 250), "1-0": (250, ROWS)}.items():
-        part = {**sd, "spec": BlockSpec(ROWS, DIM, r0, r1, 0, DIM), "values": sd["values"][r0:r1],
-                "state": {k: v[r0:r1] for k, v in sd["state"].items()}}
+        part = {
+            **sd,
+            "spec": BlockSpec(ROWS, DIM, r0, r1, 0, DIM),
+            "values": sd["values"][r0:r1],
+            "state": {k: v[r0:r1] for k, v in sd["state"].items()},
+        }
         entries.append(ck.write_block(staging, bid, part))
     assert ck.latest_checkpoint(s3("lib")) is None  # blocks without a manifest: nothing
-    manifest = ck.commit(path, {"rows": ROWS, "dim": DIM, "dtype": "float32",
-                                "optimizer": whole.optimizer}, entries, 2, staging=staging)
-    assert all(e["file"].startswith(staging.rpartition("/")[2].split("?")[0] + "/")
-               for e in manifest["blocks"])
+    manifest = ck.commit(
+        path,
+        {"rows": ROWS, "dim": DIM, "dtype": "float32", "optimizer": whole.optimizer},
+        entries,
+        2,
+        staging=staging,
+    )
+    assert all(
+        e["file"].startswith(staging.rpartition("/")[2].split("?")[0] + "/")
+        for e in manifest["blocks"]
+    )
     assert ck.latest_checkpoint(s3("lib")) == path
     got = ck.load_block(path, BlockSpec(ROWS, DIM, 100, 400, 0, DIM))
     torch.testing.assert_close(got["values"], whole.values[100:400], rtol=0, atol=0)
@@ -128,8 +160,16 @@ def test_library_round_trip_and_hostile_uri_on_s3(s3, tmp_path):
 
 def test_two_shards_save_to_s3_and_another_driver_loads_into_three(ray_s3, s3, tmp_path):
     name = "s3-save"
-    t = memstore.create_table(name, ROWS, DIM, shards=2, optimizer=Adam(lr=0.05), seed=SEED,
-                              timeout_s=120, data_channel="ray")
+    t = memstore.create_table(
+        name,
+        ROWS,
+        DIM,
+        shards=2,
+        optimizer=Adam(lr=0.05),
+        seed=SEED,
+        timeout_s=120,
+        data_channel="ray",
+    )
     try:
         train(t, 3)
         path = t.save(ck.checkpoint_dir(s3("tables/a"), 3))
@@ -139,21 +179,26 @@ def test_two_shards_save_to_s3_and_another_driver_loads_into_three(ray_s3, s3, t
     out = tmp_path / "loaded.pt"
     driver = (
         "import sys, torch, memstore\n"
-        "t = memstore.load_table(sys.argv[1], 'from-s3', shards=3, timeout_s=120, data_channel='ray')\n"
+        "t = memstore.load_table(sys.argv[1], 'from-s3', shards=3, timeout_s=120,\n"
+        "                        data_channel='ray')\n"
         "try:\n"
         "    assert len(t.shards) == 3, t.shards\n"
         f"    torch.save({{'values': t.gather(torch.arange({ROWS})).float(), "
         "'step': t.last_step}, sys.argv[2])\n"
         "finally:\n"
-        "    memstore.drop_table('from-s3')\n")
-    env = {**os.environ, "RAY_ADDRESS": ray_s3.get_runtime_context().gcs_address,
-           "PYTHONPATH": REPO}
-    subprocess.run([sys.executable, "-c", driver, path, str(out)], env=env, check=True,
-                   timeout=300)
+        "    memstore.drop_table('from-s3')\n"
+    )
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_s3.get_runtime_context().gcs_address,
+        "PYTHONPATH": REPO,
+    }
+    subprocess.run([sys.executable, "-c", driver, path, str(out)], env=env, check=True, timeout=300)
     loaded = torch.load(out, weights_only=True)
     assert loaded["step"] == 3
-    torch.testing.assert_close(loaded["values"], reference(3, Adam(lr=0.05)).values,
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        loaded["values"], reference(3, Adam(lr=0.05)).values, rtol=1e-6, atol=1e-6
+    )
 
 
 def _slow_saver_class():
@@ -175,9 +220,19 @@ def test_a_shard_killed_mid_save_on_s3_leaves_no_loadable_checkpoint(ray_s3, s3)
 
     root = s3("tables/crash")
     name = "s3-crash"
-    t = memstore.create_table(name, ROWS, DIM, shards=2, optimizer=SGD(lr=0.5), seed=SEED,
-                              checkpoint_root=root, max_restarts=1, timeout_s=60,
-                              worker_cls=_slow_saver_class(), data_channel="ray")
+    t = memstore.create_table(
+        name,
+        ROWS,
+        DIM,
+        shards=2,
+        optimizer=SGD(lr=0.5),
+        seed=SEED,
+        checkpoint_root=root,
+        max_restarts=1,
+        timeout_s=60,
+        worker_cls=_slow_saver_class(),
+        data_channel="ray",
+    )
     try:
         train(t, 1)
         first = t.save()
@@ -190,9 +245,14 @@ def test_a_shard_killed_mid_save_on_s3_leaves_no_loadable_checkpoint(ray_s3, s3)
         saver = threading.Thread(target=lambda: _record(errors, t.save))
         saver.start()
         fs, prefix = pafs.FileSystem.from_uri(ck.checkpoint_dir(root, 2))
+
         def files():
-            return {i.base_name for i in fs.get_file_info(
-                pafs.FileSelector(prefix, recursive=True, allow_not_found=True))}
+            return {
+                i.base_name
+                for i in fs.get_file_info(
+                    pafs.FileSelector(prefix, recursive=True, allow_not_found=True)
+                )
+            }
 
         deadline = time.monotonic() + 60
         while not {"stalled", "block-0-0.pt"} <= files():
@@ -212,8 +272,9 @@ def test_a_shard_killed_mid_save_on_s3_leaves_no_loadable_checkpoint(ray_s3, s3)
         info = _wait_restarted(ray, t.shards[(1, 0)])
         assert (info["restored_step"], info["restored_path"]) == (1, first)
         got = ck.load_block(ck.latest_checkpoint(root), BlockSpec.whole(ROWS, DIM))
-        torch.testing.assert_close(got["values"], reference(1, SGD(lr=0.5)).values,
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            got["values"], reference(1, SGD(lr=0.5)).values, rtol=1e-6, atol=1e-6
+        )
     finally:
         memstore.drop_table(name)
 
@@ -237,8 +298,16 @@ def _wait_restarted(ray, actor):
 
 def test_relative_paths_resolve_on_the_driver(ray_s3, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    t = memstore.create_table("rel-save", ROWS, DIM, shards=2, seed=SEED, timeout_s=120,
-                              checkpoint_root="ckroot", data_channel="ray")
+    t = memstore.create_table(
+        "rel-save",
+        ROWS,
+        DIM,
+        shards=2,
+        seed=SEED,
+        timeout_s=120,
+        checkpoint_root="ckroot",
+        data_channel="ray",
+    )
     try:
         assert t.config["checkpoint_root"] == str(tmp_path / "ckroot")
         train(t, 1)

@@ -36,8 +36,13 @@ def cli_env(ray_start_16_cpus, tmp_path_factory):
     keys = torch.randn(2, 2, N, 3, generator=torch.Generator().manual_seed(0))
     table.publish_keys(keys)
     server = ms.start(ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS))
-    yield {"tmp": tmp, "token_file": str(token_file), "address": server.address, "keys": keys,
-           "ray_address": ray_start_16_cpus.get_runtime_context().gcs_address}
+    yield {
+        "tmp": tmp,
+        "token_file": str(token_file),
+        "address": server.address,
+        "keys": keys,
+        "ray_address": ray_start_16_cpus.get_runtime_context().gcs_address,
+    }
     server.stop()
     memstore.drop_table("cli-t")
 
@@ -62,23 +67,48 @@ def test_query_prints_and_writes_the_reference_top_k(cli_env, capsys, tmp_path):
     q = torch.randn(2, 2, 6, generator=torch.Generator().manual_seed(1))
     np.save(tmp_path / "q.npy", q.numpy())
     scores, indices = product_key_topk_reference(q.double(), cli_env["keys"].double(), 3)
-    rc, out, _ = run(cli_env, capsys, "query", "--table", "cli-t", "--vectors",
-                     str(tmp_path / "q.npy"), "-k", "3")
+    rc, out, _ = run(
+        cli_env,
+        capsys,
+        "query",
+        "--table",
+        "cli-t",
+        "--vectors",
+        str(tmp_path / "q.npy"),
+        "-k",
+        "3",
+    )
     assert rc == 0
     assert f"query 1 head 0: indices {indices[1, 0].tolist()}" in out
-    rc, out, _ = run(cli_env, capsys, "query", "--table", "cli-t", "--vectors",
-                     str(tmp_path / "q.npy"), "-k", "3", "--out", str(tmp_path / "r.npy"))
+    rc, out, _ = run(
+        cli_env,
+        capsys,
+        "query",
+        "--table",
+        "cli-t",
+        "--vectors",
+        str(tmp_path / "q.npy"),
+        "-k",
+        "3",
+        "--out",
+        str(tmp_path / "r.npy"),
+    )
     assert rc == 0
     np.testing.assert_array_equal(np.load(tmp_path / "r.npy"), indices.numpy())
     np.testing.assert_allclose(np.load(tmp_path / "r.scores.npy"), scores.numpy(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("args, words", [
-    (("describe", "nope"), ["NOT_FOUND", "nope"]),
-    (("query", "--table", "cli-t", "--vectors", "/nonexistent.npy"), ["nonexistent.npy"]),
-    (("query", "--table", "cli-t", "--vectors", "{tmp}/bad.npy", "-k", "3"),
-     ["INVALID_ARGUMENT", "q"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("describe", "nope"), ["NOT_FOUND", "nope"]),
+        (("query", "--table", "cli-t", "--vectors", "/nonexistent.npy"), ["nonexistent.npy"]),
+        (
+            ("query", "--table", "cli-t", "--vectors", "{tmp}/bad.npy", "-k", "3"),
+            ["INVALID_ARGUMENT", "q"],
+        ),
+    ],
+)
 def test_errors_are_one_line_and_exit_1(cli_env, capsys, args, words):
     np.save(cli_env["tmp"] / "bad.npy", np.ones((2, 3, 6), np.float32))  # 3 heads, keys have 2
     args = [a.replace("{tmp}", str(cli_env["tmp"])) for a in args]
@@ -89,8 +119,25 @@ def test_errors_are_one_line_and_exit_1(cli_env, capsys, args, words):
 
 def test_create_save_load_drop_as_a_driver(cli_env, capsys, tmp_path):
     ray_address = ["--ray-address", cli_env["ray_address"]]
-    assert main(["create", "cli-new", "--rows", "100", "--dim", "8", "--shards", "2", "1",
-                 "--seed", "9", *ray_address]) == 0
+    assert (
+        main(
+            [
+                "create",
+                "cli-new",
+                "--rows",
+                "100",
+                "--dim",
+                "8",
+                "--shards",
+                "2",
+                "1",
+                "--seed",
+                "9",
+                *ray_address,
+            ]
+        )
+        == 0
+    )
     assert "over a 2 x 1 grid" in capsys.readouterr().out
     assert main(["save", "cli-new", str(tmp_path / "ck"), *ray_address]) == 0
     assert main(["load", str(tmp_path / "ck"), "cli-copy", *ray_address]) == 0
@@ -103,8 +150,12 @@ def test_create_save_load_drop_as_a_driver(cli_env, capsys, tmp_path):
 
 
 def test_serve_detached_and_stopped(cli_env, capsys):
-    assert main(["serve", "--detach", "--address", "127.0.0.1:0",
-                 "--token-file", cli_env["token_file"]]) == 0
+    assert (
+        main(
+            ["serve", "--detach", "--address", "127.0.0.1:0", "--token-file", cli_env["token_file"]]
+        )
+        == 0
+    )
     address = re.search(r"serving on (\S+)", capsys.readouterr().out).group(1)
     try:
         with MemoryClient(address, token=ADMIN) as c:
@@ -119,9 +170,23 @@ def test_serve_detached_and_stopped(cli_env, capsys):
 def test_serve_in_the_foreground_until_sigterm(cli_env):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memstore.cli", "serve", "--address", "127.0.0.1:0",
-         "--ray-address", cli_env["ray_address"], "--token-file", cli_env["token_file"]],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "memstore.cli",
+            "serve",
+            "--address",
+            "127.0.0.1:0",
+            "--ray-address",
+            cli_env["ray_address"],
+            "--token-file",
+            cli_env["token_file"],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         address = re.search(r"serving on (\S+);", line).group(1)
@@ -135,18 +200,47 @@ def test_serve_in_the_foreground_until_sigterm(cli_env):
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "memstore.cli", "--help"], capture_output=True,
-                         text=True, check=True).stdout
-    for command in ("up", "down", "create", "tables", "describe", "stats", "save", "load",
-                    "drop", "serve", "query", "train", "bench", "demo"):
+    out = subprocess.run(
+        [sys.executable, "-m", "memstore.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in (
+        "up",
+        "down",
+        "create",
+        "tables",
+        "describe",
+        "stats",
+        "save",
+        "load",
+        "drop",
+        "serve",
+        "query",
+        "train",
+        "bench",
+        "demo",
+    ):
         assert re.search(rf"^\s+{command}\s", out, re.M), command
     assert main(["bench", "nope"]) == 1
 
 
 def test_the_example_client_runs(cli_env):
     env = {**os.environ, "MEMSTORE_TOKEN": ADMIN}
-    out = subprocess.run([sys.executable, "examples/grpc_client.py", "--address",
-                          cli_env["address"], "--table", "cli-t", "-k", "3"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "examples/grpc_client.py",
+            "--address",
+            cli_env["address"],
+            "--table",
+            "cli-t",
+            "-k",
+            "3",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "cli-t: 64 rows x 4, step 0" in out.stdout and "top-3 rows of query 0" in out.stdout

@@ -68,15 +68,20 @@ def _train(table, local, step: int) -> None:
     """One step on both: lookup, backward, optimizer step, with equal results."""
     idx, w, dy = _batch(step)
     torch.testing.assert_close(table.lookup(idx, w), local.lookup(idx, w), atol=1e-6, rtol=0)
-    torch.testing.assert_close(table.backward(idx, w, dy, step=step),
-                               local.backward(idx, w, dy, step=step), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        table.backward(idx, w, dy, step=step),
+        local.backward(idx, w, dy, step=step),
+        atol=1e-6,
+        rtol=1e-6,
+    )
     assert table.step(step) == local.step(step)
 
 
 def _assert_same_values(table, local) -> None:
     every_row = torch.arange(ROWS)
-    torch.testing.assert_close(table.gather(every_row), local.gather(every_row).float(),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        table.gather(every_row), local.gather(every_row).float(), atol=1e-6, rtol=0
+    )
     idx, w, _ = _batch(10_000, batch=64)
     torch.testing.assert_close(table.lookup(idx, w), local.lookup(idx, w), atol=1e-6, rtol=0)
 
@@ -85,8 +90,11 @@ def _actor_nodes() -> dict[str, str]:
     """Live actor name -> node id, from the GCS (no dashboard needed)."""
     import ray
 
-    return {a["Name"]: a["Address"]["NodeID"] for a in ray._private.state.actors().values()
-            if a["State"] == "ALIVE" and a["Name"]}
+    return {
+        a["Name"]: a["Address"]["NodeID"]
+        for a in ray._private.state.actors().values()
+        if a["State"] == "ALIVE" and a["Name"]
+    }
 
 
 def _catalog_node(table) -> str:
@@ -153,7 +161,7 @@ def _free_head() -> tuple[str, int]:
     pytest.skip("no free loopback address for a local cluster")
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)  # may first wait for the other raylet tests (conftest)
 def test_start_local_script_runs_a_two_raylet_cluster():
     """start-local.sh starts a head and a worker raylet (real `ray start`), a driver in
     another process joins through RAY_ADDRESS, its 2 shards land on the two raylets, and
@@ -166,21 +174,41 @@ def test_start_local_script_runs_a_two_raylet_cluster():
     head_ip, port = _free_head()
     worker_ip = head_ip.rsplit(".", 1)[0] + "." + str(int(head_ip.rsplit(".", 1)[1]) + 1)
     local_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: unix socket paths
-    env = {**os.environ, "RAY": str(ray_cli), "RAY_PORT": str(port), "HEAD_IP": head_ip,
-           "HEAD_CPUS": "1", "WORKER_CPUS": "1", "OBJECT_STORE_MB": "100",
-           "RAY_LOCAL_DIR": local_dir, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {
+        **os.environ,
+        "RAY": str(ray_cli),
+        "RAY_PORT": str(port),
+        "HEAD_IP": head_ip,
+        "HEAD_CPUS": "1",
+        "WORKER_CPUS": "1",
+        "OBJECT_STORE_MB": "100",
+        "RAY_LOCAL_DIR": local_dir,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
     for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
         env.pop(var, None)
     try:
-        started = subprocess.run([str(REPO / "cluster/local/start-local.sh"), "1"], env=env,
-                                 capture_output=True, text=True, timeout=90)
+        started = subprocess.run(
+            [str(REPO / "cluster/local/start-local.sh"), "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         assert started.returncode == 0, started.stderr[-3000:]
-        exports = dict(line.removeprefix("export ").split("=", 1)
-                       for line in started.stdout.splitlines())
+        exports = dict(
+            line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines()
+        )
         assert exports["RAY_ADDRESS"] == f"{head_ip}:{port}"
         assert exports["RAY_AUTH_MODE"] == "token"
-        driver = subprocess.run([sys.executable, "-c", DRIVER], env={**env, **exports},
-                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        driver = subprocess.run(
+            [sys.executable, "-c", DRIVER],
+            env={**env, **exports},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
         assert driver.returncode == 0, driver.stderr[-3000:]
         out = json.loads(driver.stdout.strip().splitlines()[-1])
         assert out["nodes"] == [head_ip, worker_ip]
@@ -189,13 +217,21 @@ def test_start_local_script_runs_a_two_raylet_cluster():
         assert out["shards"] == [head_ip, worker_ip]  # one shard on each raylet
         assert out["err"] <= 1e-6
     finally:
-        stopped = subprocess.run([str(REPO / "cluster/local/stop-local.sh")], env=env,
-                                 capture_output=True, text=True, timeout=60)
+        stopped = subprocess.run(
+            [str(REPO / "cluster/local/stop-local.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         left = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
         shutil.rmtree(local_dir, ignore_errors=True)
     assert stopped.returncode == 0, stopped.stderr
-    assert [line for line in left.splitlines()
-            if local_dir + "/" in line or f"--address={head_ip}:{port} " in line] == []
+    assert [
+        line
+        for line in left.splitlines()
+        if local_dir + "/" in line or f"--address={head_ip}:{port} " in line
+    ] == []
 
 
 # ---- ray.cluster_utils.Cluster ---------------------------------------------------------
@@ -207,8 +243,14 @@ def cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "_system_config": FAST_HEALTH_CHECKS})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": False,
+            "_system_config": FAST_HEALTH_CHECKS,
+        },
+    )
     # Cluster records its address as the machine's "current cluster"; forget it, so that
     # a plain ray.init() elsewhere on this machine never joins this test cluster.
     reset_ray_address()
@@ -223,8 +265,15 @@ def cluster():
 
 def test_shards_spread_over_nodes_and_match_a_local_table(cluster, table_names):
     name = table_names("spread")
-    t = memstore.create_table(name, rows=ROWS, dim=DIM, shards=3, seed=7,
-                              optimizer=memstore.Adam(lr=LR), timeout_s=TIMEOUT_S)
+    t = memstore.create_table(
+        name,
+        rows=ROWS,
+        dim=DIM,
+        shards=3,
+        seed=7,
+        optimizer=memstore.Adam(lr=LR),
+        timeout_s=TIMEOUT_S,
+    )
     assert t.grid.shape == (3, 1)
     info = t._call_all("info")
     nodes = [i["node_id"] for i in info.values()]
@@ -248,9 +297,17 @@ def _lose_a_shard_node(cluster, table_names, tmp_path, prefix):
     """A table trained 3 steps, saved at step 2, and one of its shards' nodes gone."""
     _ensure_workers(cluster)
     name = table_names(prefix)
-    t = memstore.create_table(name, rows=ROWS, dim=DIM, shards=3, seed=11,
-                              optimizer=memstore.Adam(lr=LR), checkpoint_root=str(tmp_path),
-                              max_restarts=2, timeout_s=TIMEOUT_S)
+    t = memstore.create_table(
+        name,
+        rows=ROWS,
+        dim=DIM,
+        shards=3,
+        seed=11,
+        optimizer=memstore.Adam(lr=LR),
+        checkpoint_root=str(tmp_path),
+        max_restarts=2,
+        timeout_s=TIMEOUT_S,
+    )
     local = _local(seed=11)
     for step in (1, 2):
         _train(t, local, step)
@@ -265,8 +322,7 @@ def _lose_a_shard_node(cluster, table_names, tmp_path, prefix):
     return t, saved, block, node, before
 
 
-def test_losing_a_shard_node_rolls_the_table_back_to_the_checkpoint(
-        cluster, table_names, tmp_path):
+def test_losing_a_shard_node_rolls_the_table_back_to_the_checkpoint(cluster, table_names, tmp_path):
     """The shard restarts on another node, reloads step 2, and the handle rolls the other
     shards back: StoreRolledBack(2), then the values of step 2, then training goes on.
 
@@ -275,8 +331,7 @@ def test_losing_a_shard_node_rolls_the_table_back_to_the_checkpoint(
     the handle waits for the restart within its own timeout and raises StoreRolledBack,
     never ShardUnavailable (which it would raise at that timeout), and never serves a mix
     of step 2 and step 3."""
-    t, saved, block, node, before = _lose_a_shard_node(cluster, table_names, tmp_path,
-                                                       "rollback")
+    t, saved, block, node, before = _lose_a_shard_node(cluster, table_names, tmp_path, "rollback")
     idx, w, _ = _batch(4)
     with pytest.raises(memstore.StoreRolledBack) as err:
         t.lookup(idx, w)
@@ -299,12 +354,12 @@ def test_losing_a_shard_node_rolls_the_table_back_to_the_checkpoint(
     _assert_same_values(t, saved)
 
 
-def test_losing_a_shard_node_without_restarts_raises_shard_unavailable(
-        cluster, table_names):
+def test_losing_a_shard_node_without_restarts_raises_shard_unavailable(cluster, table_names):
     _ensure_workers(cluster)
     name = table_names("no-restart")
-    t = memstore.create_table(name, rows=ROWS, dim=DIM, shards=3, max_restarts=0,
-                              timeout_s=TIMEOUT_S)
+    t = memstore.create_table(
+        name, rows=ROWS, dim=DIM, shards=3, max_restarts=0, timeout_s=TIMEOUT_S
+    )
     local = _local(seed=0)
     _train(t, local, 1)
     block, node = _removable_shard(cluster, t)
@@ -313,8 +368,12 @@ def test_losing_a_shard_node_without_restarts_raises_shard_unavailable(
     idx, w, dy = _batch(2)
     # Each call answers with the error that names the lost shard (its own timeout bounds
     # the wait), never a result made without that shard.
-    for call in (lambda: t.lookup(idx, w), lambda: t.backward(idx, w, dy, step=2),
-                 lambda: t.step(2), lambda: t.gather(torch.arange(ROWS))):
+    for call in (
+        lambda: t.lookup(idx, w),
+        lambda: t.backward(idx, w, dy, step=2),
+        lambda: t.step(2),
+        lambda: t.gather(torch.arange(ROWS)),
+    ):
         with pytest.raises(memstore.ShardUnavailable) as err:
             call()
         assert err.value.shard == shard_name(name, *block)

@@ -36,8 +36,16 @@ HUGE = 1e39  # finite in float64, Inf in float32
 
 
 def make(name, shards=(2, 1), optimizer=None, **kw):
-    return memstore.create_table(name, ROWS, DIM, shards=shards, seed=SEED, timeout_s=60,
-                                 optimizer=optimizer or memstore.Adam(lr=0.05), **kw)
+    return memstore.create_table(
+        name,
+        ROWS,
+        DIM,
+        shards=shards,
+        seed=SEED,
+        timeout_s=60,
+        optimizer=optimizer or memstore.Adam(lr=0.05),
+        **kw,
+    )
 
 
 def batch(seed: int, B: int = 10, M: int = 6):
@@ -59,9 +67,11 @@ def test_values_beyond_float32_are_refused_in_process_and_in_a_grid(table_names)
     t = make(table_names("wire"))
     before_local, before = local.fingerprint(), t.fingerprints()
     for table in (local, t):
-        for field, call in [("w", lambda: table.lookup(idx, huge_w)),
-                            ("w", lambda: table.backward(idx, huge_w, dy, step=1)),
-                            ("dy", lambda: table.backward(idx, w, huge_dy, step=1))]:
+        for field, call in [
+            ("w", lambda table=table: table.lookup(idx, huge_w)),
+            ("w", lambda table=table: table.backward(idx, huge_w, dy, step=1)),
+            ("dy", lambda table=table: table.backward(idx, w, huge_dy, step=1)),
+        ]:
             with pytest.raises(InvalidArgument) as e:
                 call()
             assert e.value.field == field
@@ -102,9 +112,18 @@ def test_a_push_that_one_block_refuses_is_withdrawn_from_the_others(table_names)
     idx, w, dy = batch(2)
     other = t.shards[(0, 0)]
     rows = np.array([1, 2], dtype=np.int32)
-    ray.get(other.backward.remote(rows, np.ones(2, np.float32), np.array([0, 2]),
-                                  np.ones((1, DIM), np.float32), 1, 1, 0.1,
-                                  t._incarnations[(0, 0)]))
+    ray.get(
+        other.backward.remote(
+            rows,
+            np.ones(2, np.float32),
+            np.array([0, 2]),
+            np.ones((1, DIM), np.float32),
+            1,
+            1,
+            0.1,
+            t._incarnations[(0, 0)],
+        )
+    )
     before = t.fingerprints()
     with pytest.raises(InvalidArgument) as e:
         t.backward(idx, w, dy, step=1, push_id=0, lr=0.2)
@@ -144,16 +163,20 @@ def _sgd_push(values: torch.Tensor, idx, w, dy, lr: float) -> torch.Tensor:
 
 def test_async_staleness_bound_and_values_against_hand_computed_sgd(table_names):
     lr = 0.5
-    t = make(table_names("async"), shards=(1, 2), optimizer=memstore.SGD(lr=lr),
-             mode="async", max_staleness=1)
+    t = make(
+        table_names("async"),
+        shards=(1, 2),
+        optimizer=memstore.SGD(lr=lr),
+        mode="async",
+        max_staleness=1,
+    )
     values = t.gather(torch.arange(ROWS)).double()
     for step, push_id, seed in [(3, 0, 5), (3, 1, 6), (2, 0, 7)]:  # lag 0, 0, 1 (= bound)
         idx, w, dy = batch(seed)
         dw = t.backward(idx, w, dy, step=step, push_id=push_id)
         expected = _sgd_push(values, idx, w.double(), dy.double(), lr)
         torch.testing.assert_close(dw.double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(t.gather(torch.arange(ROWS)).double(), values,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t.gather(torch.arange(ROWS)).double(), values, rtol=1e-5, atol=1e-6)
     before = t.fingerprints()
     idx, w, dy = batch(8)
     with pytest.raises(InvalidArgument, match="steps behind") as e:
@@ -191,11 +214,13 @@ def test_a_call_for_another_incarnation_is_refused_and_changes_nothing(table_nam
     before = t.fingerprints()
     rows = np.array([ROWS - 1], dtype=np.int32)
     one = (rows, np.ones(1, np.float32), np.array([0, 1]))
-    calls = [actor.lookup.remote(*one, "an-earlier-incarnation"),
-             actor.backward.remote(*one, np.ones((1, DIM), np.float32), 1, 0, None, "old"),
-             actor.step.remote(1, None, None, "old"),
-             actor.gather.remote(rows, "old"),
-             actor.save.remote(str(tmp_path / "ckpt"), "old")]
+    calls = [
+        actor.lookup.remote(*one, "an-earlier-incarnation"),
+        actor.backward.remote(*one, np.ones((1, DIM), np.float32), 1, 0, None, "old"),
+        actor.step.remote(1, None, None, "old"),
+        actor.gather.remote(rows, "old"),
+        actor.save.remote(str(tmp_path / "ckpt"), "old"),
+    ]
     for ref in calls:
         with pytest.raises(ShardRestarted) as e:
             ray.get(ref)
@@ -216,10 +241,16 @@ class FailsToStart(ShardWorker):
 def _leftovers(name: str) -> dict:
     from ray.util import placement_group_table
 
-    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-              if a.get("namespace") == NAMESPACE and a["name"].startswith(f"{name}/")]
-    groups = [g for g in placement_group_table().values()
-              if g["name"] == f"memstore/{name}" and g["state"] != "REMOVED"]
+    actors = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == NAMESPACE and a["name"].startswith(f"{name}/")
+    ]
+    groups = [
+        g
+        for g in placement_group_table().values()
+        if g["name"] == f"memstore/{name}" and g["state"] != "REMOVED"
+    ]
     return {"actors": actors, "placement_groups": groups}
 
 
@@ -267,8 +298,9 @@ def test_create_table_starts_a_local_ray_when_none_is_attached():
     tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths are limited
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=tmp, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     nodes, gcs = out.stdout.split()[-2:]
     assert nodes == "1"
@@ -290,8 +322,9 @@ class SilentShard(ShardWorker):
 
 def test_a_shard_alive_but_silent_on_its_data_path_is_unavailable(table_names):
     name = table_names("silent")
-    t = memstore.create_table(name, ROWS, DIM, shards=(1, 2), seed=SEED, timeout_s=60,
-                              worker_cls=SilentShard)
+    t = memstore.create_table(
+        name, ROWS, DIM, shards=(1, 2), seed=SEED, timeout_s=60, worker_cls=SilentShard
+    )
     t.timeout_s = 3  # the wait for the silent shard, on the data channel and over Ray
     idx, w, _ = batch(10)
     with pytest.raises(ShardUnavailable) as e:

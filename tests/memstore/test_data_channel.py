@@ -11,7 +11,8 @@ from threading import Thread
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from memstore import InvalidArgument, MemstoreError, ShardUnavailable, StepOutOfOrder
 from memstore._internal.data_channel import (
@@ -29,8 +30,10 @@ from memstore.errors import from_wire, to_wire
 
 CAP = 1 << 17
 SECRET = "a5" * 32
-CAPS = {"scale": OpCaps((("a", "max_pairs", CAP), ("b", "max_pairs", CAP)), CAP),
-        "fail": OpCaps((), 1)}
+CAPS = {
+    "scale": OpCaps((("a", "max_pairs", CAP), ("b", "max_pairs", CAP)), CAP),
+    "fail": OpCaps((), 1),
+}
 
 
 def _scale(a, b, factor):
@@ -41,21 +44,24 @@ def _scale(a, b, factor):
 
 
 def _fail(kind):
-    raise {"step": StepOutOfOrder(3, 7), "shard": ShardUnavailable("t/shard-0-0", 2.5, "x"),
-           "other": KeyError("secret-key")}[kind]
+    raise {
+        "step": StepOutOfOrder(3, 7),
+        "shard": ShardUnavailable("t/shard-0-0", 2.5, "x"),
+        "other": KeyError("secret-key"),
+    }[kind]
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = DataServer("127.0.0.1", {"scale": _scale, "fail": _fail},
-                   ChannelSettings(SECRET, CAPS))
+    s = DataServer("127.0.0.1", {"scale": _scale, "fail": _fail}, ChannelSettings(SECRET, CAPS))
     yield s
     s.close()
 
 
 def client(timeout_s=10.0, **overrides):
-    return DataClient(timeout_s, ChannelSettings(overrides.pop("secret", SECRET), CAPS,
-                                                 **overrides))
+    return DataClient(
+        timeout_s, ChannelSettings(overrides.pop("secret", SECRET), CAPS, **overrides)
+    )
 
 
 def _pair(n, seed):
@@ -107,33 +113,57 @@ def test_error_classes_cross_as_json_and_others_become_memstore_errors(server):
 
 def test_an_error_payload_naming_any_other_class_builds_nothing_but_a_memstore_error():
     touched = []
-    for name in ["os.system", "subprocess.Popen", "_rebuild", "to_wire", "Exception",
-                 "builtins.eval", "__import__", "MemstoreError", None, 3]:
-        err = from_wire({"class": name, "message": "m", "fields": {"cmd": "touch /tmp/x",
-                                                                   "args": ["id"]}})
+    for name in [
+        "os.system",
+        "subprocess.Popen",
+        "_rebuild",
+        "to_wire",
+        "Exception",
+        "builtins.eval",
+        "__import__",
+        "MemstoreError",
+        None,
+        3,
+    ]:
+        err = from_wire(
+            {"class": name, "message": "m", "fields": {"cmd": "touch /tmp/x", "args": ["id"]}}
+        )
         touched.append(type(err))
     assert touched == [MemstoreError] * 10
     # Fields a class's constructor does not accept or cannot format: the message survives.
-    err = from_wire({"class": "ShardUnavailable", "message": "kept",
-                     "fields": {"shard": "s", "timeout_s": "not a number"}})
+    err = from_wire(
+        {
+            "class": "ShardUnavailable",
+            "message": "kept",
+            "fields": {"shard": "s", "timeout_s": "not a number"},
+        }
+    )
     assert type(err) is MemstoreError and err.message == "kept"
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                    lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=12,
+    )
+)
 def test_any_json_error_payload_rebuilds_as_a_memstore_error(payload):
     assert isinstance(from_wire(payload), MemstoreError)
     assert isinstance(from_wire({"class": "InvalidArgument", "fields": payload}), MemstoreError)
 
 
 def test_to_wire_round_trips_every_public_error_it_can_describe():
-    for err in [InvalidArgument("idx", "ints", (3, 4)), StepOutOfOrder(1, 2),
-                ShardUnavailable("s", 1.0, "c")]:
+    for err in [
+        InvalidArgument("idx", "ints", (3, 4)),
+        StepOutOfOrder(1, 2),
+        ShardUnavailable("s", 1.0, "c"),
+    ]:
         back = from_wire(json.loads(json.dumps(to_wire(err))))
-        assert type(back) is type(err) and str(back).replace("[", "(").replace("]", ")") \
-            == str(err)
+        assert type(back) is type(err) and str(back).replace("[", "(").replace("]", ")") == str(err)
 
 
 def test_an_unreachable_peer_is_reported_broken_and_the_others_answer(server):
@@ -141,8 +171,9 @@ def test_an_unreachable_peer_is_reported_broken_and_the_others_answer(server):
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()
     a = np.ones(4, dtype=np.float32)
-    out, broken = client().call_all({"up": (server.address, "scale", (a, a), (1,)),
-                                     "down": (dead, "scale", (a, a), (1,))})
+    out, broken = client().call_all(
+        {"up": (server.address, "scale", (a, a), (1,)), "down": (dead, "scale", (a, a), (1,))}
+    )
     assert broken == ["down"] and set(out) == {"up"}
 
 
@@ -150,8 +181,12 @@ def test_a_call_beyond_the_caps_is_refused_before_anything_is_sent(server):
     before = server.faults.handled["scale"]
     big = np.zeros(CAP + 1, dtype=np.float32)
     with pytest.raises(InvalidArgument) as e:
-        client().call_all({0: (server.address, "scale", (big[:4], big[:4]), (1,)),
-                           1: (server.address, "scale", (big[:4], big), (1,))})
+        client().call_all(
+            {
+                0: (server.address, "scale", (big[:4], big[:4]), (1,)),
+                1: (server.address, "scale", (big[:4], big), (1,)),
+            }
+        )
     assert e.value.field == "b" and e.value.got == CAP + 1
     with pytest.raises(InvalidArgument, match="op"):
         client().call_all({0: (server.address, "nope", (), ())})
@@ -211,12 +246,14 @@ def rogue():
 
 def _answer_in_thread(sock, next_request, ids_and_values):
     """Answer the next request with one reply per (id offset or literal, value)."""
+
     def answer():
         identity, rid = next_request()
         for wrong, value in ids_and_values:
             rid_sent = rid + wrong if isinstance(wrong, int) else wrong
-            sock.send_multipart([identity, *encode({"id": rid_sent, "ok": True,
-                                                    "incarnation": "x"}, [value])])
+            sock.send_multipart(
+                [identity, *encode({"id": rid_sent, "ok": True, "incarnation": "x"}, [value])]
+            )
 
     t = Thread(target=answer)
     t.start()
@@ -238,8 +275,11 @@ def test_only_wrong_ids_from_a_peer_time_out_and_return_nothing(rogue):
     sock, address, next_request = rogue
     c = client(timeout_s=1)
     a = np.arange(3, dtype=np.int32)
-    t = _answer_in_thread(sock, next_request, [(-1, np.zeros(3)), (7, np.zeros(3)),
-                                               (None, np.zeros(3)), ("1", np.zeros(3))])
+    t = _answer_in_thread(
+        sock,
+        next_request,
+        [(-1, np.zeros(3)), (7, np.zeros(3)), (None, np.zeros(3)), ("1", np.zeros(3))],
+    )
     with pytest.raises(TimeoutError):
         c.call_all({0: (address, "scale", (a, a), (1,))})
     t.join(timeout=10)
@@ -254,8 +294,7 @@ def test_the_header_is_checked_against_the_caps_before_any_array_is_made():
     with pytest.raises(ProtocolError, match="frame of 32 bytes"):
         decode([head, b"\0" * 16], lambda h: [1024])
     with pytest.raises(ProtocolError, match="protocol"):
-        decode([json.dumps({"v": "memstore-data/0", "id": 1, "arrays": []}).encode()],
-               lambda h: [])
+        decode([json.dumps({"v": "memstore-data/0", "id": 1, "arrays": []}).encode()], lambda h: [])
     frames = encode({"id": 5}, [np.arange(6.0).reshape(2, 3)])
     header, arrays = decode(frames, lambda h: [6])
     assert header["id"] == 5 and arrays[0].shape == (2, 3)
@@ -266,9 +305,17 @@ def test_channel_config_validates_its_fields_and_makes_a_fresh_secret():
     a, b = channel_config(), channel_config("127.0.0.1", True, 10, 20)
     assert len(a["data_secret"]) == 64 and a["data_secret"] != b["data_secret"]
     assert (b["data_bind"], b["data_encrypt"], b["max_batch"], b["max_pairs"]) == (
-        "127.0.0.1", True, 10, 20)
-    for args, field in [(("localhost",), "data_bind"), ((None, 1), "data_encrypt"),
-                        ((None, False, 0), "max_batch"), ((None, False, 8, True), "max_pairs")]:
+        "127.0.0.1",
+        True,
+        10,
+        20,
+    )
+    for args, field in [
+        (("localhost",), "data_bind"),
+        ((None, 1), "data_encrypt"),
+        ((None, False, 0), "max_batch"),
+        ((None, False, 8, True), "max_pairs"),
+    ]:
         with pytest.raises(InvalidArgument) as e:
             channel_config(*args)
         assert e.value.field == field
@@ -282,8 +329,10 @@ def test_encrypted_channel_serves_its_own_clients_only():
         a, b = _pair(100, 3)
         out, _ = DataClient(10, enc).call_all({0: (s.address, "scale", (a, b), (1.0,))})
         np.testing.assert_array_equal(out[0][1], a.astype(np.float64) + b)
-        for wrong in (ChannelSettings("b" * 64, CAPS, encrypt=True),
-                      ChannelSettings(SECRET, CAPS)):  # another key, or plain
+        for wrong in (
+            ChannelSettings("b" * 64, CAPS, encrypt=True),
+            ChannelSettings(SECRET, CAPS),
+        ):  # another key, or plain
             out, broken = DataClient(3, wrong).call_all({0: (s.address, "scale", (a, b), (1,))})
             assert broken == [0] and out == {}
         assert s.faults.handled["scale"] == 1
@@ -292,8 +341,7 @@ def test_encrypted_channel_serves_its_own_clients_only():
 
 
 def test_the_connection_limit_refuses_handshakes_beyond_it():
-    s = DataServer("127.0.0.1", {"scale": _scale},
-                   ChannelSettings(SECRET, CAPS, max_connections=2))
+    s = DataServer("127.0.0.1", {"scale": _scale}, ChannelSettings(SECRET, CAPS, max_connections=2))
     a = np.ones(2, dtype=np.float32)
     try:
         held = [client() for _ in range(2)]
@@ -311,8 +359,12 @@ def test_the_connection_limit_refuses_handshakes_beyond_it():
         s.close()
 
 
-@settings(max_examples=25, derandomize=True, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(st.integers(0, 3000))
 def test_random_sizes_cross_exactly(server, n):
     a, b = _pair(n, n)

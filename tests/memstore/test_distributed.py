@@ -34,8 +34,9 @@ ROWS, DIM, LR, SEED = 3000, 128, 0.05, 7
 
 
 def make(name, shards, **kw):
-    return memstore.create_table(name, ROWS, DIM, shards=shards, optimizer=Adam(lr=LR),
-                                 seed=SEED, timeout_s=120, **kw)
+    return memstore.create_table(
+        name, ROWS, DIM, shards=shards, optimizer=Adam(lr=LR), seed=SEED, timeout_s=120, **kw
+    )
 
 
 def local():
@@ -60,8 +61,12 @@ def test_every_grid_equals_one_local_table(shards, table_names):
     for step in (1, 2, 3):
         idx, w, dy = batch()
         torch.testing.assert_close(t.lookup(idx, w), ref.lookup(idx, w), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(t.backward(idx, w, dy, step=step),
-                                   ref.backward(idx, w, dy, step=step), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            t.backward(idx, w, dy, step=step),
+            ref.backward(idx, w, dy, step=step),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         assert t.step(step) > 0
         ref.step(step)
     torch.testing.assert_close(all_rows(t), ref.values, rtol=1e-5, atol=1e-6)
@@ -81,11 +86,18 @@ def test_connect_from_another_driver_sees_the_same_table(table_names):
         "import torch, ray, memstore\n"
         "ray.init(address='auto', log_to_driver=False)\n"
         f"t = memstore.connect({name!r})\n"
-        f"print(float(t.lookup(torch.tensor({idx[:1].tolist()}), torch.tensor({w[:1].tolist()})).sum()))\n"
+        f"y = t.lookup(torch.tensor({idx[:1].tolist()}), torch.tensor({w[:1].tolist()}))\n"
+        "print(float(y.sum()))\n"
     )
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-6)
 
 
@@ -129,16 +141,25 @@ def test_two_workers_and_three_shards_train_like_one_process(table_names):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     args = dict(dim=16, heads=2, k=4, n_keys=16, key_dim=8, value_lr=0.05, seed=SEED)
     name = table_names("dp")
-    table = memstore.create_table(name, 256, 16, shards=3, optimizer=VALUE_OPTIMIZER, seed=SEED,
-                                  pushes_per_step=2, timeout_s=120)
+    table = memstore.create_table(
+        name,
+        256,
+        16,
+        shards=3,
+        optimizer=VALUE_OPTIMIZER,
+        seed=SEED,
+        pushes_per_step=2,
+        timeout_s=120,
+    )
     workers = [ray.remote(TrainerWorker).remote(args, name, rank, 0) for rank in range(2)]
     single = TrainerWorker(args, None, 0, 0)
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
     for step in range(1, 21):
         rows = torch.randint(0, 64, (16,))
         halves = [(x[rows[:8]], y[rows[:8]]), (x[rows[8:]], y[rows[8:]])]
-        results = ray.get([w.forward_backward.remote(step, hx, hy, 0.5)
-                           for w, (hx, hy) in zip(workers, halves)])
+        results = ray.get(
+            [w.forward_backward.remote(step, hx, hy, 0.5) for w, (hx, hy) in zip(workers, halves)]
+        )
         grads = [a + b for a, b in zip(results[0][1], results[1][1])]
         ray.get([w.apply.remote(grads) for w in workers])
         table.step(step)
@@ -147,8 +168,9 @@ def test_two_workers_and_three_shards_train_like_one_process(table_names):
         single.layer.table.step(step)
         assert results[0][0] + results[1][0] == pytest.approx(loss, abs=1e-5)
     torch.testing.assert_close(ray.get(workers[0].keys.remote()), single.keys(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(table.gather(torch.arange(256)), single.layer.table.values,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        table.gather(torch.arange(256)), single.layer.table.values, atol=1e-5, rtol=0
+    )
 
 
 def train(table, steps, first=1):
@@ -174,8 +196,9 @@ def test_checkpoint_of_four_shards_loads_into_one_and_six(tmp_path, table_names)
         train(loaded, 1, first=3)
     train(t, 1, first=3)
     for name in ("loaded-1", "loaded-2"):
-        torch.testing.assert_close(all_rows(memstore.connect(name)), all_rows(t), rtol=1e-6,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            all_rows(memstore.connect(name)), all_rows(t), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_periodic_save_writes_under_the_checkpoint_root(tmp_path, table_names):
@@ -206,8 +229,9 @@ def test_a_killed_shard_restarts_and_the_table_rolls_back(tmp_path, table_names)
 
 
 def test_a_shard_that_stays_down_is_unavailable_not_a_hang(table_names):
-    t = memstore.create_table(table_names("down"), ROWS, DIM, shards=2, max_restarts=0,
-                              timeout_s=120)
+    t = memstore.create_table(
+        table_names("down"), ROWS, DIM, shards=2, max_restarts=0, timeout_s=120
+    )
     t.timeout_s = 15  # how long the handle waits for the dead shard
     os.kill(ray.get(t.shards[(0, 1)].info.remote())["pid"], signal.SIGKILL)
     idx, w, _ = batch()
@@ -285,13 +309,18 @@ def test_published_keys_answer_queries_without_the_model(table_names):
     ref_scores, ref_idx = product_key_topk(q, keys, 6)
     assert torch.equal(idx, ref_idx)
     ref = ShardTable(n * n, 64, seed=SEED)
-    torch.testing.assert_close(y, ref.lookup(ref_idx.flatten(1), torch.softmax(ref_scores, -1).flatten(1)))
+    torch.testing.assert_close(
+        y, ref.lookup(ref_idx.flatten(1), torch.softmax(ref_scores, -1).flatten(1))
+    )
     with pytest.raises(InvalidArgument) as e:
         t.publish_keys(torch.randn(H, 2, n + 1, half))
     assert e.value.field == "keys"
-    for bad, field in [(dict(q=torch.randn(5, H + 1, 2 * half)), "q"),
-                       (dict(q=torch.full((5, H, 2 * half), float("nan"))), "q"),
-                       (dict(q=q, k=0), "k"), (dict(q=q, k=n * n + 1), "k")]:
+    for bad, field in [
+        (dict(q=torch.randn(5, H + 1, 2 * half)), "q"),
+        (dict(q=torch.full((5, H, 2 * half), float("nan"))), "q"),
+        (dict(q=q, k=0), "k"),
+        (dict(q=q, k=n * n + 1), "k"),
+    ]:
         with pytest.raises(InvalidArgument) as e:
             t.query(**bad)
         assert e.value.field == field
@@ -310,21 +339,24 @@ def test_published_keys_answer_queries_without_the_model(table_names):
     assert ray.get(t._catalog().get_keys.remote()) is not None
 
 
-@pytest.mark.parametrize("options, field", [
-    (dict(shards=17), "shards"),  # 17 shards x 1 CPU on a 16-CPU instance
-    (dict(shards=(2, 3)), "shards"),  # 3 column blocks of 128 columns < 64 each
-    (dict(shards=2, threads_per_shard=0), "threads_per_shard"),
-    (dict(shards=2, mode="eventual"), "mode"),
-    (dict(shards=2, dtype="float16"), "dtype"),
-    (dict(shards="auto"), "shards"),  # auto needs max_shard_bytes
-    (dict(shards=2, data_channel="tcp"), "data_channel"),
-    (dict(shards=2, step_on_push=True), "step_on_push"),  # needs pushes_per_step
-    (dict(shards=2, step_on_push=True, pushes_per_step=2, mode="async"), "step_on_push"),
-    (dict(shards=2, device="cuda"), "device"),  # no GPU in this instance: refused at once
-    (dict(shards=2, device="tpu"), "device"),
-    (dict(shards=2, cpus_per_shard=0), "cpus_per_shard"),
-    (dict(shards=(4, 1), cpus_per_shard=4.5), "shards"),  # 18 of 16 CPUs
-])
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        (dict(shards=17), "shards"),  # 17 shards x 1 CPU on a 16-CPU instance
+        (dict(shards=(2, 3)), "shards"),  # 3 column blocks of 128 columns < 64 each
+        (dict(shards=2, threads_per_shard=0), "threads_per_shard"),
+        (dict(shards=2, mode="eventual"), "mode"),
+        (dict(shards=2, dtype="float16"), "dtype"),
+        (dict(shards="auto"), "shards"),  # auto needs max_shard_bytes
+        (dict(shards=2, data_channel="tcp"), "data_channel"),
+        (dict(shards=2, step_on_push=True), "step_on_push"),  # needs pushes_per_step
+        (dict(shards=2, step_on_push=True, pushes_per_step=2, mode="async"), "step_on_push"),
+        (dict(shards=2, device="cuda"), "device"),  # no GPU in this instance: refused at once
+        (dict(shards=2, device="tpu"), "device"),
+        (dict(shards=2, cpus_per_shard=0), "cpus_per_shard"),
+        (dict(shards=(4, 1), cpus_per_shard=4.5), "shards"),  # 18 of 16 CPUs
+    ],
+)
 def test_create_table_validates_options_before_placing_anything(options, field, table_names):
     name = table_names("opts")
     with pytest.raises(InvalidArgument) as e:
@@ -354,8 +386,9 @@ def test_both_data_channels_answer_like_a_local_table(channel, table_names):
     train(ref, 2)
     idx, w, dy = batch()
     torch.testing.assert_close(t.lookup(idx, w), ref.lookup(idx, w), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(t.backward(idx, w, dy, step=3), ref.backward(idx, w, dy, step=3),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        t.backward(idx, w, dy, step=3), ref.backward(idx, w, dy, step=3), rtol=1e-5, atol=1e-5
+    )
     opened = t._channel is not None and len(t._channel.socks) == 4
     assert opened == (channel == "socket")
     with pytest.raises(InvalidArgument) as e:  # a shard's own error crosses the channel
@@ -400,8 +433,11 @@ def test_cpus_per_shard_is_the_reservation_of_each_shard(table_names):
 
     name = table_names("cpus")
     t = memstore.create_table(name, ROWS, DIM, shards=(2, 1), cpus_per_shard=0.25, seed=SEED)
-    group = next(g for g in placement_group_table().values()
-                 if g["name"] == f"memstore/{name}" and g["state"] == "CREATED")
+    group = next(
+        g
+        for g in placement_group_table().values()
+        if g["name"] == f"memstore/{name}" and g["state"] == "CREATED"
+    )
     assert [b["CPU"] for b in group["bundles"].values()] == [0.25, 0.25]
     idx, w, _ = batch()
     torch.testing.assert_close(t.lookup(idx, w), local().lookup(idx, w), rtol=1e-5, atol=1e-6)
@@ -413,8 +449,12 @@ def test_pushes_grouped_once_by_the_client_train_like_a_local_table(table_names)
     t._group_slots = True
     for step in (1, 2):
         idx, w, dy = batch()
-        torch.testing.assert_close(t.backward(idx, w, dy, step=step),
-                                   ref.backward(idx, w, dy, step=step), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            t.backward(idx, w, dy, step=step),
+            ref.backward(idx, w, dy, step=step),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         t.step(step)
         ref.step(step)
     torch.testing.assert_close(all_rows(t), ref.values, rtol=1e-5, atol=1e-6)
@@ -432,12 +472,13 @@ def brute_force_topk(q, keys, k):
 
 def test_a_query_after_keys_are_published_again_uses_the_new_keys(table_names):
     n, half = 16, 4
-    t = memstore.create_table(table_names("requery"), n * n, 64, shards=2, seed=SEED,
-                              timeout_s=120)
+    t = memstore.create_table(table_names("requery"), n * n, 64, shards=2, seed=SEED, timeout_s=120)
     other = memstore.connect(t.name)
     gen = torch.Generator().manual_seed(SEED)
-    first, second = torch.randn(2, 2, n, half, generator=gen), torch.randn(2, 2, n, half,
-                                                                            generator=gen)
+    first, second = (
+        torch.randn(2, 2, n, half, generator=gen),
+        torch.randn(2, 2, n, half, generator=gen),
+    )
     wider = torch.randn(3, 2, n, half, generator=gen)
     q = torch.randn(5, 2, 2 * half, generator=gen)
     t.publish_keys(first)

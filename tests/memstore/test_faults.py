@@ -74,9 +74,19 @@ TARGET = torch.randn(B, DIM, generator=torch.Generator().manual_seed(1))
 
 def _make(name, tmp_path=None, **kw):
     options = dict(checkpoint_root=str(tmp_path), save_every=2) if tmp_path else {}
-    return memstore.create_table(name, ROWS, DIM, shards=(2, 1), seed=SEED,
-                                 optimizer=memstore.Adam(lr=0.05), timeout_s=60,
-                                 worker_cls=FaultyShard, max_restarts=4, **options, **kw)
+    return memstore.create_table(
+        name,
+        ROWS,
+        DIM,
+        shards=(2, 1),
+        seed=SEED,
+        optimizer=memstore.Adam(lr=0.05),
+        timeout_s=60,
+        worker_cls=FaultyShard,
+        max_restarts=4,
+        **options,
+        **kw,
+    )
 
 
 def _train(t, faults: dict | None = None) -> list[int]:
@@ -116,10 +126,12 @@ def test_lost_replies_of_every_data_call_change_nothing(table_names):
     assert _train(clean) == []
     t = _make(table_names("lossy"), **options)
     t.timeout_s = LOST_REPLY_S
-    faults = {(1, "lookup"): ((0, 0), "drop", "lookup"),
-              (2, "backward"): ((1, 0), "drop", "backward"),
-              (3, "backward"): ((0, 0), "drop", "backward"),
-              (5, "lookup"): ((1, 0), "drop", "lookup")}
+    faults = {
+        (1, "lookup"): ((0, 0), "drop", "lookup"),
+        (2, "backward"): ((1, 0), "drop", "backward"),
+        (3, "backward"): ((0, 0), "drop", "backward"),
+        (5, "lookup"): ((1, 0), "drop", "lookup"),
+    }
     assert _train(t, faults) == []
     assert sum(ray.get([a.dropped.remote() for a in t.shards.values()])) == len(faults)
     # A lost reply repeats the whole call over Ray: each block answers a push's repeat.
@@ -127,18 +139,19 @@ def test_lost_replies_of_every_data_call_change_nothing(table_names):
     assert t.fingerprints() == clean.fingerprints()
 
 
-def test_shard_restarts_around_every_data_call_replay_from_the_checkpoint(
-        table_names, tmp_path):
+def test_shard_restarts_around_every_data_call_replay_from_the_checkpoint(table_names, tmp_path):
     """A shard exits before or after a lookup or a push; it restarts from the newest
     checkpoint, the handle rolls every block back to the path it reports (pending
     pushes included), and the loop replays from there to the undisturbed result."""
     clean = _make(table_names("clean"), tmp_path / "clean")
     assert _train(clean) == []
     t = _make(table_names("crashy"), tmp_path / "crashy")
-    faults = {(3, "backward"): ((0, 0), "exit-after", "backward"),  # checkpoint: step 2
-              (4, "lookup"): ((1, 0), "exit-before", "lookup"),  # step 2 again
-              (5, "backward"): ((1, 0), "exit-before", "backward"),  # checkpoint: step 4
-              (6, "lookup"): ((0, 0), "exit-after", "lookup")}  # step 4 again
+    faults = {
+        (3, "backward"): ((0, 0), "exit-after", "backward"),  # checkpoint: step 2
+        (4, "lookup"): ((1, 0), "exit-before", "lookup"),  # step 2 again
+        (5, "backward"): ((1, 0), "exit-before", "backward"),  # checkpoint: step 4
+        (6, "lookup"): ((0, 0), "exit-after", "lookup"),
+    }  # step 4 again
     rolled = _train(t, faults)
     assert rolled == [2, 2, 4, 4]
     info = t._call_all("info")

@@ -34,11 +34,13 @@ def reference():
 
 @pytest.fixture(scope="module")
 def served(ray_start_16_cpus, tmp_path_factory):
-    table = memstore.create_table("grpc-t", ROWS, DIM, shards=2, seed=SEED,
-                                  optimizer=memstore.Adam(lr=0.05))
+    table = memstore.create_table(
+        "grpc-t", ROWS, DIM, shards=2, seed=SEED, optimizer=memstore.Adam(lr=0.05)
+    )
     save_root = tmp_path_factory.mktemp("saves")
-    server = ms.start(ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS,
-                                       save_root=str(save_root)))
+    server = ms.start(
+        ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS, save_root=str(save_root))
+    )
     yield table, server, save_root
     server.stop()
     memstore.drop_table("grpc-t")
@@ -56,8 +58,9 @@ def test_lookup_and_gather_match_the_in_process_table(served, client):
     w = rng.random((5, 12), dtype=np.float32)
     y, seen = client.lookup("grpc-t", idx, w, with_seen=True)
     ref = reference()
-    np.testing.assert_allclose(y, ref.lookup(torch.from_numpy(idx), torch.from_numpy(w)).numpy(),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        y, ref.lookup(torch.from_numpy(idx), torch.from_numpy(w)).numpy(), rtol=1e-5, atol=1e-6
+    )
     assert seen.consistent and set(seen.shard_steps) == {"0-0", "1-0"}
     rows = torch.tensor([0, 5, ROWS - 1])
     out = client.gather("grpc-t", rows)  # torch in, torch out
@@ -95,12 +98,17 @@ def test_pushes_and_steps_update_like_the_in_process_table(served, client):
         w = rng.random((4, 6), dtype=np.float32)
         dy = rng.standard_normal((4, DIM)).astype(np.float32)
         dw = client.apply_gradients("grpc-t", idx, w, dy, step=s, push_id=0)
-        ref_dw = ref.backward(torch.from_numpy(idx), torch.from_numpy(w), torch.from_numpy(dy),
-                              step=s)
+        ref_dw = ref.backward(
+            torch.from_numpy(idx), torch.from_numpy(w), torch.from_numpy(dy), step=s
+        )
         np.testing.assert_allclose(dw, ref_dw.numpy(), rtol=1e-5, atol=1e-5)
         assert client.step("grpc-t", s) == ref.step(s)
-    np.testing.assert_allclose(client.gather("grpc-t", np.arange(ROWS)),
-                               ref.gather(torch.arange(ROWS)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        client.gather("grpc-t", np.arange(ROWS)),
+        ref.gather(torch.arange(ROWS)).numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert client.describe("grpc-t")["step"] == start + 2
 
 
@@ -124,16 +132,18 @@ def test_tables_created_after_the_server_started_are_served(served, client):
         assert listed["late"]["rows"] == 64 and listed["late"]["dim"] == 8
         info = client.describe("late")
         assert (info["grid"], info["optimizer"], info["mode"]) == ((1, 1), "adam", "sync")
-        np.testing.assert_array_equal(client.gather("late", np.arange(64)),
-                                      late.gather(torch.arange(64)).numpy())
+        np.testing.assert_array_equal(
+            client.gather("late", np.arange(64)), late.gather(torch.arange(64)).numpy()
+        )
     finally:
         memstore.drop_table("late")
     # Dropped and created again under the same name: the new table is answered.
     again = memstore.create_table("late", 32, 4, shards=1, seed=4)
     try:
         assert client.describe("late")["rows"] == 32
-        np.testing.assert_array_equal(client.gather("late", np.arange(32)),
-                                      again.gather(torch.arange(32)).numpy())
+        np.testing.assert_array_equal(
+            client.gather("late", np.arange(32)), again.gather(torch.arange(32)).numpy()
+        )
     finally:
         memstore.drop_table("late")
     with pytest.raises(RemoteError) as e:
@@ -146,8 +156,10 @@ def test_describe_and_stats_never_show_secret_config(served, client):
     secrets = [str(v) for k, v in config.items() if "secret" in k or "key" in k.split("_")]
     channel, s = stub(served[1].address)
     with channel:
-        replies = [s.DescribeTable(pb.DescribeTableRequest(table="grpc-t"), metadata=auth()),
-                   s.Stats(pb.StatsRequest(table="grpc-t"), metadata=auth())]
+        replies = [
+            s.DescribeTable(pb.DescribeTableRequest(table="grpc-t"), metadata=auth()),
+            s.Stats(pb.StatsRequest(table="grpc-t"), metadata=auth()),
+        ]
     for reply in replies:
         text = str(reply) + reply.SerializeToString().hex()
         for secret in secrets:
@@ -158,18 +170,28 @@ def test_describe_and_stats_never_show_secret_config(served, client):
 def test_scopes_and_missing_tokens(served):
     channel, s = stub(served[1].address)
     idx = tensor(np.zeros((1, 1), np.int64))
-    push = pb.ApplyGradientsRequest(table="grpc-t", idx=idx, w=tensor(np.ones((1, 1), np.float32)),
-                                    dy=tensor(np.ones((1, DIM), np.float32)), step=10 ** 6)
+    push = pb.ApplyGradientsRequest(
+        table="grpc-t",
+        idx=idx,
+        w=tensor(np.ones((1, 1), np.float32)),
+        dy=tensor(np.ones((1, DIM), np.float32)),
+        step=10**6,
+    )
     with channel:
         assert code_of(s.ListTables, pb.ListTablesRequest())[0] == grpc.StatusCode.UNAUTHENTICATED
-        assert code_of(s.ListTables, pb.ListTablesRequest(), metadata=auth("x" * 30))[0] == \
-            grpc.StatusCode.UNAUTHENTICATED
-        assert code_of(s.ListTables, pb.ListTablesRequest(), metadata=auth(READER))[0] == \
-            grpc.StatusCode.OK
+        assert (
+            code_of(s.ListTables, pb.ListTablesRequest(), metadata=auth("x" * 30))[0]
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert (
+            code_of(s.ListTables, pb.ListTablesRequest(), metadata=auth(READER))[0]
+            == grpc.StatusCode.OK
+        )
         code, details = code_of(s.ApplyGradients, push, metadata=auth(READER))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "write" in details
-        code, details = code_of(s.Save, pb.SaveRequest(table="grpc-t", path="x"),
-                                metadata=auth(WRITER))
+        code, details = code_of(
+            s.Save, pb.SaveRequest(table="grpc-t", path="x"), metadata=auth(WRITER)
+        )
         assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
 
 
@@ -222,7 +244,7 @@ def test_generated_token_file_is_private(tmp_path, monkeypatch):
     tokens, source = server_tokens(None, str(path))
     assert source == str(path) and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    (token, scopes), = tokens.items()
+    ((token, scopes),) = tokens.items()
     assert scopes == {"read", "write", "admin"} and len(token) >= 32
     assert server_tokens(None, str(path))[0] == tokens  # reused, not replaced
     assert client_token(token_file=str(path)) == token
@@ -233,11 +255,16 @@ def test_generated_token_file_is_private(tmp_path, monkeypatch):
 
 def test_tls_with_a_self_signed_certificate(served, tmp_path):
     cert, key = _self_signed(tmp_path)
-    server = ms.start(ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS,
-                                       tls_cert=str(cert), tls_key=str(key)))
+    server = ms.start(
+        ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS, tls_cert=str(cert), tls_key=str(key))
+    )
     try:
-        with MemoryClient(server.address, token=READER, root_certificates=cert.read_bytes(),
-                          server_name="localhost") as c:
+        with MemoryClient(
+            server.address,
+            token=READER,
+            root_certificates=cert.read_bytes(),
+            server_name="localhost",
+        ) as c:
             assert "grpc-t" in [t["name"] for t in c.tables()]
         with MemoryClient(server.address, token=READER, read_retries=0, timeout_s=5) as plain:
             with pytest.raises(RemoteError) as e:
@@ -258,25 +285,34 @@ def _self_signed(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_path, key_path
 
 
 def test_large_requests_are_split_and_oversized_messages_refused(served):
     limit = 1 << 18  # 256 KiB
-    server = ms.start(ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS,
-                                       max_message_bytes=limit))
+    server = ms.start(
+        ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS, max_message_bytes=limit)
+    )
     try:
         rng = np.random.default_rng(3)
         idx = rng.integers(0, ROWS, (3000, 16))  # 3000 x 16 x 12 B = 576 KB of request
@@ -286,8 +322,9 @@ def test_large_requests_are_split_and_oversized_messages_refused(served):
             rows = small.gather("grpc-t", np.arange(ROWS).repeat(5))  # 320 KB of reply
         with MemoryClient(served[1].address, token=ADMIN) as whole:  # 64 MiB: one message
             np.testing.assert_array_equal(y, whole.lookup("grpc-t", idx, w))
-            np.testing.assert_array_equal(rows, np.repeat(
-                whole.gather("grpc-t", np.arange(ROWS)), 5, axis=0))
+            np.testing.assert_array_equal(
+                rows, np.repeat(whole.gather("grpc-t", np.arange(ROWS)), 5, axis=0)
+            )
         with MemoryClient(server.address, token=ADMIN) as big:
             with pytest.raises(RemoteError) as e:
                 big.lookup("grpc-t", idx, w)  # one message over the server's limit
@@ -306,11 +343,15 @@ def test_reads_retry_while_unavailable_but_writes_do_not(served):
     address = f"127.0.0.1:{port}"
     writer = MemoryClient(address, token=ADMIN, timeout_s=5)
     with pytest.raises(RemoteError) as e:
-        writer.step("grpc-t", 10 ** 6)
+        writer.step("grpc-t", 10**6)
     assert e.value.code == "UNAVAILABLE"
     started = {}
-    timer = threading.Timer(0.5, lambda: started.setdefault("server", ms.start(
-        ms.ServerOptions(address=address, tokens=TOKENS))))
+    timer = threading.Timer(
+        0.5,
+        lambda: started.setdefault(
+            "server", ms.start(ms.ServerOptions(address=address, tokens=TOKENS))
+        ),
+    )
     timer.start()
     try:
         reader = MemoryClient(address, token=ADMIN, read_retries=8, backoff_s=0.1, timeout_s=5)
@@ -330,9 +371,17 @@ def test_a_reader_is_answered_from_the_checkpoint_after_a_shard_restarts(served,
 
     import ray
 
-    table = memstore.create_table("restarts", 64, 8, shards=(2, 1), seed=5, max_restarts=2,
-                                  optimizer=memstore.SGD(lr=0.5), timeout_s=120,
-                                  checkpoint_root=str(tmp_path))
+    table = memstore.create_table(
+        "restarts",
+        64,
+        8,
+        shards=(2, 1),
+        seed=5,
+        max_restarts=2,
+        optimizer=memstore.SGD(lr=0.5),
+        timeout_s=120,
+        checkpoint_root=str(tmp_path),
+    )
     server = ms.start(ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS, threads=1))
     try:
         with MemoryClient(server.address, token=READER) as reader:

@@ -26,8 +26,9 @@ def reference():
 
 @pytest.fixture(scope="module")
 def loaded(ray_start_16_cpus):
-    memstore.create_table("load-t", ROWS, DIM, shards=(2, 1), seed=SEED,
-                          optimizer=memstore.SGD(lr=0.5))
+    memstore.create_table(
+        "load-t", ROWS, DIM, shards=(2, 1), seed=SEED, optimizer=memstore.SGD(lr=0.5)
+    )
     server = ms.start(ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS, threads=17))
     yield server.address
     server.stop()
@@ -46,8 +47,9 @@ def _writer(address, snapshots: dict, done: threading.Event, errors: list):
                 dy = rng.standard_normal((32, DIM)).astype(np.float32)
                 c.apply_gradients("load-t", idx, w, dy, step=s, push_id=0)
                 c.step("load-t", s)
-                ref.backward(torch.from_numpy(idx), torch.from_numpy(w), torch.from_numpy(dy),
-                             step=s)
+                ref.backward(
+                    torch.from_numpy(idx), torch.from_numpy(w), torch.from_numpy(dy), step=s
+                )
                 ref.step(s)
                 snapshots[s] = ref.gather(torch.arange(ROWS)).numpy()
     except Exception as e:  # noqa: BLE001 - reported by the test
@@ -86,8 +88,10 @@ def _expected(kind, rows, w, snapshots, s):
 def test_concurrent_readers_and_writer_agree_with_the_reference(loaded):
     snapshots, done, errors = {}, threading.Event(), []
     seen = [[] for _ in range(READERS)]
-    threads = [threading.Thread(target=_reader, args=(loaded, i, done, seen[i], errors))
-               for i in range(READERS)]
+    threads = [
+        threading.Thread(target=_reader, args=(loaded, i, done, seen[i], errors))
+        for i in range(READERS)
+    ]
     threads.append(threading.Thread(target=_writer, args=(loaded, snapshots, done, errors)))
     for t in threads:
         t.start()
@@ -98,8 +102,9 @@ def test_concurrent_readers_and_writer_agree_with_the_reference(loaded):
     for kind, rows, w, answer, s in (x for per_reader in seen for x in per_reader):
         assert set(s.shard_steps.values()) <= set(snapshots)
         if s.consistent:
-            np.testing.assert_allclose(answer, _expected(kind, rows, w, snapshots, s),
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                answer, _expected(kind, rows, w, snapshots, s), rtol=1e-5, atol=1e-6
+            )
             checked += 1
     assert checked >= READERS
     # Every push applied exactly once: the table equals the reference after all steps.

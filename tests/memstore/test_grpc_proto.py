@@ -25,13 +25,15 @@ PROTO = REPO / "protos" / "memstore" / "v1" / "memstore.proto"
 def test_committed_stubs_match_a_fresh_generation(tmp_path):
     """Fails when the proto or the pinned grpcio-tools changed without regenerating:
     run `python protos/generate.py` and commit memstore/v1/."""
-    subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), "--out", str(tmp_path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "protos" / "generate.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     fresh = tmp_path / "memstore" / "v1"
     names = sorted(p.name for p in fresh.iterdir())
     assert names == ["memstore_pb2.py", "memstore_pb2.pyi", "memstore_pb2_grpc.py"]
-    _, mismatch, errors = filecmp.cmpfiles(fresh, REPO / "memstore" / "v1", names,
-                                               shallow=False)
+    _, mismatch, errors = filecmp.cmpfiles(fresh, REPO / "memstore" / "v1", names, shallow=False)
     assert (mismatch, errors) == ([], [])
 
 
@@ -43,10 +45,12 @@ def test_pinned_grpcio_tools_is_the_installed_one():
 
 
 def test_client_imports_neither_ray_nor_torch():
-    code = ("import sys, memstore.client\n"
-            "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'ray', 'torch', 'trainer', 'kernels', 'triton'})\n"
-            "assert not heavy, heavy")
+    code = (
+        "import sys, memstore.client\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'ray', 'torch', 'trainer', 'kernels', 'triton'})\n"
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -101,8 +105,18 @@ def test_stubs_from_the_proto_alone_query_a_running_server(ray_start_16_cpus, tm
 
     stubs = tmp_path / "stubs"
     stubs.mkdir()
-    assert protoc.main(["protoc", f"-I{PROTO.parent}", f"--python_out={stubs}",
-                        f"--grpc_python_out={stubs}", str(PROTO)]) == 0
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{PROTO.parent}",
+                f"--python_out={stubs}",
+                f"--grpc_python_out={stubs}",
+                str(PROTO),
+            ]
+        )
+        == 0
+    )
     (stubs / "client.py").write_text(CLIENT)
     site = _only(tmp_path, [grpc, typing_extensions, google.protobuf, np])
     table = memstore.create_table("proto-t", 256, 8, shards=2, seed=5)
@@ -111,12 +125,26 @@ def test_stubs_from_the_proto_alone_query_a_running_server(ray_start_16_cpus, tm
         idx = np.array([[0, 255], [17, 17], [128, 3]])
         np.save(tmp_path / "idx.npy", idx)
         # -I: no user site, no PYTHONPATH; -S: no site-packages at all; the path is set here.
-        boot = (f"import sys; sys.path[:0] = [{str(stubs)!r}, {str(site)!r}]; "
-                f"sys.argv = ['client.py'] + sys.argv[1:]; "
-                f"exec(compile(open({str(stubs / 'client.py')!r}).read(), 'client.py', 'exec'))")
-        out = subprocess.run([sys.executable, "-I", "-S", "-c", boot, server.address, READER,
-                              str(tmp_path / "idx.npy")], capture_output=True, text=True,
-                             timeout=120)
+        boot = (
+            f"import sys; sys.path[:0] = [{str(stubs)!r}, {str(site)!r}]; "
+            f"sys.argv = ['client.py'] + sys.argv[1:]; "
+            f"exec(compile(open({str(stubs / 'client.py')!r}).read(), 'client.py', 'exec'))"
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                boot,
+                server.address,
+                READER,
+                str(tmp_path / "idx.npy"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         answer = json.loads(out.stdout)
         expect = table.lookup(torch.from_numpy(idx), torch.ones(idx.shape))

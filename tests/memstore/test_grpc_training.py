@@ -58,21 +58,60 @@ READER_JOB = textwrap.dedent("""
 def test_a_reader_job_queries_the_live_table_while_training(ray_start_16_cpus, tmp_path):
     gcs = ray_start_16_cpus.get_runtime_context().gcs_address
     server = ms.start(ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS))
-    env = {**os.environ, "RAY_ADDRESS": gcs, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": gcs,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PYTHONPATH": str(REPO),
+    }
     run_dir = tmp_path / "run"
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "trainer.train", "--config", str(REPO / "trainer/configs/tiny.yaml"),
-         "--set", f"steps={STEPS}", "--set", "workers=1", "--set", "checkpoint_every=1",
-         "--set", "eval_every=0", "--set", "store.name=live", "--set", "store.keep=true",
-         "--set", "progress=false", "--set", f"run_dir={run_dir}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "trainer.train",
+            "--config",
+            str(REPO / "trainer/configs/tiny.yaml"),
+            "--set",
+            f"steps={STEPS}",
+            "--set",
+            "workers=1",
+            "--set",
+            "checkpoint_every=1",
+            "--set",
+            "eval_every=0",
+            "--set",
+            "store.name=live",
+            "--set",
+            "store.keep=true",
+            "--set",
+            "progress=false",
+            "--set",
+            f"run_dir={run_dir}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     (tmp_path / "reader.py").write_text(READER_JOB)
     reader = subprocess.run(
-        [sys.executable, str(tmp_path / "reader.py"), server.address, READER, "live-",
-         str(STEPS), str(tmp_path / "reads.json")],
-        cwd=REPO, env={k: v for k, v in env.items() if k != "RAY_ADDRESS"},
-        capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            str(tmp_path / "reader.py"),
+            server.address,
+            READER,
+            "live-",
+            str(STEPS),
+            str(tmp_path / "reads.json"),
+        ],
+        cwd=REPO,
+        env={k: v for k, v in env.items() if k != "RAY_ADDRESS"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out, _ = trainer.communicate(timeout=240)
     table_name = None
     try:
@@ -83,7 +122,7 @@ def test_a_reader_job_queries_the_live_table_while_training(ray_start_16_cpus, t
         _check_reads(result, run_dir)
     finally:
         server.stop()
-        for name in ([table_name] if table_name else []):
+        for name in [table_name] if table_name else []:
             memstore.drop_table(name)
 
 
@@ -102,5 +141,6 @@ def _check_reads(result: dict, run_dir: pathlib.Path) -> None:
             step = read["steps"][f"{r}-{c}"]
             saved = checkpoint.load_block(checkpoint.checkpoint_dir(str(root), step), spec)
             np.testing.assert_array_equal(
-                values[spec.row_start:spec.row_stop, spec.col_start:spec.col_stop],
-                saved["values"].float().numpy())
+                values[spec.row_start : spec.row_stop, spec.col_start : spec.col_stop],
+                saved["values"].float().numpy(),
+            )

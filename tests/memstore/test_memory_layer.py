@@ -69,7 +69,9 @@ def test_recall_task_is_learned_well_below_chance():
     entities, classes, dim = 256, 16, 32
     x = torch.randn(entities, dim)
     labels = torch.randint(0, classes, (entities,))
-    layer = MemoryLayer(MemoryLayerArgs(dim=dim, heads=2, k=8, n_keys=16, key_dim=16, value_lr=3e-2))
+    layer = MemoryLayer(
+        MemoryLayerArgs(dim=dim, heads=2, k=8, n_keys=16, key_dim=16, value_lr=3e-2)
+    )
     head = torch.nn.Linear(dim, classes)
     opt = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr=3e-3)
     for step in range(1, 121):

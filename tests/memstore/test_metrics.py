@@ -22,8 +22,14 @@ def metrics_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     yield port
     ray.shutdown()
 
@@ -38,7 +44,8 @@ def _series(port: int, table: str) -> dict:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
         out[(m.group(1), labels.get("block"), labels.get("op", labels.get("le", "")))] = float(
-            m.group(3))
+            m.group(3)
+        )
     return out
 
 
@@ -55,8 +62,9 @@ def test_shards_export_their_calls_as_prometheus_metrics(metrics_port, tmp_path)
         updated = t.step(1)
         t.save(tmp_path / "ckpt")
         want = {("memstore_lookups_total", block, ""): 2.0 for block in ("0-0", "0-1")}
-        want.update({("memstore_rows_read_total", block, ""): 3.0 * B * M
-                     for block in ("0-0", "0-1")})
+        want.update(
+            {("memstore_rows_read_total", block, ""): 3.0 * B * M for block in ("0-0", "0-1")}
+        )
         deadline = time.monotonic() + 60
         while True:  # exported every second; wait for the values of these calls
             got = _series(metrics_port, name)

@@ -14,22 +14,32 @@ from memstore.errors import (
 from memstore.optim import OptimizerKind, optimizer_from_dict
 
 
-@pytest.mark.parametrize("opt", [memstore.SGD(lr=0.5, weight_decay=0.1), memstore.Adagrad(),
-                                 memstore.RowWiseAdagrad(), memstore.Adam(betas=(0.8, 0.9)),
-                                 memstore.AdamW(weight_decay=0.2)])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        memstore.SGD(lr=0.5, weight_decay=0.1),
+        memstore.Adagrad(),
+        memstore.RowWiseAdagrad(),
+        memstore.Adam(betas=(0.8, 0.9)),
+        memstore.AdamW(weight_decay=0.2),
+    ],
+)
 def test_optimizer_dict_round_trip(opt):
     assert optimizer_from_dict(opt.to_dict()) == opt
 
 
-@pytest.mark.parametrize("make, field", [
-    (lambda: memstore.Adam(lr=0), "lr"),
-    (lambda: memstore.Adam(lr=float("nan")), "lr"),
-    (lambda: memstore.Adam(betas=(0.9, 1.0)), "betas"),
-    (lambda: memstore.AdamW(weight_decay=-1), "weight_decay"),
-    (lambda: memstore.Adagrad(eps=0), "eps"),
-    (lambda: optimizer_from_dict({"kind": "lion"}), "optimizer.kind"),
-    (lambda: optimizer_from_dict({"kind": "adam", "momentum": 0.9}), "optimizer"),
-])
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: memstore.Adam(lr=0), "lr"),
+        (lambda: memstore.Adam(lr=float("nan")), "lr"),
+        (lambda: memstore.Adam(betas=(0.9, 1.0)), "betas"),
+        (lambda: memstore.AdamW(weight_decay=-1), "weight_decay"),
+        (lambda: memstore.Adagrad(eps=0), "eps"),
+        (lambda: optimizer_from_dict({"kind": "lion"}), "optimizer.kind"),
+        (lambda: optimizer_from_dict({"kind": "adam", "momentum": 0.9}), "optimizer"),
+    ],
+)
 def test_bad_optimizer_options_name_the_field(make, field):
     with pytest.raises(InvalidArgument) as e:
         make()
@@ -42,14 +52,17 @@ def test_kind_metadata():
     assert OptimizerKind.SGD.state_names() == ()
 
 
-@pytest.mark.parametrize("err", [
-    InvalidArgument("idx", "int64", "float32"),
-    StepOutOfOrder(3, 5),
-    TableNotFound("facts", ["other"]),
-    StoreRolledBack(7, "facts/0"),
-    ShardUnavailable("facts/1", 2.5, "actor died"),
-    MemoryBudgetExceeded(100, 10, "node memory"),
-])
+@pytest.mark.parametrize(
+    "err",
+    [
+        InvalidArgument("idx", "int64", "float32"),
+        StepOutOfOrder(3, 5),
+        TableNotFound("facts", ["other"]),
+        StoreRolledBack(7, "facts/0"),
+        ShardUnavailable("facts/1", 2.5, "actor died"),
+        MemoryBudgetExceeded(100, 10, "node memory"),
+    ],
+)
 def test_errors_pickle_with_their_data(err):
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is type(err)
@@ -61,9 +74,16 @@ def test_errors_pickle_with_their_data(err):
 def test_error_hierarchy_as_documented():
     """One hierarchy: every memstore error is a MemstoreError; InvalidArgument is also a
     ValueError (callers catching ValueError keep working) and StepOutOfOrder is one."""
-    for name in ("InvalidArgument", "StepOutOfOrder", "TableNotFound", "TableExists",
-                 "StoreRolledBack", "ShardUnavailable", "MemoryBudgetExceeded",
-                 "CheckpointError"):
+    for name in (
+        "InvalidArgument",
+        "StepOutOfOrder",
+        "TableNotFound",
+        "TableExists",
+        "StoreRolledBack",
+        "ShardUnavailable",
+        "MemoryBudgetExceeded",
+        "CheckpointError",
+    ):
         assert issubclass(getattr(memstore, name), memstore.MemstoreError), name
     assert issubclass(InvalidArgument, ValueError)
     assert issubclass(StepOutOfOrder, InvalidArgument)

@@ -35,15 +35,18 @@ MIN_STEP = 1e-2  # the median move of a touched value per step, at least
 
 
 def _batch(lo=0, hi=ROWS, rows=None):
-    idx = torch.randint(lo, hi, (B, M)) if rows is None else rows[torch.randint(0, len(rows), (B, M))]
+    idx = (
+        torch.randint(lo, hi, (B, M)) if rows is None else rows[torch.randint(0, len(rows), (B, M))]
+    )
     return idx, torch.rand(B, M), torch.randn(B, DIM)
 
 
 def _sparse_grad(param, idx, w, dy):
     """The value gradient of sum(dy · bag(values)) as torch computes it: sparse COO."""
     param.grad = None
-    F.embedding_bag(idx, param, per_sample_weights=w.double(), mode="sum",
-                    sparse=True).backward(dy.double())
+    F.embedding_bag(idx, param, per_sample_weights=w.double(), mode="sum", sparse=True).backward(
+        dy.double()
+    )
     return param.grad
 
 
@@ -129,8 +132,13 @@ class RowWiseAdagradOracle:
 
 def _c_steps(kind) -> int:
     """How many steps of this optimizer kind took the C path so far."""
-    op = {"sgd": "sgd_step", "adagrad": "adagrad_step", "rowwise_adagrad": "rowwise_adagrad_step",
-          "adam": "adam_step", "adamw": "adam_step"}[kind.value]
+    op = {
+        "sgd": "sgd_step",
+        "adagrad": "adagrad_step",
+        "rowwise_adagrad": "rowwise_adagrad_step",
+        "adam": "adam_step",
+        "adamw": "adam_step",
+    }[kind.value]
     return _dispatch.COUNTS[(op, "native")]
 
 
@@ -140,13 +148,22 @@ CASES = {
     "sgd_weight_decay": (memstore.SGD(lr=0.5, weight_decay=0.1), lambda t: SGDOracle(t, 0.5, 0.1)),
     "adagrad": (
         memstore.Adagrad(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1),
-        lambda t: TorchOracle(t.values, lambda p: torch.optim.Adagrad(
-            p, lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1, eps=1e-10)),
+        lambda t: TorchOracle(
+            t.values,
+            lambda p: torch.optim.Adagrad(
+                p, lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1, eps=1e-10
+            ),
+        ),
     ),
-    "rowwise_adagrad": (memstore.RowWiseAdagrad(lr=0.1), lambda t: RowWiseAdagradOracle(t, 0.1, 1e-10)),
+    "rowwise_adagrad": (
+        memstore.RowWiseAdagrad(lr=0.1),
+        lambda t: RowWiseAdagradOracle(t, 0.1, 1e-10),
+    ),
     "adam": (
         memstore.Adam(lr=0.05, betas=(0.9, 0.99)),
-        lambda t: TorchOracle(t.values, lambda p: torch.optim.SparseAdam(p, lr=0.05, betas=(0.9, 0.99))),
+        lambda t: TorchOracle(
+            t.values, lambda p: torch.optim.SparseAdam(p, lr=0.05, betas=(0.9, 0.99))
+        ),
     ),
 }
 
@@ -175,8 +192,9 @@ def test_shard_table_steps_match_torch(name, dtype):
 def test_shard_table_adamw_matches_torch_adamw(dtype):
     """torch.optim.AdamW takes no sparse gradient: every batch touches the same 40 rows,
     and AdamW runs on those rows as a dense parameter. The other rows never move."""
-    table = ShardTable(ROWS, DIM, optimizer=memstore.AdamW(lr=0.05, weight_decay=0.1),
-                       dtype=dtype, seed=1)
+    table = ShardTable(
+        ROWS, DIM, optimizer=memstore.AdamW(lr=0.05, weight_decay=0.1), dtype=dtype, seed=1
+    )
     rows = torch.randperm(ROWS)[:40].sort().values
     sub = torch.nn.Parameter(table.values[rows].double())
     opt = torch.optim.AdamW([sub], lr=0.05, weight_decay=0.1, foreach=False)
@@ -206,8 +224,9 @@ def test_adam_step_counter_advances_on_a_block_without_rows():
     At step 2 block 1's rows get their first update, with the bias correction of
     update 2, as torch.optim.SparseAdam over the whole table gives them."""
     adam = memstore.Adam(lr=0.05, betas=(0.9, 0.99))
-    blocks = [ShardTable(ROWS, DIM, optimizer=adam, row_range=r, seed=1)
-              for r in ((0, 100), (100, ROWS))]
+    blocks = [
+        ShardTable(ROWS, DIM, optimizer=adam, row_range=r, seed=1) for r in ((0, 100), (100, ROWS))
+    ]
     start = torch.cat([b.values for b in blocks])
     oracle = TorchOracle(start, _sparse_adam())
 

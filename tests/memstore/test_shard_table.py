@@ -39,8 +39,9 @@ def embedding_bag64(values, idx, w, dy=None):
 def test_lookup_matches_embedding_bag():
     t = make()
     idx, w, _ = batch()
-    torch.testing.assert_close(t.lookup(idx, w), embedding_bag64(t.values, idx, w).float(),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        t.lookup(idx, w), embedding_bag64(t.values, idx, w).float(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_initial_values_do_not_depend_on_the_grid():
@@ -63,8 +64,9 @@ def test_values_state_and_dense_gradients_sit_on_2mib_aligned_memory():
     for tensor in (t.values, t.state["exp_avg"], t.state["exp_avg_sq"]):
         assert tensor.data_ptr() % (2 << 20) == 0
     rows = torch.arange(1 << 15)
-    grads = kernels.SparseRowGrads.from_slots(rows, torch.ones(1 << 15), rows % 7,
-                                              torch.randn(7, 128), num_rows=1 << 15)
+    grads = kernels.SparseRowGrads.from_slots(
+        rows, torch.ones(1 << 15), rows % 7, torch.randn(7, 128), num_rows=1 << 15
+    )
     if kernels.row_grads.native_ok(grads.dy, dtypes=(torch.float32,)):
         assert grads.dense().data_ptr() % (2 << 20) == 0
 
@@ -90,8 +92,9 @@ def test_backward_returns_dw_of_embedding_bag_and_pends_until_step():
         idx, w, dy = batch()
         before = t.values.clone()
         dw = t.backward(idx, w, dy, step=step)
-        torch.testing.assert_close(dw, embedding_bag64(before, idx, w, dy)[1].float(),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            dw, embedding_bag64(before, idx, w, dy)[1].float(), rtol=1e-5, atol=1e-5
+        )
         assert torch.equal(t.values, before) and t.pending_steps() == [step]
         assert t.step(step) == torch.unique(idx).numel()
         assert t.pending_steps() == []
@@ -152,8 +155,7 @@ def test_bfloat16_table_lookup_and_dw_accumulate_in_float32():
     y = t.lookup(idx, w)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, y_ref.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(t.backward(idx, w, dy, step=1), dw_ref.float(), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(t.backward(idx, w, dy, step=1), dw_ref.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -215,8 +217,13 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_every_optimizer_kind_has_the_state_it_declares():
-    for opt in (memstore.SGD(), memstore.Adagrad(), memstore.RowWiseAdagrad(),
-                memstore.Adam(), memstore.AdamW()):
+    for opt in (
+        memstore.SGD(),
+        memstore.Adagrad(),
+        memstore.RowWiseAdagrad(),
+        memstore.Adam(),
+        memstore.AdamW(),
+    ):
         t = ShardTable(ROWS, DIM, optimizer=opt)
         assert set(t.state) == set(opt.kind.state_names())
         assert t.nbytes() == t.values.nbytes + opt.kind.state_bytes(ROWS, DIM)
@@ -227,8 +234,9 @@ def test_every_optimizer_kind_has_the_state_it_declares():
 
 def _ragged(seed: int, lo: int, hi: int, B: int = 9):
     g = torch.Generator().manual_seed(seed)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64),
-                         torch.randint(0, 7, (B,), generator=g).cumsum(0)])
+    offsets = torch.cat(
+        [torch.zeros(1, dtype=torch.int64), torch.randint(0, 7, (B,), generator=g).cumsum(0)]
+    )
     P = int(offsets[-1])
     rows = torch.randint(lo, hi, (P,), generator=g, dtype=torch.int64).to(torch.int32)
     rows[: P // 3] = rows[0]  # a row with many slots
@@ -242,8 +250,10 @@ def test_backward_with_the_senders_grouping_matches_float64_sgd():
     from memstore.grid import pack_grouping, unpack_grouping
 
     lr = 0.3
-    blocks = [ShardTable(ROWS, DIM, optimizer=memstore.SGD(lr=lr), seed=3, row_range=(100, 250))
-              for _ in range(2)]
+    blocks = [
+        ShardTable(ROWS, DIM, optimizer=memstore.SGD(lr=lr), seed=3, row_range=(100, 250))
+        for _ in range(2)
+    ]
     rows, w, offsets, dy = _ragged(11, 100, 250)
     values = blocks[0].values.double().clone()
     grouping = unpack_grouping(pack_grouping(rows, 100, 250), rows.numel())
@@ -254,20 +264,22 @@ def test_backward_with_the_senders_grouping_matches_float64_sgd():
     expected_dw = (values[local] * dy.double()[bag]).sum(1)
     torch.testing.assert_close(dw.double(), expected_dw, rtol=1e-5, atol=1e-6)
     grad = torch.zeros_like(values).index_add_(0, local, w.double()[:, None] * dy.double()[bag])
-    torch.testing.assert_close(blocks[0].values.double(), values - lr * grad, rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(blocks[0].values.double(), values - lr * grad, rtol=1e-5, atol=1e-6)
     assert torch.equal(blocks[1].backward_csr(rows, w, offsets, dy, step=1), dw)
     blocks[1].step(1)
     assert blocks[0].fingerprint() == blocks[1].fingerprint()
 
 
-@pytest.mark.parametrize("field, spoil", [
-    ("order", lambda u, s, o: (u, s, o + 1)),  # a position past the last slot
-    ("order", lambda u, s, o: (u, s, o[:-1])),
-    ("uniq", lambda u, s, o: (u + 150, s, o)),  # rows of another block
-    ("seg", lambda u, s, o: (u, s[:-1], o)),
-    ("seg", lambda u, s, o: (u, s.flip(0), o)),
-])
+@pytest.mark.parametrize(
+    "field, spoil",
+    [
+        ("order", lambda u, s, o: (u, s, o + 1)),  # a position past the last slot
+        ("order", lambda u, s, o: (u, s, o[:-1])),
+        ("uniq", lambda u, s, o: (u + 150, s, o)),  # rows of another block
+        ("seg", lambda u, s, o: (u, s[:-1], o)),
+        ("seg", lambda u, s, o: (u, s.flip(0), o)),
+    ],
+)
 def test_a_bad_grouping_is_refused_and_changes_nothing(field, spoil):
     from memstore.grid import pack_grouping, unpack_grouping
 
@@ -285,8 +297,10 @@ def test_a_float64_value_beyond_float32_is_refused_where_a_cast_would_make_it_in
     t = make()
     idx, w, dy = batch()
     before = t.fingerprint()
-    for field, call in [("w", lambda: t.lookup(idx, w.double() * 1e39)),
-                        ("dy", lambda: t.backward(idx, w, dy.double() * 1e39, step=1))]:
+    for field, call in [
+        ("w", lambda: t.lookup(idx, w.double() * 1e39)),
+        ("dy", lambda: t.backward(idx, w, dy.double() * 1e39, step=1)),
+    ]:
         with pytest.raises(InvalidArgument) as e:
             call()
         assert e.value.field == field

@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _dispatch
-from memstore import SGD, Adagrad, Adam, AdamW, MemoryLayer, MemoryLayerArgs, RowWiseAdagrad, ShardTable
+from memstore import (
+    SGD,
+    Adagrad,
+    Adam,
+    AdamW,
+    MemoryLayer,
+    MemoryLayerArgs,
+    RowWiseAdagrad,
+    ShardTable,
+)
 from tests.kernels._triton_util import DEVICE, INTERPRETED
 
 ROWS, DIM, B, M = 50, 41, 9, 5
@@ -30,8 +39,13 @@ OPTIMIZERS = {
     "adam": Adam(lr=0.05),
     "adamw": AdamW(lr=0.05, weight_decay=0.1),
 }
-OP_OF_STEP = {"sgd": "sgd_step", "adagrad": "adagrad_step", "rowwise_adagrad": "rowwise_adagrad_step",
-              "adam": "adam_step", "adamw": "adam_step"}
+OP_OF_STEP = {
+    "sgd": "sgd_step",
+    "adagrad": "adagrad_step",
+    "rowwise_adagrad": "rowwise_adagrad_step",
+    "adam": "adam_step",
+    "adamw": "adam_step",
+}
 
 
 @pytest.fixture
@@ -90,21 +104,24 @@ def test_shard_table_round_on_triton_matches_cpu(name, paths):
     for key in state_ref:
         torch.testing.assert_close(state[key], state_ref[key], atol=1e-5, rtol=1e-5)
     # Every op of the round went through Triton, and nothing else ran.
-    assert on_triton == {("bag_forward_csr", "triton"): 2, ("bag_backward_sparse", "triton"): 4,
-                         (OP_OF_STEP[name], "triton"): 2}
+    assert on_triton == {
+        ("bag_forward_csr", "triton"): 2,
+        ("bag_backward_sparse", "triton"): 4,
+        (OP_OF_STEP[name], "triton"): 2,
+    }
 
 
 def grouped_round(device: str):
     """A column block's push with the slots grouped by row by the sender."""
     from kernels.grouped import group_rows
 
-    t = ShardTable(ROWS, DIM, optimizer=Adam(lr=0.05), seed=3, device=device,
-                   col_range=(4, DIM))
+    t = ShardTable(ROWS, DIM, optimizer=Adam(lr=0.05), seed=3, device=device, col_range=(4, DIM))
     idx, w, dy = batches(1)[0]
     rows, flat_w = idx.reshape(-1), w.reshape(-1)
     offsets = torch.arange(B + 1) * M
-    dw = t.backward_csr(rows, flat_w, offsets, dy[:, 4:], step=1,
-                        grouping=group_rows(rows, ROWS)).cpu()
+    dw = t.backward_csr(
+        rows, flat_w, offsets, dy[:, 4:], step=1, grouping=group_rows(rows, ROWS)
+    ).cpu()
     t.step(1)
     return dw, t.values.float().cpu()
 
@@ -139,8 +156,9 @@ ARGS = MemoryLayerArgs(dim=16, heads=2, k=3, n_keys=7, key_dim=8, value_lr=0.05,
 def layer_step(device: str):
     """One training step of a MemoryLayer whose table and tensors live on ``device``."""
     torch.manual_seed(0)
-    table = ShardTable(ARGS.n_keys**2, ARGS.dim, optimizer=Adam(lr=ARGS.value_lr), seed=ARGS.seed,
-                       device=device)
+    table = ShardTable(
+        ARGS.n_keys**2, ARGS.dim, optimizer=Adam(lr=ARGS.value_lr), seed=ARGS.seed, device=device
+    )
     layer = MemoryLayer(ARGS, table=table).to(device)
     dense = torch.optim.Adam(layer.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
@@ -164,8 +182,12 @@ def test_memory_layer_train_step_on_triton_matches_cpu(paths):
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(values, values_ref, atol=1e-5, rtol=1e-5)
-    assert on_triton == {("product_key_topk", "triton"): 1, ("bag_forward_csr", "triton"): 1,
-                         ("bag_backward_sparse", "triton"): 1, ("adam_step", "triton"): 1}
+    assert on_triton == {
+        ("product_key_topk", "triton"): 1,
+        ("bag_forward_csr", "triton"): 1,
+        ("bag_backward_sparse", "triton"): 1,
+        ("adam_step", "triton"): 1,
+    }
 
 
 def test_force_switch_refuses_an_op_without_a_triton_implementation(monkeypatch):
@@ -183,8 +205,13 @@ def ray_on_triton_path():
     import ray
 
     env = {_dispatch.FORCE_TRITON_ENV: "1", "TRITON_INTERPRET": "1"} if INTERPRETED else {}
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+    )
     yield ray
     ray.shutdown()
 
@@ -196,19 +223,26 @@ def test_two_shard_ray_table_on_triton_matches_cpu(ray_on_triton_path, paths):
         pytest.skip("two GPU shards need two GPUs (one per shard)")
 
     name = f"triton-path-{os.getpid()}"
-    table = memstore.create_table(name, ROWS, DIM, shards=2, optimizer=Adam(lr=0.05), seed=3,
-                                  timeout_s=120)
+    table = memstore.create_table(
+        name, ROWS, DIM, shards=2, optimizer=Adam(lr=0.05), seed=3, timeout_s=120
+    )
     try:
         ref = ShardTable(ROWS, DIM, optimizer=Adam(lr=0.05), seed=3, device=paths.cpu())
         for step, (idx, w, dy) in enumerate(batches(2), start=1):
-            torch.testing.assert_close(table.lookup(idx, w), ref.lookup(idx, w),
-                                       atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(table.backward(idx, w, dy, step=step),
-                                       ref.backward(idx, w, dy, step=step), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                table.lookup(idx, w), ref.lookup(idx, w), atol=1e-5, rtol=1e-5
+            )
+            torch.testing.assert_close(
+                table.backward(idx, w, dy, step=step),
+                ref.backward(idx, w, dy, step=step),
+                atol=1e-5,
+                rtol=1e-5,
+            )
             table.step(step)
             ref.step(step)
-        torch.testing.assert_close(table.gather(torch.arange(ROWS)).float(), ref.values,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            table.gather(torch.arange(ROWS)).float(), ref.values, atol=1e-5, rtol=1e-5
+        )
         for shard in table.stats()["shards"]:
             paths_taken = shard["kernel_paths"]
             assert {p.split("/")[1] for p in paths_taken} == {"triton"}, paths_taken

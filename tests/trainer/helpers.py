@@ -10,8 +10,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
 
 
 def config(name: str, tmp_path, *overrides: str) -> TrainArgs:
-    return load_config(CONFIGS / f"{name}.yaml",
-                       [f"run_dir={tmp_path / name}", "progress=false", *overrides])
+    return load_config(
+        CONFIGS / f"{name}.yaml", [f"run_dir={tmp_path / name}", "progress=false", *overrides]
+    )
 
 
 def metrics(run_dir) -> list[dict]:
@@ -23,5 +24,8 @@ def tree(run_dir, skip=(METRICS, "config.yaml", "loss.png")) -> dict:
     """Every file under run_dir (but those the next run rewrites) with its bytes: what
     "nothing was deleted or changed" compares."""
     run_dir = Path(run_dir)
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name not in skip}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }

@@ -91,8 +91,10 @@ def test_a_model_checkpoint_is_loaded_as_data_only(tmp_path):
     marker = tmp_path / "pwned"
     namespace = {}
     exec(_EVIL.format(marker=marker), namespace)  # noqa: S102 - builds the hostile payload
-    torch.save({"step": 4, "model": namespace["Evil"]()},
-               Path(checkpoint.step_dir(args.run_dir, 4)) / checkpoint.MODEL_FILE)
+    torch.save(
+        {"step": 4, "model": namespace["Evil"]()},
+        Path(checkpoint.step_dir(args.run_dir, 4)) / checkpoint.MODEL_FILE,
+    )
     with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
         train(args, resume=True, stop_after=5)
     assert not marker.exists()

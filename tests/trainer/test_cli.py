@@ -8,8 +8,16 @@ from .helpers import CONFIGS
 
 
 def test_main_trains_refuses_a_used_run_dir_and_overwrites_on_request(tmp_path, capsys):
-    run = ["--config", str(CONFIGS / "tiny.yaml"), "--set", f"run_dir={tmp_path}",
-           "--set", "progress=false", "--set", "steps=2"]
+    run = [
+        "--config",
+        str(CONFIGS / "tiny.yaml"),
+        "--set",
+        f"run_dir={tmp_path}",
+        "--set",
+        "progress=false",
+        "--set",
+        "steps=2",
+    ]
     assert main(run) == 0
     assert "2 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -28,6 +36,20 @@ def test_memstore_train_command_runs_the_trainer(tmp_path, capsys):
     from memstore import cli
 
     assert "train" in cli._plugins()
-    assert cli.main(["train", "--config", str(CONFIGS / "tiny.yaml"), "--set",
-                     f"run_dir={tmp_path}", "--set", "progress=false", "--set", "steps=2"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                str(CONFIGS / "tiny.yaml"),
+                "--set",
+                f"run_dir={tmp_path}",
+                "--set",
+                "progress=false",
+                "--set",
+                "steps=2",
+            ]
+        )
+        == 0
+    )
     assert "2 steps" in capsys.readouterr().out

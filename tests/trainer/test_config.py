@@ -51,18 +51,28 @@ class Outer:
 
 
 def test_the_config_helper_checks_types_bounds_and_keys_by_name():
-    out = dataclass_from_dict(Outer, {"count": 2, "rate": 3, "color": "blue", "sizes": [1, 2],
-                                      "inner": {"size": 4}}, "outer")
+    out = dataclass_from_dict(
+        Outer,
+        {"count": 2, "rate": 3, "color": "blue", "sizes": [1, 2], "inner": {"size": 4}},
+        "outer",
+    )
     assert out == Outer(2, 3.0, "x", False, Color.BLUE, [1, 2], None, Inner(4))
     assert isinstance(out.rate, float) and out.color is Color.BLUE
     for d, field, expected in [
-            ({"count": -1}, "count", "an int >= 0"), ({"count": True}, "count", "an int"),
-            ({"count": 1.5}, "count", "an int"), ({"rate": 0}, "rate", "> 0"),
-            ({"rate": float("nan")}, "rate", "finite"), ({"name": 3}, "name", "a string"),
-            ({"flag": "yes"}, "flag", "true or false"), ({"color": "green"}, "color", "'red'"),
-            ({"sizes": [1, 0]}, "sizes", ">= 1"), ({"sizes": "1"}, "sizes", "a list"),
-            ({"maybe": "a"}, "maybe", "None"), ({"inner": {"size": 0}}, "inner.size", ">= 1"),
-            ({"inner": 3}, "inner", "a mapping")]:
+        ({"count": -1}, "count", "an int >= 0"),
+        ({"count": True}, "count", "an int"),
+        ({"count": 1.5}, "count", "an int"),
+        ({"rate": 0}, "rate", "> 0"),
+        ({"rate": float("nan")}, "rate", "finite"),
+        ({"name": 3}, "name", "a string"),
+        ({"flag": "yes"}, "flag", "true or false"),
+        ({"color": "green"}, "color", "'red'"),
+        ({"sizes": [1, 0]}, "sizes", ">= 1"),
+        ({"sizes": "1"}, "sizes", "a list"),
+        ({"maybe": "a"}, "maybe", "None"),
+        ({"inner": {"size": 0}}, "inner.size", ">= 1"),
+        ({"inner": 3}, "inner", "a mapping"),
+    ]:
         with pytest.raises(InvalidArgument) as e:
             dataclass_from_dict(Outer, d, "outer")
         assert e.value.field == field and expected in e.value.expected, d
@@ -77,10 +87,13 @@ def test_the_config_helper_checks_types_bounds_and_keys_by_name():
 
 
 def test_unknown_keys_are_rejected_by_name(tmp_path):
-    for text, name in [("stepz: 3\n", "stepz"), ("data:\n  entitiez: 3\n", "data.entitiez"),
-                       ("store:\n  shardz: 2\n", "store.shardz"),
-                       ("ray:\n  max_failurez: 2\n", "ray.max_failurez"),
-                       ("model:\n  dimm: 8\n", "model.dimm")]:
+    for text, name in [
+        ("stepz: 3\n", "stepz"),
+        ("data:\n  entitiez: 3\n", "data.entitiez"),
+        ("store:\n  shardz: 2\n", "store.shardz"),
+        ("ray:\n  max_failurez: 2\n", "ray.max_failurez"),
+        ("model:\n  dimm: 8\n", "model.dimm"),
+    ]:
         path = tmp_path / "bad.yaml"
         path.write_text(text)
         with pytest.raises(InvalidArgument, match=name.replace(".", r"\.")):
@@ -92,16 +105,23 @@ def test_unknown_keys_are_rejected_by_name(tmp_path):
 
 
 def test_overrides_and_validation_name_the_field():
-    args = load_config(CONFIGS / "tiny.yaml", ["model.dim=64", "workers=2",
-                                               "store.shards=[2, 1]", "ray.max_failures=1"])
+    args = load_config(
+        CONFIGS / "tiny.yaml",
+        ["model.dim=64", "workers=2", "store.shards=[2, 1]", "ray.max_failures=1"],
+    )
     assert args.model["dim"] == 64 and args.workers == 2 and args.store.shards == (2, 1)
     assert args.ray.max_failures == 1
-    for override, field in [("workers=3", "batch_size"), ("lr=-1", "lr"), ("lr=true", "lr"),
-                            ("steps=0", "steps"), ("store.data_channel=grpc",
-                                                   "store.data_channel"),
-                            ("store.shards=[1, 2, 3]", "store.shards"),
-                            ("ray.cpus_per_worker=0", "ray.cpus_per_worker"),
-                            ("device=tpu", "device"), ("data.seq_len=0", "data.seq_len")]:
+    for override, field in [
+        ("workers=3", "batch_size"),
+        ("lr=-1", "lr"),
+        ("lr=true", "lr"),
+        ("steps=0", "steps"),
+        ("store.data_channel=grpc", "store.data_channel"),
+        ("store.shards=[1, 2, 3]", "store.shards"),
+        ("ray.cpus_per_worker=0", "ray.cpus_per_worker"),
+        ("device=tpu", "device"),
+        ("data.seq_len=0", "data.seq_len"),
+    ]:
         with pytest.raises(InvalidArgument) as e:
             load_config(CONFIGS / "tiny.yaml", [override])
         assert e.value.field == field, override
@@ -112,8 +132,10 @@ def test_overrides_and_validation_name_the_field():
 
 
 def test_choices_are_enums_with_string_values_and_round_trip_through_yaml(tmp_path):
-    args = load_config(CONFIGS / "tiny.yaml", ["store.mode=async", "value_schedule=constant",
-                                               "store.data_channel=ray", "device=auto"])
+    args = load_config(
+        CONFIGS / "tiny.yaml",
+        ["store.mode=async", "value_schedule=constant", "store.data_channel=ray", "device=auto"],
+    )
     assert args.store.mode is StoreMode.ASYNC and args.value_schedule is ValueSchedule.CONSTANT
     assert args.store.data_channel is DataChannel.RAY and args.device is Device.AUTO
     assert args.data.kind is DataKind.FACTS and args.data.kind == "facts"

@@ -57,11 +57,16 @@ def test_the_package_data_lists_every_config():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     with open(REPO / "pyproject.toml", "rb") as f:
         setuptools = tomllib.load(f)["tool"]["setuptools"]
-    assert any(fnmatch.fnmatch("trainer.configs", pattern)
-               for pattern in setuptools["packages"]["find"]["include"])
+    assert any(
+        fnmatch.fnmatch("trainer.configs", pattern)
+        for pattern in setuptools["packages"]["find"]["include"]
+    )
     patterns = setuptools["package-data"]["trainer.configs"]
-    unshipped = [name for name in YAML_FILES
-                 if not any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
+    unshipped = [
+        name
+        for name in YAML_FILES
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+    ]
     assert YAML_FILES and not unshipped
 
 
@@ -82,8 +87,11 @@ def test_steps_to_a_recall_are_interpolated_between_evaluations():
     import numpy as np
 
     facts = pytest.importorskip("benchmarks.facts")
-    c = {"step": np.array([100.0, 200.0, 300.0]), "seconds": np.array([10.0, 20.0, 40.0]),
-         "recall": np.array([0.5, 0.8, 1.0])}
+    c = {
+        "step": np.array([100.0, 200.0, 300.0]),
+        "seconds": np.array([10.0, 20.0, 40.0]),
+        "recall": np.array([0.5, 0.8, 1.0]),
+    }
     assert facts.first_reaching(c, 0.9) == {"step": 250.0, "seconds": 30.0}
     assert facts.first_reaching(c, 0.4) == {"step": 100.0, "seconds": 10.0}
     assert facts.first_reaching(c, 1.01) is None

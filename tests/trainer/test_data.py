@@ -82,7 +82,8 @@ def test_evaluation_asks_every_fact_once_and_scores_recall_and_nll():
     model = Oracle(corpus, wrong_entities={0, 1, 2, 3}).train()
     result = evaluate(model, corpus, batch_size=7)  # 39 facts: the last batch is short
     assert sorted(model.asked) == sorted(
-        (e, corpus.entities + a) for e in range(13) for a in range(3))
+        (e, corpus.entities + a) for e in range(13) for a in range(3)
+    )
     assert result["facts"] == 39
     assert result["recall"] == result["recall_any"] == pytest.approx(27 / 39)
     lse = math.log(math.exp(5.0) + corpus.vocab_size - 1)
@@ -132,6 +133,7 @@ def test_batch_is_a_named_tuple_with_an_optional_mask():
 
 # ---- held-out evaluation -------------------------------------------------------------
 
+
 def _corpus(tmp_path, size: int, name: str = "corpus.txt", seed: int = 0):
     raw = np.random.default_rng(seed).integers(32, 127, size=size, dtype=np.uint8).tobytes()
     path = tmp_path / name
@@ -150,9 +152,10 @@ def test_a_held_out_fraction_is_never_sampled_for_training(tmp_path):
     # both ends of the allowed range
     assert starts.min() == 0 and starts.max() == split - 17
     batch = train.window(starts[:64])
-    for o, row_in, row_out in zip(starts[:64].tolist(), batch.inputs.tolist(),
-                                  batch.targets.tolist()):
-        assert bytes(row_in + row_out[-1:]) == raw[o: o + 17]
+    for o, row_in, row_out in zip(
+        starts[:64].tolist(), batch.inputs.tolist(), batch.targets.tolist()
+    ):
+        assert bytes(row_in + row_out[-1:]) == raw[o : o + 17]
     fixed = val.fixed_starts(8)
     assert fixed[0] == split and fixed[-1] == 1000 - 17 and len(fixed) == 8
     assert np.array_equal(fixed, val.fixed_starts(8))  # the same windows every time
@@ -189,7 +192,7 @@ def test_text_nll_is_the_mean_over_every_target_of_the_windows(tmp_path):
     data = ByteDataset(path, seq_len=10)
     logp = torch.log_softmax(torch.randn(256, generator=torch.Generator().manual_seed(0)), 0)
     starts = data.fixed_starts(7)
-    expected = np.mean([-float(logp[b]) for o in starts.tolist() for b in raw[o + 1: o + 11]])
+    expected = np.mean([-float(logp[b]) for o in starts.tolist() for b in raw[o + 1 : o + 11]])
     model = ByteUnigram(logp).train()
     assert text_nll(model, data, starts, batch_size=3) == pytest.approx(expected, rel=1e-6)
     assert model.training
@@ -220,18 +223,21 @@ def test_bad_text_config_names_the_data_field(tmp_path):
     path, _ = _corpus(tmp_path, 100)
     short, _ = _corpus(tmp_path, 5, "short.txt")
     base = ["data.kind=text", f"data.path={path}", "data.seq_len=8"]
-    for extra, field in [(["data.val_fraction=1.5"], "data.val_fraction"),
-                         (["data.val_fraction=0"], "data.val_fraction"),
-                         ([f"data.val_path={path}", "data.val_fraction=0.5"],
-                          "data.val_fraction"),
-                         (["data.kind=facts", "data.val_fraction=0.5"], "data.val_fraction"),
-                         (["data.kind=facts", f"data.val_path={path}"], "data.val_path")]:
+    for extra, field in [
+        (["data.val_fraction=1.5"], "data.val_fraction"),
+        (["data.val_fraction=0"], "data.val_fraction"),
+        ([f"data.val_path={path}", "data.val_fraction=0.5"], "data.val_fraction"),
+        (["data.kind=facts", "data.val_fraction=0.5"], "data.val_fraction"),
+        (["data.kind=facts", f"data.val_path={path}"], "data.val_path"),
+    ]:
         with pytest.raises(InvalidArgument) as e:
             tr.load_config(None, base + extra)
         assert e.value.field == field
-    for extra, field in [([f"data.path={tmp_path / 'nope.txt'}"], "data.path"),
-                         ([f"data.val_path={short}"], "data.val_path"),
-                         (["data.val_fraction=0.05"], "data.val_fraction")]:
+    for extra, field in [
+        ([f"data.path={tmp_path / 'nope.txt'}"], "data.path"),
+        ([f"data.val_path={short}"], "data.val_path"),
+        (["data.val_fraction=0.05"], "data.val_fraction"),
+    ]:
         with pytest.raises(InvalidArgument) as e:
             tr.StepData(tr.load_config(None, base + extra))
         assert e.value.field == field
@@ -242,10 +248,21 @@ def test_training_reports_train_and_validation_bits_per_byte(tmp_path):
     path = tmp_path / "code.py"
     path.write_text(text)
     configs = Path(__file__).resolve().parents[2] / "trainer" / "configs"
-    args = tr.load_config(configs / "tiny.yaml", [
-        f"run_dir={tmp_path / 'run'}", "progress=false", "data.kind=text",
-        f"data.path={path}", "data.seq_len=8", "data.val_fraction=0.2",
-        "data.eval_windows=16", "steps=4", "eval_every=2", "checkpoint_every=0"])
+    args = tr.load_config(
+        configs / "tiny.yaml",
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "progress=false",
+            "data.kind=text",
+            f"data.path={path}",
+            "data.seq_len=8",
+            "data.val_fraction=0.2",
+            "data.eval_windows=16",
+            "steps=4",
+            "eval_every=2",
+            "checkpoint_every=0",
+        ],
+    )
     result = tr.train(args)
     with open(Path(args.run_dir) / tr.METRICS, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]

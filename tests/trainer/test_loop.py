@@ -15,8 +15,9 @@ from .helpers import config, metrics
 
 @pytest.mark.parametrize("name", ["tiny", "facts-memory", "facts-dense"])
 def test_every_config_trains_a_few_steps(tmp_path, name):
-    args = config(name, tmp_path, "workers=0", "steps=3", "warmup=1", "eval_every=0",
-                  "checkpoint_every=0")
+    args = config(
+        name, tmp_path, "workers=0", "steps=3", "warmup=1", "eval_every=0", "checkpoint_every=0"
+    )
     result = train(args)
     rows = metrics(args.run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -25,8 +26,9 @@ def test_every_config_trains_a_few_steps(tmp_path, name):
     assert 0.0 <= result["eval"]["recall"] <= 1.0
     assert (Path(args.run_dir) / PLOT).stat().st_size > 0
     written = load_config(Path(args.run_dir) / "config.yaml")
-    assert written.model_args(1).to_dict() | {"vocab_size": 1} == \
-        args.model_args(1).to_dict() | {"vocab_size": 1}
+    assert written.model_args(1).to_dict() | {"vocab_size": 1} == args.model_args(1).to_dict() | {
+        "vocab_size": 1
+    }
 
 
 def test_tiny_learns(tmp_path):
@@ -39,8 +41,16 @@ def test_tiny_learns(tmp_path):
 def test_text_data(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    args = config("tiny", tmp_path, "data.kind=text", f"data.path={text}", "data.seq_len=8",
-                  "steps=3", "eval_every=0", "checkpoint_every=0")
+    args = config(
+        "tiny",
+        tmp_path,
+        "data.kind=text",
+        f"data.path={text}",
+        "data.seq_len=8",
+        "steps=3",
+        "eval_every=0",
+        "checkpoint_every=0",
+    )
     result = train(args)
     assert result["eval"]["bits_per_byte"] > 0
     assert metrics(args.run_dir)[-1]["tokens"] == 3 * args.batch_size * 8
@@ -58,7 +68,9 @@ def test_outputs_of_a_run(tmp_path):
     assert (run / PLOT).read_bytes()[:4] == b"\x89PNG"
     assert checkpoint.checkpoint_steps(run, ["memory"]) == [0, 4, 8, 12]
     assert sorted(p.name for p in (run / "checkpoints" / "step-000000004").iterdir()) == [
-        "model.pt", "store.json"]
+        "model.pt",
+        "store.json",
+    ]
     assert not result["stopped"] and result["start"] == 0
 
 

@@ -14,13 +14,18 @@ ARGS = MemoryLayerArgs(dim=8, heads=1, k=2, n_keys=4, key_dim=4)
 
 def test_push_ids_are_distinct_for_every_backward_of_a_step_and_fill_the_count():
     world, layers, micro = 3, 2, 4
-    ids = [push_id(r, i, m, layers=layers, micro_batches=micro)
-           for r, i, m in itertools.product(range(world), range(layers), range(micro))]
+    ids = [
+        push_id(r, i, m, layers=layers, micro_batches=micro)
+        for r, i, m in itertools.product(range(world), range(layers), range(micro))
+    ]
     assert sorted(ids) == list(range(pushes_per_step(world, layers, micro)))
     assert push_id(2, 1, 3, layers=2, micro_batches=4) == (2 * 4 + 3) * 2 + 1
-    for kwargs, field in [({"rank": -1}, "rank"), ({"rank": 0, "layer": 2, "layers": 2}, "layer"),
-                          ({"rank": 0, "micro_batch": 1}, "micro_batch"),
-                          ({"rank": 0, "layers": 0}, "layers")]:
+    for kwargs, field in [
+        ({"rank": -1}, "rank"),
+        ({"rank": 0, "layer": 2, "layers": 2}, "layer"),
+        ({"rank": 0, "micro_batch": 1}, "micro_batch"),
+        ({"rank": 0, "layers": 0}, "layers"),
+    ]:
         with pytest.raises(InvalidArgument) as e:
             push_id(**kwargs)
         assert e.value.field == field
@@ -31,8 +36,11 @@ def test_push_ids_are_distinct_for_every_backward_of_a_step_and_fill_the_count()
 def test_memory_pushes_number_the_layers_of_each_table_and_tag_the_step():
     shared = memstore.ShardTable(16, 8)
     own = memstore.ShardTable(16, 8)
-    layers = [MemoryLayer(ARGS, table=shared), MemoryLayer(ARGS, table=own),
-              MemoryLayer(ARGS, table=shared)]
+    layers = [
+        MemoryLayer(ARGS, table=shared),
+        MemoryLayer(ARGS, table=own),
+        MemoryLayer(ARGS, table=shared),
+    ]
     pushes = MemoryPushes(layers, rank=1, micro_batches=2)
     pushes.set_step(2, micro_batch=1, value_lr=0.1)
     # shared: 2 layers, so rank 1 micro-batch 1 is slot 3 of 2: ids 6 and 7; own: slot 3

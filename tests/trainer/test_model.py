@@ -15,8 +15,18 @@ from trainer.model import (
     table_specs,
 )
 
-TINY = dict(vocab_size=50, dim=32, n_layers=3, n_heads=2, max_seq_len=16, memory_layers=[0, 2],
-            mem_heads=2, mem_k=4, mem_n_keys=8, mem_key_dim=16)
+TINY = dict(
+    vocab_size=50,
+    dim=32,
+    n_layers=3,
+    n_heads=2,
+    max_seq_len=16,
+    memory_layers=[0, 2],
+    mem_heads=2,
+    mem_k=4,
+    mem_n_keys=8,
+    mem_key_dim=16,
+)
 
 
 def tiny(**overrides) -> ModelArgs:
@@ -84,14 +94,13 @@ def test_shared_pool_is_one_table_and_per_layer_tables_are_distinct():
     separate = Transformer(tiny(shared_memory=False, mem_value_dim=24))
     assert separate.table_specs() == {"memory.0": (64, 24), "memory.2": (64, 24)}
     tables = separate.value_tables()
-    assert [m.table for m in separate.memory_layers()] == [tables["memory.0"],
-                                                                   tables["memory.2"]]
+    assert [m.table for m in separate.memory_layers()] == [tables["memory.0"], tables["memory.2"]]
     assert not torch.equal(tables["memory.0"].values, tables["memory.2"].values)
 
 
 def test_shared_pool_applies_the_row_gradients_of_every_layer():
     args = tiny()
-    (rows, dim), = table_specs(args).values()
+    ((rows, dim),) = table_specs(args).values()
     recording = RecordingTable(ShardTable(rows, dim, optimizer=memstore.SGD(lr=1.0)))
     model = Transformer(args, tables={"memory": recording})
     before = recording.table.values.clone()
@@ -99,8 +108,9 @@ def test_shared_pool_applies_the_row_gradients_of_every_layer():
     assert recording.table.pushes(1) == [0, 1]  # one push id per memory layer
     recording.step(1)
     assert recording.table.stats()["duplicate_pushes"] == 0
-    torch.testing.assert_close(before - recording.table.values, recording.grad,
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        before - recording.table.values, recording.grad, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_each_rank_pushes_under_its_own_push_ids():
@@ -138,12 +148,18 @@ def test_config_rejects_unknown_keys_and_bad_values():
     assert e.value.field == "model"
     assert e.value.got == "unknown keys model.memory_slots, model.n_head"
     assert ModelArgs.from_dict(tiny().to_dict()) == tiny()
-    bad = [({"n_heads": 3}, "n_heads"), ({"dim": 0}, "dim"), ({"memory_layers": [3]},
-           "memory_layers"), ({"memory_layers": [1, 1]}, "memory_layers"),
-           ({"mem_k": 65}, "mem_k"), ({"mem_key_dim": 15}, "mem_key_dim"),
-           ({"memory_plus": False, "mem_value_dim": 16}, "mem_value_dim"),
-           ({"value_lr": 0.0}, "value_lr"), ({"vocab_size": True}, "vocab_size"),
-           ({"layer_ffn_hidden": [8, 8]}, "layer_ffn_hidden")]
+    bad = [
+        ({"n_heads": 3}, "n_heads"),
+        ({"dim": 0}, "dim"),
+        ({"memory_layers": [3]}, "memory_layers"),
+        ({"memory_layers": [1, 1]}, "memory_layers"),
+        ({"mem_k": 65}, "mem_k"),
+        ({"mem_key_dim": 15}, "mem_key_dim"),
+        ({"memory_plus": False, "mem_value_dim": 16}, "mem_value_dim"),
+        ({"value_lr": 0.0}, "value_lr"),
+        ({"vocab_size": True}, "vocab_size"),
+        ({"layer_ffn_hidden": [8, 8]}, "layer_ffn_hidden"),
+    ]
     for overrides, field in bad:
         with pytest.raises(InvalidArgument) as e:
             tiny(**overrides)
@@ -168,8 +184,10 @@ def test_loss_counts_only_the_masked_positions():
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[0, 2] = mask[1, 5] = True
     logits = model(inputs)
-    expected = (torch.nn.functional.cross_entropy(logits[0, 2], targets[0, 2])
-                + torch.nn.functional.cross_entropy(logits[1, 5], targets[1, 5])) / 2
+    expected = (
+        torch.nn.functional.cross_entropy(logits[0, 2], targets[0, 2])
+        + torch.nn.functional.cross_entropy(logits[1, 5], targets[1, 5])
+    ) / 2
     torch.testing.assert_close(model.loss(Batch(inputs, targets, mask)), expected)
     full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     torch.testing.assert_close(model.loss(Batch(inputs, targets)), full)
@@ -178,8 +196,14 @@ def test_loss_counts_only_the_masked_positions():
 @pytest.mark.parametrize("shared", [True, False])
 def test_a_few_steps_reduce_the_loss_on_facts(shared):
     corpus = FactsCorpus(entities=32, attributes=2, values=8, seed=0)
-    args = tiny(vocab_size=corpus.vocab_size, n_layers=2, memory_layers=[0, 1],
-                shared_memory=shared, value_lr=1e-2, max_seq_len=2)
+    args = tiny(
+        vocab_size=corpus.vocab_size,
+        n_layers=2,
+        memory_layers=[0, 1],
+        shared_memory=shared,
+        value_lr=1e-2,
+        max_seq_len=2,
+    )
     model = Transformer(args)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batches = corpus.batches(64, seed=0)

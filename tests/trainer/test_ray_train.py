@@ -40,10 +40,17 @@ def ray_whole(tmp_path_factory, ray_local):
     stepping on the last of 2 pushes (2 workers x 1 memory layer)."""
     tmp = tmp_path_factory.mktemp("ray")
     args = config("tiny", tmp, "workers=2", "store.name=t-whole", "store.connect=true")
-    (rows, dim), = table_specs(args.model_args(StepData(args).vocab_size)).values()
-    table = memstore.create_table("t-whole-memory", rows, dim, shards=2, seed=args.seed + 1,
-                                  optimizer=memstore.Adam(lr=args.value_lr),
-                                  pushes_per_step=2, step_on_push=True)
+    ((rows, dim),) = table_specs(args.model_args(StepData(args).vocab_size)).values()
+    table = memstore.create_table(
+        "t-whole-memory",
+        rows,
+        dim,
+        shards=2,
+        seed=args.seed + 1,
+        optimizer=memstore.Adam(lr=args.value_lr),
+        pushes_per_step=2,
+        step_on_push=True,
+    )
     try:
         before = table.fingerprints()
         result = train(args)
@@ -68,10 +75,11 @@ def test_ray_train_workers_match_in_process(tmp_path, ray_whole):
     assert result["start"] == 0 and not result["stopped"]
 
 
-def test_an_existing_table_of_another_shape_is_refused_before_any_worker_starts(tmp_path,
-                                                                               ray_local):
+def test_an_existing_table_of_another_shape_is_refused_before_any_worker_starts(
+    tmp_path, ray_local
+):
     args = config("tiny", tmp_path, "workers=2", "store.name=t-ext", "store.connect=true")
-    (rows, dim), = table_specs(args.model_args(StepData(args).vocab_size)).values()
+    ((rows, dim),) = table_specs(args.model_args(StepData(args).vocab_size)).values()
     memstore.create_table("t-ext-memory", rows, dim + 1, shards=1)
     try:
         with pytest.raises(InvalidArgument, match="store.connect"):
@@ -104,8 +112,7 @@ def test_a_killed_worker_restarts_the_run_from_its_checkpoint(tmp_path, ray_whol
         memstore.connect("t-wkill-memory")
 
 
-def test_a_killed_shard_rolls_the_run_back_to_the_same_step_of_model_and_store(tmp_path,
-                                                                              ray_whole):
+def test_a_killed_shard_rolls_the_run_back_to_the_same_step_of_model_and_store(tmp_path, ray_whole):
     """A shard is killed after step 6: it restarts from the store checkpoint of step 4,
     a worker's next call raises StoreRolledBack(4), Ray Train restarts the workers from
     the checkpoint of step 4, whose store checkpoint rank 0 reloads. After a stop and a
@@ -119,8 +126,10 @@ def test_a_killed_shard_rolls_the_run_back_to_the_same_step_of_model_and_store(t
 
         if step == 6 and rank == 0 and not marker.exists():
             marker.touch()
-            ray.kill(ray.get_actor(shard_name("t-skill-memory", 0, 0), namespace=NAMESPACE),
-                     no_restart=False)
+            ray.kill(
+                ray.get_actor(shard_name("t-skill-memory", 0, 0), namespace=NAMESPACE),
+                no_restart=False,
+            )
 
     cut = config("tiny", tmp_path, "workers=2", "store.name=t-skill")
     result = train(cut, on_step=kill_a_shard, stop_after=10)  # then the job is "killed"
@@ -134,8 +143,9 @@ def test_a_killed_shard_rolls_the_run_back_to_the_same_step_of_model_and_store(t
 
 
 def test_the_example_trains_memory_layers_in_its_own_ray_train_job(tmp_path, ray_local):
-    spec = importlib.util.spec_from_file_location("ray_train_memory",
-                                                  REPO / "examples" / "ray_train_memory.py")
+    spec = importlib.util.spec_from_file_location(
+        "ray_train_memory", REPO / "examples" / "ray_train_memory.py"
+    )
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     accuracy = example.main(workers=2, steps=60, storage_path=str(tmp_path))

@@ -38,8 +38,7 @@ def test_a_step_is_the_masked_mean_loss_clipped_adamw_and_the_state_round_trips(
     logits = reference.model(batch.inputs)
     nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
     mask = batch.mask.flatten().float()
-    assert out["loss"] == pytest.approx(float((nll * mask).sum().detach() / mask.sum()),
-                                        rel=1e-6)
+    assert out["loss"] == pytest.approx(float((nll * mask).sum().detach() / mask.sum()), rel=1e-6)
     assert out["tokens"] == batch.inputs.numel() and out["lr"] == lr_at(args, 1)
     state = replica.state()
     again = Replica(args)
@@ -50,9 +49,15 @@ def test_a_step_is_the_masked_mean_loss_clipped_adamw_and_the_state_round_trips(
 
 
 def test_a_peer_with_its_own_value_group_steps_its_values_at_the_value_lr(tmp_path):
-    pytest.importorskip("product_key_memory")
-    args = config("tiny", tmp_path, "model.pkm_peer=true", "model.memory_plus=false",
-                  "model.pkm_value_group=true", "value_schedule=constant", "value_lr=0.05")
+    args = config(
+        "tiny",
+        tmp_path,
+        "model.pkm_peer=true",
+        "model.memory_plus=false",
+        "model.pkm_value_group=true",
+        "value_schedule=constant",
+        "value_lr=0.05",
+    )
     replica = Replica(args)
     (values,) = replica.model.peer_values()
     groups = replica.opt.param_groups

@@ -27,8 +27,9 @@ def path(name_or_path: str | os.PathLike) -> Path:
     built-in config of that name (``.yaml`` optional); anything else raises
     :class:`InvalidArgument` listing the built-in names."""
     if isinstance(name_or_path, bool) or not isinstance(name_or_path, (str, os.PathLike)):
-        raise InvalidArgument("config", "a file path or a built-in config name",
-                              type(name_or_path).__name__)
+        raise InvalidArgument(
+            "config", "a file path or a built-in config name", type(name_or_path).__name__
+        )
     given = Path(name_or_path)
     if given.is_file():
         return given
@@ -36,6 +37,7 @@ def path(name_or_path: str | os.PathLike) -> Path:
     stem = name.removesuffix(SUFFIX)
     builtin = names()
     if stem not in builtin:
-        raise InvalidArgument("config", f"an existing file or a built-in config name, one "
-                              f"of {builtin}", name)
+        raise InvalidArgument(
+            "config", f"an existing file or a built-in config name, one of {builtin}", name
+        )
     return FOLDER / f"{stem}{SUFFIX}"
