@@ -195,7 +195,7 @@ def local_cluster(s3):
         )
         left = _processes_of([local_dir + "/", f"--address={cluster['address']} "])
         for marker in (local_dir + "/", f"--address={cluster['address']} "):
-            subprocess.run(["pkill", "-9", "-f", marker], check=False)
+            subprocess.run(["pkill", "-9", "-f", "--", marker], check=False)
         shutil.rmtree(local_dir, ignore_errors=True)
         # A process stop-local.sh missed is a failure even after the test failed.
         assert not left, f"stop-local.sh left {left}: {stopped.stderr[-2000:]}"
