@@ -9,6 +9,9 @@ import torch
 
 # Keep every Ray instance the tests start on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# A GCS starting beside another test process on 2 busy cores can take longer than
+# Ray's default 30 s to write its port file.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
 
 
 @pytest.fixture(autouse=True)
