@@ -65,8 +65,7 @@ S3_CREDENTIALS = {
 RAY_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
 SERVER_THREADS = 2  # each thread of `memstore serve` keeps its own table handle
 
-# Its own run is about a minute; it may first wait for the other raylet tests (conftest).
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
 
 def _free_gcs_port() -> int:

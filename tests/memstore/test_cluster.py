@@ -161,7 +161,7 @@ def _free_head() -> tuple[str, int]:
     pytest.skip("no free loopback address for a local cluster")
 
 
-@pytest.mark.timeout(300)  # may first wait for the other raylet tests (conftest)
+@pytest.mark.timeout(150)
 def test_start_local_script_runs_a_two_raylet_cluster():
     """start-local.sh starts a head and a worker raylet (real `ray start`), a driver in
     another process joins through RAY_ADDRESS, its 2 shards land on the two raylets, and
