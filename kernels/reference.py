@@ -6,6 +6,8 @@ Triton) are tested against these on random inputs; when they disagree, these win
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -99,6 +101,26 @@ def rowwise_adagrad_step_reference(values, state_sum, rows, grads, *, lr, eps):
     _write_rows(values, rows, v - lr * grads / (s.sqrt() + eps)[:, None])
 
 
+def adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled) -> tuple[float, ...]:
+    """The per-step scalars of lazy Adam, computed once on the host in float64 and shared
+    by every implementation: (beta1, beta2, 1 - beta1, 1 - beta2, step size with both
+    bias corrections, eps term, decoupled weight-decay shrink)."""
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    step_size = lr * math.sqrt(bc2) / bc1
+    eps_term = eps * math.sqrt(bc2) if decoupled else eps
+    shrink = 1 - lr * weight_decay if decoupled else 1.0
+    return (
+        float(beta1),
+        float(beta2),
+        1.0 - beta1,
+        1.0 - beta2,
+        float(step_size),
+        float(eps_term),
+        float(shrink),
+    )
+
+
 def adam_step_reference(
     values,
     exp_avg,
@@ -121,15 +143,14 @@ def adam_step_reference(
     first shrink by lr·weight_decay, and eps is scaled by sqrt(1 - beta2^step) as
     AdamW does. ``step`` is the 1-based count of optimizer steps of the table.
     """
+    _, _, omb1, omb2, step_size, eps_term, shrink = adam_scalars(
+        step, lr, beta1, beta2, eps, weight_decay, decoupled
+    )
     v = values[rows].float()
     if decoupled:
-        v = v * (1 - lr * weight_decay)
-    m = exp_avg[rows] * beta1 + (1 - beta1) * grads
-    s = exp_avg_sq[rows] * beta2 + (1 - beta2) * grads * grads
+        v = v * shrink
+    m = exp_avg[rows] * beta1 + omb1 * grads
+    s = exp_avg_sq[rows] * beta2 + omb2 * grads * grads
     exp_avg[rows] = m
     exp_avg_sq[rows] = s
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    step_size = lr * (bc2**0.5) / bc1
-    eps_term = eps * (bc2**0.5) if decoupled else eps
     _write_rows(values, rows, v - step_size * m / (s.sqrt() + eps_term))

@@ -8,7 +8,6 @@ their optimizer state, are left alone (the "lazy" semantics of SparseAdam).
 from __future__ import annotations
 
 import ctypes
-import math
 
 import torch
 
@@ -16,6 +15,7 @@ from . import _native
 from ._dispatch import TRITON_DTYPES, cuda_impl, native_ok, record
 from .reference import (
     adagrad_step_reference,
+    adam_scalars,
     adam_step_reference,
     rowwise_adagrad_step_reference,
     sgd_step_reference,
@@ -194,11 +194,6 @@ def adam_step(
         return impl(values, exp_avg, exp_avg_sq, rows, grads, **kwargs)
     if not _cpu_path("adam_step", values, rows, grads):
         return adam_step_reference(values, exp_avg, exp_avg_sq, rows, _dense(grads), **kwargs)
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    step_size = lr * math.sqrt(bc2) / bc1
-    eps_term = eps * math.sqrt(bc2) if decoupled else eps
-    shrink = 1 - lr * weight_decay if decoupled else 1.0
     view = c_view(grads)
     _native.parallel_for(
         _native.typed("adam", values.dtype),
@@ -210,11 +205,5 @@ def adam_step(
         rows.data_ptr(),
         ctypes.addressof(view),
         values.shape[1],
-        beta1,
-        beta2,
-        1.0 - beta1,
-        1.0 - beta2,
-        step_size,
-        eps_term,
-        shrink,
+        *adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled),
     )

@@ -13,13 +13,12 @@ one slot of weight 1 per row.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from .._dispatch import register_cuda
+from ..reference import adam_scalars
 from ..row_grads import SparseRowGrads
 from .bag import (
     _BLOCK_M,
@@ -391,24 +390,6 @@ def rowwise_adagrad_step_triton(values, state_sum, rows, grads, *, lr, eps) -> N
     )
 
 
-def _adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled):
-    """Host-side bias corrections, exactly as the reference (float64, then to the kernel)."""
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    step_size = lr * math.sqrt(bc2) / bc1
-    eps_term = eps * math.sqrt(bc2) if decoupled else eps
-    shrink = 1 - lr * weight_decay if decoupled else 1.0
-    return (
-        float(beta1),
-        float(beta2),
-        1.0 - beta1,
-        1.0 - beta2,
-        float(step_size),
-        float(eps_term),
-        float(shrink),
-    )
-
-
 @register_cuda("adam_step")
 def adam_step_triton(
     values,
@@ -426,7 +407,7 @@ def adam_step_triton(
     decoupled=False,
 ) -> None:
     """Lazy Adam (SparseAdam) or, with ``decoupled``, AdamW on the touched rows."""
-    scalars = _adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
+    scalars = adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
     _launch(_adam_fwd_kernel, values, (exp_avg, exp_avg_sq), rows, grads, scalars)
 
 
@@ -482,7 +463,7 @@ def bag_backward_adam_step(
         BLOCK_M=_BLOCK_M,
         BLOCK_D=BLOCK_D,
     )
-    scalars = _adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
+    scalars = adam_scalars(step, lr, beta1, beta2, eps, weight_decay, decoupled)
     _bag_bwd_adam_kernel[_grid(rows, dim)](
         values,
         exp_avg,
