@@ -54,21 +54,27 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks._experiment import (
+    MODELS,
+    at_seconds,
+    check_equal_macs,
+    check_fair,
+    parameters,
+    per_token_macs,
+    train_models,
+    write_summary,
+)
 from trainer import configs as builtin
 from trainer.config import load_config
 from trainer.data import FactsCorpus
-from trainer.model import Transformer, ffn_slot_macs, table_specs
 
-MODELS = ("dense", "memory", "pkm")
 TARGET_TOKENS = 2.0  # memory recall / dense recall at equal tokens
 TARGET_TIME = 1.5  # ... at equal training time
 FULL_RECALL = 0.99  # "the dense model does not reach full recall"
@@ -83,30 +89,6 @@ PEER_RUNS_APART = {"workers", "threads_per_worker", "store", "run_dir"}
 def configs(quick: bool) -> dict[str, Path]:
     prefix = "facts-small-" if quick else "facts-"
     return {name: builtin.path(f"{prefix}{name}") for name in MODELS}
-
-
-def check_fair(args: dict) -> None:
-    """Same data, batches, schedule and steps; the dense side is the dense equivalent
-    of the memory side's model."""
-    d, m = args["dense"].to_dict(), args["memory"].to_dict()
-    if not args["dense"].dense_equivalent or args["memory"].dense_equivalent:
-        raise SystemExit("the dense config needs dense_equivalent: true, the memory one not")
-    same = (
-        "model",
-        "data",
-        "steps",
-        "batch_size",
-        "lr",
-        "warmup",
-        "min_lr",
-        "weight_decay",
-        "grad_clip",
-        "seed",
-        "workers",
-    )
-    diff = [k for k in same if d[k] != m[k]]
-    if diff:
-        raise SystemExit(f"dense and memory configs differ in {diff}: not a fair comparison")
 
 
 def check_peer(args: dict) -> None:
@@ -125,70 +107,6 @@ def check_peer(args: dict) -> None:
     ]
     if diff:
         raise SystemExit(f"pkm and memory configs differ in {sorted(diff)}: not a fair comparison")
-
-
-def per_token_macs(margs) -> dict:
-    """Multiply-adds per token of the forward pass (attention context mixing at this
-    sequence length of 2 is negligible and the same on both sides)."""
-    attn = 4 * margs.dim * margs.dim
-    slots = sum(ffn_slot_macs(margs, i) for i in range(margs.n_layers))
-    out = margs.dim * margs.vocab_size
-    return {"total": margs.n_layers * attn + slots + out, "ffn_slots": slots}
-
-
-def parameters(margs) -> dict:
-    """Dense parameters and value rows × width; the peer's values are dense parameters
-    of its model but counted as values here."""
-    model = Transformer(margs)
-    total = sum(p.numel() for p in model.parameters())
-    if margs.pkm_peer:
-        values = sum(p.numel() for p in model.peer_values())
-        return {"dense": total - values, "values": values}
-    return {"dense": total, "values": sum(r * c for r, c in table_specs(margs).values())}
-
-
-def run(name: str, config: Path, run_dir: Path, overrides: list[str]) -> float:
-    """Train one model in a subprocess (in the current folder); its wall seconds."""
-    # A benchmark rerun starts each model afresh in its run directory.
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainer.train",
-        "--config",
-        str(config),
-        "--overwrite",
-        "--set",
-        f"run_dir={run_dir}",
-        *(arg for o in overrides for arg in ("--set", o)),
-    ]
-    print(f"\n## {name}: {' '.join(cmd[1:])}", flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t0
-
-
-def curve(run_dir: Path, keys: tuple[str, ...] = ("recall", "nll")) -> dict[str, np.ndarray]:
-    """A run's evaluations from its metrics.jsonl: step, tokens, seconds and the
-    ``eval`` entries ``keys``, one value per evaluation; the median step in ms; and the
-    run's totals."""
-    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    evals = [r for r in rows if "eval" in r]
-    step_seconds = np.diff([r["seconds"] for r in rows if "seconds" in r])
-    return {
-        "step": np.array([r["step"] for r in evals], dtype=float),
-        "step_ms": 1000 * float(np.median(step_seconds)) if len(step_seconds) else 0.0,
-        "tokens": np.array([r["tokens"] for r in evals], dtype=float),
-        "seconds": np.array([r["seconds"] for r in evals]),
-        **{k: np.array([r["eval"][k] for r in evals]) for k in keys},
-        "total_seconds": rows[-1]["seconds"],
-        "total_tokens": rows[-1]["tokens"],
-    }
-
-
-def at_seconds(c: dict, t: float, key: str) -> float:
-    """c[key] at training time t, linear between evaluations (t within the run)."""
-    return float(np.interp(t, c["seconds"], c[key]))
 
 
 def first_reaching(c: dict, mark: float) -> dict | None:
@@ -408,18 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     args, margs = load_runs(paths, ns.set)
     macs = {name: per_token_macs(m) for name, m in margs.items()}
     params = {name: parameters(m) for name, m in margs.items()}
-    rel = abs(macs["dense"]["ffn_slots"] / macs["memory"]["ffn_slots"] - 1)
-    if rel > 0.01:
-        raise SystemExit(f"per-token FFN multiply-adds of dense and memory differ by {rel:.1%}")
+    check_equal_macs(macs)
 
     load = {"before": os.getloadavg()}
     started = time.perf_counter()
-    wall, curves = {}, {}
-    for name in MODELS:
-        wall[name] = run(name, paths[name], out / name, ns.set)
-        curves[name] = curve(out / name)
-    if len({c["total_tokens"] for c in curves.values()}) != 1:
-        raise SystemExit("the runs saw different numbers of tokens")
+    wall, curves = train_models(paths, out, ns.set, ("recall", "nll"))
     res, t_eq, shortest = results(curves, wall)
     d = args["memory"].data
     title = (
@@ -438,23 +349,21 @@ def main(argv: list[str] | None = None) -> int:
         f"the machine inflate the seconds, not the steps). Plots: {plots['tokens']}, "
         f"{plots['seconds']}"
     )
-    with open(out / "summary.json", "w", encoding="utf-8") as f:
-        json.dump(
-            {
-                "quick": ns.quick,
-                "configs": {k: str(v) for k, v in paths.items()},
-                "overrides": ns.set,
-                "T_seconds": t_eq,
-                "results": res,
-                "macs_per_token": macs,
-                "parameters": params,
-                **verdict,
-                "load_average": load,
-                "wall_seconds": total_wall,
-            },
-            f,
-            indent=2,
-        )
+    write_summary(
+        out / "summary.json",
+        {
+            "quick": ns.quick,
+            "configs": {k: str(v) for k, v in paths.items()},
+            "overrides": ns.set,
+            "T_seconds": t_eq,
+            "results": res,
+            "macs_per_token": macs,
+            "parameters": params,
+            **verdict,
+            "load_average": load,
+            "wall_seconds": total_wall,
+        },
+    )
     return 0
 
 

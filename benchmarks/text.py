@@ -46,20 +46,26 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import argparse
-import json
 import sys
 import sysconfig
 import time
 from pathlib import Path
 
-from benchmarks.facts import at_seconds, check_fair, curve, per_token_macs, run
+from benchmarks._experiment import (
+    MODELS,
+    at_seconds,
+    check_equal_macs,
+    check_fair,
+    parameters,
+    per_token_macs,
+    train_models,
+    write_summary,
+)
+from trainer import configs as builtin
 from trainer.data import ByteDataset
-from trainer.model import Transformer, table_specs
 from trainer.train import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "trainer" / "configs"
-MODELS = ("dense", "memory", "pkm")
 TARGET_VS_DENSE = 0.10  # memory's validation bpb at least 10% below the dense twin's
 EVAL_KEYS = ("train_bits_per_byte", "val_bits_per_byte")
 # The model fields the PKM peer may change (trainer.model.ModelArgs): the layer itself.
@@ -91,7 +97,7 @@ def stdlib_corpus(path: Path) -> Path:
 
 def configs(quick: bool) -> dict[str, Path]:
     prefix = "text-small-" if quick else "text-"
-    return {name: CONFIGS / f"{prefix}{name}.yaml" for name in MODELS}
+    return {name: builtin.path(f"{prefix}{name}") for name in MODELS}
 
 
 def check_peer(args: dict) -> None:
@@ -120,17 +126,6 @@ def check_peer(args: dict) -> None:
     ]
     if diff:
         raise SystemExit(f"pkm and memory configs differ in {sorted(diff)}: not a fair comparison")
-
-
-def parameters(margs) -> dict:
-    """Dense parameters and value rows × width; the peer's values are dense parameters
-    of the model but counted as values here."""
-    model = Transformer(margs)
-    total = sum(p.numel() for p in model.parameters())
-    if margs.pkm_peer:
-        values = len(margs.memory_layers) * margs.mem_n_keys**2 * margs.dim
-        return {"dense": total - values, "values": values}
-    return {"dense": total, "values": sum(r * c for r, c in table_specs(margs).values())}
 
 
 def plot(curves: dict, x: str, path: Path, title: str) -> None:
@@ -221,9 +216,7 @@ def report(ns, args, margs, paths, res, macs, params, t_eq, shortest) -> dict:
         f"{d.val_fraction:g} held out; {d.eval_windows} fixed windows per evaluation.\n"
     )
     for name in MODELS:
-        print(
-            f"- **{name}** (`{paths[name].relative_to(ROOT)}`): {describe(args[name], margs[name])}"
-        )
+        print(f"- **{name}** (`{paths[name].name}`): {describe(args[name], margs[name])}")
     print(
         "\n| model | params (dense + values) | MACs/token | tokens | train s | s/step "
         "| wall s | train bpb | val bpb (equal tokens) | val bpb @ T (equal time) |"
@@ -297,17 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     margs = {name: a.model_args(ByteDataset.vocab_size) for name, a in args.items()}
     macs = {name: per_token_macs(m) for name, m in margs.items()}
     params = {name: parameters(m) for name, m in margs.items()}
-    rel = abs(macs["dense"]["ffn_slots"] / macs["memory"]["ffn_slots"] - 1)
-    if rel > 0.01:
-        raise SystemExit(f"per-token FFN multiply-adds of dense and memory differ by {rel:.1%}")
+    check_equal_macs(macs)
 
     started = time.perf_counter()
-    wall, curves = {}, {}
-    for name in MODELS:
-        wall[name] = run(name, paths[name], out / name, overrides)
-        curves[name] = curve(out / name, EVAL_KEYS)
-    if len({c["total_tokens"] for c in curves.values()}) != 1:
-        raise SystemExit("the runs saw different numbers of tokens")
+    wall, curves = train_models(paths, out, overrides, EVAL_KEYS)
     steps = args["memory"].steps
     res, t_eq, shortest = results(curves, wall, steps)
     title = (
@@ -320,24 +306,22 @@ def main(argv: list[str] | None = None) -> int:
     verdict = report(ns, args, margs, paths, res, macs, params, t_eq, shortest)
     total_wall = time.perf_counter() - started
     print(f"All runs: {total_wall:.0f} s wall. Plots: {plots['tokens']}, {plots['seconds']}")
-    with open(out / "summary.json", "w", encoding="utf-8") as f:
-        json.dump(
-            {
-                "quick": ns.quick,
-                "corpus": str(corpus),
-                "corpus_bytes": os.path.getsize(corpus),
-                "configs": {k: str(v) for k, v in paths.items()},
-                "overrides": ns.set,
-                "T_seconds": t_eq,
-                "results": res,
-                "macs_per_token": macs,
-                "parameters": params,
-                **verdict,
-                "wall_seconds": total_wall,
-            },
-            f,
-            indent=2,
-        )
+    write_summary(
+        out / "summary.json",
+        {
+            "quick": ns.quick,
+            "corpus": str(corpus),
+            "corpus_bytes": os.path.getsize(corpus),
+            "configs": {k: str(v) for k, v in paths.items()},
+            "overrides": ns.set,
+            "T_seconds": t_eq,
+            "results": res,
+            "macs_per_token": macs,
+            "parameters": params,
+            **verdict,
+            "wall_seconds": total_wall,
+        },
+    )
     return 0
 
 

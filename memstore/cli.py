@@ -334,7 +334,9 @@ def _benchmarks() -> list[str]:
             "bench", "the benchmarks package, installed with memstore", "not importable"
         )
     return sorted(
-        m.name for m in pkgutil.iter_modules(spec.submodule_search_locations) if not m.ispkg
+        m.name
+        for m in pkgutil.iter_modules(spec.submodule_search_locations)
+        if not m.ispkg and not m.name.startswith("_")
     )
 
 

@@ -1,0 +1,131 @@
+"""What the model-comparison experiments (benchmarks.facts, benchmarks.text) share: the
+fairness checks, training each model in its own ``trainer.train`` process, and reading
+its evaluations back from ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trainer.model import Transformer, ffn_slot_macs, table_specs
+
+MODELS = ("dense", "memory", "pkm")
+
+
+def check_fair(args: dict) -> None:
+    """Same data, batches, schedule and steps; the dense side is the dense equivalent
+    of the memory side's model."""
+    d, m = args["dense"].to_dict(), args["memory"].to_dict()
+    if not args["dense"].dense_equivalent or args["memory"].dense_equivalent:
+        raise SystemExit("the dense config needs dense_equivalent: true, the memory one not")
+    same = (
+        "model",
+        "data",
+        "steps",
+        "batch_size",
+        "lr",
+        "warmup",
+        "min_lr",
+        "weight_decay",
+        "grad_clip",
+        "seed",
+        "workers",
+    )
+    diff = [k for k in same if d[k] != m[k]]
+    if diff:
+        raise SystemExit(f"dense and memory configs differ in {diff}: not a fair comparison")
+
+
+def per_token_macs(margs) -> dict:
+    """Multiply-adds per token of the forward pass, without attention's context mixing
+    (the same in every model of a comparison)."""
+    attn = 4 * margs.dim * margs.dim
+    slots = sum(ffn_slot_macs(margs, i) for i in range(margs.n_layers))
+    out = margs.dim * margs.vocab_size
+    return {"total": margs.n_layers * attn + slots + out, "ffn_slots": slots}
+
+
+def parameters(margs) -> dict:
+    """Dense parameters and value rows × width; the PKM peer's values are dense
+    parameters of its model but counted as values here."""
+    model = Transformer(margs)
+    total = sum(p.numel() for p in model.parameters())
+    if margs.pkm_peer:
+        values = sum(p.numel() for p in model.peer_values())
+        return {"dense": total - values, "values": values}
+    return {"dense": total, "values": sum(r * c for r, c in table_specs(margs).values())}
+
+
+def run(name: str, config: Path, run_dir: Path, overrides: list[str]) -> float:
+    """Train one model in a subprocess (in the current folder); its wall seconds."""
+    # A benchmark rerun starts each model afresh in its run directory.
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.train",
+        "--config",
+        str(config),
+        "--overwrite",
+        "--set",
+        f"run_dir={run_dir}",
+        *(arg for o in overrides for arg in ("--set", o)),
+    ]
+    print(f"\n## {name}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def curve(run_dir: Path, keys: tuple[str, ...] = ("recall", "nll")) -> dict[str, np.ndarray]:
+    """A run's evaluations from its metrics.jsonl: step, tokens, seconds and the
+    ``eval`` entries ``keys``, one value per evaluation; the median step in ms; and the
+    run's totals."""
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    evals = [r for r in rows if "eval" in r]
+    step_seconds = np.diff([r["seconds"] for r in rows if "seconds" in r])
+    return {
+        "step": np.array([r["step"] for r in evals], dtype=float),
+        "step_ms": 1000 * float(np.median(step_seconds)) if len(step_seconds) else 0.0,
+        "tokens": np.array([r["tokens"] for r in evals], dtype=float),
+        "seconds": np.array([r["seconds"] for r in evals]),
+        **{k: np.array([r["eval"][k] for r in evals]) for k in keys},
+        "total_seconds": rows[-1]["seconds"],
+        "total_tokens": rows[-1]["tokens"],
+    }
+
+
+def at_seconds(c: dict, t: float, key: str) -> float:
+    """c[key] at training time t, linear between evaluations (t within the run)."""
+    return float(np.interp(t, c["seconds"], c[key]))
+
+
+def check_equal_macs(macs: dict) -> None:
+    """The dense twin's FFN slots cost the memory model's multiply-adds per token (1%)."""
+    rel = abs(macs["dense"]["ffn_slots"] / macs["memory"]["ffn_slots"] - 1)
+    if rel > 0.01:
+        raise SystemExit(f"per-token FFN multiply-adds of dense and memory differ by {rel:.1%}")
+
+
+def train_models(
+    paths: dict[str, Path], out: Path, overrides: list[str], keys: tuple[str, ...]
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Train every model of ``paths`` in turn under ``out/NAME``; their wall seconds and
+    evaluation curves (``curve`` with ``keys``), checked to have seen the same tokens."""
+    wall, curves = {}, {}
+    for name, config in paths.items():
+        wall[name] = run(name, config, out / name, overrides)
+        curves[name] = curve(out / name, keys)
+    if len({c["total_tokens"] for c in curves.values()}) != 1:
+        raise SystemExit("the runs saw different numbers of tokens")
+    return wall, curves
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
