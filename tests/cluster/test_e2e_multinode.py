@@ -37,12 +37,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+from tests.s3_server import CREDENTIALS as S3_CREDENTIALS
+from tests.s3_server import moto_s3
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "cluster" / "local"
@@ -56,12 +57,6 @@ FAST_HEALTH_CHECKS = {
 }
 TABLE = "e2e-facts"  # the driver's table
 BUCKET, PREFIX = "memstore-e2e", "facts-memory"
-S3_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 RAY_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
 SERVER_THREADS = 2  # each thread of `memstore serve` keeps its own table handle
 
@@ -101,43 +96,8 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.fixture
 def s3():
     """A moto S3 server on loopback with the checkpoint bucket."""
-    import pyarrow.fs as pafs
-
-    moto = Path(sys.executable).with_name("moto_server")
-    if not moto.exists():
-        pytest.skip(f"no moto_server at {moto} (the test extra)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [str(moto), "-H", "127.0.0.1", "-p", str(port)]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "no moto_server"
-                time.sleep(0.1)
-        endpoint = f"127.0.0.1:{port}"
-        fs = pafs.S3FileSystem(
-            access_key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            secret_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            region=S3_CREDENTIALS["AWS_DEFAULT_REGION"],
-            scheme="http",
-            endpoint_override=endpoint,
-            allow_bucket_creation=True,
-        )
-        fs.create_dir(BUCKET)
-        yield SimpleNamespace(
-            fs=fs,
-            process=server,
-            command=" ".join(command),
-            root=f"s3://{BUCKET}/{PREFIX}?endpoint_override={endpoint}&scheme=http",
-        )
-    finally:
-        _stop(server)
+    with moto_s3(BUCKET) as server:
+        yield server
 
 
 @pytest.fixture
@@ -298,7 +258,11 @@ def test_train_serve_lose_a_worker_node_recover_and_shut_down(
 
     work = tmp_path / "work"
     work.mkdir()
-    env = {**local_cluster["driver_env"], "E2E_CHECKPOINT_ROOT": s3.root, "E2E_WORK_DIR": str(work)}
+    env = {
+        **local_cluster["driver_env"],
+        "E2E_CHECKPOINT_ROOT": s3.uri(PREFIX),
+        "E2E_WORK_DIR": str(work),
+    }
     driver_log = tmp_path / "driver.log"
     with driver_log.open("w") as err:
         driver = subprocess.Popen(

@@ -3,7 +3,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,64 +15,22 @@ import memstore
 from memstore import SGD, Adam, CheckpointError, InvalidArgument, ShardTable
 from memstore import checkpoint as ck
 from memstore.shard_table import BlockSpec
+from tests.s3_server import CREDENTIALS, moto_s3
 
 ROWS, DIM, SEED = 600, 24, 3
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUCKET = "memstore-ck"
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on loopback with one bucket; yields a URI maker for it."""
-    import pyarrow.fs as pafs
-
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "moto_server"),
-            "-H",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     saved = {k: os.environ.get(k) for k in CREDENTIALS}
     os.environ.update(CREDENTIALS)  # before Ray starts: its workers inherit them
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "no moto_server"
-                time.sleep(0.1)
-        endpoint = f"127.0.0.1:{port}"
-        pafs.S3FileSystem(
-            endpoint_override=endpoint, scheme="http", allow_bucket_creation=True
-        ).create_dir(BUCKET)
-
-        def uri(key: str) -> str:
-            return f"s3://{BUCKET}/{key}?endpoint_override={endpoint}&scheme=http"
-
-        yield uri
+        with moto_s3(BUCKET) as server:
+            yield server.uri
     finally:
-        server.kill()
-        server.wait(timeout=30)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
