@@ -21,7 +21,7 @@ from memstore.shard_table import BlockSpec
 ROWS, DIM, SEED = 3000, 64, 11
 SHARD_ROWS = 40_000  # 15 MB per shard and save: long enough for kills to land inside
 ROW_BOUNDS = (0, 900, 2100, ROWS)  # the saving driver's 3 blocks
-DRIVER_KILLS = SHARD_KILLS = 10
+DRIVER_KILLS, SHARD_KILLS = 10, 6  # a shard kill costs a process restart (about 2 s)
 CONFIG = {
     "name": "faults",
     "rows": ROWS,

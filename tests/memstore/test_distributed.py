@@ -182,14 +182,14 @@ def train(table, steps, first=1):
         table.step(step)
 
 
-def test_checkpoint_of_four_shards_loads_into_one_and_six(tmp_path, table_names):
+def test_checkpoint_of_four_shards_loads_into_one_and_three(tmp_path, table_names):
     t = make(table_names("ckpt"), (2, 2))
     train(t, 2)
     path = t.save(tmp_path / "ckpt")
     assert sorted(os.listdir(path))[-1] == "manifest.json"
     idx, w, dy = batch()
     expected = t.lookup(idx, w)
-    for shards in (1, (3, 2)):
+    for shards in (1, (3, 1)):  # blocks of other rows and columns than the saved ones
         loaded = memstore.load_table(path, table_names("loaded"), shards=shards, timeout_s=120)
         assert loaded.last_step == 2
         torch.testing.assert_close(loaded.lookup(idx, w), expected, rtol=1e-6, atol=1e-6)

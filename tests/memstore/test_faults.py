@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("ray_start_16_cpus")
 
 ROWS, DIM, B, M, SEED = 512, 64, 16, 4, 5
 STEPS = 6
-LOST_REPLY_S = 4.0  # a lost reply costs this long before the call is repeated over Ray
+LOST_REPLY_S = 2.0  # a lost reply costs this long before the call is repeated over Ray
 
 
 class FaultyShard(ShardWorker):

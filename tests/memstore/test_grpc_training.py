@@ -50,13 +50,28 @@ READER_JOB = textwrap.dedent("""
                           "consistent": seen.consistent})
             if seen.step >= int(steps):
                 break
+            time.sleep(0.05)  # leave the cores to the trainer
     json.dump({"table": name, "reads": reads}, open(out, "w"))
 """)
 
 
+@pytest.fixture(scope="module")
+def ray_for_train():
+    """The module's Ray instance. Ray Train's controller takes a worker's report (which
+    blocks until the previous one is taken) once per health check, 2 s by default: a
+    checkpoint every step would spend most of the test waiting for it."""
+    import ray
+
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # before the raylet starts
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+
+
 @pytest.mark.timeout(300)
-def test_a_reader_job_queries_the_live_table_while_training(ray_start_16_cpus, tmp_path):
-    gcs = ray_start_16_cpus.get_runtime_context().gcs_address
+def test_a_reader_job_queries_the_live_table_while_training(ray_for_train, tmp_path):
+    gcs = ray_for_train.get_runtime_context().gcs_address
     server = ms.start(ms.ServerOptions(address="127.0.0.1:0", tokens=TOKENS))
     env = {
         **os.environ,
