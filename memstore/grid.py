@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from kernels.grouped import group_rows
@@ -104,7 +105,10 @@ class ShardGrid:
         return torch.int32 if self.rows < 2**31 else torch.int64
 
     def route(self, idx: torch.Tensor, w: torch.Tensor) -> list[RowRoute]:
-        """Split validated (B, M) pairs by row block; one entry per row block."""
+        """Split validated (B, M) pairs by row block; one entry per row block.
+
+        In numpy: its compress and comparisons are several times faster than torch's
+        boolean indexing and bucketize on the host (benchmarks/store.py's routing)."""
         R = self.shape[0]
         B = idx.shape[0]
         w = w.to(torch.float32)
@@ -112,14 +116,23 @@ class ShardGrid:
             offsets = torch.arange(B + 1, dtype=torch.int64) * idx.shape[1]
             mask = torch.ones(idx.shape, dtype=torch.bool)
             return [RowRoute(mask, idx.reshape(-1).to(self.index_dtype()), w.reshape(-1), offsets)]
-        inner = torch.tensor(self.row_bounds[1:-1], dtype=idx.dtype)
-        block_of = torch.bucketize(idx, inner, right=True)
+        rows, weights = idx.contiguous().numpy(), w.contiguous().numpy()
+        block_of = _block_of(rows, self.row_bounds[1:-1])
+        index_dtype = np.int32 if self.index_dtype() == torch.int32 else np.int64
         routes = []
         for r in range(R):
             mask = block_of == r
-            offsets = torch.zeros(B + 1, dtype=torch.int64)
-            torch.cumsum(mask.sum(dim=1), 0, out=offsets[1:])
-            routes.append(RowRoute(mask, idx[mask].to(self.index_dtype()), w[mask], offsets))
+            offsets = np.zeros(B + 1, dtype=np.int64)
+            np.cumsum(mask.sum(axis=1), out=offsets[1:])
+            flat = mask.reshape(-1)
+            routes.append(
+                RowRoute(
+                    torch.from_numpy(mask),
+                    torch.from_numpy(np.compress(flat, rows.reshape(-1)).astype(index_dtype)),
+                    torch.from_numpy(np.compress(flat, weights.reshape(-1))),
+                    torch.from_numpy(offsets),
+                )
+            )
         return routes
 
     def to_dict(self) -> dict:
@@ -128,6 +141,16 @@ class ShardGrid:
     @classmethod
     def from_dict(cls, d: dict) -> ShardGrid:
         return cls(d["rows"], d["dim"], tuple(d["row_bounds"]), tuple(d["col_bounds"]))
+
+
+def _block_of(rows: np.ndarray, inner: tuple[int, ...]) -> np.ndarray:
+    """The row block of every row id, given the blocks' inner bounds (sorted)."""
+    if len(inner) > 16:  # a binary search beats many passes
+        return np.searchsorted(np.asarray(inner), rows, side="right").astype(np.int16)
+    block_of = np.zeros(rows.shape, dtype=np.int16)
+    for bound in inner:
+        block_of += rows >= bound
+    return block_of
 
 
 def pack_grouping(rows: torch.Tensor, row_start: int, row_stop: int) -> torch.Tensor:

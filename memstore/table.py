@@ -384,7 +384,6 @@ class Table:
                 (dy[:, c0:c1].contiguous().numpy(), *grouped[r : r + 1]),
                 (step, push_id, lr),
             )
-        dw = torch.zeros(idx.shape, dtype=torch.float32)
         try:
             parts = self._data_call("backward", routes, extra)
         except (StoreRolledBack, ShardUnavailable):
@@ -392,9 +391,21 @@ class Table:
         except MemstoreError:
             self._retract(step, push_id)
             raise
+        return self._assemble_dw(idx.shape, routes, parts)
+
+    def _assemble_dw(self, shape, routes, parts: dict) -> torch.Tensor:
+        """dw (B, M) from each block's dw of its routed slots: the column blocks' partial
+        dot products summed per row block, then put at the row block's slots."""
+        per_row_block = {}
         for (r, _c), part in parts.items():
-            dw[routes[r].mask] += to_tensor(part)
-        return dw
+            part = np.asarray(part, dtype=np.float32)
+            per_row_block[r] = part if r not in per_row_block else per_row_block[r] + part
+        if len(routes) == 1:
+            return torch.from_numpy(np.array(per_row_block[0]).reshape(shape))
+        dw = np.zeros(shape, dtype=np.float32)
+        for r, route in enumerate(routes):
+            np.place(dw, route.mask.numpy(), per_row_block[r])
+        return torch.from_numpy(dw)
 
     def _grouped_slots(self, routes) -> list:
         """Each row block's slots grouped by row (``grid.pack_grouping``), once for all
