@@ -174,7 +174,7 @@ def describe(a, margs) -> str:
             f"layers {margs.memory_layers}: Memory+ {margs.mem_n_keys}² rows × "
             f"{margs.mem_value_dim}, {margs.mem_heads} heads × k={margs.mem_k}, "
             f"key_dim {margs.mem_key_dim}; store {a.store.shards} shards, "
-            f"{a.store.mode}, value_lr {a.value_lr:g}"
+            f"{a.store.mode.value}, value_lr {a.value_lr:g}"
         )
     else:
         layer = f"SwiGLU widths {margs.layer_ffn_hidden}"
