@@ -397,8 +397,14 @@ class Table:
         """dw (B, M) from each block's dw of its routed slots: the column blocks' partial
         dot products summed per row block, then put at the row block's slots."""
         per_row_block = {}
-        for (r, _c), part in parts.items():
+        for (r, c), part in parts.items():
             part = np.asarray(part, dtype=np.float32)
+            if part.shape != (routes[r].rows.numel(),):
+                # np.place would silently repeat or drop values of a reply of another size.
+                raise MemstoreError(
+                    f"{shard_name(self.name, r, c)} answered dw of shape {part.shape} for "
+                    f"{routes[r].rows.numel()} slots"
+                )
             per_row_block[r] = part if r not in per_row_block else per_row_block[r] + part
         if len(routes) == 1:
             return torch.from_numpy(np.array(per_row_block[0]).reshape(shape))

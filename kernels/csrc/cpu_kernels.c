@@ -40,19 +40,24 @@ static inline void store_bf16(uint16_t *p, float x) {
 
 /* The gathers are bound by DRAM latency, not by arithmetic: each bag reads M random
  * rows. Two things keep enough misses in flight: a software prefetch of the first
- * lines of the row PREFETCH_AHEAD slots ahead (the hardware prefetcher streams the
- * rest of a row once it starts), and a column tile small enough that its accumulator
- * lives in vector registers, so the inner loop issues only loads. Distances and sizes
- * were chosen by measurement against torch's embedding_bag (BENCHMARKS.md). */
+ * lines of the row PREFETCH_AHEAD slots ahead, and a column tile small enough that its
+ * accumulator lives in vector registers, so the inner loop issues only loads. The
+ * forward prefetches the first 512 bytes of a row (a whole 256-wide bfloat16 row: the
+ * hardware prefetcher did not stream the rest on the Intel VM, where 4 lines left the
+ * bfloat16 forward at half the speed of 8); bag_dw and the optimizers' row updates
+ * prefetch 4, as measured before.
+ * Distances and sizes were chosen by measurement against torch's embedding_bag
+ * (BENCHMARKS.md). */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8
 #endif
-#define PREFETCH_LINES 4
+#define FORWARD_PREFETCH_LINES 8
+#define UPDATE_PREFETCH_LINES 4
 #define TILE 128
 
-static inline void prefetch_row(const void *row) {
+static inline void prefetch_row(const void *row, int lines) {
     const char *c = (const char *)row;
-    for (int l = 0; l < PREFETCH_LINES; ++l) __builtin_prefetch(c + 64 * l, 0, 3);
+    for (int l = 0; l < lines; ++l) __builtin_prefetch(c + 64 * l, 0, 3);
 }
 
 #define DEFINE_BAG_KERNELS(SFX, T)                                                         \
@@ -68,7 +73,8 @@ static inline void prefetch_row(const void *row) {
         for (int64_t d = 0; d < width; ++d) acc[d] = 0.0f;                               \
         for (int64_t p = p0; p < p1; ++p) {                                              \
             if (c0 == 0 && p + PREFETCH_AHEAD < last)                                    \
-                prefetch_row(values + rows[p + PREFETCH_AHEAD] * ld);                    \
+                prefetch_row(values + rows[p + PREFETCH_AHEAD] * ld,                     \
+                             FORWARD_PREFETCH_LINES);                                    \
             const T *v = values + rows[p] * ld + c0;                                     \
             if (width == TILE)                                                           \
                 axpy_##SFX(acc, v, w[p], TILE);                                          \
@@ -118,7 +124,8 @@ static inline void prefetch_row(const void *row) {
             const float *restrict g = dy + b * dim;                                      \
             for (int64_t p = offsets[b]; p < offsets[b + 1]; ++p) {                      \
                 if (p + PREFETCH_AHEAD < last)                                           \
-                    prefetch_row(values + rows[p + PREFETCH_AHEAD] * ld);                \
+                    prefetch_row(values + rows[p + PREFETCH_AHEAD] * ld,                 \
+                                 UPDATE_PREFETCH_LINES);                                     \
                 const T *restrict v = values + rows[p] * ld;                             \
                 dw[p] = dot_##SFX(v, g, dim);                                            \
             }                                                                            \
@@ -195,7 +202,8 @@ static inline float *scratch_for(const RowGrads *rg, int64_t dim) {
 static inline void prefetch_update(const void *base, int64_t stride_bytes, const int64_t *rows,
                                    int64_t u, int64_t hi) {
     if (base && u + PREFETCH_AHEAD < hi)
-        prefetch_row((const char *)base + rows[u + PREFETCH_AHEAD] * stride_bytes);
+        prefetch_row((const char *)base + rows[u + PREFETCH_AHEAD] * stride_bytes,
+                     UPDATE_PREFETCH_LINES);
 }
 
 /* Fused sparse optimizer steps over the unique rows of a block.
