@@ -15,6 +15,19 @@ import numpy as np
 from trainer.model import Transformer, ffn_slot_macs, table_specs
 
 MODELS = ("dense", "memory", "pkm")
+# The settings every model of a comparison shares: same data, batches, schedule, steps.
+SCHEDULE = (
+    "data",
+    "steps",
+    "batch_size",
+    "lr",
+    "warmup",
+    "min_lr",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    "workers",
+)
 
 
 def check_fair(args: dict) -> None:
@@ -23,22 +36,16 @@ def check_fair(args: dict) -> None:
     d, m = args["dense"].to_dict(), args["memory"].to_dict()
     if not args["dense"].dense_equivalent or args["memory"].dense_equivalent:
         raise SystemExit("the dense config needs dense_equivalent: true, the memory one not")
-    same = (
-        "model",
-        "data",
-        "steps",
-        "batch_size",
-        "lr",
-        "warmup",
-        "min_lr",
-        "weight_decay",
-        "grad_clip",
-        "seed",
-        "workers",
-    )
-    diff = [k for k in same if d[k] != m[k]]
+    diff = [k for k in ("model", *SCHEDULE) if d[k] != m[k]]
     if diff:
         raise SystemExit(f"dense and memory configs differ in {diff}: not a fair comparison")
+
+
+def model_differences(peer: dict, memory: dict, layer_fields: set[str]) -> list[str]:
+    """The ``model.*`` settings in which two configs (``to_dict()``) differ, other than
+    ``layer_fields``: those of the memory layer itself, which the peer replaces."""
+    p, m = peer["model"], memory["model"]
+    return [f"model.{k}" for k in set(p) | set(m) if k not in layer_fields and p.get(k) != m.get(k)]
 
 
 def per_token_macs(margs) -> dict:

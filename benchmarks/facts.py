@@ -66,6 +66,7 @@ from benchmarks._experiment import (
     at_seconds,
     check_equal_macs,
     check_fair,
+    model_differences,
     parameters,
     per_token_macs,
     train_models,
@@ -100,11 +101,7 @@ def check_peer(args: dict) -> None:
     diff = [
         k for k in set(p) | set(m) if k not in PEER_RUNS_APART | {"model"} and p.get(k) != m.get(k)
     ]
-    diff += [
-        f"model.{k}"
-        for k in set(p["model"]) | set(m["model"])
-        if k not in PEER_FIELDS and p["model"].get(k) != m["model"].get(k)
-    ]
+    diff += model_differences(p, m, PEER_FIELDS)
     if diff:
         raise SystemExit(f"pkm and memory configs differ in {sorted(diff)}: not a fair comparison")
 

@@ -53,9 +53,11 @@ from pathlib import Path
 
 from benchmarks._experiment import (
     MODELS,
+    SCHEDULE,
     at_seconds,
     check_equal_macs,
     check_fair,
+    model_differences,
     parameters,
     per_token_macs,
     train_models,
@@ -105,25 +107,8 @@ def check_peer(args: dict) -> None:
     p, m = args["pkm"].to_dict(), args["memory"].to_dict()
     if not args["pkm"].model.get("pkm_peer"):
         raise SystemExit("the pkm config needs model.pkm_peer: true")
-    same = (
-        "data",
-        "steps",
-        "batch_size",
-        "lr",
-        "warmup",
-        "min_lr",
-        "weight_decay",
-        "grad_clip",
-        "seed",
-        "workers",
-        "dense_equivalent",
-    )
-    diff = [k for k in same if p[k] != m[k]]
-    diff += [
-        f"model.{k}"
-        for k in set(p["model"]) | set(m["model"])
-        if k not in PEER_FIELDS and p["model"].get(k) != m["model"].get(k)
-    ]
+    diff = [k for k in (*SCHEDULE, "dense_equivalent") if p[k] != m[k]]
+    diff += model_differences(p, m, PEER_FIELDS)
     if diff:
         raise SystemExit(f"pkm and memory configs differ in {sorted(diff)}: not a fair comparison")
 
