@@ -2,19 +2,18 @@ import os
 
 import pytest
 
+from tests.local_ray import local_ray
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="module")
 def ray_start_16_cpus():
     """One local Ray instance per test module, on loopback."""
-    import ray
-
     # Logical CPUs: each shard reserves one in its placement group, and a test may hold
     # several tables at once.
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with local_ray(num_cpus=16) as ray:
+        yield ray
 
 
 @pytest.fixture

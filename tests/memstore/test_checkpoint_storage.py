@@ -15,6 +15,7 @@ import memstore
 from memstore import SGD, Adam, CheckpointError, InvalidArgument, ShardTable
 from memstore import checkpoint as ck
 from memstore.shard_table import BlockSpec
+from tests.local_ray import local_ray
 from tests.s3_server import CREDENTIALS, moto_s3
 
 ROWS, DIM, SEED = 600, 24, 3
@@ -41,17 +42,8 @@ def s3():
 @pytest.fixture(scope="module")
 def ray_s3(s3):
     """The module's Ray instance, started after the S3 credentials are in the environment."""
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=16,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": CREDENTIALS},
-    )
-    yield ray
-    ray.shutdown()
+    with local_ray(num_cpus=16, runtime_env={"env_vars": CREDENTIALS}) as ray:
+        yield ray
 
 
 def batch(step, B=16, M=4):

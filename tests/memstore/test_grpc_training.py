@@ -19,6 +19,7 @@ import memstore
 import memstore.server as ms
 from memstore import checkpoint
 from memstore.grid import ShardGrid
+from tests.local_ray import local_ray
 
 from .grpc_util import READER, TOKENS
 
@@ -60,13 +61,8 @@ def ray_for_train():
     """The module's Ray instance. Ray Train's controller takes a worker's report (which
     blocks until the previous one is taken) once per health check, 2 s by default: a
     checkpoint every step would spend most of the test waiting for it."""
-    import ray
-
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # before the raylet starts
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    with local_ray(num_cpus=16, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}) as ray:
+        yield ray
 
 
 @pytest.mark.timeout(300)

@@ -9,10 +9,10 @@ import time
 import urllib.request
 
 import pytest
-import ray
 import torch
 
 import memstore
+from tests.local_ray import local_ray
 
 ROWS, DIM, B, M = 400, 128, 6, 5
 
@@ -22,16 +22,12 @@ def metrics_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(
-        address="local",
+    with local_ray(
         num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
         _metrics_export_port=port,
         _system_config={"metrics_report_interval_ms": 1000},
-    )
-    yield port
-    ray.shutdown()
+    ):
+        yield port
 
 
 def _series(port: int, table: str) -> dict:

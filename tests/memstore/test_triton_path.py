@@ -30,6 +30,7 @@ from memstore import (
     ShardTable,
 )
 from tests.kernels._triton_util import DEVICE, INTERPRETED
+from tests.local_ray import local_ray
 
 ROWS, DIM, B, M = 50, 41, 9, 5
 OPTIMIZERS = {
@@ -202,18 +203,9 @@ def test_force_switch_refuses_an_op_without_a_triton_implementation(monkeypatch)
 def ray_on_triton_path():
     """A local Ray instance whose worker processes (the shard actors) take the Triton
     path: on CPU through the interpreter, via the environment of the job."""
-    import ray
-
     env = {_dispatch.FORCE_TRITON_ENV: "1", "TRITON_INTERPRET": "1"} if INTERPRETED else {}
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": env},
-    )
-    yield ray
-    ray.shutdown()
+    with local_ray(num_cpus=4, runtime_env={"env_vars": env}) as ray:
+        yield ray
 
 
 def test_two_shard_ray_table_on_triton_matches_cpu(ray_on_triton_path, paths):

@@ -12,6 +12,7 @@ import pytest
 
 import memstore
 from memstore import InvalidArgument
+from tests.local_ray import local_ray
 from trainer import checkpoint
 from trainer.data import StepData
 from trainer.train import table_specs, train
@@ -23,17 +24,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
     # Ray Train's controller polls its workers once per health check (2 s by default):
     # it notices finished and failed workers, and takes each report (a worker's next
     # report blocks until then), sooner. 0.2 s measured slower here than 0.5 s: the
     # polling competes with the workers for the two cores.
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    with local_ray(num_cpus=8, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")
