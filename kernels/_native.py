@@ -28,10 +28,14 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 # -fno-math-errno lets sqrtf vectorise (results unchanged: sqrt is correctly rounded);
-# -ffp-contract=off keeps a*b+c unfused, as torch's reference computes it.
+# -ffp-contract=off keeps a*b+c unfused, as torch's reference computes it. On x86,
+# GCC's -march=native picks 256-bit vectors even where AVX-512 exists; 512-bit ones
+# measured 1.12-1.2x faster on the float32 forward and 1.1x on the bfloat16 one
+# (Sapphire Rapids; the flag does nothing on CPUs without AVX-512).
 _FLAGS = [
     "-O3",
     "-march=native",
+    *(["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else []),
     "-ffp-contract=off",
     "-fno-math-errno",
     "-fopenmp",
@@ -102,6 +106,37 @@ def _build(compiler: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+FORWARD_ENV = "MEMSTORE_BAG_FORWARD"
+
+
+def c_forward_wins(cpuinfo: str) -> bool:
+    """Whether the C float32 bag forward was measured faster than ``F.embedding_bag`` on
+    a CPU like the one ``cpuinfo`` (the text of /proc/cpuinfo) describes.
+
+    Intel with AVX-512: 1.20-1.21x (Sapphire Rapids, ``benchmarks/ops.py``). Elsewhere
+    the library stays: on the AMD EPYC VM the C forward measured 0.44-0.58x, before the
+    512-bit build, and has not been measured since.
+    """
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return "GenuineIntel" in cpuinfo and "avx512f" in flags.split()
+
+
+@functools.cache
+def prefer_c_forward() -> bool:
+    """The float32 CPU bag forward's implementation on this machine: the C kernel (True)
+    or ``F.embedding_bag``. ``MEMSTORE_BAG_FORWARD=native`` or ``library`` overrides the
+    measured default, for a machine where ``benchmarks/ops.py`` says otherwise."""
+    choice = os.environ.get(FORWARD_ENV, "")
+    if choice in ("native", "library"):
+        return choice == "native"
+    if choice:
+        raise ValueError(f"{FORWARD_ENV}: expected 'native' or 'library', got {choice!r}")
+    try:
+        return c_forward_wins(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
 
 
 @functools.cache

@@ -67,14 +67,16 @@ def _triton_impl(name: str, values, w, *tensors):
 
 
 def _library_bag(values, w) -> bool:
-    """float32 CPU bags go to ``F.embedding_bag``: measured faster than the C forward on
-    float32 (``benchmarks/ops.py``). On bfloat16 values it returns bfloat16 sums, and
-    the store returns float32 sums accumulated in float32: bfloat16 stays on the C path."""
+    """float32 CPU bags go to ``F.embedding_bag`` unless the C forward was measured
+    faster on this kind of CPU (:func:`_native.prefer_c_forward`). On bfloat16 values
+    the library returns bfloat16 sums, and the store returns float32 sums accumulated in
+    float32: bfloat16 stays on the C path."""
     return (
         values.device.type == "cpu"
         and values.dtype == torch.float32
         and w.dtype != torch.float64
         and not force_triton()
+        and not (native_ok(values) and _native.prefer_c_forward())
     )
 
 

@@ -40,19 +40,21 @@ static inline void store_bf16(uint16_t *p, float x) {
 
 /* The gathers are bound by DRAM latency, not by arithmetic: each bag reads M random
  * rows. Two things keep enough misses in flight: a software prefetch of the first
- * lines of the row PREFETCH_AHEAD slots ahead, and a column tile small enough that its
- * accumulator lives in vector registers, so the inner loop issues only loads. The
- * forward prefetches the first 512 bytes of a row (a whole 256-wide bfloat16 row: the
- * hardware prefetcher did not stream the rest on the Intel VM, where 4 lines left the
- * bfloat16 forward at half the speed of 8); bag_dw and the optimizers' row updates
- * prefetch 4, as measured before.
- * Distances and sizes were chosen by measurement against torch's embedding_bag
- * (BENCHMARKS.md). */
+ * lines of a row some slots ahead, and a column tile small enough that the inner loop
+ * is loads and multiply-adds. The forward prefetches the first 512 bytes of a row (a
+ * whole 256-wide bfloat16 row: the hardware prefetcher did not stream the rest on the
+ * Intel VM, where 4 lines left the bfloat16 forward at half the speed of 8; a whole
+ * float32 row, 16 lines, measured 20% slower than 8), 16 slots ahead for float32 rows
+ * and 8 for bfloat16 ones; bag_dw and the optimizers' row updates prefetch 4 lines,
+ * PREFETCH_AHEAD slots ahead. Distances and sizes were chosen by measurement against
+ * torch's embedding_bag (BENCHMARKS.md). */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8
 #endif
 #define FORWARD_PREFETCH_LINES 8
 #define UPDATE_PREFETCH_LINES 4
+#define FORWARD_AHEAD_f32 16
+#define FORWARD_AHEAD_bf16 8
 #define TILE 128
 
 static inline void prefetch_row(const void *row, int lines) {
@@ -72,8 +74,8 @@ static inline void prefetch_row(const void *row, int lines) {
                                       float *restrict acc) {                             \
         for (int64_t d = 0; d < width; ++d) acc[d] = 0.0f;                               \
         for (int64_t p = p0; p < p1; ++p) {                                              \
-            if (c0 == 0 && p + PREFETCH_AHEAD < last)                                    \
-                prefetch_row(values + rows[p + PREFETCH_AHEAD] * ld,                     \
+            if (c0 == 0 && p + FORWARD_AHEAD_##SFX < last)                               \
+                prefetch_row(values + rows[p + FORWARD_AHEAD_##SFX] * ld,                \
                              FORWARD_PREFETCH_LINES);                                    \
             const T *v = values + rows[p] * ld + c0;                                     \
             if (width == TILE)                                                           \

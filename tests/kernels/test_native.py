@@ -2,6 +2,7 @@
 composites would skip every native-path test and lose the performance), and large
 tables get 2 MiB-aligned memory advised for transparent huge pages."""
 
+import collections
 import ctypes
 import os
 import platform
@@ -167,3 +168,60 @@ def test_without_native_library_the_ops_use_the_composites(monkeypatch, caplog):
         monkeypatch.undo()
         _native.library.cache_clear()
     assert _native.library() is not None or not NATIVE_BUILDS
+
+
+INTEL_AVX512 = "vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+INTEL_AVX2 = "vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2\n"
+AMD_AVX512 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+# "avx512f" must be a whole flag, not a prefix of another.
+INTEL_AVX512FP16_ONLY = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512fp16\n"
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, wins",
+    [
+        (INTEL_AVX512, True),
+        (INTEL_AVX2, False),
+        (AMD_AVX512, False),
+        (INTEL_AVX512FP16_ONLY, False),
+    ],
+)
+def test_c_forward_is_chosen_only_on_the_cpus_where_it_was_measured_faster(cpuinfo, wins):
+    assert _native.c_forward_wins(cpuinfo) is wins
+
+
+@pytest.mark.parametrize("choice, native", [("native", True), ("library", False)])
+def test_bag_forward_choice_can_be_set_and_the_dispatch_follows(monkeypatch, choice, native):
+    from kernels import _dispatch
+    from kernels.bag import bag_forward_csr
+
+    monkeypatch.setenv(_native.FORWARD_ENV, choice)
+    _native.prefer_c_forward.cache_clear()
+    try:
+        assert _native.prefer_c_forward() is native
+        g = torch.Generator().manual_seed(0)
+        values, w = torch.randn(50, 9, generator=g), torch.rand(12, generator=g)
+        rows, offsets = torch.randint(0, 50, (12,), generator=g), torch.tensor([0, 5, 5, 12])
+        before = collections.Counter(_dispatch.COUNTS)
+        out = bag_forward_csr(values, rows, w, offsets)
+        took = {path for (op, path), n in _dispatch.COUNTS.items() if n > before[(op, path)]}
+        expected_path = "native" if native and _native.library() is not None else "library"
+        assert took == {expected_path}
+        ref = torch.zeros(3, 9, dtype=torch.float64)
+        for b in range(3):
+            for p in range(offsets[b], offsets[b + 1]):
+                ref[b] += w[p].double() * values[rows[p]].double()
+        torch.testing.assert_close(out, ref.float(), rtol=1e-6, atol=1e-6)
+    finally:
+        _native.prefer_c_forward.cache_clear()
+
+
+def test_a_bag_forward_choice_that_is_not_a_path_is_refused(monkeypatch):
+    monkeypatch.setenv(_native.FORWARD_ENV, "fastest")
+    _native.prefer_c_forward.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="MEMSTORE_BAG_FORWARD: expected 'native' or"):
+            _native.prefer_c_forward()
+    finally:
+        monkeypatch.undo()
+        _native.prefer_c_forward.cache_clear()
