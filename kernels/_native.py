@@ -61,6 +61,7 @@ _SIGNATURES = {
     "pk_topk": [_P, _I, _I, _I, _I, _I, _I, _P, _P],
     "pk_scores_backward": [_P, _P, _P, _P, _I, _I, _I, _I, _P, _P],
     "group_rows": [_P, _I, _P, _P, _P, _P, _P],
+    "group_rows_radix": [_P, _I, _P, _P, _P, _P, _P, _P, _P],
 }
 _TYPED = ("bag_forward", "bag_dw", "sgd", "adagrad", "rowwise_adagrad", "adam")
 DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}

@@ -4,7 +4,7 @@ A table cut into column blocks hands every block of a row block the same (row, w
 slots. Grouping the slots by row, which the factored row gradients need, is then the
 same work on every block; the sender does it once (:func:`group_rows`) and each block
 takes the grouping with its share of the columns (:func:`bag_backward_grouped`). Both
-are made of the existing kernels: the counting sort of :meth:`SparseRowGrads.from_slots`
+are made of the existing kernels: the C grouping of :meth:`SparseRowGrads.from_slots`
 and the dw kernel (Triton on CUDA, C on CPU, else its torch composite).
 """
 
@@ -25,7 +25,7 @@ def group_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uniq (U,), seg (U+1,), order (P,)), all int64: slot ``order[q]`` is the q-th in row
     order (stable), and the slots of row ``uniq[u]`` are ``order[seg[u]:seg[u+1]]``.
-    Rows must lie in [0, num_rows) when ``num_rows`` is given (it allows a counting sort)."""
+    Rows must lie in [0, num_rows) when ``num_rows`` is given (it allows the C grouping)."""
     P = rows.numel()
     slots = torch.arange(P, dtype=torch.int64, device=rows.device)
     g = SparseRowGrads.from_slots(

@@ -40,11 +40,10 @@ class SparseRowGrads:
     ) -> SparseRowGrads:
         """Group slots (any order) by row; stable, so each row keeps its slots' order.
 
-        ``num_rows`` (rows lie in [0, num_rows)) allows a counting sort in C when it is
-        not much larger than the slot count.
+        ``num_rows`` (rows lie in [0, num_rows)) allows a counting or radix sort in C.
         """
         slot_rows = slot_rows.to(torch.int64)
-        if num_rows is not None and _counting_sort_ok(slot_rows, num_rows):
+        if num_rows is not None and _native_grouping_ok(slot_rows, num_rows):
             rows, seg, order = _group_rows_native(slot_rows.contiguous(), num_rows)
         else:
             sorted_rows, order = torch.sort(slot_rows, stable=True)
@@ -116,33 +115,39 @@ class SparseRowGrads:
         )
 
 
-# A counting sort sweeps all num_rows counters once: worth it up to this many per slot.
-_COUNTING_ROWS_PER_SLOT = 16
+# The counting sort sweeps all num_rows counters; with more rows than slots, the radix
+# sort's two or three passes over the slots cost less (262,144 slots: 2.8 against 5.1 ms
+# over 1M rows, 2.9 against 47 ms over 16M; 0.7 against 2.5 ms over 2,048 rows).
 
 
-def _counting_sort_ok(slot_rows: torch.Tensor, num_rows: int) -> bool:
-    return (
-        num_rows < 2**31
-        and num_rows <= _COUNTING_ROWS_PER_SLOT * max(slot_rows.numel(), 4096)
-        and native_ok(slot_rows, dtypes=(torch.int64,))
-    )
+def _native_grouping_ok(slot_rows: torch.Tensor, num_rows: int) -> bool:
+    """Whether the C grouping takes these rows: both forms need rows below 2^31."""
+    return num_rows < 2**31 and native_ok(slot_rows, dtypes=(torch.int64,))
 
 
 def _group_rows_native(slot_rows: torch.Tensor, num_rows: int):
-    """(unique rows, seg, order) of slot_rows by the C counting sort."""
+    """(unique rows, seg, order) of slot_rows by the C counting or radix sort."""
     P = slot_rows.numel()
-    counts = torch.zeros(num_rows, dtype=torch.int32)
     order = torch.empty(P, dtype=torch.int64)
     uniq = torch.empty(P, dtype=torch.int64)
     seg = torch.empty(P + 1, dtype=torch.int64)
     n_uniq = torch.zeros(1, dtype=torch.int64)
+    lib = _native.library()
+    if num_rows <= P:
+        counts = torch.zeros(num_rows, dtype=torch.int32)
+        scratch = (counts.data_ptr(), order.data_ptr())
+        fn = lib.group_rows
+    else:
+        keys = torch.empty(2, P, dtype=torch.int32)
+        order_tmp = torch.empty(P, dtype=torch.int64)
+        scratch = (keys[0].data_ptr(), keys[1].data_ptr(), order.data_ptr(), order_tmp.data_ptr())
+        fn = lib.group_rows_radix
     _native.parallel_for(
-        _native.library().group_rows,
+        fn,
         P,
         slot_rows.data_ptr(),
         num_rows,
-        counts.data_ptr(),
-        order.data_ptr(),
+        *scratch,
         uniq.data_ptr(),
         seg.data_ptr(),
         n_uniq.data_ptr(),

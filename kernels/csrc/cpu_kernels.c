@@ -137,9 +137,11 @@ static inline void prefetch_row(const void *row, int lines) {
 DEFINE_BAG_KERNELS(f32, float)
 DEFINE_BAG_KERNELS(bf16, uint16_t)
 
-/* Group slots [lo, hi) by block-local row, stably, with a counting sort: O(P + R)
- * against O(P log P) for a comparison sort, which dominated a shard's push. The
- * caller uses it when R is not much larger than P.
+/* Group slots [lo, hi) by block-local row, stably: O(P + R) against O(P log P) for a
+ * comparison sort, which dominated a shard's push. Two forms: a counting sort, for
+ * blocks of no more rows than slots, and an LSD radix sort over the bits of R for
+ * larger blocks, where sweeping R counters costs more than a few passes over the
+ * slots (the caller picks, kernels/row_grads.py).
  * rows: (P,) in [0, R)  counts: (R,) zeroed scratch, left zeroed  order: (P,) slot
  * of each sorted position  uniq: (U,) sorted unique rows  seg: (U+1,)  n_uniq: (1,) */
 void group_rows(const int64_t *rows, int64_t R, int32_t *counts, int64_t *order,
@@ -158,6 +160,62 @@ void group_rows(const int64_t *rows, int64_t R, int32_t *counts, int64_t *order,
     seg[U] = acc;
     for (int64_t p = lo; p < hi; ++p) order[counts[rows[p]]++] = p - lo;
     for (int64_t u = 0; u < U; ++u) counts[uniq[u]] = 0;
+    *n_uniq = U;
+}
+
+#define RADIX_MAX_BITS 11
+
+/* One stable pass of the radix sort: keys and order scattered by the digit at shift. */
+static void radix_pass(const uint32_t *keys, const int64_t *order, uint32_t *keys_out,
+                       int64_t *order_out, int64_t P, int shift, int width) {
+    int64_t next[1 << RADIX_MAX_BITS];
+    const uint32_t mask = (1u << width) - 1u;
+    const int64_t buckets = (int64_t)1 << width;
+    memset(next, 0, sizeof(int64_t) * buckets);
+    for (int64_t p = 0; p < P; ++p) next[(keys[p] >> shift) & mask]++;
+    int64_t acc = 0;
+    for (int64_t b = 0; b < buckets; ++b) {
+        const int64_t c = next[b];
+        next[b] = acc;
+        acc += c;
+    }
+    for (int64_t p = 0; p < P; ++p) {
+        const int64_t q = next[(keys[p] >> shift) & mask]++;
+        keys_out[q] = keys[p];
+        order_out[q] = order[p];
+    }
+}
+
+/* group_rows by an LSD radix sort, for R < 2^31: passes of at most RADIX_MAX_BITS bits
+ * (their 2^bits counters live in L1) over the bits that R - 1 needs.
+ * keys, keys_tmp: (P,) scratch  order_tmp: (P,) scratch; the other arguments as above. */
+void group_rows_radix(const int64_t *rows, int64_t R, uint32_t *keys, uint32_t *keys_tmp,
+                      int64_t *order, int64_t *order_tmp, int64_t *uniq, int64_t *seg,
+                      int64_t *n_uniq, int64_t lo, int64_t hi) {
+    const int64_t P = hi - lo;
+    int bits = 0;
+    while (((int64_t)1 << bits) < R) ++bits;
+    const int passes = (bits + RADIX_MAX_BITS - 1) / RADIX_MAX_BITS;
+    const int width = passes ? (bits + passes - 1) / passes : 0;
+    uint32_t *k = keys, *k_out = keys_tmp;
+    int64_t *o = order, *o_out = order_tmp;
+    for (int64_t p = 0; p < P; ++p) {
+        k[p] = (uint32_t)rows[lo + p];
+        o[p] = p;
+    }
+    for (int pass = 0; pass < passes; ++pass) {
+        radix_pass(k, o, k_out, o_out, P, pass * width, width);
+        uint32_t *kt = k; k = k_out; k_out = kt;
+        int64_t *ot = o; o = o_out; o_out = ot;
+    }
+    if (o != order) memcpy(order, o, sizeof(int64_t) * P);
+    int64_t U = 0;
+    for (int64_t p = 0; p < P; ++p)
+        if (p == 0 || k[p] != k[p - 1]) {
+            uniq[U] = k[p];
+            seg[U++] = p;
+        }
+    seg[U] = P;
     *n_uniq = U;
 }
 

@@ -368,30 +368,47 @@ def test_bag_csr_matches_embedding_bag(path, counts, R, dim, dtype):
     _took_bag(path, values)
 
 
-def _slot_sums64(rows, w, bag, dy, R):
-    """(R, dim) float64: Σ over slots of row r of w · dy[bag], by a loop over slots."""
-    out = torch.zeros(R, dy.shape[1], dtype=torch.float64)
+def _slot_sums64(rows, w, bag, dy, unique_rows):
+    """(U, dim) float64: Σ over the slots of each of ``unique_rows`` of w · dy[bag], by a
+    loop over the slots."""
+    position = {r: u for u, r in enumerate(unique_rows.tolist())}
+    out = torch.zeros(len(position), dy.shape[1], dtype=torch.float64)
     for r, wt, b in zip(rows.tolist(), w.double().tolist(), bag.tolist()):
-        out[r] += wt * dy[b].double()
+        out[position[r]] += wt * dy[b].double()
     return out
 
 
 @pytest.mark.parametrize(
-    "P, R", [(0, 10), (1, 1), (9, 5), (41, 1000), (341, 341), (4096, 7), (20000, 65536)]
+    "P, R",
+    [
+        (0, 10),
+        (1, 1),
+        (9, 5),
+        (41, 1000),
+        (341, 341),
+        (4096, 7),
+        (20000, 65536),
+        (5000, 2**31 - 1),  # three radix passes of 11 bits
+        (3000, 2**22 + 3),  # 23 bits: three passes of 8
+    ],
 )
-def test_row_grads_counting_sort_equals_comparison_sort(native_calls, P, R):
-    """from_slots with num_rows (the C counting sort) groups exactly as torch.sort does;
-    merge of two pushes sums them, as a float64 loop over the slots does."""
+def test_row_grads_c_grouping_equals_comparison_sort(native_calls, P, R):
+    """from_slots with num_rows (the C counting sort for blocks of at most P rows, the
+    radix sort beyond) groups exactly as torch.sort does; merge of two pushes sums them,
+    as a float64 loop over the slots does."""
     rows = torch.randint(0, R, (P,))
+    if P > 2:  # the largest and smallest rows, and a repeat, whatever the draw
+        rows[:3] = torch.tensor([R - 1, 0, R - 1])
     w, bag, dy = torch.randn(P), torch.randint(0, 3, (P,)), torch.randn(3, 5)
     counted = SparseRowGrads.from_slots(rows, w, bag, dy, num_rows=R)
-    if P:  # the C counting sort takes blocks of at most 16 rows per slot
-        assert ("group_rows" in native_calls.symbols) == (R <= 16 * max(P, 4096))
-    sorted_ = SparseRowGrads.from_slots(rows, w, bag, dy)
+    if P:
+        expected = "group_rows" if R <= P else "group_rows_radix"
+        assert [s for s in native_calls.symbols if s.startswith("group_rows")] == [expected]
+    sorted_ = SparseRowGrads.from_slots(rows, w, bag, dy)  # torch.sort
     for field in ("rows", "seg", "slot_bag", "slot_w"):
         assert torch.equal(getattr(counted, field), getattr(sorted_, field)), field
     assert torch.equal(counted.rows, torch.unique(rows))
     merged = SparseRowGrads.merge([counted, sorted_], num_rows=R)
     assert torch.equal(merged.rows, torch.unique(rows))
-    expected = 2 * _slot_sums64(rows, w, bag, dy, R)[merged.rows]
+    expected = 2 * _slot_sums64(rows, w, bag, dy, merged.rows)
     assert_close(merged.dense(), expected)
