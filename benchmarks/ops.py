@@ -270,7 +270,7 @@ def main() -> None:
         rows += [
             (
                 "bag backward (dw + row grads)",
-                "C dw + rows grouped by counting sort",
+                "C dw + rows grouped by a counting or radix sort",
                 backward[0],
                 "EmbeddingBag(sparse) autograd backward",
                 backward[1],
