@@ -181,7 +181,10 @@ class Table:
         if seen:
             self.last_read_steps = {f"{r}-{c}": int(s["step"]) for (r, c), s in seen.items()}
             self._read_keys_versions = {str(s["keys"]) for s in seen.values()}
-        return {block: reply[1] for block, reply in results.items()}
+        # In block order, not reply order: the row blocks' partial sums are then added in
+        # the same order on every call, so a lookup's float result does not depend on
+        # which shard answered first.
+        return {block: results[block][1] for block in sorted(results)}
 
     def _recover_or_raise(self, block, error):
         """A call failed because the shard died: wait for its restart, then roll back."""

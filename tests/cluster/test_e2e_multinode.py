@@ -59,6 +59,13 @@ TABLE = "e2e-facts"  # the driver's table
 BUCKET, PREFIX = "memstore-e2e", "facts-memory"
 RAY_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
 SERVER_THREADS = 2  # each thread of `memstore serve` keeps its own table handle
+# The store's model and the local reference agree up to float summation order (the row
+# blocks' partial sums against one block's), and Adam scales each coordinate by its own
+# gradient history, so a gradient that nearly cancels carries its rounding into a visible
+# fraction of its step: 8.6e-6 apart after 3 steps and 1.5e-5 after 4, the same in every
+# run. A lost, doubled or misrouted update moves values by about lr (1e-3) or value_lr
+# (3e-2), far beyond this bound.
+MAX_VALUE_DIFF = 1e-4
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
@@ -283,7 +290,7 @@ def test_train_serve_lose_a_worker_node_recover_and_shut_down(
         assert trained["grid"] == [4, 1]
         assert trained["shards"] == sorted(WORKER_IPS * 2)
         assert trained["last_step"] == 3
-        assert trained["loss_diff"] <= 1e-5 and trained["max_diff"] <= 1e-5
+        assert trained["loss_diff"] <= 1e-5 and trained["max_diff"] <= MAX_VALUE_DIFF
         assert trained["same_topk"]  # the store's query = the model's own top-k
         checkpoint = f"s3://{BUCKET}/{PREFIX}/step-000000002"
         assert trained["checkpoint"].split("?")[0] == checkpoint
@@ -323,7 +330,7 @@ def test_train_serve_lose_a_worker_node_recover_and_shut_down(
         assert recovered["rolled_back_to"] == 2  # the step of the checkpoint
         assert recovered["restored_diff"] == 0  # every row as saved, on every shard
         assert recovered["last_step"] == 4
-        assert recovered["loss_diff"] <= 1e-5 and recovered["max_diff"] <= 1e-5
+        assert recovered["loss_diff"] <= 1e-5 and recovered["max_diff"] <= MAX_VALUE_DIFF
         assert recovered["shards"] == [WORKER_IPS[0]] * 4  # restarted on the survivor
         with MemoryClient(address, token=token, read_retries=0) as client:
             np.testing.assert_array_equal(

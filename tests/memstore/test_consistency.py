@@ -346,3 +346,31 @@ def test_memory_budget_against_a_nodes_ray_memory(table_names):
     assert e.value.budget_bytes == int(memory)
     assert "Ray memory" in str(e.value)
     assert _leftovers(name) == {"actors": [], "placement_groups": []}
+
+
+class SlowLookupShard(ShardWorker):
+    def delay_next_lookup(self, seconds: float) -> None:
+        self.data_server.faults.delay_replies("lookup", 1, seconds)
+
+
+def test_a_lookup_adds_the_row_blocks_in_block_order_whoever_answers_first(table_names):
+    """One bag of three slots, one in each of three row blocks, weighted so that the
+    float32 sum of the three partial sums depends on their order (1 - 1 + 2^-30 is
+    2^-30 in this order and 0 with the first block added last). The first block's
+    reply is held back so that it arrives last; the lookup still equals the block-order
+    sum, bit for bit, and the lookup of an undisturbed call."""
+    t = make(table_names("order"), shards=(3, 1), worker_cls=SlowLookupShard)
+    bounds = t.grid.row_bounds
+    rows = torch.tensor([bounds[0], bounds[1], bounds[2]])
+    v = t.gather(rows)[:, 0].double()
+    targets = torch.tensor([1.0, -1.0, 2.0**-30], dtype=torch.float64)
+    w = (targets / v).float()
+    q = w * v.float()  # each block's partial sum in column 0, as float32
+    in_block_order = ((torch.zeros(()) + q[0]) + q[1]) + q[2]
+    first_block_last = ((torch.zeros(()) + q[1]) + q[2]) + q[0]
+    assert in_block_order != first_block_last  # the order matters for these weights
+    undisturbed = t.lookup(rows[None], w[None])
+    ray.get(t.shards[(0, 0)].delay_next_lookup.remote(0.5))
+    held_back = t.lookup(rows[None], w[None])
+    assert held_back[0, 0] == in_block_order
+    assert torch.equal(held_back, undisturbed)
