@@ -116,9 +116,10 @@ def c_forward_wins(cpuinfo: str) -> bool:
     """Whether the C float32 bag forward was measured faster than ``F.embedding_bag`` on
     a CPU like the one ``cpuinfo`` (the text of /proc/cpuinfo) describes.
 
-    Intel with AVX-512: 1.20-1.21x (Sapphire Rapids, ``benchmarks/ops.py``). Elsewhere
-    the library stays: on the AMD EPYC VM the C forward measured 0.44-0.58x, before the
-    512-bit build, and has not been measured since.
+    Intel with AVX-512: 1.18-1.20x through the store's dispatch (Sapphire Rapids,
+    ``benchmarks/ops.py``). Elsewhere the library stays: on the AMD EPYC VM the C
+    forward measured 0.44-0.83x, before the 512-bit build, and has not been measured
+    since.
     """
     flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
     return "GenuineIntel" in cpuinfo and "avx512f" in flags.split()
