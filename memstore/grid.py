@@ -107,18 +107,25 @@ class ShardGrid:
     def route(self, idx: torch.Tensor, w: torch.Tensor) -> list[RowRoute]:
         """Split validated (B, M) pairs by row block; one entry per row block.
 
-        In numpy: its compress and comparisons are several times faster than torch's
-        boolean indexing and bucketize on the host (benchmarks/store.py's routing)."""
+        In numpy, on the calling thread: its compress and comparisons are several times
+        faster than torch's boolean indexing and bucketize on the host
+        (benchmarks/store.py's routing), and torch would wake its intra-op threads,
+        which take cores from shards on the same machine."""
         R = self.shape[0]
-        B = idx.shape[0]
-        w = w.to(torch.float32)
-        if R == 1:
-            offsets = torch.arange(B + 1, dtype=torch.int64) * idx.shape[1]
-            mask = torch.ones(idx.shape, dtype=torch.bool)
-            return [RowRoute(mask, idx.reshape(-1).to(self.index_dtype()), w.reshape(-1), offsets)]
-        rows, weights = idx.contiguous().numpy(), w.contiguous().numpy()
-        block_of = _block_of(rows, self.row_bounds[1:-1])
+        B, M = idx.shape
+        rows = idx.detach().contiguous().numpy()
+        weights = w.detach().to(torch.float32).contiguous().numpy()
         index_dtype = np.int32 if self.index_dtype() == torch.int32 else np.int64
+        if R == 1:
+            return [
+                RowRoute(
+                    torch.from_numpy(np.ones((B, M), dtype=bool)),
+                    torch.from_numpy(rows.reshape(-1).astype(index_dtype)),
+                    torch.from_numpy(weights.reshape(-1)),
+                    torch.from_numpy(np.arange(B + 1, dtype=np.int64) * M),
+                )
+            ]
+        block_of = _block_of(rows, self.row_bounds[1:-1])
         routes = []
         for r in range(R):
             mask = block_of == r

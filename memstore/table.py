@@ -267,39 +267,49 @@ class Table:
         idx, w = self._check_pairs(idx, w)
         routes = self.grid.route(idx, w)
         parts = self._data_call("lookup", routes)
-        y = torch.zeros(idx.shape[0], self.dim)
+        # In numpy, on this thread: see memstore._internal.validation on torch's threads.
+        y = np.zeros((idx.shape[0], self.dim), dtype=np.float32)
         for (_r, c), part in parts.items():
-            y[:, self.grid.col_bounds[c] : self.grid.col_bounds[c + 1]] += to_tensor(part)
-        return y
+            y[:, self.grid.col_bounds[c] : self.grid.col_bounds[c + 1]] += part
+        return torch.from_numpy(y)
 
     def _data_call(self, op: str, routes, extra: dict | None = None) -> dict:
         """``op`` (lookup or backward) on every shard with its row block's routed pairs
         plus ``extra[block]`` = (more arrays, scalars), if given, and the incarnation
-        expected of the shard (a restarted one refuses the call: the table rolls back).
-
-        Over the data channel where the shards have one. A call whose connection failed
-        (the shard died, restarted, or the socket broke) is repeated over Ray, where a
-        dead or restarted shard is recognised and handled; after a channel timeout
-        (a lost reply, or a silent shard) every call is. Repeating is safe: lookups
-        change nothing, and a shard answers a repeated push with its first reply.
-        """
+        expected of the shard (a restarted one refuses the call: the table rolls back)."""
         arrays = [(r.rows.numpy(), r.w.numpy(), r.offsets.numpy()) for r in routes]
         extra = {b: (extra or {}).get(b, ((), ())) for b in self.shards}
-        extra = {
-            b: (more, (*scalars, self._incarnations[b])) for b, (more, scalars) in extra.items()
+        calls = {
+            (r, c): (arrays[r] + more, (*scalars, self._incarnations[(r, c)]))
+            for (r, c), (more, scalars) in extra.items()
         }
-        todo = list(self.shards)
-        results = {}
-        if all(self._addresses.get(b) for b in todo):
-            requests = {
-                (r, c): (
-                    self._addresses[(r, c)],
-                    op,
-                    arrays[r] + extra[(r, c)][0],
-                    extra[(r, c)][1],
+
+        def over_ray(todo: list) -> dict:
+            sent = self._put_routes(arrays)
+            return {
+                (r, c): getattr(self.shards[(r, c)], op).remote(
+                    *sent[r], *extra[(r, c)][0], *calls[(r, c)][1]
                 )
                 for r, c in todo
             }
+
+        return self._shard_call(op, calls, over_ray)
+
+    def _shard_call(self, op: str, calls: dict, over_ray) -> dict:
+        """``op`` on every shard: ``calls[block]`` = (arrays, scalars) over the data
+        channel where the shards have one; ``over_ray(blocks)`` -> {block: ObjectRef}
+        makes the same calls over Ray.
+
+        A call whose connection failed (the shard died, restarted, or the socket broke)
+        is repeated over Ray, where a dead or restarted shard is recognised and handled;
+        after a channel timeout (a lost reply, or a silent shard) every call is.
+        Repeating is safe: lookups change nothing, and a shard answers a repeated push or
+        step with its first reply.
+        """
+        todo = list(self.shards)
+        results = {}
+        if all(self._addresses.get(b) for b in todo):
+            requests = {b: (self._addresses[b], op, *calls[b]) for b in todo}
             try:
                 results, todo = self._data_channel().call_all(requests)
             except ShardRestarted as e:
@@ -318,17 +328,7 @@ class Table:
                     shard_name(self.name, *block),
                 )
         if todo:
-            sent = self._put_routes(arrays)
-            results.update(
-                self._wait(
-                    {
-                        (r, c): getattr(self.shards[(r, c)], op).remote(
-                            *sent[r], *extra[(r, c)][0], *extra[(r, c)][1]
-                        )
-                        for r, c in todo
-                    }
-                )
-            )
+            results.update(self._wait(over_ray(todo)))
         return self._checked(results)
 
     def _data_channel(self) -> DataClient:
@@ -381,10 +381,11 @@ class Table:
         routes = self.grid.route(idx, w)
         grouped = self._grouped_slots(routes)
         extra = {}
+        dy = dy.detach().numpy()
         for r, c in self.shards:
             c0, c1 = self.grid.col_bounds[c], self.grid.col_bounds[c + 1]
             extra[(r, c)] = (
-                (dy[:, c0:c1].contiguous().numpy(), *grouped[r : r + 1]),
+                (np.ascontiguousarray(dy[:, c0:c1]), *grouped[r : r + 1]),
                 (step, push_id, lr),
             )
         try:
@@ -469,12 +470,18 @@ class Table:
         ):
             raise InvalidArgument("pushes_per_step", "None or an int >= 1", pushes_per_step)
         # With step_on_push the shards applied s with its last push; this confirms it.
-        done = self._checked(self._call_all("step", step, pushes_per_step, lr, fenced=True))
+        calls = {b: ((), (step, pushes_per_step, lr, self._incarnations[b])) for b in self.shards}
+        done = self._shard_call(
+            "step",
+            calls,
+            lambda todo: {b: self.shards[b].step.remote(*calls[b][1]) for b in todo},
+        )
         self.last_step = step
         every = self.config.get("save_every")
         if every and step % every == 0:
             self.save()
-        return sum(done.values())
+        # Each block's count: an int over Ray, a one-element array over the data channel.
+        return sum(int(np.asarray(n).item()) for n in done.values())
 
     # ---- keys and queries ----------------------------------------------------------
     def publish_keys(self, keys: torch.Tensor) -> None:

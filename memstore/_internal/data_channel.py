@@ -136,8 +136,9 @@ class OpCaps:
 
 
 def table_caps(max_batch: int, max_pairs: int, cols: int) -> dict[str, OpCaps]:
-    """The ops a shard serves: lookup(rows, w, offsets) -> y (B, cols) and
-    backward(rows, w, offsets, dy (B, cols)) -> dw (pairs)."""
+    """The ops a shard serves: lookup(rows, w, offsets) -> y (B, cols),
+    backward(rows, w, offsets, dy (B, cols)) -> dw (pairs) and step() -> the rows
+    updated (its arguments are scalars)."""
     # Named by the caller's argument each array comes from: a refusal names that.
     pairs = (
         ("idx", "max_pairs", max_pairs),
@@ -147,6 +148,7 @@ def table_caps(max_batch: int, max_pairs: int, cols: int) -> dict[str, OpCaps]:
     return {
         "lookup": OpCaps(pairs, max_batch * cols),
         "backward": OpCaps(pairs + (("dy", "max_batch", max_batch * cols),), max_pairs),
+        "step": OpCaps((), 1),
     }
 
 

@@ -17,6 +17,12 @@ rolls the table back to the checkpoint the restarted shard reports (``restored_p
 A push is identified by (step, push_id). The shard keeps the replies of its recent
 pushes, so a push repeated after a lost reply is answered with the dw it already got,
 and applied once, even when its step was applied since (``step_on_push``, async mode).
+Likewise a ``step`` repeated after a lost reply is answered with the rows its first
+call updated, and not applied again.
+
+Lookups, pushes and steps come over the data channel (:mod:`.data_channel`), served
+by its thread; every other call, and any data call the handle repeats after the
+channel failed, comes over Ray. Both take the same lock.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from ..optim import optimizer_from_dict
 from ..shard_table import ShardTable
 from .data_channel import ChannelSettings, DataServer
 from .shard_metrics import ShardMetrics
-from .validation import MAX_STEPS_AHEAD
+from .validation import MAX_STEPS_AHEAD, check_lr, check_positive_int, check_step
 from .wire import to_tensor
 
 log = logging.getLogger(__name__)
@@ -86,6 +92,8 @@ class ShardWorker:
         # The restarted incarnations (of any block) this block was rolled back for.
         self.reconciled: set[str] = set()
         self.replayed = 0  # repeated pushes answered from self.replies
+        self.replayed_steps = 0  # repeated step() calls answered from self.applied
+        self.applied: tuple[int, int] | None = None  # (step, rows updated) of the last step() call
         self.metrics = ShardMetrics(config["name"], self.block_id)
         self._rows_updated_reported = 0
         self.restored_path = None
@@ -96,7 +104,7 @@ class ShardWorker:
         if config.get("data_channel", "socket") == "socket":
             self.data_server = DataServer(
                 config.get("data_bind") or _node_ip(),
-                {"lookup": self.lookup, "backward": self.backward},
+                {"lookup": self.lookup, "backward": self.backward, "step": self.step},
                 ChannelSettings.from_config(config),
                 advertised_host=_node_ip(),
             )
@@ -163,6 +171,7 @@ class ShardWorker:
             self.table = self._new_table()
         self.async_applied.clear()
         self.replies.clear()
+        self.applied = None
         self.max_seen_step = 0
         self._rows_updated_reported = self.table.stats()["rows_updated"]
         self.reconciled.update(restarts)
@@ -296,10 +305,19 @@ class ShardWorker:
     @_locked
     def step(self, step: int, pushes_per_step: int | None, lr: float | None, expected: str):
         self._fence(expected)
+        check_step("step", step)
+        lr = check_lr("lr", lr)
+        if pushes_per_step is not None:
+            check_positive_int("pushes_per_step", pushes_per_step)
         if self.config.get("mode") == "async":
             return self.incarnation, 0
         if self.config.get("step_on_push") and step <= self.table.last_step:
             return self.incarnation, 0  # applied by its last push: step only confirms it
+        if self.applied is not None and self.applied[0] == step == self.table.last_step:
+            # A repeat after a lost reply (the handle repeats a call over Ray): the step
+            # was applied once; its answer is the same.
+            self.replayed_steps += 1
+            return self.incarnation, self.applied[1]
         if pushes_per_step is not None:
             arrived = self.table.pushes(step)
             if len(arrived) < pushes_per_step:
@@ -309,6 +327,7 @@ class ShardWorker:
                     f"pushes with ids {arrived}",
                 )
         updated = self.table.step(step, lr=lr)
+        self.applied = (step, updated)
         self._report_table()
         return self.incarnation, updated
 
@@ -346,6 +365,7 @@ class ShardWorker:
             "pid": os.getpid(),
             **self.table.stats(),
             "replayed_pushes": self.replayed,
+            "replayed_steps": self.replayed_steps,
         }
         if self.staleness:
             out["staleness_mean"] = float(np.mean(self.staleness))

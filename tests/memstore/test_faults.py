@@ -8,10 +8,10 @@ that rolls back replays exactly. Every run is compared with an undisturbed run o
 same table: in sync mode the final fingerprints (values, optimizer state, step
 counters) must be equal, bit for bit.
 
-Faults go in through a ShardWorker subclass: ``arm`` drops the next reply of an op on
-the data channel (the handler ran: the call took effect and its answer was lost), or
-makes the shard's process exit right before or right after handling the next call of
-an op (Ray restarts it; it reloads the newest checkpoint).
+Faults go in through a ShardWorker subclass: ``arm`` drops the next reply of an op
+(lookup, backward or step) on the data channel (the handler ran: the call took effect
+and its answer was lost), or makes the shard's process exit right before or right after
+handling the next call of an op (Ray restarts it; it reloads the newest checkpoint).
 """
 
 import os
@@ -63,6 +63,12 @@ class FaultyShard(ShardWorker):
         self._maybe_exit("after", "backward")
         return out
 
+    def step(self, *args):
+        self._maybe_exit("before", "step")
+        out = super().step(*args)
+        self._maybe_exit("after", "step")
+        return out
+
 
 def _batch(step: int):
     g = torch.Generator().manual_seed(100 + step)
@@ -102,6 +108,7 @@ def _train(t, faults: dict | None = None) -> list[int]:
             _arm(t, faults.pop((step, "backward"), None))
             t.backward(idx, w, (y - TARGET) / B, step=step)
             if not t.config.get("step_on_push"):
+                _arm(t, faults.pop((step, "step"), None))
                 t.step(step)
         except StoreRolledBack as e:
             rolled.append(e.step)
@@ -136,6 +143,24 @@ def test_lost_replies_of_every_data_call_change_nothing(table_names):
     assert sum(ray.get([a.dropped.remote() for a in t.shards.values()])) == len(faults)
     # A lost reply repeats the whole call over Ray: each block answers a push's repeat.
     assert sum(s["replayed_pushes"] for s in t.stats()["shards"]) == 2 * 2
+    assert t.fingerprints() == clean.fingerprints()
+
+
+def test_a_lost_step_reply_applies_the_step_once(table_names):
+    """A step's reply lost after the block applied it: the handle repeats the step on
+    every block over Ray, and each block answers the repeat with its first reply
+    instead of refusing a step it has applied (or applying it twice)."""
+    clean = _make(table_names("clean"))
+    assert _train(clean) == []
+    t = _make(table_names("lossy"))
+    t.timeout_s = LOST_REPLY_S
+    faults = {
+        (2, "step"): ((0, 0), "drop", "step"),
+        (5, "step"): ((1, 0), "drop", "step"),
+    }
+    assert _train(t, faults) == []
+    assert sum(ray.get([a.dropped.remote() for a in t.shards.values()])) == len(faults)
+    assert sum(s["replayed_steps"] for s in t.stats()["shards"]) == 2 * 2
     assert t.fingerprints() == clean.fingerprints()
 
 
