@@ -1,8 +1,9 @@
-"""The data path of lookups and pushes: ZeroMQ between a table handle and its shards.
+"""The data path of lookups, pushes and steps: ZeroMQ between a table handle and its
+shards.
 
 A Ray actor call costs about a millisecond of CPU on each side, more than a shard needs
-to answer a lookup of a few hundred tokens, so lookups and pushes travel over a ZeroMQ
-socket that each shard opens next to its actor (everything else stays on Ray). The
+to answer a lookup of a few hundred tokens, so lookups, pushes and steps travel over a
+ZeroMQ socket that each shard opens next to its actor (everything else stays on Ray). The
 shard binds one ROUTER socket served by one thread with a poller; each client holds one
 DEALER socket per shard. A message is a JSON header frame plus one frame per array,
 sent and received without copies (numpy arrays are views of the received frames).
