@@ -1,0 +1,163 @@
+"""The compute ceiling of a column grid: its blocks in separate processes, no transport.
+
+A table cut into C column blocks runs each block in its own shard process on one
+thread, and every call waits for all blocks, so the blocks run the same phase (lookup,
+backward, step) at the same moment. This script measures what that costs before any
+transport: the same round as ``benchmarks.store`` (B = 2048 tokens, 128 slots, 1M × 256
+float32, lazy Adam) through
+
+* one in-process ``memstore.ShardTable`` on all cores (the baseline), and
+* C ``ShardTable`` column blocks, each in its own process on one thread, fed the inputs
+  a shard receives (block-local CSR, int32 rows, dy's column slice, values checked),
+  once with each phase started together by a barrier (as a table's calls start them)
+  and once free-running (each block at its own pace).
+
+Each round of the blocks follows an in-process round on the same batch, one side at a
+time, so that drift in the machine hits both alike. The aligned round is the sum over
+phases of the slowest block's phase; the free-running round is the slowest block's
+median round. Prints one markdown table.
+
+    python -m benchmarks.column_blocks [--blocks 2] [--rounds 11]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import memstore
+from benchmarks.store import DIM, LR, ROWS, B, M, Round, cpu_model, make_batches
+
+WARMUP = 3
+
+
+def _shard_inputs(cols: tuple[int, int]) -> list[tuple]:
+    """Each batch as a column shard receives it over the data channel."""
+    inputs = []
+    for idx, w, dy in make_batches():
+        B, M = idx.shape
+        inputs.append(
+            (
+                idx.reshape(-1).to(torch.int32),
+                w.reshape(-1).contiguous(),
+                torch.arange(0, B * M + 1, M, dtype=torch.int32),
+                dy[:, cols[0] : cols[1]].contiguous(),
+            )
+        )
+    return inputs
+
+
+def _block_worker(cols, rounds, aligned, gates, results) -> None:
+    """One column block on one thread. Each round starts when the parent opens
+    ``gates["start"]`` and ends at ``gates["end"]``; ``aligned``: every phase starts
+    together across blocks (``gates["phase"]``)."""
+    torch.set_num_threads(1)
+    table = memstore.ShardTable(ROWS, DIM, optimizer=memstore.Adam(lr=LR), col_range=cols)
+    inputs = _shard_inputs(cols)
+    phases = []
+    for i in range(WARMUP + rounds):
+        rows, w, offsets, dy = inputs[i % len(inputs)]
+        calls = (
+            functools.partial(table.lookup_csr, rows, w, offsets, checked=True),
+            functools.partial(table.backward_csr, rows, w, offsets, dy, step=i + 1, checked=True),
+            functools.partial(table.step, i + 1),
+        )
+        gates["start"].wait()
+        times = []
+        for call in calls:
+            if aligned:
+                gates["phase"].wait()
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        gates["end"].wait()
+        if i >= WARMUP:
+            phases.append(times)
+    results.put(phases)
+
+
+def run_paired(blocks: int, rounds: int, aligned: bool, local: Round) -> dict:
+    """Rounds of the column blocks, each after a round of ``local`` (the in-process
+    table) on the same batch; only one side runs at a time. Returns the medians (ms)
+    of both sides: the blocks' round is the sum over phases of the slowest block's
+    phase when aligned, else the slowest block's round."""
+    ctx = mp.get_context("spawn")
+    gates = {
+        "start": ctx.Barrier(blocks + 1),
+        "end": ctx.Barrier(blocks + 1),
+        "phase": ctx.Barrier(blocks),
+    }
+    results = ctx.Queue()
+    bounds = [DIM * b // blocks for b in range(blocks + 1)]
+    procs = [
+        ctx.Process(target=_block_worker, args=((lo, hi), rounds, aligned, gates, results))
+        for lo, hi in zip(bounds, bounds[1:])
+    ]
+    for p in procs:
+        p.start()
+    local.parts = []
+    for i in range(WARMUP + rounds):
+        local(record=i >= WARMUP)
+        gates["start"].wait()
+        gates["end"].wait()
+    per_block = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    if aligned:
+        slowest = [[max(b[r][k] for b in per_block) for k in range(3)] for r in range(rounds)]
+    else:
+        slowest = max(per_block, key=lambda b: statistics.median(sum(p) for p in b))
+    return {
+        "local": local.median_ms(),
+        "blocks": (
+            1e3 * statistics.median(sum(p) for p in slowest),
+            *(1e3 * statistics.median(p[k] for p in slowest) for k in range(3)),
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=2, help="column blocks (processes)")
+    parser.add_argument("--rounds", type=int, default=11, help="timed rounds per series")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    local = Round(memstore.ShardTable(ROWS, DIM, optimizer=memstore.Adam(lr=LR)), make_batches())
+    series = {}
+    for aligned in tqdm((True, False), desc="column blocks", unit="series"):
+        series[aligned] = run_paired(args.blocks, args.rounds, aligned, local)
+    print(
+        f"\nmachine: {cores} CPU threads, {cpu_model()}, torch {torch.__version__}, "
+        f"python {platform.python_version()}"
+    )
+    print(f"command: python -m benchmarks.column_blocks {' '.join(sys.argv[1:])}".rstrip())
+    print(
+        f"B={B} tokens, {M} slots/token, {ROWS:,} x {DIM} float32, Adam (lazy); median of "
+        f"{args.rounds} rounds after {WARMUP} warm-up, each paired with an in-process round\n"
+    )
+    print(
+        "| column blocks, 1 thread each | round ms = lookup + backward + step | "
+        f"paired in-process round ms ({cores} threads) | vs in-process |"
+    )
+    print("|---|---|---|---:|")
+    for aligned, label in ((True, "phases aligned"), (False, "free-running")):
+        blocks, local_ms = series[aligned]["blocks"], series[aligned]["local"]
+        print(
+            f"| {args.blocks}, {label} | {blocks[0]:.0f} = {blocks[1]:.0f} + {blocks[2]:.0f} + "
+            f"{blocks[3]:.0f} | {local_ms[0]:.0f} = {local_ms[1]:.0f} + {local_ms[2]:.0f} + "
+            f"{local_ms[3]:.0f} | {local_ms[0] / blocks[0]:.2f}× |"
+        )
+
+
+if __name__ == "__main__":
+    main()
