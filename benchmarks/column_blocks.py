@@ -8,7 +8,7 @@ float32, lazy Adam) through
 
 * one in-process ``memstore.ShardTable`` on all cores (the baseline), and
 * C ``ShardTable`` column blocks, each in its own process on one thread, fed the inputs
-  a shard receives (block-local CSR, int32 rows, dy's column slice, values checked),
+  a shard receives (the handle's route of the pairs, dy's column slice, values checked),
   once with each phase started together by a barrier (as a table's calls start them)
   and once free-running (each block at its own pace).
 
@@ -36,36 +36,39 @@ from tqdm import tqdm
 
 import memstore
 from benchmarks.store import DIM, LR, ROWS, B, M, Round, cpu_model, make_batches
+from memstore.grid import ShardGrid
 
 WARMUP = 3
 
 
-def _shard_inputs(cols: tuple[int, int]) -> list[tuple]:
-    """Each batch as a column shard receives it over the data channel."""
+def _shard_inputs(grid: ShardGrid, c: int) -> list[tuple]:
+    """Each batch as column block ``c`` receives it: the handle's route of the pairs
+    and its slice of dy."""
+    c0, c1 = grid.col_bounds[c], grid.col_bounds[c + 1]
     inputs = []
     for idx, w, dy in make_batches():
-        B, M = idx.shape
-        inputs.append(
-            (
-                idx.reshape(-1).to(torch.int32),
-                w.reshape(-1).contiguous(),
-                torch.arange(0, B * M + 1, M, dtype=torch.int32),
-                dy[:, cols[0] : cols[1]].contiguous(),
-            )
-        )
+        (route,) = grid.route(idx, w)
+        inputs.append((route.rows, route.w, route.offsets, dy[:, c0:c1].contiguous()))
     return inputs
 
 
-def _block_worker(cols, rounds, aligned, gates, results) -> None:
-    """One column block on one thread. Each round starts when the parent opens
-    ``gates["start"]`` and ends at ``gates["end"]``; ``aligned``: every phase starts
-    together across blocks (``gates["phase"]``)."""
+def _block_worker(grid, c, first_batch, rounds, aligned, gates, results) -> None:
+    """Column block ``c`` of ``grid`` on one thread, from batch ``first_batch`` on (the
+    in-process side's next). Each round starts when the parent opens ``gates["start"]``
+    and ends at ``gates["end"]``; ``aligned``: every phase starts together across blocks
+    (``gates["phase"]``)."""
     torch.set_num_threads(1)
-    table = memstore.ShardTable(ROWS, DIM, optimizer=memstore.Adam(lr=LR), col_range=cols)
-    inputs = _shard_inputs(cols)
+    spec = grid.block(0, c)
+    table = memstore.ShardTable(
+        ROWS,
+        DIM,
+        optimizer=memstore.Adam(lr=LR),
+        col_range=(spec.col_start, spec.col_stop),
+    )
+    inputs = _shard_inputs(grid, c)
     phases = []
     for i in range(WARMUP + rounds):
-        rows, w, offsets, dy = inputs[i % len(inputs)]
+        rows, w, offsets, dy = inputs[(first_batch + i) % len(inputs)]
         calls = (
             functools.partial(table.lookup_csr, rows, w, offsets, checked=True),
             functools.partial(table.backward_csr, rows, w, offsets, dy, step=i + 1, checked=True),
@@ -97,10 +100,13 @@ def run_paired(blocks: int, rounds: int, aligned: bool, local: Round) -> dict:
         "phase": ctx.Barrier(blocks),
     }
     results = ctx.Queue()
-    bounds = [DIM * b // blocks for b in range(blocks + 1)]
+    grid = ShardGrid.make(ROWS, DIM, (1, blocks))
     procs = [
-        ctx.Process(target=_block_worker, args=((lo, hi), rounds, aligned, gates, results))
-        for lo, hi in zip(bounds, bounds[1:])
+        ctx.Process(
+            target=_block_worker,
+            args=(grid, c, local.step, rounds, aligned, gates, results),
+        )
+        for c in range(blocks)
     ]
     for p in procs:
         p.start()
