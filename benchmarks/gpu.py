@@ -36,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import reference as ref
+from memstore.kernels import reference as ref
 
 NAN = float("nan")
 DEVICE = "cuda"  # a module constant so that the script logic can be dry-run elsewhere
@@ -52,7 +52,7 @@ def require_gpu():
         )
         sys.exit(2)
     try:
-        import kernels.triton as tk
+        import memstore.kernels.triton as tk
     except ImportError as exc:
         print(f"benchmarks/gpu.py: Triton is not importable ({exc}).", file=sys.stderr)
         sys.exit(2)
@@ -659,7 +659,7 @@ def compile_report() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.triton import bag, csr, product_key, sparse_optim
+    from memstore.kernels.triton import bag, csr, product_key, sparse_optim
 
     rows_d = dict(BLOCK_P=8, BLOCK_D=256)
     kernels = [
@@ -739,7 +739,7 @@ def dry_run(a) -> int:
     interpreter: checks the script's logic and the kernels' results, not their speed."""
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["MEMSTORE_FORCE_TRITON"] = "1"
-    from kernels import _dispatch
+    from memstore.kernels import _dispatch
 
     started = time.perf_counter()
     run_store(store_sizes(a, dry_run=True), "cpu")

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import kernels
-from memstore import MemoryLayer, MemoryLayerArgs
+from memstore import MemoryLayer, MemoryLayerArgs, kernels
 
 B, H, K, N, DIM, DK = 2048, 4, 32, 1024, 256, 256
 ROWS = N * N
@@ -248,7 +247,7 @@ def main() -> None:
             ),
             (
                 "bag forward f32, through the store's dispatch",
-                f"kernels.bag.bag_forward_csr (calls {callee})",
+                f"memstore.kernels.bag.bag_forward_csr (calls {callee})",
                 f["store"],
                 lib_bag,
                 f["library2"],

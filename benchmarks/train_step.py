@@ -13,7 +13,7 @@ facts configs, without evaluation or checkpoints, in four settings:
 * **memory, all over Ray**: ``store.data_channel: ray`` and the separate step, i.e.
   every store call an actor call.
 
-Each setting is one ``python -m trainer.train`` process; the settings run in turn and
+Each setting is one ``python -m memstore.trainer.train`` process; the settings run in turn and
 the whole set ``--passes`` times, so that drift of the machine hits all of them. The
 step time of a run is the median of its per-step training seconds (metrics.jsonl)
 after 20 warm-up steps; a setting's figure is the median over passes. Prints one
@@ -69,9 +69,9 @@ def step_ms(
     cmd = [
         sys.executable,
         "-m",
-        "trainer.train",
+        "memstore.trainer.train",
         "--config",
-        str(root / "trainer" / "configs" / config),
+        str(root / "memstore" / "trainer" / "configs" / config),
         *sum(
             (
                 ["--set", o]

@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer, prepare_model
 
 import memstore
 from memstore import MemoryLayer, MemoryLayerArgs
-from trainer.memory import MemoryPushes, pushes_per_step, sum_dense_gradients
+from memstore.trainer.memory import MemoryPushes, pushes_per_step, sum_dense_gradients
 
 KEYS, ANSWERS, DIM = 512, 16, 32
 LAYER = MemoryLayerArgs(dim=DIM, heads=2, k=8, n_keys=16, key_dim=16)  # 256 value rows

@@ -327,12 +327,10 @@ def _down(ns) -> int:
 
 
 def _benchmarks() -> list[str]:
-    """The modules of the ``benchmarks`` package installed beside memstore."""
-    spec = importlib.util.find_spec("benchmarks")
+    """The experiments installed with memstore (the modules of ``memstore.bench``)."""
+    spec = importlib.util.find_spec("memstore.bench")
     if spec is None or not spec.submodule_search_locations:
-        raise InvalidArgument(
-            "bench", "the benchmarks package, installed with memstore", "not importable"
-        )
+        raise InvalidArgument("bench", "memstore.bench, installed with memstore", "not importable")
     return sorted(
         m.name
         for m in pkgutil.iter_modules(spec.submodule_search_locations)
@@ -346,7 +344,7 @@ def _bench(ns) -> int:
         raise InvalidArgument("bench", f"one of {names}", ns.name)
     # In the current folder: the benchmarks write their runs under it (runs/...).
     return subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{ns.name}", *ns.args], check=False
+        [sys.executable, "-m", f"memstore.bench.{ns.name}", *ns.args], check=False
     ).returncode
 
 
@@ -508,12 +506,12 @@ def _add_serve_command(sub) -> None:
 def _add_job_commands(sub, plugins: dict, with_demo_options: bool) -> None:
     p = sub.add_parser(
         "bench",
-        help="run a benchmark of the benchmarks package by name",
+        help="run an experiment of memstore.bench by name",
         description="memstore bench NAME [ARGS...] runs python -m "
-        "benchmarks.NAME ARGS in the current folder (e.g. memstore bench "
+        "memstore.bench.NAME ARGS in the current folder (e.g. memstore bench "
         "facts --quick).",
     )
-    p.add_argument("name", help="facts, text, ops, store, train_step, grpc, ...")
+    p.add_argument("name", help="facts or text")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     p.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="train a MemoryLayer with a 1M-row in-process table")

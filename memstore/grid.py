@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from kernels.grouped import group_rows
+from memstore.kernels.grouped import group_rows
 
 from ._internal.validation import check_positive_int
 from .errors import InvalidArgument

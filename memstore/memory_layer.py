@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import product_key_topk
+from memstore.kernels import product_key_topk
 
 from ._internal.validation import dataclass_from_dict
 from .errors import InvalidArgument

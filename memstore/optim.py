@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-import kernels
+from memstore import kernels
 
 from ._internal.validation import dataclass_from_dict
 from .errors import InvalidArgument

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-import kernels
-from kernels.grouped import bag_backward_grouped
+from memstore import kernels
+from memstore.kernels.grouped import bag_backward_grouped
 
 from ._internal.validation import (
     check_dtype_name,

@@ -21,7 +21,7 @@ import uuid
 import numpy as np
 import torch
 
-import kernels
+from memstore import kernels
 
 from . import checkpoint
 from ._internal.data_channel import ChannelSettings, DataClient

@@ -1,7 +1,7 @@
 """The driver of tests/cluster/test_e2e_multinode.py: a separate process that joins the
 local multi-node cluster through RAY_ADDRESS, as a user's training job would, and
-trains the facts model (trainer/model.py, trainer/data.py) with its memory table in
-the store.
+trains the facts model (memstore/trainer/model.py, memstore/trainer/data.py) with its
+memory table in the store.
 
 It speaks JSON lines: it prints one object per phase on stdout and, between phases,
 waits for a command line on stdin, so the test can act on the cluster (query it over
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 import memstore
-from trainer.data import FactsCorpus
-from trainer.model import ModelArgs, Transformer, table_specs, table_users
+from memstore.trainer.data import FactsCorpus
+from memstore.trainer.model import ModelArgs, Transformer, table_specs, table_users
 
 NAME = "e2e-facts"
 SHARDS, BATCH, SEED = 4, 64, 5

@@ -219,15 +219,17 @@ def test_ray_version_is_the_one_installed_everywhere():
 
 def test_rayjob_entrypoint_is_a_valid_trainer_command():
     """The job's `memstore train` arguments load with the trainer's strict config loader
-    (unknown keys and bad values raise), from the config file the image ships."""
-    from trainer.train import load_config
+    (unknown keys and bad values raise), from a config the installed package ships."""
+    from memstore.trainer import configs
+    from memstore.trainer.train import load_config
 
     argv = shlex.split(_kuberay("rayjob.yaml")["spec"]["entrypoint"])
     assert argv[:2] == ["memstore", "train"]
     config = argv[argv.index("--config") + 1]
-    assert config.startswith("/home/ray/memstore/")  # WORKDIR of the Dockerfile
+    # A built-in config by name: the image installs the package, not the source tree.
+    assert configs.path(config).parent == REPO / "memstore" / "trainer" / "configs"
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    args = load_config(REPO / config.removeprefix("/home/ray/memstore/"), sets)
+    args = load_config(config, sets)
     assert args.store.keep is True and args.run_dir.startswith("/data/")
 
 

@@ -6,7 +6,7 @@ shards go to the workers) and two worker raylets on 127.0.0.21 and .22, every no
 with the S3 credentials in its environment. Then, in order:
 
 1. Train. A driver in its own process (tests/cluster/_e2e_driver.py) creates the memory
-   table of the facts model (trainer/model.py, a tiny facts-small-memory) on 4 shards,
+   table of the facts model (memstore/trainer/model.py, a tiny facts-small-memory) on 4 shards,
    which land 2 + 2 on the workers, and trains the model with a plain loop (AdamW on
    the dense weights, the table's own Adam on the values) against the same model on a
    local table. It checkpoints the table to s3:// after step 2 and trains step 3.

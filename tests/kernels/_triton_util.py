@@ -62,14 +62,14 @@ def _import_interpreted():
     os.environ["TRITON_INTERPRET"] = "1"
     if was_compiled:
         _interpret_triton_library()
-    return importlib.import_module("kernels.triton")
+    return importlib.import_module("memstore.kernels.triton")
 
 
 if INTERPRETED:
     triton_kernels = _import_interpreted()
 else:
     pytest.importorskip("triton", reason="Triton is not installed")
-    triton_kernels = importlib.import_module("kernels.triton")
+    triton_kernels = importlib.import_module("memstore.kernels.triton")
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def triton_dispatch(monkeypatch):
     """Public ops on DEVICE tensors dispatch to Triton: CUDA tensors do by themselves; on
     CPU the ``MEMSTORE_FORCE_TRITON`` switch sends them there (through the interpreter).
     Returns a function giving the dispatches ``kernels._dispatch`` recorded since."""
-    from kernels import _dispatch
+    from memstore.kernels import _dispatch
 
     if INTERPRETED:
         monkeypatch.setenv(_dispatch.FORCE_TRITON_ENV, "1")

@@ -5,8 +5,8 @@ fast path the dispatch picks (C, or a library kernel where that measured faster)
 once through the torch composites. It records the path ``kernels._dispatch`` logged
 for each op and every call that entered the C library (``_native.parallel_for`` is
 the one way in), so a test named after a path asserts it went through that path. On
-CPU the composites *are* ``kernels.reference``: tests therefore check values against implementations
-that share no code with the package: ``torch.optim``, ``F.embedding_bag``, autograd
+CPU the composites *are* ``kernels.reference``: tests therefore check values against
+implementations that share no code with the package: ``torch.optim``, ``F.embedding_bag``, autograd
 of a plain torch expression, or a float64 loop written out in the test.
 """
 
@@ -19,11 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-import kernels.bag
-import kernels.product_key
-import kernels.row_grads
-import kernels.sparse_optim
-from kernels import _dispatch, _native
+from memstore.kernels import _dispatch, _native, bag, product_key, row_grads, sparse_optim
 
 NATIVE_AVAILABLE = _native.library() is not None
 
@@ -56,7 +52,7 @@ def _seed():
 
 
 # The ops' modules that choose between the C path and a composite.
-_DISPATCHING_MODULES = (kernels.bag, kernels.product_key, kernels.row_grads, kernels.sparse_optim)
+_DISPATCHING_MODULES = (bag, product_key, row_grads, sparse_optim)
 
 # The C function (prefix of its symbol) behind each op's "native" path.
 C_FUNCTION = {
@@ -75,7 +71,7 @@ def use_composite(monkeypatch) -> None:
     kernel such as F.embedding_bag)."""
     for module in _DISPATCHING_MODULES:
         monkeypatch.setattr(module, "native_ok", lambda *a, **k: False)
-    monkeypatch.setattr(kernels.bag, "_library_bag", lambda *a, **k: False)
+    monkeypatch.setattr(bag, "_library_bag", lambda *a, **k: False)
 
 
 class Dispatch:

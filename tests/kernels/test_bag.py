@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import BagFunction, SparseRowGrads, _native, bag_backward, bag_forward
-from kernels.bag import bag_backward_csr, bag_forward_csr
+from memstore.kernels import BagFunction, SparseRowGrads, _native, bag_backward, bag_forward
+from memstore.kernels.bag import bag_backward_csr, bag_forward_csr
 
 from .conftest import assert_close
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from kernels import _native, empty_table
+from memstore.kernels import _native, empty_table
 
 HUGE_PAGE = 2 << 20
 NATIVE_BUILDS = shutil.which("cc") is not None or shutil.which("gcc") is not None
@@ -108,7 +108,7 @@ def test_c_kernels_share_torchs_openmp_runtime(native_calls):
     """After a C kernel ran, one OpenMP runtime is loaded: the library links libgomp by
     soname and so binds to the one torch already loaded."""
     values = torch.randn(1000, 64).bfloat16()
-    from kernels import bag_forward
+    from memstore.kernels import bag_forward
 
     bag_forward(values, torch.randint(0, 1000, (300, 8)), torch.rand(300, 8))
     native_calls.took(bag_forward_csr="native")
@@ -131,7 +131,7 @@ def test_c_kernels_thread_pool_is_sized_by_torch_set_num_threads(native_calls):
 def test_without_native_library_the_ops_use_the_composites(monkeypatch, caplog):
     """MEMSTORE_NATIVE=0, or no compiler, turns the C path off (with a warning when a
     compiler is missing) and every op still answers, through its composite."""
-    from kernels import _dispatch, adam_step
+    from memstore.kernels import _dispatch, adam_step
 
     monkeypatch.setenv("MEMSTORE_NATIVE", "0")
     _native.library.cache_clear()
@@ -142,7 +142,7 @@ def test_without_native_library_the_ops_use_the_composites(monkeypatch, caplog):
         monkeypatch.delenv("CC", raising=False)
         monkeypatch.setenv("PATH", "")
         _native.library.cache_clear()
-        with caplog.at_level("WARNING", logger="kernels._native"):
+        with caplog.at_level("WARNING", logger="memstore.kernels._native"):
             assert _native.library() is None
         assert "no C compiler" in caplog.text
         before = _dispatch.COUNTS[("adam_step", "composite")]
@@ -192,8 +192,8 @@ def test_c_forward_is_chosen_only_on_the_cpus_where_it_was_measured_faster(cpuin
 
 @pytest.mark.parametrize("choice, native", [("native", True), ("library", False)])
 def test_bag_forward_choice_can_be_set_and_the_dispatch_follows(monkeypatch, choice, native):
-    from kernels import _dispatch
-    from kernels.bag import bag_forward_csr
+    from memstore.kernels import _dispatch
+    from memstore.kernels.bag import bag_forward_csr
 
     monkeypatch.setenv(_native.FORWARD_ENV, choice)
     _native.prefer_c_forward.cache_clear()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import product_key_topk
-from kernels.reference import product_key_topk_reference
+from memstore.kernels import product_key_topk
+from memstore.kernels.reference import product_key_topk_reference
 
 from .conftest import assert_close
 

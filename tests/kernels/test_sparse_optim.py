@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import (
+from memstore.kernels import (
     SparseRowGrads,
     adagrad_step,
     adam_step,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import _dispatch
-from kernels.reference import bag_backward_reference, bag_forward_reference
+from memstore.kernels import _dispatch
+from memstore.kernels.reference import bag_backward_reference, bag_forward_reference
 
 from ._triton_util import DEVICE, assert_close, generator, triton_dispatch, triton_kernels  # noqa: F401
 
@@ -122,7 +122,7 @@ def test_float64_inputs_stay_in_torch(values_dtype, w_dtype, triton_dispatch):
         bag_forward_triton(*dev[:3])
     with pytest.raises(TypeError, match="float32 accumulation"):
         bag_backward_triton(*dev)
-    from kernels import bag_forward
+    from memstore.kernels import bag_forward
 
     out = bag_forward(*dev[:3])
     assert out.dtype == torch.float64
@@ -136,7 +136,7 @@ def test_float64_inputs_stay_in_torch(values_dtype, w_dtype, triton_dispatch):
 
 
 def test_public_ops_dispatch_to_triton(triton_dispatch):
-    from kernels import bag_backward, bag_forward
+    from memstore.kernels import bag_backward, bag_forward
 
     values, idx, w, dy = _on_device(*_inputs(9, 16, 200, 41, torch.float32))
     assert_close(bag_forward(values, idx, w), bag_forward_triton(values, idx, w), atol=0, rtol=0)

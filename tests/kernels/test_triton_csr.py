@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import SparseRowGrads
+from memstore.kernels import SparseRowGrads
 
 from ._triton_util import DEVICE, assert_close, generator, triton_dispatch, triton_kernels  # noqa: F401
 

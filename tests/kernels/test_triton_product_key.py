@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import _dispatch
-from kernels.reference import product_key_topk_reference
+from memstore.kernels import _dispatch
+from memstore.kernels.reference import product_key_topk_reference
 
 from ._triton_util import DEVICE, assert_close, generator, triton_dispatch, triton_kernels  # noqa: F401
 
@@ -113,7 +113,7 @@ def test_bfloat16_inputs_select_on_float32_sums():
 def test_float64_stays_in_torch(triton_dispatch):
     # The float32 kernel could order near-ties differently: the launcher refuses float64
     # and the public op keeps it on the torch path, against the brute-force reference.
-    from kernels import product_key_topk
+    from memstore.kernels import product_key_topk
 
     q, keys = _random(4, 2, 10, 6, seed=5, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
@@ -126,7 +126,7 @@ def test_float64_stays_in_torch(triton_dispatch):
 
 
 def test_public_op_dispatches_to_triton(triton_dispatch):
-    from kernels import product_key_topk
+    from memstore.kernels import product_key_topk
 
     B, H, Dk, n, k = (300, 4, 256, 1024, 32) if DEVICE == "cuda" else (9, 2, 18, 41, 7)
     q, keys = _random(B, H, Dk, n, seed=6)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import _dispatch
-from kernels.reference import (
+from memstore.kernels import _dispatch
+from memstore.kernels.reference import (
     adagrad_step_reference,
     adam_step_reference,
     bag_backward_reference,
@@ -222,7 +222,7 @@ def test_bag_backward_adam_step_matches_unfused_reference(case, dtype, decoupled
 
 
 def test_public_adam_dispatches_to_triton(triton_dispatch):
-    from kernels import adam_step
+    from memstore.kernels import adam_step
 
     R, dim, U = (5000, 341, 1200) if DEVICE == "cuda" else (60, 41, 9)
     g = generator(18)

@@ -16,9 +16,9 @@ import torch
 
 import memstore
 import memstore.server as ms
-from kernels.reference import product_key_topk_reference
 from memstore.cli import main
 from memstore.client import MemoryClient
+from memstore.kernels.reference import product_key_topk_reference
 
 from .grpc_util import ADMIN, TOKENS
 

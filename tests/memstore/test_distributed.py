@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 import memstore
-from kernels import product_key_topk
 from memstore import (
     Adam,
     InvalidArgument,
@@ -27,6 +26,7 @@ from memstore import (
     StoreRolledBack,
     TableNotFound,
 )
+from memstore.kernels import product_key_topk
 
 pytestmark = pytest.mark.usefixtures("ray_start_16_cpus")
 

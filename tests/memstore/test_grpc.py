@@ -17,9 +17,9 @@ import torch
 
 import memstore
 import memstore.server as ms
-from kernels.reference import product_key_topk_reference
 from memstore.client import MemoryClient
 from memstore.errors import RemoteError
+from memstore.kernels.reference import product_key_topk_reference
 from memstore.v1 import memstore_pb2 as pb
 
 from .grpc_util import ADMIN, READER, TOKENS, WRITER, auth, code_of, stub, tensor

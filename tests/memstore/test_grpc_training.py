@@ -80,9 +80,9 @@ def test_a_reader_job_queries_the_live_table_while_training(ray_for_train, tmp_p
         [
             sys.executable,
             "-m",
-            "trainer.train",
+            "memstore.trainer.train",
             "--config",
-            str(REPO / "trainer/configs/tiny.yaml"),
+            str(REPO / "memstore/trainer/configs/tiny.yaml"),
             "--set",
             f"steps={STEPS}",
             "--set",

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import memstore
-from kernels.reference import product_key_topk_reference
 from memstore import InvalidArgument, MemoryLayer, MemoryLayerArgs, ShardTable
+from memstore.kernels.reference import product_key_topk_reference
 
 SMALL = dict(dim=24, heads=2, k=5, n_keys=9, key_dim=12)
 

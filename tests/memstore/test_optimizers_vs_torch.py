@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import memstore
-from kernels import _dispatch, _native
 from memstore import ShardTable
+from memstore.kernels import _dispatch, _native
 
 ROWS, DIM, B, M = 200, 16, 24, 6
 STEPS = 5

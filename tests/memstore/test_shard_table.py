@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
 import memstore
-from memstore import InvalidArgument, ShardTable, StepOutOfOrder
+from memstore import InvalidArgument, ShardTable, StepOutOfOrder, kernels
 from memstore.shard_table import BlockSpec, initial_values
 
 ROWS, DIM = 300, 41
@@ -59,7 +58,7 @@ def test_initial_values_are_normal_with_std_one_over_sqrt_dim():
 @pytest.mark.skipif(platform.system() != "Linux", reason="huge pages are asked for on Linux only")
 def test_values_state_and_dense_gradients_sit_on_2mib_aligned_memory():
     """Values and optimizer state of a large block, and a large dense gradient, come
-    from kernels.empty_table (2 MiB-aligned, advised for transparent huge pages)."""
+    from memstore.kernels.empty_table (2 MiB-aligned, advised for transparent huge pages)."""
     t = ShardTable(1 << 15, 128, optimizer=memstore.Adam())  # 16 MiB per tensor
     for tensor in (t.values, t.state["exp_avg"], t.state["exp_avg_sq"]):
         assert tensor.data_ptr() % (2 << 20) == 0

@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import _dispatch
 from memstore import (
     SGD,
     Adagrad,
@@ -29,6 +28,7 @@ from memstore import (
     RowWiseAdagrad,
     ShardTable,
 )
+from memstore.kernels import _dispatch
 from tests.kernels._triton_util import DEVICE, INTERPRETED
 from tests.local_ray import local_ray
 
@@ -114,7 +114,7 @@ def test_shard_table_round_on_triton_matches_cpu(name, paths):
 
 def grouped_round(device: str):
     """A column block's push with the slots grouped by row by the sender."""
-    from kernels.grouped import group_rows
+    from memstore.kernels.grouped import group_rows
 
     t = ShardTable(ROWS, DIM, optimizer=Adam(lr=0.05), seed=3, device=device, col_range=(4, DIM))
     idx, w, dy = batches(1)[0]

@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
-from trainer.config import TrainArgs, load_config
-from trainer.loop import METRICS
+from memstore.trainer.config import TrainArgs, load_config
+from memstore.trainer.loop import METRICS
 
-CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "memstore" / "trainer" / "configs"
 
 
 def config(name: str, tmp_path, *overrides: str) -> TrainArgs:

@@ -8,8 +8,8 @@ import torch
 
 import memstore
 from memstore import InvalidArgument
-from trainer import checkpoint
-from trainer.train import train
+from memstore.trainer import checkpoint
+from memstore.trainer.train import train
 
 from .helpers import config, metrics, tree
 

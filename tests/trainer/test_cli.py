@@ -1,8 +1,8 @@
-"""trainer.cli: ``python -m trainer.train`` and ``memstore train``."""
+"""trainer.cli: ``python -m memstore.trainer.train`` and ``memstore train``."""
 
 import pytest
 
-from trainer.cli import main
+from memstore.trainer.cli import main
 
 from .helpers import CONFIGS
 

@@ -9,7 +9,7 @@ import yaml
 
 from memstore import InvalidArgument
 from memstore._internal.validation import bounded, check_fields, dataclass_from_dict
-from trainer.config import (
+from memstore.trainer.config import (
     DataChannel,
     DataKind,
     Device,
@@ -19,7 +19,7 @@ from trainer.config import (
     load_config,
 )
 
-CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "memstore" / "trainer" / "configs"
 
 
 class Color(str, enum.Enum):

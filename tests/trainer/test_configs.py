@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from memstore.errors import InvalidArgument
-from trainer import configs
-from trainer.config import load_config
+from memstore.trainer import configs
+from memstore.trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-FOLDER = REPO / "trainer" / "configs"
+FOLDER = REPO / "memstore" / "trainer" / "configs"
 YAML_FILES = sorted(p.name for p in FOLDER.glob("*.yaml"))
 
 
@@ -53,15 +53,15 @@ def test_a_config_that_is_no_name_or_path_is_refused(value):
 
 
 def test_the_package_data_lists_every_config():
-    """pyproject.toml ships each yaml of trainer/configs with the package."""
+    """pyproject.toml ships each yaml of memstore/trainer/configs with the package."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     with open(REPO / "pyproject.toml", "rb") as f:
         setuptools = tomllib.load(f)["tool"]["setuptools"]
     assert any(
-        fnmatch.fnmatch("trainer.configs", pattern)
+        fnmatch.fnmatch("memstore.trainer.configs", pattern)
         for pattern in setuptools["packages"]["find"]["include"]
     )
-    patterns = setuptools["package-data"]["trainer.configs"]
+    patterns = setuptools["package-data"]["memstore.trainer.configs"]
     unshipped = [
         name
         for name in YAML_FILES
@@ -73,7 +73,7 @@ def test_the_package_data_lists_every_config():
 def test_the_facts_configs_compare_like_with_like():
     """benchmarks.facts refuses configs that differ beyond the layer (and, for the PKM
     peer, beyond running in-process): the shipped ones pass, quick and full."""
-    facts = pytest.importorskip("benchmarks.facts")
+    facts = pytest.importorskip("memstore.bench.facts")
     for quick in (True, False):
         args, margs = facts.load_runs(facts.configs(quick), [])
         assert margs["pkm"].pkm_peer and not margs["memory"].pkm_peer
@@ -86,7 +86,7 @@ def test_the_facts_configs_compare_like_with_like():
 def test_steps_to_a_recall_are_interpolated_between_evaluations():
     import numpy as np
 
-    facts = pytest.importorskip("benchmarks.facts")
+    facts = pytest.importorskip("memstore.bench.facts")
     c = {
         "step": np.array([100.0, 200.0, 300.0]),
         "seconds": np.array([10.0, 20.0, 40.0]),

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from memstore import InvalidArgument
-from trainer import train as tr
-from trainer.data import (
+from memstore.trainer import train as tr
+from memstore.trainer.data import (
     Batch,
     ByteDataset,
     FactsCorpus,
@@ -247,7 +247,7 @@ def test_training_reports_train_and_validation_bits_per_byte(tmp_path):
     text = "".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(120))
     path = tmp_path / "code.py"
     path.write_text(text)
-    configs = Path(__file__).resolve().parents[2] / "trainer" / "configs"
+    configs = Path(__file__).resolve().parents[2] / "memstore" / "trainer" / "configs"
     args = tr.load_config(
         configs / "tiny.yaml",
         [

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer import checkpoint
-from trainer.config import load_config
-from trainer.loop import PLOT
-from trainer.train import train
+from memstore.trainer import checkpoint
+from memstore.trainer.config import load_config
+from memstore.trainer.loop import PLOT
+from memstore.trainer.train import train
 
 from .helpers import config, metrics
 

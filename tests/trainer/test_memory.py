@@ -7,7 +7,7 @@ import torch
 
 import memstore
 from memstore import InvalidArgument, MemoryLayer, MemoryLayerArgs
-from trainer.memory import MemoryPushes, push_id, pushes_per_step, sum_dense_gradients
+from memstore.trainer.memory import MemoryPushes, push_id, pushes_per_step, sum_dense_gradients
 
 ARGS = MemoryLayerArgs(dim=8, heads=1, k=2, n_keys=4, key_dim=4)
 

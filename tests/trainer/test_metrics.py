@@ -3,7 +3,7 @@
 import io
 import json
 
-from trainer.metrics import Metrics, plot, progress_bar
+from memstore.trainer.metrics import Metrics, plot, progress_bar
 
 
 def test_metrics_keep_the_history_up_to_a_restored_step(tmp_path):

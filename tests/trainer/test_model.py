@@ -5,8 +5,8 @@ import torch
 
 import memstore
 from memstore import InvalidArgument, MemoryLayer, ShardTable
-from trainer.data import Batch, FactsCorpus
-from trainer.model import (
+from memstore.trainer.data import Batch, FactsCorpus
+from memstore.trainer.model import (
     FeedForward,
     ModelArgs,
     Transformer,

@@ -12,10 +12,10 @@ import pytest
 
 import memstore
 from memstore import InvalidArgument
+from memstore.trainer import checkpoint
+from memstore.trainer.data import StepData
+from memstore.trainer.train import table_specs, train
 from tests.local_ray import local_ray
-from trainer import checkpoint
-from trainer.data import StepData
-from trainer.train import table_specs, train
 
 from .helpers import config, metrics
 

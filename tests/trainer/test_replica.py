@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from memstore import InvalidArgument
-from trainer.config import TrainArgs
-from trainer.replica import Replica, lr_at, value_lr_at
+from memstore.trainer.config import TrainArgs
+from memstore.trainer.replica import Replica, lr_at, value_lr_at
 
 from .helpers import config
 

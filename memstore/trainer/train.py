@@ -1,6 +1,6 @@
-"""Train the memory-layer LM: ``python -m trainer.train --config trainer/configs/<name>.yaml``
-(also ``memstore train``), with ``--set key=value`` overrides, ``--resume`` or
-``--overwrite``.
+"""Train the memory-layer LM: ``python -m memstore.trainer.train --config <name>`` (a
+built-in config of ``memstore/trainer/configs/`` or a YAML path; also ``memstore train``),
+with ``--set key=value`` overrides, ``--resume`` or ``--overwrite``.
 
 This module wires the parts of the trainer together:
 

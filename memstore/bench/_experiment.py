@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.model import Transformer, ffn_slot_macs, table_specs
+from memstore.trainer.model import Transformer, ffn_slot_macs, table_specs
 
 MODELS = ("dense", "memory", "pkm")
 # The settings every model of a comparison shares: same data, batches, schedule, steps.
@@ -74,7 +74,7 @@ def run(name: str, config: Path, run_dir: Path, overrides: list[str]) -> float:
     cmd = [
         sys.executable,
         "-m",
-        "trainer.train",
+        "memstore.trainer.train",
         "--config",
         str(config),
         "--overwrite",

@@ -1,4 +1,4 @@
-"""The command line: ``python -m trainer.train`` and ``memstore train``."""
+"""The command line: ``python -m memstore.trainer.train`` and ``memstore train``."""
 
 from __future__ import annotations
 

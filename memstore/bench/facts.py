@@ -45,7 +45,7 @@ recall; memory over Ray at most half the peer's seconds to 0.9 recall. Writes
 ``summary.json`` under ``--out`` (default ``runs/facts`` or ``runs/facts-quick`` in the
 current folder) and prints a markdown table.
 
-    python -m benchmarks.facts [--quick] [--out DIR] [--set KEY=VALUE ...]
+    python -m memstore.bench.facts [--quick] [--out DIR] [--set KEY=VALUE ...]
 
 ``--set`` overrides go to every run (e.g. ``--set steps=200``).
 """
@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._experiment import (
+from memstore.bench._experiment import (
     MODELS,
     at_seconds,
     check_equal_macs,
@@ -72,9 +72,9 @@ from benchmarks._experiment import (
     train_models,
     write_summary,
 )
-from trainer import configs as builtin
-from trainer.config import load_config
-from trainer.data import FactsCorpus
+from memstore.trainer import configs as builtin
+from memstore.trainer.config import load_config
+from memstore.trainer.data import FactsCorpus
 
 TARGET_TOKENS = 2.0  # memory recall / dense recall at equal tokens
 TARGET_TIME = 1.5  # ... at equal training time
@@ -301,7 +301,7 @@ def load_runs(names: dict[str, Path], overrides: list[str]):
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.facts", description=__doc__.split("\n\n")[0]
+        prog="python -m memstore.bench.facts", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--quick", action="store_true", help="the small version (facts-small-*.yaml), a few minutes"

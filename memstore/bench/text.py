@@ -8,7 +8,7 @@ no training window reaches into it, and every evaluation scores the same fixed w
 of it (trainer.data.text_splits), so the comparison measures prediction of unseen
 text, not memorisation:
 
-* **dense**: ``trainer/configs/text[-small]-dense.yaml``: the memory model with
+* **dense**: ``memstore/trainer/configs/text[-small]-dense.yaml``: the memory model with
   ``dense_equivalent: true``: its memory layer becomes a SwiGLU FFN of the same
   multiply-adds per token (trainer.model.dense_equivalent);
 * **memory**: ``text[-small]-memory.yaml``: a transformer whose third FFN is a Memory+
@@ -34,7 +34,7 @@ PKM peer. Writes ``val_bpb_vs_tokens.png``, ``val_bpb_vs_seconds.png`` and
 ``summary.json`` under ``--out`` (default ``runs/text`` or ``runs/text-quick``) and
 prints a markdown table.
 
-    python -m benchmarks.text [--quick] [--corpus FILE] [--out DIR] [--set KEY=VALUE ...]
+    python -m memstore.bench.text [--quick] [--corpus FILE] [--out DIR] [--set KEY=VALUE ...]
 
 ``--set`` overrides go to every run. Run it as a module from the repository root.
 """
@@ -51,7 +51,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from benchmarks._experiment import (
+from memstore.bench._experiment import (
     MODELS,
     SCHEDULE,
     at_seconds,
@@ -63,11 +63,10 @@ from benchmarks._experiment import (
     train_models,
     write_summary,
 )
-from trainer import configs as builtin
-from trainer.data import ByteDataset
-from trainer.train import load_config
+from memstore.trainer import configs as builtin
+from memstore.trainer.data import ByteDataset
+from memstore.trainer.train import load_config
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGET_VS_DENSE = 0.10  # memory's validation bpb at least 10% below the dense twin's
 EVAL_KEYS = ("train_bits_per_byte", "val_bits_per_byte")
 # The model fields the PKM peer may change (trainer.model.ModelArgs): the layer itself.
@@ -239,7 +238,7 @@ def report(ns, args, margs, paths, res, macs, params, t_eq, shortest) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.text", description=__doc__.split("\n\n")[0]
+        prog="python -m memstore.bench.text", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--quick",
@@ -260,12 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config key of every run",
     )
     ns = parser.parse_args(argv)
-    out = Path(ns.out or ROOT / "runs" / ("text-quick" if ns.quick else "text")).resolve()
+    out = Path(ns.out or Path("runs") / ("text-quick" if ns.quick else "text")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     corpus = (
         Path(ns.corpus).resolve()
         if ns.corpus
-        else stdlib_corpus(ROOT / "runs" / "text-corpus" / "stdlib.txt")
+        else stdlib_corpus(Path("runs") / "text-corpus" / "stdlib.txt")
     )
     overrides = [f"data.path={corpus}", *ns.set]
     paths = configs(ns.quick)
