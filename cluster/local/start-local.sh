@@ -21,8 +21,19 @@
 #   HEAD_SYSTEM_CONFIG  JSON of Ray system settings for the head, which the GCS applies
 #                   to the whole cluster (e.g. faster node health checks in tests)
 #   RAY             the ray CLI (default: `ray` on PATH, else .venv/bin/ray of this repo)
-#   RAY_LOCAL_DIR   Ray temp dir of this cluster (default /tmp/ray-local-$RAY_PORT); logs
-#                   live under it, and stop-local.sh finds this cluster's processes by it
+#   RAY_LOCAL_DIR   this cluster's private directory (default /tmp/ray-local-$RAY_PORT):
+#                   its token, and Ray's temp dir with the logs in $RAY_LOCAL_DIR/ray;
+#                   stop-local.sh finds this cluster's processes by it
+#   DASHBOARD_PORT  start Ray's dashboard (and job API) on HEAD_IP:DASHBOARD_PORT, a
+#                   loopback address (default: no dashboard)
+#
+# Ray runs with token authentication: every raylet, driver, the dashboard and the job API
+# need the token in $RAY_LOCAL_DIR/auth_token. RAY_LOCAL_DIR is private to you: created
+# with mode 0700, or, when it exists, used only if it is a directory (not a link) that
+# you own and that nobody else can write to. An auth_token already there is used only if
+# it is a regular file (not a link) that you own and that nobody else can read or write;
+# otherwise the script refuses to start, since another user of this machine (/tmp is
+# shared) could have planted it and would then hold the cluster's token.
 #
 # Each node's own processes (raylet, log monitor) are recorded by pid in
 # $RAY_LOCAL_DIR/node-<ip>.pids, so that `stop-local.sh --node <ip>` stops that node
@@ -65,21 +76,65 @@ if (( first + WORKERS > 254 )); then
   echo "start-local.sh: too many workers for 127.0.0.$first..254" >&2; exit 2
 fi
 
+if [[ -n "${DASHBOARD_PORT:-}" ]] && ! [[ "$DASHBOARD_PORT" =~ ^[0-9]+$ ]]; then
+  echo "start-local.sh: DASHBOARD_PORT must be a port number, got '$DASHBOARD_PORT'" >&2; exit 2
+fi
+
+refuse() { echo "start-local.sh: $*; refusing to start" >&2; exit 2; }
+
+# "<owner uid> <octal mode>" of a path (Linux stat).
+owner_mode() { stat -c '%u %a' -- "$1"; }
+
+# The cluster's directory: created private, or an existing one that only you control.
+private_dir() {
+  local dir="$1" uid mode
+  if [[ ! -e "$dir" && ! -L "$dir" ]]; then
+    mkdir -m 700 -- "$dir" 2>/dev/null || [[ -d "$dir" ]] || refuse "cannot create $dir"
+  fi
+  [[ -L "$dir" ]] && refuse "$dir is a symbolic link"
+  [[ -d "$dir" ]] || refuse "$dir is not a directory"
+  read -r uid mode < <(owner_mode "$dir")
+  (( uid == $(id -u) )) || refuse "$dir is owned by uid $uid, not by you (uid $(id -u))"
+  (( (8#$mode & 8#022) == 0 )) || refuse "$dir (mode $mode) is writable by other users"
+  chmod 700 -- "$dir"
+}
+
+# The cluster's token: a fresh one, or an existing file that only you can read.
+private_token() {
+  local path="$1" uid mode
+  if [[ ! -e "$path" && ! -L "$path" ]]; then
+    # noclobber: a file that appears meanwhile is never written through.
+    (umask 077; set -o noclobber
+     "$PYTHON" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$path") ||
+      refuse "cannot create the token file $path"
+  fi
+  [[ -L "$path" ]] && refuse "the token file $path is a symbolic link"
+  [[ -f "$path" ]] || refuse "the token file $path is not a regular file"
+  read -r uid mode < <(owner_mode "$path")
+  (( uid == $(id -u) )) ||
+    refuse "the token file $path is owned by uid $uid, not by you (uid $(id -u)): another" \
+           "user may know it; remove it or choose another RAY_LOCAL_DIR"
+  (( (8#$mode & 8#077) == 0 )) ||
+    refuse "the token file $path (mode $mode) is open to other users; remove it or chmod 600"
+  [[ -s "$path" ]] || refuse "the token file $path is empty"
+}
+
 store=$((OBJECT_STORE_MB * 1024 * 1024))
-common=(--object-store-memory="$store" --disable-usage-stats --temp-dir="$RAY_LOCAL_DIR")
-mkdir -p "$RAY_LOCAL_DIR"
-# stop-local.sh finds the head's Ray client server by this address.
-echo "$HEAD_IP:$RAY_PORT" > "$RAY_LOCAL_DIR/address"
+private_dir "$RAY_LOCAL_DIR"
+# Ray makes its temp dir writable by everyone (mode 0777); inside the private directory
+# nobody else can reach it.
+common=(--object-store-memory="$store" --disable-usage-stats --temp-dir="$RAY_LOCAL_DIR/ray")
 
 # Token authentication with a token of this cluster's own. Left unset, `ray start --head`
 # turns token auth on when ~/.ray/auth_token exists while `ray start --address` does not,
 # and the workers cannot join; explicit settings make every node and driver agree.
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH="$RAY_LOCAL_DIR/auth_token"
-if [[ ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
-  (umask 077; "$PYTHON" -c 'import secrets; print(secrets.token_hex(32), end="")' \
-     > "$RAY_AUTH_TOKEN_PATH")
-fi
+unset RAY_AUTH_TOKEN  # it would take precedence over the file
+private_token "$RAY_AUTH_TOKEN_PATH"
+
+# stop-local.sh finds the head's Ray client server by this address.
+echo "$HEAD_IP:$RAY_PORT" > "$RAY_LOCAL_DIR/address"
 
 # Whatever fails below, leave no half-started cluster behind.
 trap 'echo "start-local.sh: failed; stopping what was started" >&2
@@ -97,12 +152,14 @@ node_pids() {
     (index(line, "/raylet ") > 0 || index(line, "log_monitor.py") > 0) { print $1 }'
 }
 
-head_extra=()
-[[ -n "${HEAD_SYSTEM_CONFIG:-}" ]] && head_extra=(--system-config="$HEAD_SYSTEM_CONFIG")
+head_extra=(--include-dashboard=false)
+[[ -n "${DASHBOARD_PORT:-}" ]] && head_extra=(--include-dashboard=true
+  --dashboard-host="$HEAD_IP" --dashboard-port="$DASHBOARD_PORT")
+[[ -n "${HEAD_SYSTEM_CONFIG:-}" ]] && head_extra+=(--system-config="$HEAD_SYSTEM_CONFIG")
 
 echo "starting head on $HEAD_IP:$RAY_PORT ($HEAD_CPUS CPU)" >&2
 "$RAY" start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" \
-  --num-cpus="$HEAD_CPUS" --include-dashboard=false "${head_extra[@]}" "${common[@]}" >&2
+  --num-cpus="$HEAD_CPUS" "${head_extra[@]}" "${common[@]}" >&2
 node_pids "$HEAD_IP" > "$RAY_LOCAL_DIR/node-$HEAD_IP.pids"
 
 # `ray start --address` refuses to join a worker while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.

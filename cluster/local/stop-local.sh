@@ -97,6 +97,7 @@ fi
 if [[ -n "$NODE" ]]; then
   rm -f "$RAY_LOCAL_DIR/node-$NODE.pids"
 else
-  rm -f "$RAY_LOCAL_DIR/ray_current_cluster" "$RAY_LOCAL_DIR/address" "$RAY_LOCAL_DIR/auth_token" \
+  rm -f "$RAY_LOCAL_DIR/ray/ray_current_cluster" "$RAY_LOCAL_DIR/address" \
+        "$RAY_LOCAL_DIR/auth_token" \
         "$RAY_LOCAL_DIR"/node-*.pids
 fi

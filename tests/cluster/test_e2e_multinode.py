@@ -24,6 +24,12 @@ with the S3 credentials in its environment. Then, in order:
 4. Shut down. The driver drops the table and exits, the server stops on SIGTERM,
    stop-local.sh ends the cluster and the S3 server is stopped; no process of any of
    them is left.
+
+A second test starts a head alone (start-local.sh, with its dashboard on the head's
+loopback address) and knocks on Ray's doors: a driver without the token and one with a
+wrong token are refused by the GCS, a driver with the token joins; the job API answers a
+POST without the token with 401 and one with a wrong token with 403, and no job was
+submitted; the dashboard is bound to the head's address, not every interface.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -371,3 +379,162 @@ def test_train_serve_lose_a_worker_node_recover_and_shut_down(
         )
         == []
     )
+
+
+# ---- Ray's token authentication on a real head ----------------------------------------------
+AUTH_HEAD_IP = "127.0.0.24"
+# The GCS's answer to a caller without the right token (Ray's gcs_client log line).
+GCS_REFUSAL = "Authentication token is missing or incorrect"
+JOIN = (
+    "import ray, sys\n"
+    "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+    "print('joined', ray.cluster_resources()['CPU'])\n"
+)
+
+
+def _free_ports(ip: str, count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((ip, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _http(method: str, url: str, token: str | None, body: dict | None = None) -> tuple:
+    """(status, body) of one request to the dashboard; None while it is not listening."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except (ConnectionError, urllib.error.URLError):
+        return None, ""
+
+
+def _dashboard_answers(url: str) -> None:
+    """Wait until the dashboard answers at all (it starts after `ray start` returns)."""
+    for _ in range(120):
+        status, _ = _http("GET", url + "/api/gcs_healthz", None)
+        if status is not None:
+            return
+        subprocess.run(["sleep", "0.5"], check=True)
+    pytest.fail(f"the dashboard at {url} never answered")
+
+
+@pytest.fixture
+def auth_head(tmp_path):
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.exists() or shutil.which("bash") is None:
+        pytest.skip(f"`ray start` unavailable: no ray CLI at {ray_cli} or no bash")
+    try:
+        with socket.socket() as client:
+            client.bind((AUTH_HEAD_IP, 10001))
+    except OSError as e:
+        pytest.skip(f"{AUTH_HEAD_IP} is in use by another cluster: {e}")
+    gcs_port, dashboard_port = _free_ports(AUTH_HEAD_IP, 2)
+    local_dir = tempfile.mkdtemp(prefix="rla", dir="/tmp")
+    env = {
+        **os.environ,
+        "RAY": str(ray_cli),
+        "RAY_PORT": str(gcs_port),
+        "HEAD_IP": AUTH_HEAD_IP,
+        "HEAD_CPUS": "1",
+        "OBJECT_STORE_MB": "100",
+        "DASHBOARD_PORT": str(dashboard_port),
+        "RAY_LOCAL_DIR": local_dir,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    for var in (*RAY_VARS, "RAY_AUTH_TOKEN"):
+        env.pop(var, None)
+    try:
+        started = subprocess.run(
+            [str(LOCAL / "start-local.sh"), "0"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert started.returncode == 0, started.stderr[-3000:]
+        exports = dict(
+            line.removeprefix("export ").split("=", 1) for line in started.stdout.splitlines()
+        )
+        yield {
+            "env": env,
+            "exports": exports,
+            "dir": local_dir,
+            "address": f"{AUTH_HEAD_IP}:{gcs_port}",
+            "dashboard_port": dashboard_port,
+            "home": tmp_path / "home",  # no ~/.ray/auth_token in it
+        }
+    finally:
+        subprocess.run(
+            [str(LOCAL / "stop-local.sh")], env=env, capture_output=True, timeout=60, check=False
+        )
+        left = _processes_of([local_dir + "/"])
+        shutil.rmtree(local_dir, ignore_errors=True)
+        assert not left, f"stop-local.sh left {left}"
+
+
+def test_token_auth_refuses_drivers_and_job_submissions_without_the_token(auth_head):
+    exports, address = auth_head["exports"], auth_head["address"]
+    token_path = Path(exports["RAY_AUTH_TOKEN_PATH"])
+    assert exports["RAY_AUTH_MODE"] == "token"
+    assert token_path.parent == Path(auth_head["dir"])
+    info = token_path.stat()
+    assert info.st_uid == os.getuid() and info.st_mode & 0o777 == 0o600
+    assert Path(auth_head["dir"]).stat().st_mode & 0o777 == 0o700
+    token = token_path.read_text()
+    wrong = secrets.token_hex(32)
+
+    auth_head["home"].mkdir()
+    base = {k: v for k, v in auth_head["env"].items() if k not in RAY_VARS}
+    base["HOME"] = str(auth_head["home"])
+    # A driver retries a refused GCS for this long before ray.init raises (tests/conftest.py
+    # raises it to 120 s for a GCS that starts slowly; this one is already up).
+    base["RAY_gcs_server_port_wait_time_s"] = "10"
+    drivers = {
+        "no token": base,
+        "wrong token": {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": wrong},
+        "the token": {**base, **exports},
+    }
+    running = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", JOIN, address],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, env in drivers.items()
+    }
+    done = {name: (p.communicate(timeout=120), p.returncode) for name, p in running.items()}
+    for name in ("no token", "wrong token"):
+        (out, err), code = done[name]
+        assert code != 0 and "joined" not in out, (name, out)
+        assert GCS_REFUSAL in err, (name, err[-2000:])
+    (out, err), code = done["the token"]
+    assert code == 0 and out.strip() == "joined 1.0", err[-2000:]
+
+    url = f"http://{AUTH_HEAD_IP}:{auth_head['dashboard_port']}"
+    _dashboard_answers(url)
+    job = {"entrypoint": "echo submitted-without-the-token"}
+    assert _http("POST", url + "/api/jobs/", None, job)[0] == 401
+    assert _http("POST", url + "/api/jobs/", wrong, job)[0] == 403
+    status, listed = _http("GET", url + "/api/jobs/", token)
+    assert status == 200
+    jobs = json.loads(listed)
+    # The driver that joined with the token, and no submitted job.
+    assert [j["type"] for j in jobs] == ["DRIVER"], jobs
+    # Bound to the head's address only: the same port is free on 127.0.0.1.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", auth_head["dashboard_port"]))
