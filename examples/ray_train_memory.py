@@ -6,7 +6,13 @@ query net), wraps the model in DDP and trains on its slice of each batch. The pu
 of the layers' backward passes come from ``MemoryPushes``, and the table applies each
 step with its last push. The task: recall a value for each of 512 keys.
 
-    python examples/ray_train_memory.py [--workers 2] [--steps 100]
+The shards and the workers share the cluster's CPUs: each gets an equal share, at most
+one CPU (fractional CPUs, so 2 workers and 2 shards fit a 2-core machine). A request
+the cluster cannot hold (``--workers 8 --cpus-per-worker 1`` on 2 cores) is refused
+before Ray Train starts, naming what was asked, what the cluster has and the setting to
+change, instead of waiting for resources that will not come.
+
+    python examples/ray_train_memory.py [--workers 2] [--steps 100] [--cpus-per-worker C]
 """
 
 import argparse
@@ -66,12 +72,39 @@ def train_loop_per_worker(config):
     return accuracy
 
 
-def main(workers: int = 2, steps: int = 100, storage_path: str | None = None) -> float:
+SHARDS = 2
+
+
+def cpu_shares(cpus: float, workers: int, cpus_per_worker: float | None) -> tuple[float, float]:
+    """(CPUs per shard, CPUs per worker) for ``workers`` workers and SHARDS shards on a
+    cluster with ``cpus`` free CPUs; refused when they do not fit."""
+    share = min(1.0, cpus / (workers + SHARDS))
+    per_worker = share if cpus_per_worker is None else cpus_per_worker
+    asked = workers * per_worker + SHARDS * share
+    if workers < 1 or per_worker <= 0 or asked > cpus + 1e-9:
+        raise SystemExit(
+            f"asked for {workers} workers x {per_worker:g} CPU + {SHARDS} shards x "
+            f"{share:g} CPU = {asked:g} CPUs; the cluster has {cpus:g} free CPUs. "
+            "Lower --workers or --cpus-per-worker (or start Ray with more CPUs)."
+        )
+    return share, per_worker
+
+
+def main(
+    workers: int = 2,
+    steps: int = 100,
+    storage_path: str | None = None,
+    cpus_per_worker: float | None = None,
+) -> float:
+    cpus_per_shard, cpus_per_worker = cpu_shares(
+        ray.available_resources().get("CPU", 0.0), workers, cpus_per_worker
+    )
     table = memstore.create_table(
         "example-recall",
         LAYER.n_keys**2,
         LAYER.value_dim,
-        shards=2,
+        shards=SHARDS,
+        cpus_per_shard=cpus_per_shard,
         optimizer=memstore.Adam(lr=3e-2),
         step_on_push=True,
         pushes_per_step=pushes_per_step(workers, layers=2),
@@ -80,7 +113,9 @@ def main(workers: int = 2, steps: int = 100, storage_path: str | None = None) ->
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"table": table.name, "steps": steps},
-            scaling_config=ScalingConfig(num_workers=workers),
+            scaling_config=ScalingConfig(
+                num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}
+            ),
             run_config=RunConfig(name="example-recall", storage_path=storage_path),
         )
         return trainer.fit().return_value
@@ -92,6 +127,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument(
+        "--cpus-per-worker", type=float, help="default: an equal share of the cluster's CPUs"
+    )
     ns = parser.parse_args()
     ray.init()
-    print(f"recall accuracy over {KEYS} keys: {main(ns.workers, ns.steps):.3f}")
+    accuracy = main(ns.workers, ns.steps, cpus_per_worker=ns.cpus_per_worker)
+    print(f"recall accuracy over {KEYS} keys: {accuracy:.3f}")
