@@ -6,13 +6,14 @@ Two measurements, each side by side in one run:
   payloads of a lookup (rows int64 + weights float32 + offsets in, a (B, dim) float32 y
   out) at two sizes. The baseline is the hand-written socket channel as it was at
   ``--baseline-ref`` (read from git, never imported from the tree); the candidates are
-  the tree's ZeroMQ channel with PLAIN authentication (the default) and with CURVE
-  encryption. Reports the median round trip and the client's CPU per call.
+  the tree's ZeroMQ channel with PLAIN authentication (the default on loopback) and
+  with CURVE encryption (the default wherever the channel leaves the host). Reports the
+  median round trip and the client's CPU per call; ``--transports`` picks some of them.
 * **train step** (``--train-trees BASE CAND``): ``benchmarks.train_step``'s data-channel
   setting (a 2-shard store, 2 Ray workers, step on last push) run from two source trees
   in turn, ``--passes`` times: the median ms per step of each.
 
-    python -m benchmarks.channel [--calls 400] [--baseline-ref REF]
+    python -m benchmarks.channel [--calls 400] [--baseline-ref REF] [--transports plain curve]
     python -m benchmarks.channel --train-trees /tmp/base /tmp/cand [--steps 150 --passes 3]
 """
 
@@ -34,6 +35,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from benchmarks._results import command_line, write_result  # noqa: E402
 from benchmarks.train_step import step_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +68,7 @@ def settings():
     caps = table_caps(max_batch=1024, max_pairs=1 << 16, cols=256)
     secret = "b" * 64
     return {
-        "zmq PLAIN": ChannelSettings(secret, caps),
+        "zmq PLAIN": ChannelSettings(secret, caps, encrypt=False),
         "zmq CURVE": ChannelSettings(secret, caps, encrypt=True),
     }
 
@@ -140,8 +142,11 @@ def time_transport(kind: str, ref: str, calls: int) -> dict:
     return out
 
 
-def transport_table(ref: str, calls: int, rounds: int) -> None:
-    kinds = ["socket (hand-written)", "zmq PLAIN", "zmq CURVE"]
+TRANSPORTS = {"socket": "socket (hand-written)", "plain": "zmq PLAIN", "curve": "zmq CURVE"}
+
+
+def transport_table(ref: str, calls: int, rounds: int, kinds: list[str]) -> dict:
+    """Print the table of ``kinds`` and return it as {"kind, payload": {column: value}}."""
     runs = {k: [] for k in kinds}
     for _ in range(rounds):  # interleaved, so drift of the machine hits every transport
         for kind in kinds:
@@ -149,14 +154,21 @@ def transport_table(ref: str, calls: int, rounds: int) -> None:
     base = {n: statistics.median(r[n][0] for r in runs[kinds[0]]) for n in PAYLOADS}
     print(
         f"\n| transport ({rounds} rounds x {calls} calls) | payload | median round trip ms "
-        "| client CPU ms / call | vs hand-written |"
+        f"| client CPU ms / call | vs {kinds[0]} |"
     )
     print("|---|---|---:|---:|---:|")
+    figures = {}
     for kind in kinds:
         for name in PAYLOADS:
             ms = statistics.median(r[name][0] for r in runs[kind])
             cpu = statistics.median(r[name][1] for r in runs[kind])
             print(f"| {kind} | {name} | {ms:.3f} | {cpu:.3f} | {ms / base[name]:.2f}x |")
+            figures[f"{kind}, {name}"] = {
+                "median round trip ms": ms,
+                "client CPU ms / call": cpu,
+                f"vs {kinds[0]}": ms / base[name],
+            }
+    return figures
 
 
 def train_table(trees: list[Path], steps: int, passes: int) -> None:
@@ -189,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=400, help="timed calls per payload")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--baseline-ref", default=BASELINE_REF)
+    parser.add_argument(
+        "--transports",
+        nargs="+",
+        choices=list(TRANSPORTS),
+        default=list(TRANSPORTS),
+        help="transports to time; the first is the one the others are compared with",
+    )
     parser.add_argument("--train-trees", nargs=2, type=Path, metavar=("BASE", "CAND"))
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--passes", type=int, default=3)
@@ -196,9 +215,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{os.cpu_count()} CPU threads; 1-min load average {os.getloadavg()[0]:.1f}")
     print(f"command: python -m benchmarks.channel {' '.join(sys.argv[1:])}".rstrip())
     if ns.train_trees:
+        # Two source trees given on the command line: not a figure of this tree.
         train_table(ns.train_trees, ns.steps, ns.passes)
-    else:
-        transport_table(ns.baseline_ref, ns.calls, ns.rounds)
+        return 0
+    kinds = [TRANSPORTS[t] for t in ns.transports]
+    figures = transport_table(ns.baseline_ref, ns.calls, ns.rounds, kinds)
+    if len(kinds) < 2:  # nothing to compare with: not the page's table
+        print("one transport only: not written to benchmarks/results")
+        return 0
+    write_result(
+        "channel",
+        figures,
+        command_line("benchmarks.channel"),
+        title=f"Data channel: {', '.join(kinds[1:])} against {kinds[0]}",
+        notes=(
+            f"One client, one server process with a trivial handler, lookup-shaped "
+            f"payloads; median of {ns.rounds} interleaved rounds of {ns.calls} calls. "
+            f'"vs {kinds[0]}" is the round trip\'s ratio (higher: slower).'
+        ),
+    )
     return 0
 
 

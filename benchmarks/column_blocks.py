@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import memstore
+from benchmarks._results import command_line, write_result
 from benchmarks.store import DIM, LR, ROWS, B, M, Round, cpu_model, make_batches
 from memstore.grid import ShardGrid
 
@@ -163,6 +164,23 @@ def main() -> None:
             f"{blocks[3]:.0f} | {local_ms[0]:.0f} = {local_ms[1]:.0f} + {local_ms[2]:.0f} + "
             f"{local_ms[3]:.0f} | {local_ms[0] / blocks[0]:.2f}× |"
         )
+    figures = {}
+    for aligned, label in ((True, "phases aligned"), (False, "free-running")):
+        blocks, local_ms = series[aligned]["blocks"], series[aligned]["local"]
+        figures[f"{args.blocks} blocks, {label}"] = {
+            "round ms": blocks[0],
+            "lookup ms": blocks[1],
+            "backward ms": blocks[2],
+            "step ms": blocks[3],
+            "paired in-process round ms": local_ms[0],
+            "vs in-process": local_ms[0] / blocks[0],
+        }
+    write_result(
+        "column_blocks",
+        figures,
+        command_line("benchmarks.column_blocks"),
+        title="Store round: the column grid's compute ceiling",
+    )
 
 
 if __name__ == "__main__":

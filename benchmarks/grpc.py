@@ -13,7 +13,7 @@ Query latency: one client, --queries sequential calls of 1 and of 256 query
 vectors (H = 4 heads, Dk = 64, k = 32, values returned), p50 and p99, beside the
 same queries through ``table.query`` on the Ray handle in this process.
 
-    python -m benchmarks.grpc [--seconds 3] [--queries 300]
+    python -m benchmarks.grpc [--seconds 3] [--queries 300] [--query-only]
 
 Prints one markdown table.
 """
@@ -34,6 +34,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from benchmarks._results import command_line, write_result  # noqa: E402
 
 N_KEYS, DIM, B, M, HEADS, DK, K = 256, 128, 256, 32, 4, 64, 32
 ROWS = N_KEYS * N_KEYS
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--query-only", action="store_true", help="skip the Lookup rates")
     ns = parser.parse_args(argv)
     import ray
     import torch
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
         server, address = start_server(ray.get_runtime_context().gcs_address, token_file)
     try:
         rows = []
-        for clients in (1, 4, 16):
+        for clients in () if ns.query_only else (1, 4, 16):
             base = handle_rate(table, ns.seconds)
             rate = grpc_rate(address, token, clients, ns.seconds)
             rows.append((clients, rate, base))
@@ -177,7 +180,41 @@ def main(argv=None) -> int:
         server.wait(timeout=60)
         memstore.drop_table(TABLE)
     _report(rows, latency, load_start)
+    if ns.query_only:  # without the Lookup rows the page's table would be incomplete
+        print("--query-only: not written to benchmarks/results")
+        return 0
+    _write_result(rows, latency, ns.queries)
     return 0
+
+
+def _write_result(rows, latency, queries: int) -> None:
+    """benchmarks/results/grpc.json from the Lookup rates and the Query latencies."""
+    figures = {
+        f"Lookup, {clients} client{'s' if clients > 1 else ''}": {
+            "gRPC tokens/s": rate * B,
+            "Ray handle tokens/s": base * B,
+            "gRPC / handle": rate / base,
+        }
+        for clients, rate, base in rows
+    }
+    for batch, ((p50, p99), (h50, h99)) in latency.items():
+        figures[f"Query, {batch} vector{'s' if batch > 1 else ''}"] = {
+            "gRPC p50 ms": p50,
+            "gRPC p99 ms": p99,
+            "handle p50 ms": h50,
+            "handle p99 ms": h99,
+        }
+    write_result(
+        "grpc",
+        figures,
+        command_line("benchmarks.grpc"),
+        title="gRPC: memstore serve against the Ray handle",
+        notes=(
+            f"Lookups of {B} tokens × {M} slots on a {ROWS:,} × {DIM} float32 table, 2 "
+            f"shards; each gRPC client is a process of its own. Query: H = {HEADS}, "
+            f"Dk = {DK}, k = {K}, values returned, {queries} calls."
+        ),
+    )
 
 
 def _report(rows, latency, load_start: float) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchmarks._results import command_line, write_result
 from memstore import MemoryLayer, MemoryLayerArgs, kernels
 
 B, H, K, N, DIM, DK = 2048, 4, 32, 1024, 256, 256
@@ -354,6 +355,20 @@ def main() -> None:
             f"| {name} | {ours_name} | {1e3 * ours:.1f} | {base_name} | {1e3 * base:.1f} | "
             f"{base / ours:.2f}× | {faster} | {uses} | {note} |"
         )
+    write_result(
+        "kernels",
+        {
+            f"{name} ({ours_name})": {
+                "ours ms": 1e3 * ours,
+                "baseline ms": 1e3 * base,
+                "baseline / ours": base / ours,
+                "baseline": base_name,
+            }
+            for name, ours_name, ours, base_name, base, uses, note in rows
+        },
+        command_line("benchmarks.ops"),
+        title="Kernels: ours against the library",
+    )
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import memstore  # noqa: E402
+from benchmarks._results import command_line, write_result  # noqa: E402
 
 B, M, ROWS, DIM = 2048, 128, 1 << 20, 256
 LR = 1e-3
@@ -369,6 +370,25 @@ def main() -> None:
         "(the data channel or Ray: serialization, scheduling; shard-side input checks and "
         "conversions, assembling the result). Shards beyond the cores share them (logical "
         "CPUs)."
+    )
+    figures = {
+        f"Ray, {r['label']}, grid {r['grid']}": {
+            "vs in-process": r["ratio"],
+            "round ms": r["round"],
+            "in-process round ms": r["local"],
+            "slowest shard compute ms": r["shard"],
+            "transport + rest ms": r["rest"],
+            "tokens/s": B / r["round"] * 1e3,
+        }
+        for r in rows
+    }
+    if ROWS != 1 << 20:  # a smoke run at another size is not the page's benchmark
+        return
+    write_result(
+        "store",
+        figures,
+        command_line("benchmarks.store"),
+        title="Store round: Ray shards against in-process",
     )
 
 

@@ -1,29 +1,34 @@
 """Training-step benchmark: what the store's transport costs a data-parallel step.
 
 Runs ``trainer.train`` (2 Ray workers, gloo) for a few hundred steps of the --quick
-facts configs, without evaluation or checkpoints, in four settings:
+facts configs, without evaluation or checkpoints, in five settings:
 
 * **dense**: ``facts-small-dense.yaml``, the same-FLOPs dense model (no store): the
   baseline;
 * **memory**: ``facts-small-memory.yaml`` as shipped, a 2-shard store whose lookups and
-  pushes use the TCP data channel and whose shards apply each step on its last push;
+  pushes use the TCP data channel and whose shards apply each step on its last push
+  (PLAIN: the shards listen on loopback);
+* **memory, CURVE**: the same with ``store.data_encrypt: true``, the channel encrypted
+  as it is by default wherever it leaves the host: what CURVE costs a step;
 * **memory, separate step**: the same with ``store.step_on_push: false`` (after the
   pushes, rank 0 calls ``table.step(s)`` and the ranks wait at a barrier: one more
   blocking round per step);
 * **memory, all over Ray**: ``store.data_channel: ray`` and the separate step, i.e.
   every store call an actor call.
 
-Each setting is one ``python -m memstore.trainer.train`` process; the settings run in turn and
-the whole set ``--passes`` times, so that drift of the machine hits all of them. The
-step time of a run is the median of its per-step training seconds (metrics.jsonl)
-after 20 warm-up steps; a setting's figure is the median over passes. Prints one
-markdown table: ms per step and the ratio to the dense step.
+Each setting is one ``python -m memstore.trainer.train`` process; the settings (all, or
+those named by ``--settings``) run in turn and the whole set ``--passes`` times, so that
+drift of the machine hits all of them. The step time of a run is the median of its
+per-step training seconds (metrics.jsonl) after 20 warm-up steps; a setting's figure is
+the median over passes. Prints one markdown table: ms per step and the ratio to the
+dense step (to the first setting run when dense is not among them).
 
 With ``--trees BASE CAND`` the dense and shipped-memory settings run from two source
 trees instead (e.g. a ``git worktree`` of an older commit and this one), interleaved in
 every pass, and the table compares the trees' steps:
 
     python -m benchmarks.train_step [--steps 200] [--passes 2] [--trees BASE CAND]
+        [--settings dense plain curve ray ...]
 """
 
 from __future__ import annotations
@@ -43,12 +48,18 @@ from pathlib import Path  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks._results import command_line, write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 20
 
 SETTINGS = {
     "dense (baseline)": ("facts-small-dense.yaml", []),
     "memory: data channel, step on last push": ("facts-small-memory.yaml", []),
+    "memory: data channel with CURVE, step on last push": (
+        "facts-small-memory.yaml",
+        ["store.data_encrypt=true"],
+    ),
     "memory: data channel, separate step": (
         "facts-small-memory.yaml",
         ["store.step_on_push=false"],
@@ -59,6 +70,8 @@ SETTINGS = {
     ),
 }
 TREE_SETTINGS = ("dense (baseline)", "memory: data channel, step on last push")
+# --settings names: the first word that tells each setting apart
+SHORT_NAMES = dict(zip(["dense", "plain", "curve", "separate", "ray"], SETTINGS, strict=True))
 
 
 def step_ms(
@@ -112,19 +125,28 @@ def _measure(runs: list[tuple[str, Path]], passes: int, steps: int) -> dict:
     return samples
 
 
-def _print_settings(samples: dict) -> None:
-    dense = statistics.median(samples[("dense (baseline)", ROOT)])
+def _print_settings(samples: dict) -> dict:
+    """Print the settings' table and return it as {setting: {column: value}}."""
+    base = ("dense (baseline)", ROOT)
+    dense = statistics.median(samples[base] if base in samples else next(iter(samples.values())))
     print(
         "\n| setting (2 Ray workers, batch 256; memory: 2-shard store) | ms / step "
-        "(median over passes) | runs | vs dense step |"
+        "(median over passes) | runs | vs dense step (or the first setting) |"
     )
     print("|---|---:|---|---:|")
+    figures = {}
     for (name, _), runs in samples.items():
         value = statistics.median(runs)
         print(
             f"| {name} | {value:.1f} | {', '.join(f'{v:.1f}' for v in runs)} "
             f"| {value / dense:.2f}× |"
         )
+        figures[name] = {
+            "ms / step": value,
+            "runs (ms / step)": ", ".join(f"{v:.1f}" for v in runs),
+            "vs dense": value / dense,
+        }
+    return figures
 
 
 def _print_trees(samples: dict, base: Path, cand: Path) -> None:
@@ -157,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("BASE", "CAND"),
         help="compare two source trees on the dense and memory settings",
     )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=list(SHORT_NAMES),
+        help="run only these settings (default: all)",
+    )
     ns = parser.parse_args(argv)
     if ns.steps <= WARMUP_STEPS + 1:
         parser.error(f"--steps must exceed {WARMUP_STEPS + 1}")
@@ -164,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = (
         [(name, tree) for name in TREE_SETTINGS for tree in trees]
         if trees
-        else [(name, ROOT) for name in SETTINGS]
+        else [(SHORT_NAMES[n] if ns.settings else n, ROOT) for n in ns.settings or SETTINGS]
     )
     start, load = time.perf_counter(), os.getloadavg()[0]
     samples = _measure(runs, ns.passes, ns.steps)
@@ -174,9 +202,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"command: python -m benchmarks.train_step {' '.join(sys.argv[1:])}".rstrip())
     if trees:
+        # Two source trees given on the command line: not a figure of this tree.
         _print_trees(samples, *trees)
-    else:
-        _print_settings(samples)
+        return 0
+    figures = _print_settings(samples)
+    if "dense (baseline)" not in figures or len(figures) < 2:
+        print("no dense baseline beside a memory setting: not written to benchmarks/results")
+        return 0
+    write_result(
+        "train_step",
+        figures,
+        command_line("benchmarks.train_step"),
+        title="Training step: memory against dense",
+        notes=(
+            f"The quick facts configs (2 Ray Train workers, batch 256, 2-shard store); "
+            f"median step after {WARMUP_STEPS} warm-up steps of {ns.steps}, median of "
+            f"{ns.passes} passes."
+        ),
+    )
     return 0
 
 

@@ -5,7 +5,8 @@
     python examples/grpc_client.py --address 127.0.0.1:50051 --table facts-mem0
 
 Needs only this package's client (grpcio, protobuf, numpy): it imports neither Ray nor
-torch. The token comes from $MEMSTORE_TOKEN or ~/.memstore/grpc-token.
+torch. The token comes from $MEMSTORE_TOKEN or ~/.memstore/grpc-token. It goes in clear
+only to a loopback address: another address needs --tls-ca (or --insecure).
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ def main() -> int:
     parser.add_argument("--address", default="127.0.0.1:50051")
     parser.add_argument("--table", required=True)
     parser.add_argument("-k", type=int, default=8)
+    parser.add_argument("--tls-ca", help="PEM root certificate(s) of the server: use TLS")
+    parser.add_argument("--insecure", action="store_true", help="no TLS beyond loopback")
     ns = parser.parse_args()
-    with MemoryClient(ns.address) as client:
+    roots = open(ns.tls_ca, "rb").read() if ns.tls_ca else None
+    with MemoryClient(ns.address, root_certificates=roots, insecure=ns.insecure) as client:
         info = client.describe(ns.table)
         print(f"{info['name']}: {info['rows']:,} rows x {info['dim']}, step {info['step']}")
         # Every reply says which step of each shard it saw.

@@ -16,6 +16,8 @@ _EXPORTS = {
     "Table": ".table",
     "MemoryLayer": ".memory_layer",
     "MemoryLayerArgs": ".memory_layer",
+    "EngramLayer": ".engram",
+    "EngramArgs": ".engram",
     "ShardTable": ".shard_table",
     "SGD": ".optim",
     "Adagrad": ".optim",

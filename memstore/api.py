@@ -11,7 +11,7 @@ from ._internal.data_channel import DEFAULT_MAX_BATCH, DEFAULT_MAX_PAIRS, channe
 from ._internal.gpu_budget import check_blocks_fit, free_gpu_memory
 from ._internal.shard_actor import ShardWorker
 from ._internal.validation import check_dtype_name, check_positive_int
-from .errors import InvalidArgument, ShardUnavailable
+from .errors import InvalidArgument, ShardUnavailable, TableExists
 from .grid import ShardGrid
 from .optim import Adam, _Optimizer, optimizer_from_dict
 from .table import (
@@ -76,7 +76,7 @@ def create_table(
     step_on_push: bool = False,
     data_channel: str = "socket",
     data_bind: str | None = None,
-    data_encrypt: bool = False,
+    data_encrypt: bool | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_pairs: int = DEFAULT_MAX_PAIRS,
     checkpoint_root: str | None = None,
@@ -89,6 +89,7 @@ def create_table(
     timeout_s: float | None = None,
     worker_cls=ShardWorker,
     restore_from: str | None = None,
+    checkpoint_secret: str | None = None,
 ) -> Table:
     """Create a table of rows × dim values sharded over Ray actors; returns its handle.
 
@@ -98,13 +99,22 @@ def create_table(
     ``data_channel``: "socket" (lookups and pushes over a TCP connection per shard,
     everything else over Ray) or "ray" (every call over Ray). The channel authenticates
     with a per-table secret; ``data_bind``: the IPv4 address shards listen on (default
-    their node's IP), ``data_encrypt``: CURVE encryption for untrusted networks,
+    their node's IP). ``data_encrypt``: None (default) encrypts with CURVE wherever a shard
+    listens on, or a handle connects to, an address that is not loopback, and uses PLAIN
+    on loopback; True: CURVE everywhere; False: PLAIN everywhere (the secret and the data
+    in clear; logged as a warning off loopback). With CURVE a handle accepts only the key
+    each shard process makes for itself and publishes through Ray.
     ``max_batch`` / ``max_pairs``: most rows / (row, weight) pairs of one call per shard.
     ``pushes_per_step``: pushes that ``step`` waits for in sync mode. ``step_on_push`` (sync mode,
     needs ``pushes_per_step``): a shard applies step s within the call that brings its
     ``pushes_per_step``-th push of s, so a trainer needs no ``step`` round of its own; once a
     caller's pushes of s have returned, s is applied on every shard. Restarted shards reload the
     newest checkpoint under ``checkpoint_root``; ``save_every`` saves there every N steps.
+    Checkpoints are signed and verified with the table's key, derived from
+    ``checkpoint_secret`` (default: :func:`memstore.checkpoint.operator_secret`, the
+    ``MEMSTORE_CHECKPOINT_SECRET`` variable or the operator's key file); a checkpoint
+    that does not verify is never loaded. ``restore_from``: a checkpoint (of any
+    table signed with the same secret) the shards start from when the root has none.
     ``threads_per_shard``: torch threads of a shard; ``cpus_per_shard``: the CPUs Ray
     reserves for it (default: threads_per_shard; a fraction lets more shards than cores
     share a small machine). ``device``: "auto" (GPU shards when the cluster has a GPU per
@@ -142,8 +152,13 @@ def create_table(
     # Resolved on the driver: shards on other nodes and directories see the same place.
     if checkpoint_root is not None:
         checkpoint_root = checkpoint.resolve(checkpoint_root, "checkpoint_root")
+    secret = checkpoint.operator_secret(checkpoint_secret)
+    restore_key = None
     if restore_from is not None:
         restore_from = checkpoint.resolve(restore_from, "restore_from")
+        # Verified here first: a forged or foreign checkpoint fails before any shard starts.
+        restored = checkpoint.read_manifest(restore_from, secret=secret)
+        restore_key = checkpoint.table_key(secret, restored["table"].get("name", ""))
     ray = _attach()
     raise_if_exists(name)
     config = {
@@ -162,6 +177,10 @@ def create_table(
         "save_every": save_every,
         "threads": threads_per_shard,
         "restore_from": restore_from,
+        # Kept like the data secret: the catalog and the shards' own arguments, which a
+        # restarted shard gets again; never the operator's secret, only this table's keys.
+        "checkpoint_key": checkpoint.table_key(secret, name),
+        "restore_key": restore_key,
         **channel,
     }
     grid = _grid(rows, dim, shards, config, max_shard_bytes)
@@ -171,6 +190,7 @@ def create_table(
         ray.cluster_resources(), len(grid.blocks()), threads_per_shard, cpus_per_shard, device
     )
     gpus = config["device"] == "cuda"
+    _claim_name(ray, config)
     try:
         shards_by_block = _spawn(ray, config, grid, worker_cls, max_restarts, gpus, timeout_s)
         table = Table(config, shards_by_block, timeout_s=timeout_s)
@@ -221,6 +241,26 @@ def _placement(
     return float(cpus_per_shard), device
 
 
+def _claim_name(ray, config: dict) -> None:
+    """Create the table's catalog: the claim on its name. Ray registers a named actor
+    atomically, so of concurrent creates of one name exactly one gets here; the others
+    raise TableExists having placed nothing, and so remove nothing of the winner's.
+
+    The catalog restarts without limit: losing its node must not orphan the shards.
+    A restart rebuilds it from the config; the shards' copies refill published keys."""
+    try:
+        ray.remote(TableCatalog).options(
+            name=catalog_name(config["name"]),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=-1,
+        ).remote(config)
+    except ValueError as e:  # ray.exceptions.ActorAlreadyExistsError
+        raise TableExists(config["name"]) from e
+
+
 def _undo_create(ray, name: str, grid: ShardGrid) -> None:
     """Kill whatever a failed create_table placed (catalog, shards) and free its
     placement group; by name, so that it works whichever step failed."""
@@ -233,7 +273,7 @@ def _undo_create(ray, name: str, grid: ShardGrid) -> None:
 
 
 def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout_s) -> dict:
-    """A SPREAD placement group, the catalog, and one detached actor per block."""
+    """A SPREAD placement group and one detached actor per block."""
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -262,16 +302,6 @@ def _spawn(ray, config, grid: ShardGrid, worker_cls, max_restarts, gpus, timeout
             [shard_bytes(config, grid)] * len(grid.blocks()),
             free_gpu_memory(ray, pg, len(grid.blocks()), wait_s),
         )
-    # The catalog restarts without limit: losing its node must not orphan the shards.
-    # A restart rebuilds it from the config; the shards' copies refill published keys.
-    ray.remote(TableCatalog).options(
-        name=catalog_name(name),
-        namespace=NAMESPACE,
-        lifetime="detached",
-        num_cpus=0,
-        max_restarts=-1,
-        max_task_retries=-1,
-    ).remote(config)
     actor_cls = ray.remote(worker_cls)
     shards = {}
     for i, (r, c) in enumerate(grid.blocks()):
@@ -302,10 +332,16 @@ def connect(name: str, push_id: int = 0, timeout_s: float | None = None) -> Tabl
     return Table(config, shards, push_id=push_id, timeout_s=timeout_s)
 
 
-def load_table(path: str, name: str, shards=1, **options) -> Table:
-    """Create table ``name`` from the checkpoint at ``path``, on any grid."""
+def load_table(
+    path: str, name: str, shards=1, checkpoint_secret: str | None = None, **options
+) -> Table:
+    """Create table ``name`` from the checkpoint at ``path``, on any grid, once its
+    manifest verifies with the key of the table it names, derived from
+    ``checkpoint_secret`` (default: :func:`memstore.checkpoint.operator_secret`). The new
+    table signs its own checkpoints with the same secret."""
     path = checkpoint.resolve(path)  # on the driver, before any shard sees it
-    manifest = checkpoint.read_manifest(path)
+    secret = checkpoint.operator_secret(checkpoint_secret)
+    manifest = checkpoint.read_manifest(path, secret=secret)
     t = manifest["table"]
     return create_table(
         name,
@@ -316,5 +352,6 @@ def load_table(path: str, name: str, shards=1, **options) -> Table:
         dtype=t["dtype"],
         seed=t.get("seed", 0),
         restore_from=path,
+        checkpoint_secret=secret,
         **options,
     )

@@ -7,7 +7,8 @@ A checkpoint is a directory (a key prefix on an object store)::
         block-0-1.pt       state, counters (written by each shard, in parallel)
         ...
         manifest.json      table config, grid, step, the sha256 of every block file,
-                           and the sha256 of the manifest itself
+                           an HMAC with the table's checkpoint key, and the sha256 of
+                           the manifest itself
 
 Storage goes through ``pyarrow.fs``: a checkpoint path is a local path, ``file://``
 or any URI that ``pyarrow.fs.FileSystem.from_uri`` resolves (``s3://bucket/key``;
@@ -22,12 +23,31 @@ state or a complete checkpoint, never a half-written one that a reader would loa
    (where nothing renames atomically), ``step-000000123/data-<hex>/``.
 2. :func:`write_block` (each shard, in parallel): its block file into the staging
    location, fsynced on local filesystems.
-3. :func:`commit` (driver): re-hashes every block file, then writes the checksummed
-   manifest. Locally the manifest goes into the staging directory, which is fsynced and
+3. :func:`commit` (driver): re-hashes every block file, then writes the signed,
+   checksummed manifest. Locally the manifest goes into the staging directory, which is fsynced and
    renamed into place in one atomic step (a concurrent save to the same path loses the
    rename and raises). On an object store the manifest, written last at
-   ``step-000000123/manifest.json``, is the commit point: it names its own ``data-<hex>``
-   files, so two saves racing to one path leave the manifest of one of them whole.
+   ``step-000000123/manifest.json`` with a create-only PUT, is the commit point: it
+   names its own ``data-<hex>`` files, and of two saves racing to one path one commits
+   and the other raises.
+
+Checkpoints are authenticated: the manifest carries an HMAC-SHA256 of its contents
+keyed by the table's checkpoint key, ``table_key(secret, table name)``, where the
+secret is the operator's (:func:`operator_secret`: an argument, the
+``MEMSTORE_CHECKPOINT_SECRET`` variable, or a 0600 key file in the operator's home),
+never stored in a checkpoint root. A table's shards get only its key (in the table's
+config, like the data secret), so a restarted shard verifies without the operator's
+secret, and write access to a checkpoint root is not enough to make a checkpoint that
+loads. The block files are bound to the manifest by their sha256.
+
+On an object store the manifest is written create-only (S3 ``If-None-Match: *``,
+through boto3, since pyarrow.fs has no conditional write): of concurrent saves to one
+path exactly one commits, the others raise CheckpointError, as on a local disk. Saving
+to another remote filesystem, which offers no such write, is refused.
+
+The manifest is read within bounds: at most 64 MiB, refused before it is read, and at
+most 32 levels of nesting, refused before it is parsed; a hostile manifest is a
+CheckpointError like any invalid one, and a restart falls back past it.
 
 A directory without a valid manifest is not a checkpoint. Every manifest entry is
 checked before anything is allocated or opened: block file names match a strict
@@ -51,6 +71,7 @@ Manifest (``version`` 2)::
      "grid": {"row_bounds": [0, r1, ..., R], "col_bounds": [0, c1, ..., D]},
      "blocks": [{"block": "0-0", "file": "block-0-0.pt", "spec": {...BlockSpec...},
                  "sha256": "...", "bytes": 12345, "last_step": 123, "updates": 123}, ...],
+     "hmac": "<HMAC-SHA256, the table's key, of the canonical JSON of the fields above>",
      "manifest_sha256": "<sha256 of the canonical JSON of everything else>"}
 """
 
@@ -59,12 +80,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import hmac
 import io
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
+import stat
 import time
 import uuid
 
@@ -80,7 +104,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
+    "SECRET_ENV",
+    "KEY_FILE_ENV",
     "resolve",
+    "join",
+    "operator_secret",
+    "table_key",
     "begin",
     "abort",
     "write_block",
@@ -104,6 +133,13 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _STEP_DIR = re.compile(r"^step-(\d{1,18})$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _MAX_MANIFEST_BYTES = 64 << 20
+# A manifest nests 4 deep (manifest, blocks, entry, spec); the table config may add a few.
+_MAX_MANIFEST_DEPTH = 32
+SECRET_ENV = "MEMSTORE_CHECKPOINT_SECRET"
+KEY_FILE_ENV = "MEMSTORE_CHECKPOINT_KEY_FILE"
+_DEFAULT_KEY_FILE = os.path.join("~", ".config", "memstore", "checkpoint-secret")
+_MIN_SECRET_CHARS = 32
+_MAX_SECRET_CHARS = 1024
 _MAX_BLOCKS = 1 << 16
 _MAX_ROWS_OR_DIM = 1 << 40
 # A torch.save file holds the raw tensors plus a small pickle of names and numbers.
@@ -157,7 +193,7 @@ def _filesystem(path: str, field: str = "path"):
     return fs, fs_path, isinstance(fs, pafs.LocalFileSystem)
 
 
-def _join(path: str, *names: str) -> str:
+def join(path: str, *names: str) -> str:
     """``path/name...``, keeping a URI's query (its filesystem options) at the end."""
     if _SCHEME.match(path) is None:
         return os.path.join(path, *names)
@@ -281,6 +317,107 @@ def _int(value) -> int:
     return value
 
 
+# ---- authentication: the operator's secret and the per-table keys ------------------
+def operator_secret(value: str | None = None, field: str = "checkpoint_secret") -> str:
+    """The secret checkpoint keys derive from: ``value`` when given, else the
+    ``MEMSTORE_CHECKPOINT_SECRET`` environment variable, else the key file
+    (``MEMSTORE_CHECKPOINT_KEY_FILE``, default ``~/.config/memstore/checkpoint-secret``),
+    created with a random secret, readable by its owner only, when there is none.
+
+    It lives outside every checkpoint root on purpose: write access to a checkpoint
+    root must not be enough to make a checkpoint that verifies."""
+    if value is None:
+        value, field = os.environ.get(SECRET_ENV), SECRET_ENV
+    if value is None:
+        return _key_file_secret()
+    if (
+        not isinstance(value, str)
+        or not _MIN_SECRET_CHARS <= len(value) <= _MAX_SECRET_CHARS
+        or not value.isprintable()
+    ):
+        raise InvalidArgument(
+            field,
+            f"a printable string of {_MIN_SECRET_CHARS} to {_MAX_SECRET_CHARS} characters",
+            "<hidden>" if isinstance(value, str) else type(value).__name__,
+        )
+    return value
+
+
+def _key_file_secret() -> str:
+    path = os.path.expanduser(os.environ.get(KEY_FILE_ENV) or _DEFAULT_KEY_FILE)
+    try:
+        return _read_key_file(path)
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # create-only: of two racing processes, one file wins
+            log.warning(
+                "created the checkpoint key file %s (keep it: it verifies checkpoints)", path
+            )
+        except FileExistsError:
+            pass
+    finally:
+        _remove_quietly(tmp)
+    return _read_key_file(path)
+
+
+def _read_key_file(path: str) -> str:
+    """The secret in ``path``, refused unless it is a regular file of this user that
+    nobody else can read or write (another user could otherwise plant or read it)."""
+    expected = "a regular file of this user with mode 0600 (at most 1 KiB)"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # a symbolic link (ELOOP), a directory, no permission
+        raise InvalidArgument(KEY_FILE_ENV, expected, f"{path} ({e.strerror})") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_uid != os.getuid()
+            or st.st_mode & 0o077
+            or st.st_size > _MAX_SECRET_CHARS
+        ):
+            raise InvalidArgument(KEY_FILE_ENV, expected, path)
+        secret = f.read().decode("ascii", "replace").strip()
+    return operator_secret(secret, KEY_FILE_ENV)
+
+
+def table_key(secret: str, table_name: str) -> str:
+    """The key that signs and verifies the checkpoints of table ``table_name``: derived
+    from the operator's secret, so that one table's key (which its shards hold) cannot
+    sign another table's checkpoints."""
+    if not isinstance(table_name, str):
+        raise InvalidArgument("table_name", "a string", type(table_name).__name__)
+    message = b"memstore-checkpoint-key\0" + table_name.encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _key_for(manifest: dict, key: str | None, secret: str | None) -> str:
+    """``key``, else the key of the table the manifest names, from ``secret`` (else the
+    operator's secret). A manifest that claims another table fails to verify."""
+    if key is not None:
+        return key
+    name = manifest["table"].get("name", "") if isinstance(manifest.get("table"), dict) else ""
+    return table_key(operator_secret(secret), name if isinstance(name, str) else "")
+
+
+def _manifest_hmac(manifest: dict, key: str) -> str:
+    body = {k: v for k, v in manifest.items() if k not in ("manifest_sha256", "hmac")}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    message = b"memstore-checkpoint-manifest\0" + canonical.encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+
+
 # ---- writing -------------------------------------------------------------------
 def begin(path: str | os.PathLike) -> str:
     """A fresh, empty staging location for one save to ``path``; give it to every
@@ -288,7 +425,8 @@ def begin(path: str | os.PathLike) -> str:
     holds a committed checkpoint."""
     path = resolve(path)
     _, local = _staging_kind(path)
-    if _file_size(_join(path, MANIFEST)) is not None:
+    _check_conditional_commit(path)
+    if _file_size(join(path, MANIFEST)) is not None:
         raise CheckpointError(path, "already committed; write a new step directory")
     token = uuid.uuid4().hex
     if local:
@@ -297,7 +435,7 @@ def begin(path: str | os.PathLike) -> str:
         os.makedirs(parent, exist_ok=True)
         os.mkdir(staging)
         return staging
-    staging = _join(path, f"data-{token}")
+    staging = join(path, f"data-{token}")
     fs, fs_path, _ = _filesystem(staging)
     fs.create_dir(fs_path)
     return staging
@@ -351,7 +489,7 @@ def write_block(path: str | os.PathLike, block_id: str, state_dict: dict) -> dic
     path = resolve(path)
     if not isinstance(block_id, str) or not _BLOCK_ID.match(block_id):
         raise InvalidArgument("block_id", "1-64 characters of [A-Za-z0-9_-]", block_id)
-    if _file_size(_join(path, MANIFEST)) is not None:
+    if _file_size(join(path, MANIFEST)) is not None:
         # Overwriting a block of a committed checkpoint would break its checksums.
         raise CheckpointError(path, "already committed; write a new step directory")
     payload = {
@@ -366,6 +504,8 @@ def write_block(path: str | os.PathLike, block_id: str, state_dict: dict) -> dic
         "last_step": int(state_dict["last_step"]),
         "updates": int(state_dict["updates"]),
     }
+    if state_dict.get("row_stats") is not None:
+        payload["row_stats"] = _compact_stats(state_dict["row_stats"])
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getbuffer()
@@ -373,7 +513,7 @@ def write_block(path: str | os.PathLike, block_id: str, state_dict: dict) -> dic
     _, fs_path, local = _filesystem(path)
     if local:
         os.makedirs(fs_path, exist_ok=True)
-    _write_file(_join(path, final), data)
+    _write_file(join(path, final), data)
     log.debug("wrote %s/%s (%d bytes)", path, final, len(data))
     return {
         "block": block_id,
@@ -383,6 +523,19 @@ def write_block(path: str | os.PathLike, block_id: str, state_dict: dict) -> dic
         "bytes": len(data),
         "last_step": payload["last_step"],
         "updates": payload["updates"],
+    }
+
+
+def _compact_stats(stats: dict) -> dict:
+    """A block's row statistics (``ShardTable.state_dict()["row_stats"]``) to store."""
+
+    def one(part: dict) -> dict:
+        return {"tf": _compact(part["tf"]), "df": _compact(part["df"]), "steps": int(part["steps"])}
+
+    return {
+        **one(stats),
+        "counting": bool(stats.get("counting", True)),
+        "backgrounds": {str(k): one(v) for k, v in stats.get("backgrounds", {}).items()},
     }
 
 
@@ -396,7 +549,14 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 
 def commit(
-    path: str | os.PathLike, table_config: dict, entries: list[dict], step: int, *, staging: str
+    path: str | os.PathLike,
+    table_config: dict,
+    entries: list[dict],
+    step: int,
+    *,
+    staging: str,
+    key: str | None = None,
+    secret: str | None = None,
 ) -> dict:
     """Make the checkpoint at ``path`` exist from the blocks written into ``staging``.
 
@@ -406,6 +566,8 @@ def commit(
     file is hashed again and must match its entry. Invalid arguments raise before
     anything changes; a failure after that (a changed block, another save that
     committed ``path`` first) removes the staging location and raises CheckpointError.
+    The manifest is signed with ``key`` (the table's checkpoint key), else with the key
+    of ``table_config["name"]`` derived from ``secret`` (else :func:`operator_secret`).
     Returns the manifest.
     """
     path, staging = resolve(path), resolve(staging, "staging")
@@ -429,6 +591,7 @@ def commit(
     _check_entries(path, manifest)  # fills grid, last_step and updates
     try:
         _verify_blocks(path, staging, manifest, prefix)
+        manifest["hmac"] = _manifest_hmac(manifest, _key_for(manifest, key, secret))
         manifest["manifest_sha256"] = _manifest_sha256(manifest)
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
         if prefix:
@@ -444,7 +607,7 @@ def commit(
 
 def _verify_blocks(path: str, staging: str, manifest: dict, prefix: str) -> None:
     for e in manifest["blocks"]:
-        file = _join(staging, e["file"][len(prefix) :])
+        file = join(staging, e["file"][len(prefix) :])
         try:
             sha, size = _sha256_file(file)
         except OSError as err:
@@ -476,10 +639,58 @@ def _commit_local(path: str, staging: str, data: bytes) -> None:
 
 
 def _commit_object_store(path: str, data: bytes) -> None:
-    # No atomic rename: the manifest, written last in one PUT, is the commit point.
-    if _file_size(_join(path, MANIFEST)) is not None:
-        raise CheckpointError(path, "already committed by another save")
-    _write_file(_join(path, MANIFEST), data)
+    """No atomic rename: the manifest, written last in one create-only PUT
+    (``If-None-Match: *``), is the commit point; of saves racing to one path, the store
+    lets exactly one create it. pyarrow.fs has no conditional write, so this one request
+    goes through boto3, with the endpoint and credentials of the path's filesystem."""
+    from botocore.exceptions import ClientError
+
+    fs, fs_path, _ = _filesystem(join(path, MANIFEST))
+    bucket, _, key = fs_path.partition("/")
+    try:
+        _s3_client(fs).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise CheckpointError(
+                path, "already committed (another save committed it first)"
+            ) from e
+        raise CheckpointError(path, f"the manifest write failed: {e}") from e
+
+
+def _check_conditional_commit(path: str) -> None:
+    """Refuse, before anything is written, a remote store without a create-only write
+    (two saves to one path would both succeed and one would be lost)."""
+    fs, _, local = _filesystem(path)
+    if local:
+        return
+    if fs.type_name != "s3":
+        raise CheckpointError(
+            path,
+            f"saving to a {fs.type_name} filesystem is not supported: a checkpoint commit "
+            "needs a create-only write (local disks and s3:// have one)",
+        )
+
+
+def _s3_client(fs):
+    """A boto3 S3 client for the endpoint, region and credentials of pyarrow's ``fs``."""
+    import boto3
+    import botocore.config
+
+    options = fs.__reduce__()[1][0]  # S3FileSystem's own constructor arguments
+    endpoint = options.get("endpoint_override") or None
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{options.get('scheme') or 'https'}://{endpoint}"
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=options.get("region") or None,
+        aws_access_key_id=options.get("access_key") or None,
+        aws_secret_access_key=options.get("secret_key") or None,
+        aws_session_token=options.get("session_token") or None,
+        verify=options.get("tls_ca_file_path") or None,
+        config=botocore.config.Config(retries={"mode": "standard"}),
+    )
 
 
 def _manifest_sha256(manifest: dict) -> str:
@@ -515,6 +726,8 @@ def _check_table(table: dict, fail) -> None:
             raise fail(f"{key}: an int in [1, {_MAX_ROWS_OR_DIM}]")
     if table.get("dtype") not in DTYPES:
         raise fail(f"dtype: one of {sorted(DTYPES)}")
+    if not isinstance(table.get("name", ""), str):
+        raise fail("name: a string (the table's checkpoint key derives from it)")
 
 
 def _check_entries(path: str, manifest: dict) -> None:
@@ -602,27 +815,24 @@ def checkpoint_dir(root: str | os.PathLike, step: int) -> str:
     """``root/step-000000123``: zero-padded so that names sort by step."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise InvalidArgument("step", "an int >= 0", step)
-    return _join(resolve(root, "root"), f"step-{step:09d}")
+    return join(resolve(root, "root"), f"step-{step:09d}")
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a committed checkpoint; CheckpointError when there is none.
+def read_manifest(
+    path: str | os.PathLike, *, key: str | None = None, secret: str | None = None
+) -> dict:
+    """The manifest of a committed checkpoint whose signature verifies; CheckpointError
+    when there is none.
 
-    Raised for: no manifest (never committed, or not a checkpoint), unreadable or
-    corrupt JSON, a checksum that does not match, another format or an unknown version,
-    malformed entries, blocks that do not tile the table.
+    ``key``: the table's checkpoint key; without it, the key of the table the manifest
+    names, derived from ``secret`` (else :func:`operator_secret`). Raised for: no
+    manifest (never committed, or not a checkpoint), a manifest over the size or
+    nesting limits, unreadable or corrupt JSON, a checksum that does not match, an
+    hmac that does not verify (forged, or signed with another secret), another format
+    or an unknown version, malformed entries, blocks that do not tile the table.
     """
     path = resolve(path)
-    try:
-        data = _read_bytes(_join(path, MANIFEST), _MAX_MANIFEST_BYTES)
-    except FileNotFoundError:
-        raise CheckpointError(path, f"no {MANIFEST}: not a committed checkpoint") from None
-    except OSError as e:
-        raise CheckpointError(path, f"{MANIFEST} is unreadable: {e}") from e
-    try:
-        manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"{MANIFEST} is corrupt: {e}") from e
+    manifest = _parse_manifest(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(path, f"{MANIFEST} is not a {FORMAT_NAME} manifest")
     if manifest.get("version") != FORMAT_VERSION:
@@ -634,6 +844,15 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if manifest.get("manifest_sha256") != _manifest_sha256(manifest):
         raise CheckpointError(
             path, f"{MANIFEST} is corrupt: its manifest_sha256 does not match its contents"
+        )
+    signature = manifest.get("hmac")
+    if not isinstance(signature, str) or not hmac.compare_digest(
+        signature, _manifest_hmac(manifest, _key_for(manifest, key, secret))
+    ):
+        raise CheckpointError(
+            path,
+            f"{MANIFEST} is not authenticated: its hmac does not verify with the table's "
+            "checkpoint key (forged, or saved with another checkpoint secret)",
         )
     try:
         table = manifest["table"]
@@ -648,42 +867,98 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def checkpoints(root: str | os.PathLike) -> list[str]:
+def _parse_manifest(path: str):
+    """The manifest's JSON, read and parsed within bounds: a file over the size limit is
+    refused before it is read, one nested deeper than the limit before it is parsed (the
+    parser recurses once per level)."""
+    try:
+        data = _read_bytes(join(path, MANIFEST), _MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise CheckpointError(path, f"no {MANIFEST}: not a committed checkpoint") from None
+    except OSError as e:
+        raise CheckpointError(path, f"{MANIFEST} is unreadable: {e}") from e
+    depth = _nesting_depth(data)
+    if depth > _MAX_MANIFEST_DEPTH:
+        raise CheckpointError(
+            path, f"{MANIFEST} nests {depth} deep, more than the {_MAX_MANIFEST_DEPTH} allowed"
+        )
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(path, f"{MANIFEST} is corrupt: {e}") from e
+
+
+_JSON_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_JSON_STRING = re.compile(rb'"[^"]*"')
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def _nesting_depth(data: bytes) -> int:
+    """The deepest nesting of [ and { in JSON text, brackets inside strings not counted
+    (malformed text may give any number: the parser refuses it after). Linear time: the
+    escapes go first, so every quote left delimits a string."""
+    import numpy as np
+
+    text = _JSON_STRING.sub(b"", _JSON_ESCAPE.sub(b"", data))
+    brackets = np.frombuffer(text.translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    deepest = level = 0
+    for start in range(0, len(brackets), _HASH_CHUNK):  # bounded memory per chunk
+        chunk = brackets[start : start + _HASH_CHUNK]
+        running = level + np.cumsum(np.where((chunk == 91) | (chunk == 123), 1, -1))
+        deepest, level = max(deepest, int(running.max())), int(running[-1])
+    return deepest
+
+
+def checkpoints(
+    root: str | os.PathLike, *, key: str | None = None, secret: str | None = None
+) -> list[str]:
     """The committed ``root/step-N`` checkpoints, newest step first.
 
-    Directories without a valid manifest, or whose block files are not all there with
-    the sizes the manifest gives (a save that died before commit, an object-store
-    save cut short), are skipped.
+    Directories without a manifest that verifies (see :func:`read_manifest`; ``key``
+    and ``secret`` as there), or whose block files are not all there with the sizes the
+    manifest gives (a save that died before commit, an object-store save cut short),
+    are skipped; all but a missing manifest with a warning.
     """
-    return list(_committed(root))
+    return list(_committed(root, key, secret))
 
 
-def _committed(root: str | os.PathLike):
+def _committed(root: str | os.PathLike, key: str | None = None, secret: str | None = None):
     root = resolve(root, "root")
     names = _list(root) or []
     steps = sorted(((int(m.group(1)), n) for n in names if (m := _STEP_DIR.match(n))), reverse=True)
     for _, name in steps:
-        path = _join(root, name)
+        path = join(root, name)
         try:
-            manifest = read_manifest(path)
+            manifest = read_manifest(path, key=key, secret=secret)
             for e in manifest["blocks"]:
-                if _file_size(_join(path, *e["file"].split("/"))) != e["bytes"]:
+                if _file_size(join(path, *e["file"].split("/"))) != e["bytes"]:
                     raise CheckpointError(
                         path, f"block file {e['file']} is missing or of another size"
                     )
         except CheckpointError as e:
-            log.info("skipping %s: %s", path, e.reason)
+            # A save that died before its commit is expected; anything else is not.
+            quiet = e.reason.startswith(f"no {MANIFEST}")
+            (log.info if quiet else log.warning)("skipping %s: %s", path, e.reason)
             continue
         yield path
 
 
-def latest_checkpoint(root: str | os.PathLike) -> str | None:
+def latest_checkpoint(
+    root: str | os.PathLike, *, key: str | None = None, secret: str | None = None
+) -> str | None:
     """The committed ``root/step-N`` checkpoint of the highest step, or None."""
-    return next(_committed(root), None)
+    return next(_committed(root, key, secret), None)
 
 
 # ---- loading -------------------------------------------------------------------
-def load_block(path: str | os.PathLike, spec: BlockSpec, manifest: dict | None = None) -> dict:
+def load_block(
+    path: str | os.PathLike,
+    spec: BlockSpec,
+    manifest: dict | None = None,
+    *,
+    key: str | None = None,
+    secret: str | None = None,
+) -> dict:
     """The state_dict of block ``spec`` (any grid), for ``ShardTable.load_state_dict``.
 
     Values and every optimizer state tensor are cut from the stored blocks that
@@ -694,10 +969,13 @@ def load_block(path: str | os.PathLike, spec: BlockSpec, manifest: dict | None =
     mean of g² over the block's columns, so column blocks of the same row hold
     different values and no re-gridding of columns is exact. Loading such a table is
     therefore allowed only when the target's columns are exactly one stored column
-    block (any row grid is fine); otherwise CheckpointError says so.
+    block (any row grid is fine); otherwise CheckpointError says so. ``manifest``: one
+    :func:`read_manifest` returned for ``path``, else it is read, with ``key`` and
+    ``secret`` as there.
     """
     path = resolve(path)
-    manifest = read_manifest(path) if manifest is None else manifest
+    if manifest is None:
+        manifest = read_manifest(path, key=key, secret=secret)
     table = manifest["table"]
     if (spec.rows, spec.dim) != (table["rows"], table["dim"]):
         raise CheckpointError(
@@ -712,6 +990,7 @@ def load_block(path: str | os.PathLike, spec: BlockSpec, manifest: dict | None =
     state = {
         n: torch.empty(kind.state_shape(*shape), dtype=torch.float32) for n in kind.state_names()
     }
+    row_stats = _RowStatsCut(spec.shape[0])
     for entry in manifest["blocks"]:
         src = BlockSpec(**entry["spec"])
         r0, r1 = max(src.row_start, spec.row_start), min(src.row_stop, spec.row_stop)
@@ -719,6 +998,7 @@ def load_block(path: str | os.PathLike, spec: BlockSpec, manifest: dict | None =
         if r0 >= r1 or c0 >= c1:
             continue
         stored = _read_block(path, entry, manifest)
+        row_stats.add(stored.get("row_stats"), r0 - src.row_start, r0 - spec.row_start, r1 - r0)
         # Source and target coordinates of the overlap.
         sr, sc = (
             slice(r0 - src.row_start, r1 - src.row_start),
@@ -742,25 +1022,77 @@ def load_block(path: str | os.PathLike, spec: BlockSpec, manifest: dict | None =
         "state": state,
         "last_step": manifest["last_step"],
         "updates": manifest["updates"],
+        "row_stats": row_stats.result(),
     }
 
 
+class _RowStatsCut:
+    """The row statistics of a target block, cut from the stored blocks' rows (the
+    column blocks of a row block count the same rows, so any one of them will do).
+    Rows of stored blocks without statistics (older checkpoints) count zero."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.parts: dict[str | None, dict] = {}
+        self.counting = True
+
+    def _part(self, name: str | None, steps: int) -> dict:
+        part = self.parts.setdefault(
+            name,
+            {
+                "tf": torch.zeros(self.rows, dtype=torch.int32),
+                "df": torch.zeros(self.rows, dtype=torch.int64),
+                "steps": 0,
+            },
+        )
+        part["steps"] = max(part["steps"], steps)
+        return part
+
+    def add(self, stored: dict | None, src_row: int, dst_row: int, n: int) -> None:
+        if stored is None:
+            return
+        self.counting = bool(stored.get("counting", True))
+        named = [(None, stored), *stored.get("backgrounds", {}).items()]
+        for name, part in named:
+            out = self._part(name, int(part["steps"]))
+            for key in ("tf", "df"):
+                out[key][dst_row : dst_row + n] = part[key][src_row : src_row + n]
+
+    def result(self) -> dict | None:
+        if not self.parts:
+            return None
+        live = self.parts.get(None) or self._part(None, 0)
+        return {
+            **live,
+            "counting": self.counting,
+            "backgrounds": {k: self.parts[k] for k in sorted(k for k in self.parts if k)},
+        }
+
+
 def restore_block(
-    root: str | os.PathLike | None, spec: BlockSpec, restore_from: str | os.PathLike | None = None
+    root: str | os.PathLike | None,
+    spec: BlockSpec,
+    restore_from: str | os.PathLike | None = None,
+    *,
+    key: str | None = None,
+    restore_key: str | None = None,
 ) -> tuple[str, dict] | None:
     """``(path, state_dict)`` of the newest checkpoint under ``root`` whose blocks for
     ``spec`` load, else of ``restore_from``; None when there is no checkpoint at all.
+    Checkpoints under ``root`` verify with ``key``, ``restore_from`` with
+    ``restore_key`` (None: derived from the operator's secret, see :func:`read_manifest`).
 
-    A committed checkpoint whose block turns out damaged (checksum, contents) is passed
-    over with a warning for the previous one: a shard restarting after such damage
-    comes back at an older step instead of failing every restart.
+    A checkpoint whose manifest does not verify (forged, hostile, corrupt) is skipped
+    with a warning, and one whose block turns out damaged (checksum, contents) is
+    passed over with a warning for the previous one: a shard restarting after such
+    damage comes back at an older step instead of failing every restart.
     """
-    candidates = list(_committed(root)) if root else []
+    candidates = [(p, key) for p in _committed(root, key)] if root else []
     if restore_from:
-        candidates.append(resolve(restore_from, "restore_from"))
-    for i, path in enumerate(candidates):
+        candidates.append((resolve(restore_from, "restore_from"), restore_key))
+    for i, (path, path_key) in enumerate(candidates):
         try:
-            return path, load_block(path, spec)
+            return path, load_block(path, spec, key=path_key)
         except CheckpointError as e:
             if i == len(candidates) - 1:
                 raise
@@ -768,7 +1100,7 @@ def restore_block(
                 "checkpoint %s does not load (%s); falling back to %s",
                 path,
                 e.reason,
-                candidates[i + 1],
+                candidates[i + 1][0],
             )
     return None
 
@@ -788,7 +1120,7 @@ def _check_rowwise_columns(path: str, manifest: dict, spec: BlockSpec, kind) -> 
 
 def _load_verified(path: str, entry: dict):
     """The stored block's torch.load result, after its size and sha256 matched."""
-    file = _join(path, *entry["file"].split("/"))
+    file = join(path, *entry["file"].split("/"))
     _, fs_path, local = _filesystem(file)
     try:
         if local:
@@ -839,11 +1171,39 @@ def _read_block(path: str, entry: dict, manifest: dict) -> dict:
         and "state shape or dtype differs",
         set(stored["state"]) != set(kind.state_names())
         and "state tensors differ from the optimizer's",
+        not _row_stats_ok(stored.get("row_stats"), src.shape[0]) and "row statistics malformed",
     ]
     problems = [p for p in problems if p]
     if problems:
         raise CheckpointError(path, f"block file {entry['file']}: {'; '.join(problems)}")
     return stored
+
+
+def _row_stats_ok(stats, rows: int) -> bool:
+    """Absent (an older checkpoint), or tf/df int tensors of one entry per row and a
+    step count, for the live counts and each background."""
+
+    def ok(part) -> bool:
+        return (
+            isinstance(part, dict)
+            and all(
+                isinstance(part.get(k), torch.Tensor)
+                and part[k].dtype in (torch.int32, torch.int64)
+                and tuple(part[k].shape) == (rows,)
+                for k in ("tf", "df")
+            )
+            and type(part.get("steps")) is int
+            and part["steps"] >= 0
+        )
+
+    if stats is None:
+        return True
+    backgrounds = stats.get("backgrounds", {}) if isinstance(stats, dict) else None
+    return (
+        ok(stats)
+        and isinstance(backgrounds, dict)
+        and all(isinstance(k, str) and ok(v) for k, v in backgrounds.items())
+    )
 
 
 def _norm_opt(opt) -> dict | None:

@@ -38,12 +38,13 @@ def _client(ns):
     from .client import MemoryClient
 
     roots = pathlib.Path(ns.tls_ca).read_bytes() if ns.tls_ca else None
-    return MemoryClient(
+    return MemoryClient(  # refuses a token in clear to a non-loopback address
         ns.address,
         token_file=ns.token_file,
         root_certificates=roots,
         server_name=ns.tls_server_name,
         read_retries=2,
+        insecure=ns.insecure,
     )
 
 
@@ -275,6 +276,7 @@ def _serve(ns) -> int:
         max_message_bytes=ns.max_message_bytes,
         save_root=ns.save_root,
         threads=ns.threads,
+        call_timeout_s=ns.call_timeout,
     )
     if ns.detach:
         _ray(ns)
@@ -376,6 +378,11 @@ def _grpc_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--tls-ca", help="PEM root certificate(s): use TLS")
     g.add_argument("--tls-server-name", help="name the server certificate is checked against")
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="send the token without TLS to a non-loopback address (refused otherwise)",
+    )
 
 
 def _ray_option(p: argparse.ArgumentParser) -> None:
@@ -468,7 +475,7 @@ def _add_query_commands(sub) -> None:
 
 def _add_serve_command(sub) -> None:
     from .server import DEFAULT_ADDRESS as SERVE_ADDRESS
-    from .server import DEFAULT_MAX_MESSAGE_BYTES
+    from .server import DEFAULT_CALL_TIMEOUT_S, DEFAULT_MAX_MESSAGE_BYTES
 
     p = sub.add_parser(
         "serve",
@@ -486,10 +493,14 @@ def _add_serve_command(sub) -> None:
     p.add_argument(
         "--detach",
         action="store_true",
-        help="run as a detached Ray actor that lives with the cluster",
+        help="run as a detached Ray actor on this node that lives with the cluster; it "
+        "reads its tokens from --token-file or ~/.memstore/grpc-token (not $MEMSTORE_TOKEN)",
     )
     p.add_argument("--stop", action="store_true", help="stop the detached server")
-    p.add_argument("--token-file", help="tokens, one per line: TOKEN [read,write,admin]")
+    p.add_argument(
+        "--token-file",
+        help="tokens, one per line: TOKEN [read,write,admin] [tables=NAME,...]",
+    )
     p.add_argument("--tls-cert", help="PEM certificate (with --tls-key): serve TLS")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument(
@@ -499,7 +510,13 @@ def _add_serve_command(sub) -> None:
         help="largest request or reply (default %(default)s)",
     )
     p.add_argument("--save-root", help="directory Save may write under (default: Save refused)")
-    p.add_argument("--threads", type=int, default=16, help="calls served at once")
+    p.add_argument("--threads", type=int, default=16, help="calls running on the shards at once")
+    p.add_argument(
+        "--call-timeout",
+        type=float,
+        default=DEFAULT_CALL_TIMEOUT_S,
+        help="longest a call may take, whatever deadline it asks for (default %(default)s s)",
+    )
     p.set_defaults(run=_serve)
 
 

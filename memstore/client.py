@@ -16,18 +16,22 @@ order; reads are retried with backoff when the server is UNAVAILABLE, writes nev
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import time
 
 import grpc
 import numpy as np
 
-from ._internal.grpc_auth import client_token
+from ._internal.grpc_auth import client_token, is_loopback
 from ._internal.grpc_codec import FLOATS, INTS, decode, encode
 from .errors import InvalidArgument, RemoteError
 from .v1 import memstore_pb2 as pb
 from .v1 import memstore_pb2_grpc as pb_grpc
 
 __all__ = ["MemoryClient", "QueryResult", "Seen"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 # Room left in a message for everything but the tensors' data.
@@ -80,6 +84,21 @@ def _as_numpy(field: str, x) -> np.ndarray:
     return x
 
 
+def check_transport(address: str, tls: bool, insecure: bool, sends_token: bool) -> None:
+    """Refuse to send a token in clear beyond this machine: a non-loopback address
+    needs TLS, or ``insecure`` (which logs a warning)."""
+    if tls or not sends_token or is_loopback(address.rpartition(":")[0] or address):
+        return
+    if not insecure:
+        raise InvalidArgument(
+            "address",
+            "a loopback address, TLS (root certificates / --tls-ca), or insecure=True "
+            "(--insecure) to send the token in clear",
+            address,
+        )
+    log.warning("sending a token to %s without TLS: anyone on the path can read it", address)
+
+
 def _like(template, a: np.ndarray):
     """``a`` as the kind of array the caller gave (torch in, torch out)."""
     if _is_torch(template):
@@ -102,16 +121,19 @@ class MemoryClient:
         read_retries: int = 4,
         backoff_s: float = 0.1,
         server_name: str | None = None,
+        insecure: bool = False,
     ):
         """``token``: else ``token_file``, $MEMSTORE_TOKEN, or ~/.memstore/grpc-token.
         ``root_certificates`` (PEM bytes) turns on TLS; ``server_name`` overrides the
-        name the certificate is checked against."""
+        name the certificate is checked against. A token goes in clear only to a
+        loopback address, or with ``insecure=True`` (logged as a warning)."""
         self.address = address
         self.max_message_bytes = max_message_bytes
         self.timeout_s = timeout_s
         self.read_retries = read_retries
         self.backoff_s = backoff_s
         token = client_token(token, token_file)
+        check_transport(address, root_certificates is not None, insecure, bool(token))
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -125,7 +147,7 @@ class MemoryClient:
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.MemoryStoreStub(self._channel)
-        self._dims: dict[str, int] = {}
+        self._tables: dict[str, dict] = {}
 
     def close(self) -> None:
         self._channel.close()
@@ -150,14 +172,27 @@ class MemoryClient:
                     continue
                 raise RemoteError(method, code.name, e.details() or "") from None
 
-    def _dim(self, table: str) -> int:
-        if table not in self._dims:
-            self._dims[table] = self.describe(table)["dim"]
-        return self._dims[table]
+    def _info(self, table: str) -> dict:
+        if table not in self._tables:
+            self._tables[table] = self.describe(table)
+        return self._tables[table]
 
-    def _chunk_rows(self, request_bytes_per_row: int, reply_bytes_per_row: int) -> int:
+    def _dim(self, table: str) -> int:
+        return self._info(table)["dim"]
+
+    def _chunk_rows(
+        self, table: str, request_bytes_per_row: int, reply_bytes_per_row: int, pairs: int = 1
+    ) -> int:
+        """Rows per call: within the message limit and the table's per-call caps (a
+        server that states none has 0 for them)."""
+        info = self._info(table)
         per_row = max(request_bytes_per_row, reply_bytes_per_row, 1)
-        return max(1, (self.max_message_bytes - _MESSAGE_OVERHEAD) // per_row)
+        rows = max(1, (self.max_message_bytes - _MESSAGE_OVERHEAD) // per_row)
+        if info["max_batch"] > 0:
+            rows = min(rows, info["max_batch"])
+        if info["max_pairs"] > 0:
+            rows = min(rows, max(1, info["max_pairs"] // max(pairs, 1)))
+        return rows
 
     # ---- reads -------------------------------------------------------------------------
     def tables(self) -> list[dict]:
@@ -182,6 +217,8 @@ class MemoryClient:
             "keys_published": r.keys_published,
             "key_heads": r.key_heads,
             "key_dim": r.key_dim,
+            "max_batch": r.max_batch,
+            "max_pairs": r.max_pairs,
             "shards": [_shard_dict(s) for s in r.shards],
         }
 
@@ -194,7 +231,9 @@ class MemoryClient:
         i, wn = _as_numpy("idx", idx), _as_numpy("w", w)
         if i.ndim != 2 or wn.shape != i.shape:
             raise InvalidArgument("w", f"the shape of idx {i.shape}", wn.shape)
-        rows = self._chunk_rows(i.shape[1] * (i.itemsize + 4), self._dim(table) * 4)
+        rows = self._chunk_rows(
+            table, i.shape[1] * (i.itemsize + 4), self._dim(table) * 4, i.shape[1]
+        )
         ys, seen = [], []
         for s in range(0, max(len(i), 1), rows):
             request = pb.LookupRequest(table=table)
@@ -209,7 +248,7 @@ class MemoryClient:
     def gather(self, table: str, rows, *, with_seen: bool = False):
         """(n, dim) float32 copies of the rows."""
         r = _as_numpy("rows", rows)
-        step = self._chunk_rows(r.itemsize, self._dim(table) * 4)
+        step = self._chunk_rows(table, r.itemsize, self._dim(table) * 4)
         parts, seen = [], []
         for s in range(0, max(len(r), 1), step):
             request = pb.GatherRequest(table=table)
@@ -227,7 +266,9 @@ class MemoryClient:
         if qn.ndim != 3:
             raise InvalidArgument("q", "a (B, H, Dk) array", qn.shape)
         per_row_reply = qn.shape[1] * k * 12 + (self._dim(table) * 4 if return_values else 0)
-        step = self._chunk_rows(qn[0].size * 4, per_row_reply)
+        n = math.isqrt(max(self._info(table)["rows"] - 1, 0)) + 1  # keys per half, at most
+        pairs = qn.shape[1] * max(k, min(k, n) ** 2)
+        step = self._chunk_rows(table, qn[0].size * 4, per_row_reply, pairs)
         parts = []
         for s in range(0, max(len(qn), 1), step):
             request = pb.QueryRequest(table=table, k=k, return_values=return_values)

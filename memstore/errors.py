@@ -110,6 +110,8 @@ class StepOutOfOrder(InvalidArgument):
 
 
 class TableNotFound(MemstoreError, KeyError):
+    """No table of this name exists on the cluster; ``known`` lists the ones that do."""
+
     def __init__(self, name: str, known: list[str] | None = None):
         self.name = name
         self.known = list(known or [])
@@ -123,6 +125,8 @@ class TableNotFound(MemstoreError, KeyError):
 
 
 class TableExists(MemstoreError):
+    """A table of this name exists already: connect to it, or drop it first."""
+
     def __init__(self, name: str):
         self.name = name
         super().__init__(
@@ -158,6 +162,8 @@ class ShardRestarted(MemstoreError):
 
 
 class ShardUnavailable(MemstoreError):
+    """A shard did not answer within ``timeout_s`` (down, or not yet restarted)."""
+
     def __init__(self, shard: str, timeout_s: float, cause: str = ""):
         self.shard = shard
         self.timeout_s = timeout_s
@@ -169,6 +175,9 @@ class ShardUnavailable(MemstoreError):
 
 
 class MemoryBudgetExceeded(MemstoreError):
+    """A block (values + optimizer state) is larger than ``max_shard_bytes``, a node's
+    memory or a GPU's free memory allow; nothing was placed."""
+
     def __init__(self, bytes_per_shard: int, budget_bytes: int, where: str):
         self.bytes_per_shard = bytes_per_shard
         self.budget_bytes = budget_bytes
@@ -180,6 +189,9 @@ class MemoryBudgetExceeded(MemstoreError):
 
 
 class CheckpointError(MemstoreError):
+    """A checkpoint could not be written or read (``reason`` says why); a failed save
+    leaves the previous checkpoint the newest."""
+
     def __init__(self, path: str, reason: str):
         self.path = path
         self.reason = reason

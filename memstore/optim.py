@@ -17,7 +17,7 @@ import torch
 
 from memstore import kernels
 
-from ._internal.validation import dataclass_from_dict
+from ._internal.validation import check_lr, dataclass_from_dict
 from .errors import InvalidArgument
 
 __all__ = [
@@ -32,6 +32,8 @@ __all__ = [
 
 
 class OptimizerKind(enum.Enum):
+    """The optimizers a table can run (the ``kind`` of its optimizer options)."""
+
     SGD = "sgd"
     ADAGRAD = "adagrad"
     ROWWISE_ADAGRAD = "rowwise_adagrad"
@@ -88,7 +90,7 @@ class _Optimizer:
     lr: float = 1e-3
 
     def __post_init__(self) -> None:
-        _positive("lr", self.lr)
+        check_lr("lr", self.lr)
 
     def initial_state_value(self) -> float:
         return 0.0

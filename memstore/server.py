@@ -14,17 +14,26 @@ the standard ``grpc.health.v1`` health service and server reflection.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import ipaddress
 import logging
+import os
+import threading
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ._internal.grpc_auth import DEFAULT_TOKEN_FILE, TokenAuth, server_tokens
-from ._internal.grpc_service import MemoryStoreServicer, guarded
+from ._internal.grpc_auth import (
+    DEFAULT_TOKEN_FILE,
+    TOKEN_ENV,
+    TokenAuth,
+    is_loopback,
+    read_token_file,
+    server_tokens,
+)
+from ._internal.grpc_service import MemoryStoreServicer, on_threads
 from .errors import InvalidArgument
 from .v1 import memstore_pb2 as pb
 from .v1 import memstore_pb2_grpc as pb_grpc
@@ -35,6 +44,7 @@ __all__ = ["ServerOptions", "Server", "start", "DEFAULT_ADDRESS", "DETACHED_NAME
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_CALL_TIMEOUT_S = 60.0
 DETACHED_NAME = "grpc-server"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryStore"].full_name
 
@@ -48,26 +58,42 @@ class ServerOptions:
     tls_key: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     save_root: str | None = None  # Save writes only under this directory
-    threads: int = 16
-    timeout_s: float | None = None  # per shard call (default: the table handle's)
-    tokens: dict | None = None  # token -> scopes, instead of a file (the detached actor)
+    threads: int = 16  # calls running on shards at once; more wait (within their deadline)
+    timeout_s: float | None = None  # per shard call (default: the call timeout)
+    call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S  # longest a call runs, whatever its deadline
+    tokens: dict | None = None  # token -> Grant or scopes, instead of a file (in-process only)
 
 
 class Server:
-    """A running server: ``address`` (with the bound port), ``token_source``, ``stop()``."""
+    """A running server: ``address`` (with the bound port), ``token_source``, ``stop()``.
 
-    def __init__(self, grpc_server, address: str, token_source: str, health_servicer):
+    The grpc.aio server runs on an event loop of its own thread; methods run on a
+    thread pool."""
+
+    def __init__(self, loop, thread, grpc_server, address, token_source, health_servicer, pool):
+        self._loop = loop
+        self._thread = thread
         self._server = grpc_server
         self.address = address
         self.token_source = token_source
         self._health = health_servicer
+        self._pool = pool
 
     def stop(self, grace_s: float = 1.0) -> None:
-        self._health.enter_graceful_shutdown()
-        self._server.stop(grace_s).wait()
+        if not self._thread.is_alive():
+            return
+
+        async def stop():
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace_s)
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def wait(self) -> None:
-        self._server.wait_for_termination()
+        self._thread.join()
 
 
 def _check(options: ServerOptions) -> None:
@@ -86,13 +112,12 @@ def _check(options: ServerOptions) -> None:
         raise InvalidArgument(
             "max_message_bytes", "an int in [65536, 2^31)", options.max_message_bytes
         )
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
+    if isinstance(options.threads, bool) or not isinstance(options.threads, int):
+        raise InvalidArgument("threads", "an int in [1, 1024]", options.threads)
+    if not 1 <= options.threads <= 1024:
+        raise InvalidArgument("threads", "an int in [1, 1024]", options.threads)
+    if not isinstance(options.call_timeout_s, (int, float)) or not options.call_timeout_s > 0:
+        raise InvalidArgument("call_timeout_s", "seconds > 0", options.call_timeout_s)
 
 
 def _credentials(options: ServerOptions):
@@ -103,17 +128,10 @@ def _credentials(options: ServerOptions):
     return grpc.ssl_server_credentials([(key, cert)])
 
 
-def start(options: ServerOptions | None = None) -> Server:
-    """Start serving (returns at once); Ray must be initialised or reachable."""
-    options = options or ServerOptions()
-    _check(options)
-    if options.tokens is not None:
-        tokens, source = options.tokens, "the tokens given"
-    else:
-        tokens, source = server_tokens(options.token_file, options.generated_token_file)
+async def _serve(options: ServerOptions, tokens: dict, pool) -> tuple:
+    """The started aio server, its health servicer and bound port (on the loop)."""
     limit = options.max_message_bytes
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="memstore-grpc"),
+    server = grpc.aio.server(
         interceptors=[TokenAuth(tokens)],
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -121,10 +139,13 @@ def start(options: ServerOptions | None = None) -> Server:
         ],
         maximum_concurrent_rpcs=options.threads * 8,
     )
-    pb_grpc.add_MemoryStoreServicer_to_server(
-        guarded(MemoryStoreServicer(options.timeout_s, options.save_root)), server
+    servicer = MemoryStoreServicer(
+        options.timeout_s or options.call_timeout_s, options.save_root, limit
     )
-    health_servicer = health.HealthServicer()
+    pb_grpc.add_MemoryStoreServicer_to_server(
+        on_threads(servicer, pool, options.call_timeout_s), server
+    )
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -133,24 +154,53 @@ def start(options: ServerOptions | None = None) -> Server:
     if options.tls_cert:
         port = server.add_secure_port(options.address, _credentials(options))
     else:
-        if not _is_loopback(host):
+        if not is_loopback(host):
             log.warning(
                 "serving %s without TLS: tokens cross the network in the clear; "
                 "give --tls-cert and --tls-key",
                 options.address,
             )
         port = server.add_insecure_port(options.address)
-    server.start()
+    await server.start()
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    address = f"{host}:{port}"
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer, port
+
+
+def _loop_thread() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="memstore-grpc-loop", daemon=True)
+    thread.start()
+    return loop, thread
+
+
+def start(options: ServerOptions | None = None) -> Server:
+    """Start serving (returns at once); Ray must be initialised or reachable."""
+    options = options or ServerOptions()
+    _check(options)
+    if options.tokens is not None:
+        tokens, source = options.tokens, "the tokens given"
+    else:
+        tokens, source = server_tokens(options.token_file, options.generated_token_file)
+    pool = futures.ThreadPoolExecutor(options.threads, thread_name_prefix="memstore-grpc")
+    loop, thread = _loop_thread()
+    try:
+        server, health_servicer, port = asyncio.run_coroutine_threadsafe(
+            _serve(options, tokens, pool), loop
+        ).result()
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        pool.shutdown(wait=False)
+        raise
+    address = f"{options.address.rpartition(':')[0]}:{port}"
     log.info(
         "memstore gRPC on %s (%s), tokens from %s",
         address,
         "TLS" if options.tls_cert else "plaintext",
         source,
     )
-    return Server(server, address, source, health_servicer)
+    return Server(loop, thread, server, address, source, health_servicer, pool)
 
 
 def use_one_torch_thread() -> None:
@@ -166,7 +216,9 @@ def use_one_torch_thread() -> None:
 
 
 class DetachedServer:
-    """The server as a Ray actor (named DETACHED_NAME in the memstore namespace)."""
+    """The server as a Ray actor (named DETACHED_NAME in the memstore namespace). It
+    reads its tokens from a file on its node and keeps only their digests: no token
+    travels through Ray (in the actor's arguments or any method's answer)."""
 
     def __init__(self, options: ServerOptions):
         use_one_torch_thread()
@@ -179,15 +231,39 @@ class DetachedServer:
         self.server.stop()
 
 
+def detached_options(options: ServerOptions) -> ServerOptions:
+    """The options a detached server is given: an absolute token file path on this
+    node (checked here, or generated here when none is configured), never tokens."""
+    if options.tokens is not None:
+        raise InvalidArgument(
+            "tokens", "none for a detached server (it reads --token-file)", "tokens given"
+        )
+    if options.token_file:
+        path = os.path.abspath(os.path.expanduser(options.token_file))
+        read_token_file(path)  # exists, private, parses
+    elif os.environ.get(TOKEN_ENV):
+        raise InvalidArgument(
+            "token_file",
+            f"a token file for --detach (${TOKEN_ENV} is not handed to the Ray actor)",
+            f"${TOKEN_ENV}",
+        )
+    else:
+        path = os.path.abspath(os.path.expanduser(options.generated_token_file))
+        server_tokens(None, path)  # generated when missing; private and parses
+    return dataclasses.replace(options, token_file=path, generated_token_file=path)
+
+
 def start_detached(options: ServerOptions) -> str:
-    """Start the server as a detached actor on this cluster; returns its address."""
+    """Start the server as a detached actor on this node of the cluster (where its
+    token file is); returns its address."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from .table import NAMESPACE
 
-    if options.tokens is None:
-        options.tokens, source = server_tokens(options.token_file, options.generated_token_file)
-        log.info("detached server tokens from %s", source)
+    options = detached_options(options)
+    log.info("detached server tokens from %s", options.token_file)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = (
         ray.remote(DetachedServer)
         .options(
@@ -196,6 +272,7 @@ def start_detached(options: ServerOptions) -> str:
             lifetime="detached",
             num_cpus=0,
             max_concurrency=4,
+            scheduling_strategy=here,
         )
         .remote(options)
     )

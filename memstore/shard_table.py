@@ -13,8 +13,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
+import re
 import time
 
+import numpy as np
 import torch
 
 from memstore import kernels
@@ -25,6 +28,7 @@ from ._internal.validation import (
     check_index,
     check_lr,
     check_positive_int,
+    check_push_magnitude,
     check_step,
     check_step_window,
     check_tensor,
@@ -36,6 +40,8 @@ from .optim import Adam, _Optimizer
 log = logging.getLogger(__name__)
 
 __all__ = ["ShardTable", "BlockSpec"]
+
+_BACKGROUND_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 # Rows are initialised in fixed chunks, each from its own seed, so that a row's
 # initial value does not depend on how the table is cut into blocks.
@@ -145,6 +151,7 @@ class ShardTable:
             "backward_s": 0.0,
             "step_s": 0.0,
         }
+        self._init_row_stats()
 
     # ---- reads ---------------------------------------------------------------
     @property
@@ -288,6 +295,7 @@ class ShardTable:
         self, local, w, offsets, dy, step, push_id, lr, checked=False, grouping=None
     ) -> torch.Tensor:
         dy = self._floats("dy", dy, (offsets.numel() - 1, self.spec.shape[1]), checked)
+        check_push_magnitude(w, dy)
         step = self._check_open_step(step)
         check_step("push_id", push_id)
         lr = check_lr("lr", lr)
@@ -332,12 +340,26 @@ class ShardTable:
         """The push ids whose gradients are pending for ``step``."""
         return sorted(self._pending.get(step, {}))
 
-    def step(self, step: int | None = None, lr: float | None = None) -> int:
+    def step(
+        self,
+        step: int | None = None,
+        lr: float | None = None,
+        rows=None,
+        top_t: int | None = None,
+        background: str | None = None,
+    ) -> int:
         """Apply the optimizer to the gradients pending for ``step``; returns the rows
         updated. The learning rate is ``lr``, else the one the pushes of ``step`` asked
-        for, else the optimizer's own."""
+        for, else the optimizer's own.
+
+        A sparse step updates only some of the rows: ``rows`` (table row ids of this
+        block), or the ``top_t`` rows of highest TF-IDF of this step's accesses against
+        the statistics snapshotted as ``background`` (None: those counted so far), see
+        :meth:`top_rows`. The step's gradient of every other row is dropped, and that
+        row's values and optimizer state stay exactly as they were."""
         step = self._check_open_step(step)
         lr = check_lr("lr", lr)
+        keep = self._check_sparse(rows, top_t, background)
         start = time.perf_counter()
         pushes = self._pending.pop(step, {})
         asked = self._step_lr.pop(step, None)
@@ -353,6 +375,13 @@ class ShardTable:
             )
         else:
             grads = kernels.SparseRowGrads.empty(self.spec.shape[1], self.device)
+        if top_t is not None:
+            best, _ = self._best_rows(grads.rows, grads.seg.diff(), top_t, background)
+            keep = torch.from_numpy(np.sort(best) - self.spec.row_start).to(self.device)
+        # Counted before the restriction: the statistics are of accesses, not updates.
+        self._count_rows(grads)
+        if keep is not None:
+            grads = _restrict(grads, keep)
         self.updates += 1
         optimizer = self.optimizer if lr is None else dataclasses.replace(self.optimizer, lr=lr)
         optimizer.apply(self.values, self.state, grads.rows, grads, step=self.updates)
@@ -360,6 +389,66 @@ class ShardTable:
         self._counters["rows_updated"] += grads.rows.numel()
         self._count("step_s", start)
         return grads.rows.numel()
+
+    def _check_sparse(self, rows, top_t, background) -> torch.Tensor | None:
+        """The block-local rows a sparse step keeps (sorted, unique) when ``rows`` is
+        given; checks every sparse-step argument before anything changes."""
+        if rows is not None and top_t is not None:
+            raise InvalidArgument("top_t", "None when rows is given (one way to choose)", top_t)
+        bad_t = isinstance(top_t, bool) or not isinstance(top_t, int) or top_t < 1
+        if top_t is not None and bad_t:
+            raise InvalidArgument("top_t", "an int >= 1", top_t)
+        if background is not None:
+            if top_t is None:
+                raise InvalidArgument("background", "None unless top_t is given", background)
+            self._background(background)
+        if rows is None:
+            return None
+        if isinstance(rows, (list, tuple)) and not rows:
+            rows = torch.zeros(0, dtype=torch.int64)
+        elif not isinstance(rows, torch.Tensor):
+            rows = torch.as_tensor(np.asarray(rows))
+        return torch.unique(self._local_index(rows, 1, field="rows"))
+
+    def top_rows(
+        self, step: int | None = None, top_t: int = 1, background: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``top_t`` rows of this block that the pushes pending for ``step`` read,
+        by TF-IDF ``tf · log((N + 1) / (df + 1))`` (tf: the step's slots reading the row;
+        df and N: the background's document frequency and steps), as (table row ids
+        int64, scores float64), best first, ties broken by row id ascending. A grid's
+        row blocks each propose theirs and the handle keeps the best ``top_t`` of all:
+        the same rows as one block holding the whole table would choose."""
+        step = self._check_open_step(step)
+        if top_t is None:
+            raise InvalidArgument("top_t", "an int >= 1", top_t)
+        self._check_sparse(None, top_t, background)
+        parts = list(self._pending.get(step, {}).values())
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        local = torch.cat([p.rows for p in parts])
+        counts = torch.cat([p.seg.diff() for p in parts])
+        if len(parts) > 1:
+            local, inverse = torch.unique(local, return_inverse=True)
+            counts = torch.zeros(local.numel(), dtype=torch.int64, device=local.device).index_add_(
+                0, inverse, counts
+            )
+        return self._best_rows(local, counts, top_t, background)
+
+    def _best_rows(self, local, counts, top_t: int, background) -> tuple[np.ndarray, np.ndarray]:
+        """(table row ids, scores) of the best ``top_t`` of ``local`` rows read ``counts``
+        times, best first, ties by row id."""
+        df, steps = self._idf_counts(background)
+        df_of = df[local].cpu().numpy()
+        # The idf of each distinct df through math.log, not a vectorised log: that would
+        # round differently at different positions of an array, so two grids could
+        # score one row differently.
+        distinct, inverse = np.unique(df_of, return_inverse=True)
+        idf = np.array([math.log((steps + 1) / (d + 1)) for d in distinct.tolist()])
+        scores = counts.cpu().numpy().astype(np.float64) * idf[inverse.reshape(-1)]
+        rows = local.cpu().numpy().astype(np.int64) + self.spec.row_start
+        order = np.lexsort((rows, -scores))[:top_t]
+        return rows[order], scores[order]
 
     def _check_open_step(self, step: int | None) -> int:
         if step is None:
@@ -372,6 +461,134 @@ class ShardTable:
     def pending_steps(self) -> list[int]:
         return sorted(self._pending)
 
+    # ---- row statistics ------------------------------------------------------
+    def _init_row_stats(self) -> None:
+        """Per row of the block: tf, the slots of the last counted step's pushes that read
+        it; df, the counted steps that read it; and the number of steps counted. Counted
+        when a step is applied, from its merged gradients (already grouped by row), so
+        lookups never count and a push counts once, retried or not."""
+        n = self.spec.shape[0]
+        self.count_rows = True  # the switch: off, applied steps are not counted
+        self._row_df = torch.zeros(n, dtype=torch.int64, device=self.device)
+        self._row_steps = 0
+        # tf stays sparse, as the last counted step's rows and slot offsets (its merged
+        # gradients' own): counting a step then costs one index_add_ into df.
+        none = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._tf_last = (none, torch.zeros(1, dtype=torch.int64, device=self.device))
+        self._ones = torch.ones(0, dtype=torch.int64, device=self.device)
+        # name -> (tf, df, steps) snapshotted by snapshot_stats
+        self._backgrounds: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def _count_rows(self, grads: kernels.SparseRowGrads) -> None:
+        if not self.count_rows:
+            return
+        touched = grads.rows.numel()
+        if self._ones.numel() < touched:
+            self._ones = torch.ones(touched, dtype=torch.int64, device=self.device)
+        self._row_df.index_add_(0, grads.rows, self._ones[:touched])  # rows are unique
+        self._tf_last = (grads.rows, grads.seg)
+        self._row_steps += 1
+
+    def _live_tf(self) -> torch.Tensor:
+        tf = torch.zeros(self.spec.shape[0], dtype=torch.int32, device=self.device)
+        rows, seg = self._tf_last
+        tf[rows] = seg.diff().to(torch.int32)
+        return tf
+
+    def _background(self, name: str | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(tf, df, steps) counted so far (``name`` None) or snapshotted as ``name``."""
+        if name is None:
+            return self._live_tf(), self._row_df, self._row_steps
+        found = self._backgrounds.get(name) if isinstance(name, str) else None
+        if found is None:
+            raise InvalidArgument(
+                "background", f"one of {sorted(self._backgrounds)} (see snapshot_stats)", name
+            )
+        return found
+
+    def _idf_counts(self, name: str | None) -> tuple[torch.Tensor, int]:
+        """(df, steps) of a background, without building the live tf."""
+        if name is None:
+            return self._row_df, self._row_steps
+        return self._background(name)[1:]
+
+    def row_stats(self, background: str | None = None) -> dict:
+        """{"tf", "df"} int64 arrays over this block's rows, and "steps", as counted so
+        far or as snapshotted under the name ``background``."""
+        tf, df, steps = self._background(background)
+        return {
+            "tf": tf.cpu().numpy().astype(np.int64),
+            "df": df.cpu().numpy().copy(),
+            "steps": int(steps),
+        }
+
+    def snapshot_stats(self, name: str) -> None:
+        """Keep the statistics counted so far as the background ``name`` (e.g. those of
+        pretraining), replacing one of that name."""
+        if not isinstance(name, str) or not _BACKGROUND_NAME.fullmatch(name):
+            raise InvalidArgument("name", "1-64 characters of [A-Za-z0-9_.-]", name)
+        self._backgrounds[name] = (self._live_tf(), self._row_df.clone(), self._row_steps)
+
+    def reset_stats(self) -> None:
+        """Start counting again from zero; snapshotted backgrounds stay."""
+        self._row_df.zero_()
+        self._row_steps = 0
+        self._tf_last = (self._tf_last[0][:0], self._tf_last[1][:1] * 0)
+
+    def _stats_state(self) -> dict:
+        def one(tf, df, steps) -> dict:
+            return {"tf": tf.cpu(), "df": df.cpu(), "steps": int(steps)}
+
+        return {
+            **one(self._live_tf(), self._row_df, self._row_steps),
+            "counting": bool(self.count_rows),
+            "backgrounds": {k: one(*v) for k, v in sorted(self._backgrounds.items())},
+        }
+
+    def _parse_stats_state(self, sd: dict | None) -> dict:
+        """The row statistics of a state dict, checked; a state without them (an older
+        checkpoint) starts them from zero."""
+        n = self.spec.shape[0]
+        zero = {"tf": torch.zeros(n, dtype=torch.int32), "df": torch.zeros(n, dtype=torch.int64)}
+        if sd is None:
+            return {**zero, "steps": 0, "counting": True, "backgrounds": {}}
+
+        def check(field: str, part) -> dict:
+            for name in ("tf", "df"):
+                t = part.get(name) if isinstance(part, dict) else None
+                if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+                    raise InvalidArgument(f"{field}.{name}", "an int tensor", type(t).__name__)
+                if tuple(t.shape) != (n,):
+                    raise InvalidArgument(f"{field}.{name}", f"shape ({n},)", tuple(t.shape))
+            check_step(f"{field}.steps", part.get("steps"))
+            return {"tf": part["tf"], "df": part["df"], "steps": int(part["steps"])}
+
+        out = check("row_stats", sd)
+        out["counting"] = bool(sd.get("counting", True))
+        out["backgrounds"] = {
+            name: check(f"row_stats.backgrounds.{name}", part)
+            for name, part in dict(sd.get("backgrounds") or {}).items()
+        }
+        return out
+
+    def _load_stats_state(self, parsed: dict) -> None:
+        tf = parsed["tf"].to(self.device)
+        rows = torch.nonzero(tf).reshape(-1)
+        seg = torch.zeros(rows.numel() + 1, dtype=torch.int64, device=self.device)
+        torch.cumsum(tf[rows].to(torch.int64), 0, out=seg[1:])
+        self._tf_last = (rows, seg)
+        self._row_df.copy_(parsed["df"])
+        self._row_steps = parsed["steps"]
+        self.count_rows = parsed["counting"]
+        self._backgrounds = {
+            name: (
+                part["tf"].to(self.device, torch.int32),
+                part["df"].to(self.device, torch.int64),
+                part["steps"],
+            )
+            for name, part in parsed["backgrounds"].items()
+        }
+
     # ---- state ---------------------------------------------------------------
     def state_dict(self) -> dict:
         """Values, optimizer state and counters; pending gradients are not part of it."""
@@ -383,6 +600,7 @@ class ShardTable:
             "state": {k: v.cpu() for k, v in self.state.items()},
             "last_step": self.last_step,
             "updates": self.updates,
+            "row_stats": self._stats_state(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -391,11 +609,13 @@ class ShardTable:
             raise InvalidArgument("values", f"shape {self.spec.shape}", tuple(sd["values"].shape))
         if set(sd["state"]) != set(self.state):
             raise InvalidArgument("state", f"tensors {sorted(self.state)}", sorted(sd["state"]))
+        row_stats = self._parse_stats_state(sd.get("row_stats"))
         self.values.copy_(sd["values"])
         for name, tensor in sd["state"].items():
             self.state[name].copy_(tensor)
         self.last_step = int(sd["last_step"])
         self.updates = int(sd["updates"])
+        self._load_stats_state(row_stats)
         self._pending.clear()
         self._step_lr.clear()
 
@@ -430,3 +650,16 @@ class ShardTable:
         if tokens:
             self._counters["lookups"] += 1
             self._counters["tokens"] += tokens
+
+
+def _restrict(grads: kernels.SparseRowGrads, keep: torch.Tensor) -> kernels.SparseRowGrads:
+    """``grads`` of the rows in ``keep`` (block-local) only: the slots of every other
+    row are dropped, so the optimizer never visits that row."""
+    kept = torch.isin(grads.rows, keep)
+    counts = grads.seg.diff()
+    slots = kept.repeat_interleave(counts)
+    seg = torch.zeros(int(kept.sum()) + 1, dtype=torch.int64, device=grads.rows.device)
+    torch.cumsum(counts[kept], 0, out=seg[1:])
+    return kernels.SparseRowGrads(
+        grads.rows[kept], seg, grads.slot_bag[slots], grads.slot_w[slots], grads.dy
+    )

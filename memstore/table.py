@@ -8,15 +8,20 @@ in float32, the wire dtype), sends each shard one call per operation with all sh
 in flight, and assembles results. Every call that reads or changes a block carries the
 incarnation the handle knows for that shard; a restarted shard refuses it unchanged
 (fencing) and the handle rolls every block back to the checkpoint that shard restored.
+Writes also carry the table's rollback epoch, so that after any handle rolled the table
+back, every block refuses the writes of a handle that has not learned of it yet.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -24,8 +29,14 @@ import torch
 from memstore import kernels
 
 from . import checkpoint
-from ._internal.data_channel import ChannelSettings, DataClient
-from ._internal.validation import check_index, check_lr, check_step, wire_float
+from ._internal.data_channel import DEFAULT_MAX_PAIRS, ChannelSettings, DataClient
+from ._internal.validation import (
+    check_index,
+    check_lr,
+    check_push_magnitude,
+    check_step,
+    wire_float,
+)
 from ._internal.wire import to_tensor
 from .errors import (
     InvalidArgument,
@@ -47,6 +58,8 @@ DEFAULT_TIMEOUT_S = 120.0
 # A row block's routed arrays at least this large are put in the object store once for
 # all its column blocks rather than sent with each call.
 PUT_BYTES = 1 << 20
+# The data calls that change a block: fenced by the rollback epoch as well.
+WRITES = frozenset({"backward", "step"})
 
 __all__ = ["Table", "NAMESPACE", "drop_table"]
 
@@ -55,6 +68,18 @@ def _ray():
     import ray
 
     return ray
+
+
+def _holding_lock(method):
+    """``method`` under the handle's lock: the I/O thread of the async calls and the
+    caller's thread share the handle's incarnations, epoch, steps and data channel."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class TableCatalog:
@@ -104,6 +129,7 @@ class Table:
         self.push_id = push_id
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
         self._incarnations: dict[tuple[int, int], str] = {}
+        self._epoch = 0  # the rollback epoch the blocks take writes for
         self._addresses: dict[tuple[int, int], tuple | None] = {}
         self._channel: DataClient | None = None
         # Group pushed slots once here for all column blocks: off, since on the 2-core
@@ -114,6 +140,7 @@ class Table:
         self.last_read_steps: dict[str, int] = {}
         self._read_keys_versions: set[str] = set()  # published keys the last read saw
         self._keys: tuple[str, torch.Tensor] | None = None  # (version, keys) cached
+        self._init_async_state()
         infos = self._call_all("info")
         self._note(infos)
         self.last_step = max(i["last_step"] for i in infos.values())
@@ -124,16 +151,37 @@ class Table:
                 self._roll_back(block, notify=False)
 
     def _note(self, infos: dict) -> None:
-        """Remember each shard's incarnation and data-channel address."""
+        """Remember each shard's incarnation and data-channel address, and the table's
+        rollback epoch."""
         for block, info in infos.items():
             self._incarnations[block] = info["incarnation"]
             address = info.get("data_address")
             self._addresses[block] = tuple(address) if address else None
+        self._epoch = max(int(info.get("epoch", 0)) for info in infos.values())
+
+    def _write_fence(self, block) -> str:
+        """What a write to ``block`` expects: the shard's incarnation and the epoch."""
+        return f"{self._incarnations[block]}/{self._epoch}"
+
+    def _init_async_state(self) -> None:
+        self._lock = threading.RLock()
+        # Issuing an async call takes only this lock, never the one a call in flight holds.
+        self._issue_lock = threading.RLock()
+        self._executor: ThreadPoolExecutor | None = None  # the async calls' I/O thread
+        self._pushes: dict[int, list[tuple[int, Future]]] = {}  # step -> (epoch, future)
+        self._rolled_back: tuple[int, str] | None = None  # (step, shard) last learned
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_channel"] = None  # sockets belong to the process that opened them
+        for name in ("_lock", "_issue_lock", "_executor", "_pushes"):  # threads, futures
+            del state[name]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_async_state()
+        self._rolled_back = state.get("_rolled_back")
 
     @property
     def rows(self) -> int:
@@ -206,41 +254,56 @@ class Table:
                 raise ShardUnavailable(name, self.timeout_s, str(error).splitlines()[0]) from e
         self._roll_back(block)
 
+    @_holding_lock
     def _roll_back(self, block, notify: bool = True) -> None:
         """Bring every block, the restarted one included (its pending pushes go too), to
-        the checkpoint the restarted shard reports it restored, then tell the caller.
+        the checkpoint a restarted shard reports it restored, then tell the caller.
 
         Once per restart: blocks remember the restarts they were rolled back for (all
-        those seen at the reload), so a second handle that meets one of them only learns
-        the new incarnation (a second reload would drop pushes made since the first)."""
-        ray = _ray()
-        info = ray.get(self.shards[block].info.remote(), timeout=self.timeout_s)
+        those seen at the reload), so a second handle that meets one of them, or meets
+        the new epoch on a write, only learns the new incarnations and epoch (a second
+        reload would drop pushes made since the first)."""
         infos = self._call_all("info")
-        if not self._reconciled(info["incarnation"], infos):
-            # The reload covers every shard restarted by now (a lost node restarts all of
-            # its shards): each restart is marked, so that no handle meeting another of
-            # them reloads again and drops the steps trained since.
-            restarts = sorted(
-                {info["incarnation"]}
-                | {i["incarnation"] for i in infos.values() if i.get("restarted")}
-            )
-            ray.get(
-                [
-                    actor.reload.remote(info["restored_path"], restarts)
-                    for actor in self.shards.values()
-                ],
-                timeout=self.timeout_s,
-            )
+        pending = [
+            b
+            for b, i in sorted(infos.items())
+            if i.get("restarted") and not self._reconciled(i["incarnation"], infos)
+        ]
+        if pending:
+            source = block if block in pending else pending[0]
+            step = self._reload_all(infos, source, pending)
+        else:
+            source = block
+            step = infos[block].get("rolled_back_to")
+            step = infos[block]["restored_step"] if step is None else step
         self._note(self._call_all("info"))
-        self.last_step = info["restored_step"]
+        self.last_step = step
+        self._rolled_back = (step, shard_name(self.name, *source))
         if notify:
-            raise StoreRolledBack(info["restored_step"], shard_name(self.name, *block))
+            raise StoreRolledBack(step, shard_name(self.name, *source))
         log.warning(
             "table %s rolled back to step %d: shard %s had restarted",
             self.name,
-            info["restored_step"],
-            shard_name(self.name, *block),
+            step,
+            shard_name(self.name, *source),
         )
+
+    def _reload_all(self, infos: dict, source, pending: list) -> int:
+        """Reload every block from the checkpoint ``source`` restored, under a new
+        rollback epoch. The reload covers every shard restarted by now (a lost node
+        restarts all of its shards): each restart is marked, so that no handle meeting
+        another of them reloads again and drops the steps trained since."""
+        info = infos[source]
+        restarts = sorted({infos[b]["incarnation"] for b in pending})
+        epoch = max(int(i.get("epoch", 0)) for i in infos.values()) + 1
+        _ray().get(
+            [
+                actor.reload.remote(info["restored_path"], restarts, epoch)
+                for actor in self.shards.values()
+            ],
+            timeout=self.timeout_s,
+        )
+        return info["restored_step"]
 
     @staticmethod
     def _reconciled(restart: str, infos: dict) -> bool:
@@ -265,6 +328,9 @@ class Table:
     def lookup(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]]."""
         idx, w = self._check_pairs(idx, w)
+        return self._lookup_checked(idx, w)
+
+    def _lookup_checked(self, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         routes = self.grid.route(idx, w)
         parts = self._data_call("lookup", routes)
         # In numpy, on this thread: see memstore._internal.validation on torch's threads.
@@ -273,14 +339,16 @@ class Table:
             y[:, self.grid.col_bounds[c] : self.grid.col_bounds[c + 1]] += part
         return torch.from_numpy(y)
 
+    @_holding_lock
     def _data_call(self, op: str, routes, extra: dict | None = None) -> dict:
         """``op`` (lookup or backward) on every shard with its row block's routed pairs
         plus ``extra[block]`` = (more arrays, scalars), if given, and the incarnation
         expected of the shard (a restarted one refuses the call: the table rolls back)."""
         arrays = [(r.rows.numpy(), r.w.numpy(), r.offsets.numpy()) for r in routes]
         extra = {b: (extra or {}).get(b, ((), ())) for b in self.shards}
+        fence = self._write_fence if op in WRITES else self._incarnations.__getitem__
         calls = {
-            (r, c): (arrays[r] + more, (*scalars, self._incarnations[(r, c)]))
+            (r, c): (arrays[r] + more, (*scalars, fence((r, c))))
             for (r, c), (more, scalars) in extra.items()
         }
 
@@ -373,11 +441,19 @@ class Table:
         """dw (B, M); the row gradients pend at the shards for (step, push_id). ``lr``:
         the learning rate step s is applied with (a schedule; all pushes of s agree),
         default the table optimizer's."""
+        return self._push(*self._check_push(idx, w, dy, step, push_id, lr))
+
+    def _check_push(self, idx, w, dy, step, push_id, lr) -> tuple:
+        """The validated arguments of a push: (idx, w, dy, step, push_id, lr)."""
         idx, w = self._check_pairs(idx, w)
         dy = wire_float("dy", dy, (idx.shape[0], self.dim)).cpu()
+        check_push_magnitude(w, dy)
         step = self._check_step(step)
         push_id = self.push_id if push_id is None else check_step("push_id", push_id)
         lr = check_lr("lr", lr)
+        return idx, w, dy, step, push_id, lr
+
+    def _push(self, idx, w, dy, step: int, push_id: int, lr, need_dw: bool = True):
         routes = self.grid.route(idx, w)
         grouped = self._grouped_slots(routes)
         extra = {}
@@ -390,12 +466,13 @@ class Table:
             )
         try:
             parts = self._data_call("backward", routes, extra)
-        except (StoreRolledBack, ShardUnavailable):
+        except ShardUnavailable:
             raise
         except MemstoreError:
+            # Refused by a block, or the table rolled back: no block keeps this push.
             self._retract(step, push_id)
             raise
-        return self._assemble_dw(idx.shape, routes, parts)
+        return self._assemble_dw(idx.shape, routes, parts) if need_dw else None
 
     def _assemble_dw(self, shape, routes, parts: dict) -> torch.Tensor:
         """dw (B, M) from each block's dw of its routed slots: the column blocks' partial
@@ -454,13 +531,29 @@ class Table:
             )
 
     def step(
-        self, step: int | None = None, pushes_per_step: int | None = None, lr: float | None = None
+        self,
+        step: int | None = None,
+        pushes_per_step: int | None = None,
+        lr: float | None = None,
+        rows=None,
+        top_t: int | None = None,
+        background: str | None = None,
     ) -> int:
         """Apply the optimizer for ``step`` on every shard; ``pushes_per_step`` (default: the
         table's ``pushes_per_step``) pushes must have arrived. ``lr`` overrides the learning
-        rate of this step. Returns the rows updated."""
+        rate of this step. Returns the rows updated.
+
+        A sparse step updates only ``rows`` (table row ids), or the ``top_t`` rows of
+        highest TF-IDF of this step's accesses against the snapshotted statistics
+        ``background`` (None: those counted so far), chosen across every row block as
+        one block holding the whole table would (``ShardTable.top_rows``). The step's
+        gradients of every other row are dropped; those rows do not change.
+
+        Waits first for the pushes of ``step`` issued with ``backward_async`` through this
+        handle; if one failed, raises its error and applies nothing (``_await_pushes``)."""
         step = self._check_step(step)
         lr = check_lr("lr", lr)
+        chosen = self._check_sparse(rows, top_t, background)
         if pushes_per_step is None:
             pushes_per_step = self.config.get("pushes_per_step")
         elif (
@@ -469,19 +562,219 @@ class Table:
             or pushes_per_step < 1
         ):
             raise InvalidArgument("pushes_per_step", "None or an int >= 1", pushes_per_step)
+        self._await_pushes(step)
+        return self._step_all(step, pushes_per_step, lr, chosen, top_t, background)
+
+    @_holding_lock
+    def _step_all(
+        self,
+        step: int,
+        pushes_per_step: int | None,
+        lr: float | None,
+        chosen: np.ndarray | None = None,
+        top_t: int | None = None,
+        background: str | None = None,
+    ) -> int:
+        """``step`` on every block; ``chosen`` rows (or the ``top_t`` best by TF-IDF
+        against ``background``) only, when given."""
+        if top_t is not None:
+            chosen = self._top_rows(step, top_t, background)
         # With step_on_push the shards applied s with its last push; this confirms it.
-        calls = {b: ((), (step, pushes_per_step, lr, self._incarnations[b])) for b in self.shards}
-        done = self._shard_call(
-            "step",
-            calls,
-            lambda todo: {b: self.shards[b].step.remote(*calls[b][1]) for b in todo},
-        )
+        calls = {
+            b: (self._block_rows(chosen, b[0]), (step, pushes_per_step, lr, self._write_fence(b)))
+            for b in self.shards
+        }
+
+        def over_ray(todo: list) -> dict:
+            return {b: self.shards[b].step.remote(*calls[b][0], *calls[b][1]) for b in todo}
+
+        if chosen is not None and chosen.size > (self.config.get("max_pairs") or DEFAULT_MAX_PAIRS):
+            done = self._checked(self._wait(over_ray(list(self.shards))))  # beyond its caps
+        else:
+            done = self._shard_call("step", calls, over_ray)
         self.last_step = step
         every = self.config.get("save_every")
         if every and step % every == 0:
             self.save()
         # Each block's count: an int over Ray, a one-element array over the data channel.
         return sum(int(np.asarray(n).item()) for n in done.values())
+
+    def _check_sparse(self, rows, top_t, background) -> np.ndarray | None:
+        """A sparse step's explicit rows (sorted, unique int64), after checking every
+        sparse-step argument; None for a step of every touched row."""
+        if rows is None and top_t is None and background is None:
+            return None
+        if self.config.get("mode") == "async" or self.config.get("step_on_push"):
+            field = "rows" if rows is not None else "top_t"
+            raise InvalidArgument(field, "None on an async or step_on_push table", "a row choice")
+        if rows is not None and top_t is not None:
+            raise InvalidArgument("top_t", "None when rows is given (one way to choose)", top_t)
+        bad_t = isinstance(top_t, bool) or not isinstance(top_t, int) or top_t < 1
+        if top_t is not None and bad_t:
+            raise InvalidArgument("top_t", "an int >= 1", top_t)
+        if background is not None and (top_t is None or not isinstance(background, str)):
+            raise InvalidArgument("background", "a snapshot's name, with top_t", background)
+        if rows is None:
+            return None
+        if isinstance(rows, (list, tuple)) and not rows:
+            rows = torch.zeros(0, dtype=torch.int64)
+        elif not isinstance(rows, torch.Tensor):
+            rows = torch.as_tensor(np.asarray(rows))
+        check_index("rows", rows, 1, 0, self.rows)
+        return np.unique(rows.cpu().numpy().astype(np.int64))
+
+    def _top_rows(self, step: int, top_t: int, background: str | None) -> np.ndarray:
+        """The ``top_t`` rows of ``step`` by TF-IDF over the whole table: each row block
+        proposes its best ``top_t`` (its column blocks see the same rows, so the first
+        answers), and the best ``top_t`` of the proposals, ties by row id, are those of
+        the whole table."""
+        heads = [b for b in sorted(self.shards) if b[1] == 0]
+        refs = {
+            b: self.shards[b].top_rows.remote(step, top_t, background, self._incarnations[b])
+            for b in heads
+        }
+        proposals = self._checked(self._wait(refs))
+        rows = np.concatenate([np.asarray(p[0], dtype=np.int64) for p in proposals.values()])
+        scores = np.concatenate([np.asarray(p[1], dtype=np.float64) for p in proposals.values()])
+        return np.sort(rows[np.lexsort((rows, -scores))[:top_t]])
+
+    def _block_rows(self, chosen: np.ndarray | None, r: int) -> tuple:
+        """The arrays of row block ``r``'s step call: its chosen rows, if any were chosen."""
+        if chosen is None:
+            return ()
+        lo, hi = np.searchsorted(chosen, self.grid.row_bounds[r : r + 2])
+        return (np.ascontiguousarray(chosen[lo:hi]),)
+
+    # ---- row statistics --------------------------------------------------------------
+    @_holding_lock
+    def row_stats(self, background: str | None = None) -> dict:
+        """Per row of the table, as counted by the blocks (``ShardTable.row_stats``):
+        {"tf", "df"} int64 arrays and "steps"; ``background``: a snapshot's name."""
+        if background is not None and not isinstance(background, str):
+            raise InvalidArgument("background", "None or a snapshot's name", background)
+        heads = [b for b in sorted(self.shards) if b[1] == 0]
+        refs = {
+            b: self.shards[b].row_stats.remote(background, self._incarnations[b]) for b in heads
+        }
+        parts = [part for _, part in sorted(self._checked(self._wait(refs)).items())]
+        return {
+            "tf": np.concatenate([p["tf"] for p in parts]),
+            "df": np.concatenate([p["df"] for p in parts]),
+            "steps": int(parts[0]["steps"]),
+        }
+
+    @_holding_lock
+    def snapshot_stats(self, name: str) -> None:
+        """Keep the statistics counted so far, in every block, as the background ``name``."""
+        if not isinstance(name, str) or not 1 <= len(name) <= 64:
+            raise InvalidArgument("name", "1-64 characters of [A-Za-z0-9_.-]", name)
+        self._checked(self._call_all("snapshot_stats", name, fenced=True))
+
+    @_holding_lock
+    def reset_stats(self) -> None:
+        """Start counting again from zero in every block; backgrounds stay."""
+        self._checked(self._call_all("reset_stats", fenced=True))
+
+    @_holding_lock
+    def set_row_counting(self, enabled: bool) -> None:
+        """Switch the counting of applied steps on or off in every block (on by default:
+        pushes count when their step is applied; lookups never count)."""
+        if not isinstance(enabled, bool):
+            raise InvalidArgument("enabled", "a bool", enabled)
+        self._checked(self._call_all("count_rows", enabled, fenced=True))
+
+    # ---- async calls ---------------------------------------------------------------
+    def lookup_async(self, idx: torch.Tensor, w: torch.Tensor) -> Future:
+        """``lookup(idx, w)`` issued now, its (B, dim) result delivered by the future.
+        Bad input raises here, before anything is sent.
+
+        Which values it reads: each block serves it at the step the block has applied when
+        the call reaches it (``last_read_steps`` says which, once its result is ready).
+        The call runs on the handle's I/O thread in the order issued, never interleaved
+        with another data call or step of this handle. So, while no other handle and no
+        ``step_on_push`` steps the table: issued after ``step(s)`` returned, it reads s on
+        every block; issued before a ``backward_async`` of s (which ``step(s)`` waits
+        for), it reads s - 1; issued after the pushes of s but before ``step(s)`` is
+        called, it reads s - 1 or s, the same step on every block."""
+        idx, w = self._check_pairs(idx, w)
+        idx, w = idx.clone(), w.clone()  # the caller may reuse its tensors meanwhile
+        return self._submit(lambda: self._lookup_checked(idx, w), self._epoch)
+
+    def backward_async(
+        self,
+        idx,
+        w,
+        dy,
+        step: int | None = None,
+        push_id: int | None = None,
+        lr: float | None = None,
+        need_dw: bool = True,
+    ) -> Future:
+        """``backward(...)`` issued now; the future's result is dw (B, M), or None with
+        ``need_dw=False`` (the shards' dw replies are only acknowledgements then: nothing
+        is assembled). Bad input raises here. ``step(s)`` waits for the pushes of s."""
+        if not isinstance(need_dw, bool):
+            raise InvalidArgument("need_dw", "True or False", need_dw)
+        idx, w, dy, step, push_id, lr = self._check_push(idx, w, dy, step, push_id, lr)
+        idx, w, dy = idx.clone(), w.clone(), dy.detach().clone()
+        with self._issue_lock:
+            epoch = self._epoch
+            call = functools.partial(self._push, idx, w, dy, step, push_id, lr, need_dw)
+            future = self._submit(call, epoch)
+            self._pushes.setdefault(step, []).append((epoch, future))
+        future.add_done_callback(functools.partial(self._forget_push, step))
+        return future
+
+    def _submit(self, call, epoch: int) -> Future:
+        """Run ``call`` on the handle's one I/O thread, under rollback ``epoch`` (the one
+        the handle knows as the call is issued).
+
+        One thread, not one per call: the data channel's client is not thread-safe and
+        every data call reads and may change the handle's incarnations, epoch and steps,
+        so the calls (the caller's blocking ones included) hold the handle's lock anyway;
+        the thread keeps them in the order they were issued while the caller computes.
+
+        A call issued before the handle learned of a rollback is not sent: its future
+        raises StoreRolledBack of that rollback, as the call would have, had it been made
+        blocking before the rollback was learned. A rollback is thus learned once (by the
+        call that meets the restarted shard), and a push of the abandoned timeline never
+        reaches a block after the reload."""
+        with self._issue_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"memstore-{self.name}")
+            return self._executor.submit(self._run_in_epoch, epoch, call)
+
+    @_holding_lock
+    def _run_in_epoch(self, epoch: int, call):
+        if self._epoch != epoch:
+            raise StoreRolledBack(*self._rolled_back)
+        return call()
+
+    def _forget_push(self, step: int, future: Future) -> None:
+        """A push that went through needs no waiting for; a failed one stays for its step
+        to raise."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        with self._issue_lock:
+            pending = [p for p in self._pushes.get(step, ()) if p[1] is not future]
+            if pending:
+                self._pushes[step] = pending
+            else:
+                self._pushes.pop(step, None)
+
+    def _await_pushes(self, step: int) -> None:
+        """Wait for the async pushes of ``step``, then raise the first error among those
+        issued in the handle's current rollback epoch. Pushes issued before a rollback the
+        handle learned since are replaced by the replay's pushes; when there are none,
+        their error (StoreRolledBack) is raised: the step's gradients are gone."""
+        with self._issue_lock:
+            pushes = self._pushes.pop(step, [])
+        wait([future for _, future in pushes])
+        current = [future for epoch, future in pushes if epoch == self._epoch]
+        for future in current or [future for _, future in pushes]:
+            error = future.exception()
+            if error is not None:
+                raise error
 
     # ---- keys and queries ----------------------------------------------------------
     def publish_keys(self, keys: torch.Tensor) -> None:
@@ -589,7 +882,14 @@ class Table:
         table_config = {
             k: self.config[k] for k in ("name", "rows", "dim", "dtype", "optimizer", "seed")
         }
-        checkpoint.commit(path, table_config, entries, self.last_step, staging=staging)
+        checkpoint.commit(
+            path,
+            table_config,
+            entries,
+            self.last_step,
+            staging=staging,
+            key=self.config.get("checkpoint_key"),
+        )
         return path
 
     def stats(self) -> dict:

@@ -10,16 +10,23 @@ sent and received without copies (numpy arrays are views of the received frames)
 
 Security and bounds, all enforced before a payload reaches a handler:
 
-* **Authentication at connect.** Every connection passes the ZMTP handshake through a
-  ZAP handler in the shard's process: PLAIN with the table's secret as password and the
-  protocol version as user name (``encrypt=False``), or CURVE with key pairs derived
-  from the secret and the protocol version (``encrypt=True``: encrypted, and the client
-  also authenticates the shard). A peer that fails never gets a message delivered.
+* **Authentication at connect, both ways.** Every connection passes the ZMTP handshake
+  through a ZAP handler in the shard's process. With CURVE (the default wherever a shard
+  listens on, or a client connects to, an address that is not loopback) every message is
+  encrypted; the client proves the table's secret with a key pair derived from it, and
+  the shard proves its identity with a key pair of its own, made fresh by each shard
+  process and published with its address through Ray (``DataServer.address``), so a
+  peer that took over a shard's port cannot finish the handshake. PLAIN (the secret as
+  password, in clear) is used only on loopback, or where the table asks for it
+  (``encrypt=False``, logged as a warning off loopback). A peer that fails never gets a
+  message delivered.
 * **Sizes.** ``MAXMSGSIZE`` makes ZeroMQ drop a peer that announces a frame larger than
   the table allows, before the frame is allocated; each request is then checked against
   its operation's caps (derived from the table's ``max_batch``, ``max_pairs`` and block
   width) from the header before any array view is made. Receive high-water marks bound
-  what one connection can queue; a connection limit bounds the connections.
+  what one connection can queue; a connection limit bounds the authenticated
+  connections (a TCP connection that never passes the handshake takes no part of it,
+  and is dropped after ``HANDSHAKE_S``).
 * **Liveness.** ZMTP heartbeats drop dead peers; a handshake must finish within
   ``HANDSHAKE_S``. The server loop survives any error (running out of descriptors
   included: libzmq's listener retries accepting).
@@ -97,14 +104,16 @@ class ProtocolError(ValueError):
 # ---- settings ------------------------------------------------------------------------
 def channel_config(
     bind: str | None = None,
-    encrypt: bool = False,
+    encrypt: bool | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_pairs: int = DEFAULT_MAX_PAIRS,
 ) -> dict:
     """A new table's config entries for its data channel, validated, with a fresh secret:
     ``bind`` the IPv4 address shards listen on (None: their node's IP; "0.0.0.0": every
-    interface), ``encrypt`` CURVE instead of PLAIN, and the most rows (``max_batch``) and
-    (row, weight) pairs (``max_pairs``) one call may bring to one shard."""
+    interface), ``encrypt`` (None: CURVE wherever an end is not on loopback; True: CURVE
+    everywhere; False: PLAIN everywhere, the secret in clear), and the most rows
+    (``max_batch``) and (row, weight) pairs (``max_pairs``) one call may bring to one
+    shard."""
     if bind is not None:
         try:
             ipaddress.IPv4Address(bind)
@@ -114,8 +123,8 @@ def channel_config(
                 "an IPv4 address of the shards' nodes, or None for each node's IP",
                 bind,
             ) from None
-    if not isinstance(encrypt, bool):
-        raise InvalidArgument("data_encrypt", "True or False", encrypt)
+    if encrypt is not None and not isinstance(encrypt, bool):
+        raise InvalidArgument("data_encrypt", "None, True or False", encrypt)
     for field, value in (("max_batch", max_batch), ("max_pairs", max_pairs)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 30:
             raise InvalidArgument(field, "an int in [1, 2**30]", value)
@@ -138,8 +147,8 @@ class OpCaps:
 
 def table_caps(max_batch: int, max_pairs: int, cols: int) -> dict[str, OpCaps]:
     """The ops a shard serves: lookup(rows, w, offsets) -> y (B, cols),
-    backward(rows, w, offsets, dy (B, cols)) -> dw (pairs) and step() -> the rows
-    updated (its arguments are scalars)."""
+    backward(rows, w, offsets, dy (B, cols)) -> dw (pairs) and step([rows]) -> the rows
+    updated (a sparse step's rows of the block, else scalars only)."""
     # Named by the caller's argument each array comes from: a refusal names that.
     pairs = (
         ("idx", "max_pairs", max_pairs),
@@ -149,7 +158,7 @@ def table_caps(max_batch: int, max_pairs: int, cols: int) -> dict[str, OpCaps]:
     return {
         "lookup": OpCaps(pairs, max_batch * cols),
         "backward": OpCaps(pairs + (("dy", "max_batch", max_batch * cols),), max_pairs),
-        "step": OpCaps((), 1),
+        "step": OpCaps((("rows", "max_pairs", max_pairs),), 1),
     }
 
 
@@ -160,7 +169,7 @@ class ChannelSettings:
 
     secret: str = dataclasses.field(repr=False)
     caps: dict = dataclasses.field(default_factory=dict)
-    encrypt: bool = False
+    encrypt: bool | None = None  # None: CURVE wherever an end is not on loopback
     max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @classmethod
@@ -172,9 +181,7 @@ class ChannelSettings:
             int(config.get("max_pairs") or DEFAULT_MAX_PAIRS),
             cols,
         )
-        return cls(
-            secret=config["data_secret"], caps=caps, encrypt=bool(config.get("data_encrypt", False))
-        )
+        return cls(secret=config["data_secret"], caps=caps, encrypt=config.get("data_encrypt"))
 
     def request_bytes(self) -> int:
         """The largest frame a server accepts (ZeroMQ's MAXMSGSIZE)."""
@@ -185,14 +192,49 @@ class ChannelSettings:
         most = max((c.reply for c in self.caps.values()), default=0)
         return max(MAX_HEADER_BYTES, most * MAX_ITEMSIZE)
 
-    def curve_keys(self, side: str) -> tuple[bytes, bytes]:
-        """(public, secret) Z85 CURVE keys of ``side`` ("server" or "client"), derived
-        from the table secret and the protocol version."""
-        seed = hmac.new(
-            self.secret.encode(), f"{PROTOCOL}|{side}".encode(), hashlib.sha256
-        ).digest()
-        secret_key = zmq.utils.z85.encode(seed)
+    def client_keys(self) -> tuple[bytes, bytes]:
+        """(public, secret) Z85 CURVE keys of the table's clients, derived from the table
+        secret and the protocol version: holding the secret is the client's credential.
+        A shard's keys are its own (:class:`DataServer`), never derived from the secret,
+        which every client holds."""
+        seed = hmac.new(self.secret.encode(), f"{PROTOCOL}|client".encode(), hashlib.sha256)
+        secret_key = zmq.utils.z85.encode(seed.digest())
         return zmq.curve_public(secret_key), secret_key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1). Names and 0.0.0.0
+    (every interface) are not: what they reach is not known to stay on the machine."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def uses_curve(encrypt: bool | None, host: str) -> bool:
+    """Whether a shard listening on ``host`` encrypts its channel: the table's
+    ``encrypt`` where it set one, else whenever ``host`` is not loopback."""
+    return not is_loopback(host) if encrypt is None else encrypt
+
+
+def client_mechanism(encrypt: bool | None, host: str, server_key: str | None) -> str:
+    """The client's mechanism: "CURVE" towards a shard that published its key; "PLAIN"
+    towards one that did not, only where the table allows it (``host`` on loopback with
+    ``encrypt`` None, or ``encrypt`` False). Raises ChannelBroken otherwise: the secret is
+    never sent in clear off the machine unless the table asked for it, and the call goes
+    over Ray instead."""
+    if server_key:
+        return "CURVE"
+    if encrypt is False or (encrypt is None and is_loopback(host)):
+        return "PLAIN"
+    raise ChannelBroken(f"the shard at {host} published no CURVE key; PLAIN refused off loopback")
+
+
+def split_address(address) -> tuple[str, int, str | None]:
+    """(host, port, the shard's Z85 CURVE public key or None) of a shard's published
+    address, (host, port[, key])."""
+    host, port, *key = address
+    return str(host), int(port), (str(key[0]) if key and key[0] else None)
 
 
 def _common_options(sock: zmq.Socket, max_bytes: int) -> None:
@@ -309,8 +351,10 @@ class DataServer:
     authenticated clients from one thread; the handlers do their own locking. ``seen``
     (a small JSON value) travels in the reply's header.
 
-    ``address`` is (host, port) for clients: ``host``, or ``advertised_host`` when
-    ``host`` is 0.0.0.0 (every interface). ``faults`` is the test hook (:class:`ReplyFaults`);
+    ``address`` is (host, port, public key) for clients: ``host``, or ``advertised_host``
+    when ``host`` is 0.0.0.0 (every interface), and the Z85 CURVE public key of this
+    server, made fresh for it (None with PLAIN); the shard publishes it through Ray, and a
+    client accepts no other key. ``faults`` is the test hook (:class:`ReplyFaults`);
     ``counters`` counts refused handshakes and malformed requests.
     """
 
@@ -325,7 +369,11 @@ class DataServer:
         self.settings = settings
         self.faults = ReplyFaults()
         self.counters: collections.Counter = collections.Counter()
-        self._peers: set[int] = set()  # descriptors of accepted connections
+        # The connection limit counts authenticated connections only: those seen sending
+        # (by descriptor, until they disconnect), and handshakes granted within the last
+        # HANDSHAKE_S whose connection has not sent yet.
+        self._authenticated: set[int] = set()
+        self._grants: collections.deque[float] = collections.deque()
         self._delayed: list = []  # heap of (due, seq, frames)
         self._seq = itertools.count()
         self._ctx = zmq.Context(io_threads=1)
@@ -336,18 +384,29 @@ class DataServer:
         _common_options(self._router, settings.request_bytes())
         self._router.router_mandatory = 1
         self._router.zap_domain = b"memstore"
-        if settings.encrypt:
+        self.curve = uses_curve(settings.encrypt, host)
+        public_key = None
+        if self.curve:
+            public, self._router.curve_secretkey = zmq.curve_keypair()
+            self._router.curve_publickey, public_key = public, public.decode("ascii")
             self._router.curve_server = True
-            self._router.curve_publickey, self._router.curve_secretkey = settings.curve_keys(
-                "server"
-            )
         else:
             self._router.plain_server = True
+            if not is_loopback(host):
+                log.warning(
+                    "data channel on %s uses PLAIN (data_encrypt=False): the table's secret "
+                    "and its data cross the network in clear",
+                    host,
+                )
         self._monitor = self._router.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPT_FAILED
         )
         port = self._router.bind_to_random_port(f"tcp://{host}")
-        self.address = (advertised_host if host == "0.0.0.0" and advertised_host else host, port)
+        self.address = (
+            advertised_host if host == "0.0.0.0" and advertised_host else host,
+            port,
+            public_key,
+        )
         self._thread = threading.Thread(target=self._serve, name="memstore-data", daemon=True)
         self._thread.start()
 
@@ -360,7 +419,7 @@ class DataServer:
                 try:
                     ready = dict(poller.poll(self._poll_timeout_ms()))
                     if self._monitor in ready:
-                        self._note_connection_event()
+                        self._note_connection_events()
                     if self._zap in ready:
                         self._answer_zap()
                     if self._router in ready:
@@ -383,38 +442,63 @@ class DataServer:
             return None
         return max(0, int(1000 * (self._delayed[0][0] - time.monotonic())) + 1)
 
-    def _note_connection_event(self) -> None:
-        event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
-        if event["event"] == zmq.EVENT_ACCEPTED:
-            self._peers.add(event["value"])
-        elif event["event"] == zmq.EVENT_DISCONNECTED:
-            self._peers.discard(event["value"])
-        else:  # ACCEPT_FAILED: out of descriptors, say; libzmq's listener keeps accepting
-            self.counters["accept_failed"] += 1
+    def _note_connection_events(self) -> None:
+        """Every queued monitor event, before the messages of this iteration: a
+        descriptor closed and reused is then forgotten before its new connection sends."""
+        while True:
+            try:
+                event = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._authenticated.discard(event["value"])
+            else:  # ACCEPT_FAILED: out of descriptors, say; libzmq's listener keeps accepting
+                self.counters["accept_failed"] += 1
+
+    def _note_sender(self, frame: zmq.Frame) -> None:
+        """Count the connection a message came from (its descriptor, which libzmq
+        attaches to every message) as authenticated: only a peer that passed ZAP can
+        send one. It takes the place of the oldest outstanding grant."""
+        fd = frame.get(zmq.SRCFD)
+        if fd not in self._authenticated:
+            self._authenticated.add(fd)
+            if self._grants:
+                self._grants.popleft()
+
+    def authenticated_connections(self) -> int:
+        """Authenticated connections open, and handshakes granted in the last
+        ``HANDSHAKE_S`` whose connection has not sent yet."""
+        expired = time.monotonic() - HANDSHAKE_S
+        while self._grants and self._grants[0] < expired:
+            self._grants.popleft()
+        return len(self._authenticated) + len(self._grants)
 
     def _answer_zap(self) -> None:
         """One ZAP request (RFC 27): 200 for the table's credentials while the
-        connection limit allows, 400 otherwise."""
+        connection limit allows, 400 otherwise. Only ZAP requests reach here: a TCP
+        connection that never completes a greeting costs the limit nothing."""
         frames = self._zap.recv_multipart(zmq.NOBLOCK)
         if len(frames) < 6:
             return
         request_id, mechanism, credentials = frames[1], frames[5], frames[6:]
         ok = self._credentials_ok(mechanism, credentials)
-        if ok and len(self._peers) > self.settings.max_connections:
+        if ok and self.authenticated_connections() >= self.settings.max_connections:
             ok, reason = False, b"too many connections"
         else:
             reason = b"OK" if ok else b"bad credentials"
-        if not ok:
+        if ok:
+            self._grants.append(time.monotonic())
+        else:
             self.counters["refused"] += 1
         self._zap.send_multipart(
             [b"1.0", request_id, b"200" if ok else b"400", reason, b"memstore" if ok else b"", b""]
         )
 
     def _credentials_ok(self, mechanism: bytes, credentials: list) -> bool:
-        if self.settings.encrypt:
+        if self.curve:
             if mechanism != b"CURVE" or len(credentials) != 1:
                 return False
-            public, _ = self.settings.curve_keys("client")
+            public, _ = self.settings.client_keys()
             return hmac.compare_digest(credentials[0], zmq.utils.z85.decode(public))
         if mechanism != b"PLAIN" or len(credentials) != 2:
             return False
@@ -432,6 +516,7 @@ class DataServer:
             identity, *frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return
+        self._note_sender(identity)
         op, header = None, {}
         try:
             header, arrays = decode(frames, self._caps_of)
@@ -509,20 +594,32 @@ class _Peer:
         _common_options(self.sock, settings.reply_bytes())
         self.sock.immediate = 1
         self.sock.reconnect_ivl = -1
-        if settings.encrypt:
-            self.sock.curve_serverkey, _ = settings.curve_keys("server")
-            self.sock.curve_publickey, self.sock.curve_secretkey = settings.curve_keys("client")
-        else:
-            self.sock.plain_username = PROTOCOL.encode()
-            self.sock.plain_password = settings.secret.encode()
-        self.monitor = self.sock.get_monitor_socket()
-        host, port = address
+        host, port, server_key = split_address(address)
         try:
-            self.sock.connect(f"tcp://{host}:{int(port)}")
+            self._set_credentials(settings, host, server_key)
+        except (ChannelBroken, zmq.ZMQError) as e:
+            self.sock.close(linger=0)
+            raise ChannelBroken(f"cannot connect to {address}: {e}") from e
+        self.monitor = self.sock.get_monitor_socket()
+        try:
+            self.sock.connect(f"tcp://{host}:{port}")
             self._await_handshake(address, wait_s)
         except (ChannelBroken, zmq.ZMQError) as e:
             self.close()
             raise ChannelBroken(f"cannot connect to {address}: {e}") from e
+
+    def _set_credentials(self, settings: ChannelSettings, host: str, server_key) -> None:
+        if client_mechanism(settings.encrypt, host, server_key) == "CURVE":
+            # The key the shard published through Ray: a peer holding any other key (one
+            # that took over the port, or derived a key from the table secret) fails the
+            # handshake before the client sends anything of its own.
+            self.sock.curve_serverkey = server_key.encode("ascii")
+            self.sock.curve_publickey, self.sock.curve_secretkey = settings.client_keys()
+            return
+        if not is_loopback(host):
+            log.warning("data channel to %s uses PLAIN (data_encrypt=False)", host)
+        self.sock.plain_username = PROTOCOL.encode()
+        self.sock.plain_password = settings.secret.encode()
 
     def _await_handshake(self, address, wait_s: float) -> None:
         deadline = time.monotonic() + wait_s

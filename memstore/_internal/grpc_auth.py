@@ -1,18 +1,26 @@
-"""Bearer tokens with scopes for the gRPC server, checked before a payload is read.
+"""Bearer tokens with scopes and tables for the gRPC server, checked before a payload
+is read.
 
-A token file holds one token per line, ``<token> <scope>[,<scope>...]`` (scopes:
-read, write, admin; a line with only a token has all three); blank lines and lines
-starting with ``#`` are skipped. Files must be readable by their owner only. The
-environment variable ``MEMSTORE_TOKEN`` gives one token with all scopes.
+A token file holds one token per line, ``<token> [<scope>,...] [tables=<name>,...]``
+(scopes: read, write, admin; without scopes a token has all three; without
+``tables=`` it reaches every table); blank lines and lines starting with ``#`` are
+skipped. Files must be readable by their owner only. The environment variable
+``MEMSTORE_TOKEN`` gives one token with all scopes and every table.
 
-The interceptor looks only at the method name and the call's metadata: a refused
-call is answered by a handler without a request deserializer, so the request bytes
-are never parsed.
+The interceptor looks only at the method name and the call's metadata. A refused
+call is answered by a handler that takes the request as a stream it never reads, so
+the server neither waits for the request's bytes nor parses them: an unauthenticated
+call holds nothing once its headers are answered. A token limited to some tables is
+checked against the request's ``table`` once the (authenticated) request is parsed,
+before the servicer runs; ``ListTables`` shows it only its tables.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
@@ -28,16 +36,41 @@ SCOPES = ("read", "write", "admin")
 TOKEN_ENV = "MEMSTORE_TOKEN"
 DEFAULT_TOKEN_FILE = os.path.join("~", ".memstore", "grpc-token")
 _SERVICE = "/memstore.v1.MemoryStore/"
+READ_METHODS = ("ListTables", "DescribeTable", "Query", "Lookup", "Gather", "Stats")
+WRITE_METHODS = ("ApplyGradients", "Step", "PublishKeys")
+ADMIN_METHODS = ("Save",)
 METHOD_SCOPES = {
-    **{
-        _SERVICE + m: "read"
-        for m in ("ListTables", "DescribeTable", "Query", "Lookup", "Gather", "Stats")
-    },
-    **{_SERVICE + m: "write" for m in ("ApplyGradients", "Step", "PublishKeys")},
-    _SERVICE + "Save": "admin",
+    **{_SERVICE + m: "read" for m in READ_METHODS},
+    **{_SERVICE + m: "write" for m in WRITE_METHODS},
+    **{_SERVICE + m: "admin" for m in ADMIN_METHODS},
 }
+LIST_TABLES = _SERVICE + "ListTables"
 # Reachable without a token: load balancers and orchestrators probe health.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    """What one token may do: its scopes, and the tables it reaches (None: all)."""
+
+    scopes: frozenset
+    tables: frozenset | None = None
+
+    def reaches(self, table: str) -> bool:
+        return self.tables is None or table in self.tables
+
+
+def as_grant(value) -> Grant:
+    """A Grant, or a set of scopes (every table)."""
+    return value if isinstance(value, Grant) else Grant(frozenset(value))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether HOST (an IP, a bracketed IPv6, or ``localhost``) is this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _check_private(path: str) -> None:
@@ -50,27 +83,38 @@ def _check_private(path: str) -> None:
         )
 
 
-def parse_tokens(text: str, where: str) -> dict[str, frozenset[str]]:
+_LINE = "'<token of 16+ characters> [read,write,admin] [tables=NAME,...]'"
+
+
+def _parse_line(line: str, field: str) -> tuple[str, Grant]:
+    token, *rest = line.split()
+    tables = None
+    if rest and rest[-1].startswith("tables="):
+        tables = frozenset(rest.pop()[len("tables=") :].split(","))
+    scopes = frozenset(rest[0].split(",")) if rest else frozenset(SCOPES)
+    if (
+        len(rest) > 1
+        or not scopes <= set(SCOPES)
+        or len(token) < 16
+        or (tables is not None and not all(tables))
+    ):
+        raise InvalidArgument(field, _LINE, "a malformed line")
+    return token, Grant(scopes, tables)
+
+
+def parse_tokens(text: str, where: str) -> dict[str, Grant]:
     tokens = {}
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        scopes = frozenset(parts[1].split(",")) if len(parts) > 1 else frozenset(SCOPES)
-        if len(parts) > 2 or not scopes <= set(SCOPES) or len(parts[0]) < 16:
-            raise InvalidArgument(
-                f"{where} line {n}",
-                "'<token of 16+ characters> [read,write,admin]'",
-                "a malformed line",
-            )
-        tokens[parts[0]] = scopes
+        if line and not line.startswith("#"):
+            token, grant = _parse_line(line, f"{where} line {n}")
+            tokens[token] = grant
     if not tokens:
         raise InvalidArgument(where, "at least one token", "none")
     return tokens
 
 
-def read_token_file(path: str) -> dict[str, frozenset[str]]:
+def read_token_file(path: str) -> dict[str, Grant]:
     path = os.path.expanduser(path)
     _check_private(path)
     with open(path, encoding="utf-8") as f:
@@ -92,7 +136,7 @@ def write_new_token(path: str) -> str:
 
 def server_tokens(
     token_file: str | None, generated_file: str = DEFAULT_TOKEN_FILE
-) -> tuple[dict[str, frozenset[str]], str]:
+) -> tuple[dict[str, Grant], str]:
     """The tokens a server accepts and where they came from: ``token_file``, else
     $MEMSTORE_TOKEN, else ``generated_file`` (reused when present and private, made
     with a new token otherwise)."""
@@ -129,54 +173,78 @@ def bearer(metadata) -> str | None:
     return None
 
 
-def _refusal(handler, code: grpc.StatusCode, message: str):
-    """A handler of the same kind as ``handler`` that aborts without reading the request."""
-
-    def abort(_request, context):
-        context.abort(code, message)
-
-    if handler is None:
-        return None
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
 
 
-class TokenAuth(grpc.ServerInterceptor):
+def _refusal(code: grpc.StatusCode, message: str):
+    """A handler that answers ``code`` at once. It takes the request as a stream and
+    never reads it, so neither the request's bytes nor their arrival are waited for."""
+
+    async def abort(_request_stream, context):
+        await context.abort(code, message)
+
+    return grpc.stream_stream_rpc_method_handler(abort)
+
+
+def _table_checked(handler, grant: Grant, method: str):
+    """``handler`` refusing a request whose table the grant does not reach (and, for
+    ListTables, showing only the tables it reaches)."""
+    behavior = handler.unary_unary
+
+    async def checked(request, context):
+        if method == LIST_TABLES:
+            reply = await behavior(request, context)
+            keep = [t for t in reply.tables if grant.reaches(t.name)]
+            del reply.tables[:]
+            reply.tables.extend(keep)
+            return reply
+        if not grant.reaches(request.table):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this token does not reach table {request.table!r} "
+                f"(it reaches {sorted(grant.tables)})",
+            )
+        return await behavior(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        checked, handler.request_deserializer, handler.response_serializer
+    )
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
     """Refuses calls without a known token (UNAUTHENTICATED) or without the scope of
-    the method (PERMISSION_DENIED); any other method (reflection) needs a valid token."""
+    the method (PERMISSION_DENIED); any other method (reflection) needs a valid token.
+    Only the tokens' SHA-256 digests are kept."""
 
-    def __init__(self, tokens: dict[str, frozenset[str]]):
-        self._tokens = [(t.encode(), scopes) for t, scopes in tokens.items()]
+    def __init__(self, tokens: dict):
+        self._grants = [(_digest(t), as_grant(g)) for t, g in tokens.items()]
 
-    def _scopes_of(self, token: str | None) -> frozenset[str] | None:
+    def grant_of(self, token: str | None) -> Grant | None:
         found = None
-        given = (token or "").encode()
-        for known, scopes in self._tokens:  # no early exit: time does not depend on which
+        given = _digest(token or "")
+        for known, grant in self._grants:  # no early exit: time does not depend on which
             if hmac.compare_digest(given, known) and token:
-                found = scopes
+                found = grant
         return found
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         if method.startswith(OPEN_PREFIXES):
-            return continuation(handler_call_details)
-        scopes = self._scopes_of(bearer(handler_call_details.invocation_metadata))
+            return await continuation(handler_call_details)
+        grant = self.grant_of(bearer(handler_call_details.invocation_metadata))
         need = METHOD_SCOPES.get(method)
-        if scopes is None:
+        if grant is None:
             return _refusal(
-                continuation(handler_call_details),
                 grpc.StatusCode.UNAUTHENTICATED,
                 "a valid token is needed: metadata 'authorization: Bearer <token>'",
             )
-        if need is not None and need not in scopes:
+        if need is not None and need not in grant.scopes:
             return _refusal(
-                continuation(handler_call_details),
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{method} needs a token with scope {need!r}; this one has {sorted(scopes)}",
+                f"{method} needs a token with scope {need!r}; this one has {sorted(grant.scopes)}",
             )
-        return continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if need is None or grant.tables is None or handler is None:
+            return handler
+        return _table_checked(handler, grant, method)

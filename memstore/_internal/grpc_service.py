@@ -1,6 +1,13 @@
 """The memstore.v1.MemoryStore servicer: requests decoded and checked, then answered
 through the public Table API of the tables in the ``memstore`` namespace.
 
+The server is asyncio (grpc.aio); each method runs on a thread of the server's pool,
+under a deadline: the caller's, at most the server's call timeout. Every request's
+work is bounded once its tensors are decoded (a copy no larger than the message
+limit) and before anything else is allocated or sent to a shard: at most the table's
+``max_batch`` rows and ``max_pairs`` (row, weight) pairs per call, and a reply within
+the message limit (:class:`CallLimits`).
+
 Tables are looked up by name on each call, so tables created after the server
 started are served. Each server thread keeps its own handles (a handle owns
 data-channel sockets), cached by name and checked against the table's catalog actor
@@ -10,8 +17,10 @@ reconnected.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -32,6 +41,7 @@ from ..errors import (
 from ..table import NAMESPACE, Table, catalog_name
 from ..v1 import memstore_pb2 as pb
 from ..v1 import memstore_pb2_grpc as pb_grpc
+from .data_channel import DEFAULT_MAX_BATCH, DEFAULT_MAX_PAIRS
 from .grpc_codec import FLOATS, INTS, decode, encode
 from .grpc_errors import status_for
 from .validation import check_lr, check_step
@@ -40,6 +50,8 @@ log = logging.getLogger(__name__)
 
 REVALIDATE_S = 1.0
 READ_ATTEMPTS = 3
+# Room left in a reply for everything but the tensors' data (StepSeen, shapes).
+REPLY_OVERHEAD = 64 << 10
 # Stats keys that are not counters; config fields are never copied (they may hold secrets).
 _SHARD_FIELDS = ("block", "rows", "cols", "bytes", "last_step", "pending_steps")
 
@@ -167,10 +179,61 @@ def _optimizer_params(config: dict) -> tuple[str, dict[str, float]]:
     return kind, params
 
 
+@dataclasses.dataclass(frozen=True)
+class CallLimits:
+    """The most work one call may ask of a table: rows (``max_batch``), (row, weight)
+    pairs (``max_pairs``, the table's data-channel caps) and reply bytes."""
+
+    max_batch: int
+    max_pairs: int
+    reply_bytes: int
+
+    @classmethod
+    def of(cls, table: Table, max_message_bytes: int) -> CallLimits:
+        return cls(
+            int(table.config.get("max_batch") or DEFAULT_MAX_BATCH),
+            int(table.config.get("max_pairs") or DEFAULT_MAX_PAIRS),
+            max_message_bytes - REPLY_OVERHEAD,
+        )
+
+    def check(self, field: str, shape, pairs_per_row: int, reply_bytes_per_row: int) -> None:
+        """Refuse ``shape[0]`` rows (of a decoded request: its copy is bounded by the
+        message limit) that ask for more than a call may produce."""
+        n = int(shape[0])
+        for most, what in (
+            (self.max_batch, "the table's max_batch"),
+            (self.max_pairs // max(pairs_per_row, 1), f"the table's max_pairs of {self.max_pairs}"),
+            (self.reply_bytes // max(reply_bytes_per_row, 1), f"{self.reply_bytes} reply bytes"),
+        ):
+            if n > most:
+                raise InvalidArgument(field, f"at most {most} rows per call ({what})", n)
+
+
+def _query_costs(table: Table, shape, k: int, with_values: bool) -> tuple[int, int]:
+    """(pairs, reply bytes) per query vector of shape (B, H, Dk): its H·k looked-up rows
+    or the H·min(k, n)² candidates of the top-k (n keys per half), whichever is more."""
+    heads = int(shape[1])
+    k = max(int(k), 1)
+    n = math.isqrt(max(table.rows - 1, 0)) + 1
+    pairs = heads * max(k, min(k, n) ** 2)
+    return pairs, heads * k * 12 + (table.dim * 4 if with_values else 0)
+
+
 class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
-    def __init__(self, timeout_s: float | None = None, save_root: str | None = None):
+    """The methods, synchronous (each runs on a server thread); ``context`` is unused."""
+
+    def __init__(
+        self,
+        timeout_s: float | None = None,
+        save_root: str | None = None,
+        max_message_bytes: int = 64 << 20,
+    ):
         self.tables = TableCache(timeout_s)
         self.save_root = os.path.realpath(save_root) if save_root else None
+        self.max_message_bytes = max_message_bytes
+
+    def _limits(self, table: Table) -> CallLimits:
+        return CallLimits.of(table, self.max_message_bytes)
 
     # ---- reads -------------------------------------------------------------------
     def ListTables(self, request, context):
@@ -201,6 +264,8 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
             mode=str(cfg.get("mode", "")),
             shards=[_shard_message(s) for s in stats["shards"]],
         )
+        limits = self._limits(table)
+        reply.max_batch, reply.max_pairs = limits.max_batch, limits.max_pairs
         shape = self._key_shape(table)
         if shape is not None:
             reply.keys_published = True
@@ -232,6 +297,7 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
         table = self.tables.get(request.table)
         idx = _tensor("idx", request.idx, request, INTS, 2)
         w = _tensor("w", request.w, request, FLOATS, 2)
+        self._limits(table).check("idx", idx.shape, idx.shape[1], table.dim * 4)
         reply = pb.LookupReply()
         y = _read(table, lambda: table.lookup(idx, w), reply.seen)
         encode(y.numpy(), reply.y)
@@ -240,6 +306,7 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
     def Gather(self, request, context):
         table = self.tables.get(request.table)
         rows = _tensor("rows", request.rows, request, INTS, 1)
+        self._limits(table).check("rows", rows.shape, 1, table.dim * 4)
         reply = pb.GatherReply()
         values = _read(table, lambda: table.gather(rows), reply.seen)
         encode(values.numpy(), reply.values)
@@ -248,6 +315,8 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
     def Query(self, request, context):
         table = self.tables.get(request.table)
         q = _tensor("q", request.q, request, FLOATS, 3)
+        pairs, reply_bytes = _query_costs(table, q.shape, request.k, request.return_values)
+        self._limits(table).check("q", q.shape, pairs, reply_bytes)
         reply = pb.QueryReply()
         try:
             indices, scores, values = _read(table, lambda: table.query(q, request.k), reply.seen)
@@ -280,6 +349,7 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
         idx = _tensor("idx", request.idx, request, INTS, 2)
         w = _tensor("w", request.w, request, FLOATS, 2)
         dy = _tensor("dy", request.dy, request, FLOATS, 2)
+        self._limits(table).check("idx", idx.shape, idx.shape[1], 0)
         step = check_step("step", request.step)
         push_id = check_step("push_id", request.push_id)
         lr = check_lr("lr", request.lr) if request.HasField("lr") else None
@@ -339,28 +409,50 @@ def _seen_from_stats(reply, stats: dict):
     return reply
 
 
-def guarded(servicer: MemoryStoreServicer) -> MemoryStoreServicer:
-    """Wrap every RPC method so that any error becomes its one status (status_for);
-    a table whose call failed is reconnected on the next call."""
+def on_threads(servicer: MemoryStoreServicer, executor, call_timeout_s: float):
+    """An asyncio servicer whose every method runs ``servicer``'s on ``executor``, under
+    the caller's deadline cut to ``call_timeout_s``; any error becomes its one status
+    (status_for), and a table whose call failed is reconnected on the next call."""
+    out = pb_grpc.MemoryStoreServicer()
     for name in pb.DESCRIPTOR.services_by_name["MemoryStore"].methods_by_name:
-        setattr(servicer, name, _guard(servicer, name, getattr(servicer, name)))
-    return servicer
+        setattr(out, name, _on_thread(servicer, name, executor, call_timeout_s))
+    return out
 
 
-def _guard(servicer, name, method):
-    def call(request, context):
+def _forgetting(servicer: MemoryStoreServicer, name: str):
+    method = getattr(servicer, name)
+
+    def call(request):
         try:
-            return method(request, context)
-        except Exception as e:  # noqa: BLE001 - every error becomes a status
-            code, message = status_for(e)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", name)
+            return method(request, None)
+        except Exception as e:
+            code, _ = status_for(e)
             if code in (
                 grpc.StatusCode.UNAVAILABLE,
                 grpc.StatusCode.ABORTED,
                 grpc.StatusCode.INTERNAL,
-            ):
+            ):  # on this thread: the handles are the thread's own
                 servicer.tables.forget(getattr(request, "table", ""))
-            context.abort(code, message)
+            raise
+
+    return call
+
+
+def _on_thread(servicer: MemoryStoreServicer, name: str, executor, call_timeout_s: float):
+    method = _forgetting(servicer, name)
+
+    async def call(request, context):
+        remaining = context.time_remaining()
+        limit = call_timeout_s if remaining is None else min(remaining, call_timeout_s)
+        running = asyncio.get_running_loop().run_in_executor(executor, method, request)
+        try:
+            return await asyncio.wait_for(running, max(limit, 0.0))
+        except asyncio.TimeoutError:
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"{name}: no answer in {limit:.3g} s"
+        except Exception as e:  # noqa: BLE001 - every error becomes a status
+            code, message = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("%s failed", name, exc_info=e)
+        await context.abort(code, message)
 
     return call

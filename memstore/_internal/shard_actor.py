@@ -14,6 +14,12 @@ is refused before anything changes (:class:`ShardRestarted`, fencing), and the c
 rolls the table back to the checkpoint the restarted shard reports (``restored_path``,
 ``restored_step``).
 
+Writes (pushes and steps) are fenced by the table's rollback epoch as well: each
+rollback gives every block a new epoch, and a write carries ``incarnation/epoch``. A
+handle that has not met a rollback another handle made addresses the old epoch, and
+every block refuses its write, the ones that did not restart included, so no stale push
+lands on rolled-back values.
+
 A push is identified by (step, push_id). The shard keeps the replies of its recent
 pushes, so a push repeated after a lost reply is answered with the dw it already got,
 and applied once, even when its step was applied since (``step_on_push``, async mode).
@@ -91,6 +97,8 @@ class ShardWorker:
         )
         # The restarted incarnations (of any block) this block was rolled back for.
         self.reconciled: set[str] = set()
+        self.epoch = 0  # the table's rollback epoch, set by reload
+        self.rolled_back_to: int | None = None  # the step of the last reload
         self.replayed = 0  # repeated pushes answered from self.replies
         self.replayed_steps = 0  # repeated step() calls answered from self.applied
         self.applied: tuple[int, int] | None = None  # (step, rows updated) of the last step() call
@@ -126,8 +134,13 @@ class ShardWorker:
     def _restore(self) -> int:
         """Load the newest committed checkpoint of the table, if there is one."""
         # A damaged newest checkpoint falls back to the previous one (with a warning).
+        # A checkpoint whose manifest does not verify with the table's key is skipped.
         found = checkpoint.restore_block(
-            self.config.get("checkpoint_root"), self.spec, self.config.get("restore_from")
+            self.config.get("checkpoint_root"),
+            self.spec,
+            self.config.get("restore_from"),
+            key=self.config.get("checkpoint_key"),
+            restore_key=self.config.get("restore_key"),
         )
         if found is None:
             return 0
@@ -151,6 +164,8 @@ class ShardWorker:
             "incarnation": self.incarnation,
             "restarted": ray.get_runtime_context().was_current_actor_reconstructed,
             "reconciled": sorted(self.reconciled),
+            "epoch": self.epoch,
+            "rolled_back_to": self.rolled_back_to,
             "restored_step": self.restored_step,
             "restored_path": self.restored_path,
             "last_step": self.table.last_step,
@@ -161,12 +176,18 @@ class ShardWorker:
         }
 
     @_locked
-    def reload(self, path: str | None, restarts: list[str] = ()) -> tuple[str, int]:
+    def reload(self, path: str | None, restarts: list[str] = (), epoch: int = 0) -> tuple[str, int]:
         """Roll this block back to the checkpoint at ``path``, or to its initial values
         when there is none, after the shards of incarnations ``restarts`` restarted from
-        that state. Pending pushes and remembered replies go: none may outlive it."""
+        that state; writes are then taken for rollback ``epoch`` only. Pending pushes and
+        remembered replies go: none may outlive it."""
+        epoch = check_step("epoch", epoch)
         if path:
-            self.table.load_state_dict(checkpoint.load_block(path, self.spec))
+            # restore_from is signed with its own table's key, the root with this table's.
+            key = self.config.get(
+                "restore_key" if path == self.config.get("restore_from") else "checkpoint_key"
+            )
+            self.table.load_state_dict(checkpoint.load_block(path, self.spec, key=key))
         else:
             self.table = self._new_table()
         self.async_applied.clear()
@@ -175,12 +196,18 @@ class ShardWorker:
         self.max_seen_step = 0
         self._rows_updated_reported = self.table.stats()["rows_updated"]
         self.reconciled.update(restarts)
+        self.epoch = epoch
+        self.rolled_back_to = self.table.last_step
         return self.incarnation, self.table.last_step
 
-    def _fence(self, expected: str) -> None:
-        """Refuse, before anything changes, a call meant for another incarnation."""
-        if expected != self.incarnation:
+    def _fence(self, expected: str, write: bool = False) -> None:
+        """Refuse, before anything changes, a call meant for another incarnation, or a
+        write (``incarnation/epoch``) meant for another rollback epoch."""
+        incarnation, _, epoch = str(expected).partition("/")
+        if incarnation != self.incarnation:
             raise ShardRestarted(self.block_id, str(expected), self.incarnation)
+        if (write or epoch) and epoch != str(self.epoch):
+            raise ShardRestarted(self.block_id, str(expected), f"{self.incarnation}/{self.epoch}")
 
     # ---- data ----------------------------------------------------------------
     def _seen(self) -> dict:
@@ -216,7 +243,7 @@ class ShardWorker:
         grouping, (step, push_id, lr, expected) = (
             (rest[0], rest[1:]) if rest and isinstance(rest[0], np.ndarray) else (None, rest)
         )
-        self._fence(expected)
+        self._fence(expected, write=True)
         cached = self.replies.get((step, push_id))
         if cached is not None:
             self.replayed += 1
@@ -303,8 +330,14 @@ class ShardWorker:
         return dw.numpy()
 
     @_locked
-    def step(self, step: int, pushes_per_step: int | None, lr: float | None, expected: str):
-        self._fence(expected)
+    def step(self, *args):
+        """Apply ``step``; ``args``: (step, pushes_per_step, lr, expected incarnation),
+        after an optional array: the rows of this block a sparse step updates (the
+        handle chose them; see ``top_rows``)."""
+        rows, (step, pushes_per_step, lr, expected) = (
+            (args[0], args[1:]) if args and isinstance(args[0], np.ndarray) else (None, args)
+        )
+        self._fence(expected, write=True)
         check_step("step", step)
         lr = check_lr("lr", lr)
         if pushes_per_step is not None:
@@ -326,10 +359,42 @@ class ShardWorker:
                     f"{pushes_per_step} pushes before step {step}",
                     f"pushes with ids {arrived}",
                 )
-        updated = self.table.step(step, lr=lr)
+        updated = self.table.step(step, lr=lr, rows=None if rows is None else to_tensor(rows))
         self.applied = (step, updated)
         self._report_table()
         return self.incarnation, updated
+
+    # ---- row statistics ----------------------------------------------------------
+    @_locked
+    def top_rows(self, step: int, top_t: int, background: str | None, expected: str):
+        """This block's candidates for a ``top_t`` sparse step: (rows, scores)."""
+        self._fence(expected)
+        check_step("step", step)
+        rows, scores = self.table.top_rows(step, top_t, background)
+        return self.incarnation, (rows, scores)
+
+    @_locked
+    def row_stats(self, background: str | None, expected: str):
+        self._fence(expected)
+        return self.incarnation, self.table.row_stats(background)
+
+    @_locked
+    def snapshot_stats(self, name: str, expected: str):
+        self._fence(expected)
+        self.table.snapshot_stats(name)
+        return self.incarnation, None
+
+    @_locked
+    def reset_stats(self, expected: str):
+        self._fence(expected)
+        self.table.reset_stats()
+        return self.incarnation, None
+
+    @_locked
+    def count_rows(self, enabled: bool, expected: str):
+        self._fence(expected)
+        self.table.count_rows = bool(enabled)
+        return self.incarnation, None
 
     # ---- published keys (a copy for a restarted catalog) ------------------------
     @_locked

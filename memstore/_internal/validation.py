@@ -96,13 +96,49 @@ def check_step_window(field: str, step: int, last_applied: int) -> int:
     return step
 
 
+# Bounds that keep a table's values finite (float32 and bfloat16 reach 3.4e38). A row's
+# gradient in one push is a sum of at most ``slots`` products w * dy, so with
+# max|w| * max|dy| * slots <= MAX_ROW_GRAD it stays below 1e30; an update is lr times
+# the gradient (SGD) or lr times a bounded ratio (Adagrad, Adam), and with lr <= MAX_LR
+# it stays below 1e34, far from overflow. Beyond either bound the inputs are refused:
+# they could only turn rows into inf or NaN.
+MAX_LR = 1e4
+MAX_ROW_GRAD = 1e30
+
+
 def check_lr(field: str, lr) -> float | None:
-    """None (the optimizer's own lr) or a finite number > 0."""
+    """None (the optimizer's own lr) or a finite number in (0, MAX_LR]."""
     if lr is None:
         return None
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise InvalidArgument(field, "None or a finite number > 0", lr)
+    if (
+        isinstance(lr, bool)
+        or not isinstance(lr, (int, float))
+        or not math.isfinite(lr)
+        or not 0 < lr <= MAX_LR
+    ):
+        raise InvalidArgument(field, f"None or a finite number in (0, {MAX_LR:g}]", lr)
     return float(lr)
+
+
+def _max_abs(t) -> float:
+    if isinstance(t, torch.Tensor):
+        return float(t.detach().abs().max())
+    return float(np.abs(t).max())
+
+
+def check_push_magnitude(w, dy) -> None:
+    """Refuse a push whose row gradients could overflow: max|w| * max|dy| * slots above
+    MAX_ROW_GRAD (w: the push's weights, any shape; dy: its output gradients)."""
+    sizes = [t.numel() if isinstance(t, torch.Tensor) else np.size(t) for t in (w, dy)]
+    if 0 in sizes:
+        return
+    bound = _max_abs(w) * _max_abs(dy) * sizes[0]
+    if bound > MAX_ROW_GRAD:
+        raise InvalidArgument(
+            "dy",
+            f"max|w| * max|dy| * slots at most {MAX_ROW_GRAD:g} (so row gradients stay finite)",
+            f"{bound:.3g}",
+        )
 
 
 def check_step(field: str, step) -> int:

@@ -1,6 +1,6 @@
-"""What the model-comparison experiments (benchmarks.facts, benchmarks.text) share: the
-fairness checks, training each model in its own ``trainer.train`` process, and reading
-its evaluations back from ``metrics.jsonl``."""
+"""What the model-comparison experiments (memstore.bench.facts, memstore.bench.text)
+share: the fairness checks, training each model in its own ``trainer.train`` process, and
+reading its evaluations back from ``metrics.jsonl``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memstore.trainer.model import Transformer, ffn_slot_macs, table_specs
+from memstore.trainer.model import Transformer, engram_macs, ffn_slot_macs, table_specs
 
 MODELS = ("dense", "memory", "pkm")
 # The settings every model of a comparison shares: same data, batches, schedule, steps.
@@ -30,15 +30,15 @@ SCHEDULE = (
 )
 
 
-def check_fair(args: dict) -> None:
-    """Same data, batches, schedule and steps; the dense side is the dense equivalent
-    of the memory side's model."""
-    d, m = args["dense"].to_dict(), args["memory"].to_dict()
-    if not args["dense"].dense_equivalent or args["memory"].dense_equivalent:
-        raise SystemExit("the dense config needs dense_equivalent: true, the memory one not")
+def check_fair(args: dict, dense: str = "dense", model: str = "memory") -> None:
+    """Same data, batches, schedule and steps; the ``dense`` side is the dense
+    equivalent of the ``model`` side's model."""
+    d, m = args[dense].to_dict(), args[model].to_dict()
+    if not args[dense].dense_equivalent or args[model].dense_equivalent:
+        raise SystemExit(f"the {dense} config needs dense_equivalent: true, the {model} one not")
     diff = [k for k in ("model", *SCHEDULE) if d[k] != m[k]]
     if diff:
-        raise SystemExit(f"dense and memory configs differ in {diff}: not a fair comparison")
+        raise SystemExit(f"{dense} and {model} configs differ in {diff}: not a fair comparison")
 
 
 def model_differences(peer: dict, memory: dict, layer_fields: set[str]) -> list[str]:
@@ -50,16 +50,21 @@ def model_differences(peer: dict, memory: dict, layer_fields: set[str]) -> list[
 
 def per_token_macs(margs) -> dict:
     """Multiply-adds per token of the forward pass, without attention's context mixing
-    (the same in every model of a comparison)."""
+    (the same in every model of a comparison); ``engram``: those of the Engram layers."""
     attn = 4 * margs.dim * margs.dim
     slots = sum(ffn_slot_macs(margs, i) for i in range(margs.n_layers))
+    engram = len(margs.engram_layers) * engram_macs(margs)
     out = margs.dim * margs.vocab_size
-    return {"total": margs.n_layers * attn + slots + out, "ffn_slots": slots}
+    return {
+        "total": margs.n_layers * attn + slots + engram + out,
+        "ffn_slots": slots,
+        "engram": engram,
+    }
 
 
 def parameters(margs) -> dict:
-    """Dense parameters and value rows × width; the PKM peer's values are dense
-    parameters of its model but counted as values here."""
+    """Dense parameters and value rows × width (memory and Engram tables alike); the
+    PKM peer's values are dense parameters of its model but counted as values here."""
     model = Transformer(margs)
     total = sum(p.numel() for p in model.parameters())
     if margs.pkm_peer:
@@ -112,21 +117,29 @@ def at_seconds(c: dict, t: float, key: str) -> float:
     return float(np.interp(t, c["seconds"], c[key]))
 
 
-def check_equal_macs(macs: dict) -> None:
-    """The dense twin's FFN slots cost the memory model's multiply-adds per token (1%)."""
-    rel = abs(macs["dense"]["ffn_slots"] / macs["memory"]["ffn_slots"] - 1)
+def check_equal_macs(macs: dict, model: str = "memory", dense: str = "dense") -> None:
+    """The dense twin's (``dense``) FFN slots cost ``model``'s multiply-adds per token
+    of its FFN slots and Engram layers (1%)."""
+    d, m = macs[dense], macs[model]
+    rel = abs((d["ffn_slots"] + d["engram"]) / (m["ffn_slots"] + m["engram"]) - 1)
     if rel > 0.01:
-        raise SystemExit(f"per-token FFN multiply-adds of dense and memory differ by {rel:.1%}")
+        raise SystemExit(f"per-token FFN multiply-adds of {dense} and {model} differ by {rel:.1%}")
 
 
 def train_models(
-    paths: dict[str, Path], out: Path, overrides: list[str], keys: tuple[str, ...]
+    paths: dict[str, Path],
+    out: Path,
+    overrides: list[str],
+    keys: tuple[str, ...],
+    model_overrides: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, float], dict[str, dict]]:
-    """Train every model of ``paths`` in turn under ``out/NAME``; their wall seconds and
-    evaluation curves (``curve`` with ``keys``), checked to have seen the same tokens."""
+    """Train every model of ``paths`` in turn under ``out/NAME`` (``overrides`` for all,
+    then ``model_overrides[NAME]``); their wall seconds and evaluation curves (``curve``
+    with ``keys``), checked to have seen the same tokens."""
     wall, curves = {}, {}
     for name, config in paths.items():
-        wall[name] = run(name, config, out / name, overrides)
+        extra = (model_overrides or {}).get(name, [])
+        wall[name] = run(name, config, out / name, [*overrides, *extra])
         curves[name] = curve(out / name, keys)
     if len({c["total_tokens"] for c in curves.values()}) != 1:
         raise SystemExit("the runs saw different numbers of tokens")

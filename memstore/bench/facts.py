@@ -361,7 +361,47 @@ def main(argv: list[str] | None = None) -> int:
             "wall_seconds": total_wall,
         },
     )
+    args_typed = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m memstore.bench.facts", *args_typed])
+    record_result(ns, command, res, params, macs, verdict, t_eq)
     return 0
+
+
+def record_result(
+    ns, command: str, res: dict, params: dict, macs: dict, verdict: dict, t_eq: float
+) -> None:
+    """From a clone, also write the figures to benchmarks/results/ (the docs' data).
+    A run with ``--set`` overrides measures other configs than the page describes."""
+    if ns.set:
+        return
+    try:
+        from benchmarks._results import write_result
+    except ImportError:  # an installed package: no benchmarks folder
+        return
+    figures = {}
+    for name in MODELS:
+        r, p, mark = res[name], params[name], res[name]["to_recall_mark"]
+        figures[name] = {
+            "params (dense + values)": f"{p['dense']:,} + {p['values']:,}",
+            "MACs/token": macs[name]["total"],
+            "train s": r["seconds"],
+            "ms/step": r["step_ms"],
+            "recall": r["recall"],
+            "NLL": r["nll"],
+            "recall @ T": r["recall_at_T"],
+            f"steps to {RECALL_MARK}": "not reached" if mark is None else mark["step"],
+            f"s to {RECALL_MARK}": "not reached" if mark is None else mark["seconds"],
+        }
+    write_result(
+        "facts_quick" if ns.quick else "facts",
+        figures,
+        command,
+        title=f"Facts experiment ({'quick' if ns.quick else 'full'} form)",
+        notes=(
+            f"T = {t_eq:.0f} s. Memory / dense recall: {verdict['ratio_equal_tokens']:.2f}× "
+            f"at equal tokens, {verdict['ratio_equal_time']:.2f}× at equal time."
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -3,16 +3,28 @@ tables at the same step.
 
 Layout of a run's checkpoint directory (the run_dir, or ``<ray.storage_path>/<name>``)::
 
-    checkpoints/step-N/model.pt   dense parameters, optimizer state, RNG, counters
-    checkpoints/step-N/store.json {"step": N, "tables": {table: store checkpoint path}}
-    store/<table>/step-N/         the value table at step N (a memstore checkpoint)
+    checkpoints/step-N/model.pt        dense parameters, optimizer state, RNG, counters
+    checkpoints/step-N/store.json      {"step": N, "tables": {table: store checkpoint path}}
+    checkpoints/step-N/checksums.json  the sha256 and size of the two files above
+    store/<table>/step-N/              the value table at step N (a memstore checkpoint)
 
-A step is a checkpoint once its ``checkpoints/step-N`` directory holds both files and
-every store checkpoint it names is committed. The store saves first, then the model
-directory is written (in-process: a temporary directory renamed into place; on Ray
-Train: reported with ``ray.train.report``, which copies it to storage), so a step
-directory never names a store checkpoint that was not committed before it. Everything
-in ``model.pt`` is tensors and plain types: it loads with ``torch.load(weights_only=True)``.
+A step is a checkpoint once its ``checkpoints/step-N`` directory holds the three files,
+the two files match their checksums, and every store checkpoint it names is committed
+(its manifest verifies with the table's checkpoint key, see :mod:`memstore.checkpoint`).
+Nothing in a step directory is loaded before its checksums match: a damaged one is
+refused with CheckpointError naming the file, and a resume passes over it. The
+checksums detect damage, not forgery: the store checkpoints are what is signed.
+
+The store saves first, then the model directory is written (in-process: a temporary
+directory renamed into place; on Ray Train: reported with ``ray.train.report``, which
+copies it to storage), so a step directory never names a store checkpoint that was not
+committed before it. Everything in ``model.pt`` is tensors and plain types: it loads
+with ``torch.load(weights_only=True)``.
+
+Store checkpoints verify with keys derived from the operator's secret
+(:func:`memstore.checkpoint.operator_secret`), resolved where the tables are created
+and loaded: on Ray Train, rank 0's node; a run over several nodes needs the same
+``MEMSTORE_CHECKPOINT_SECRET`` (or key file) on every node.
 
 Checkpoints are never deleted by the trainer except by ``--overwrite``: checkpoints of
 an abandoned future (steps after the one a run went back to) are moved under
@@ -21,6 +33,7 @@ an abandoned future (steps after the one a run went back to) are moved under
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,10 +56,12 @@ __all__ = [
     "ABANDONED",
     "MODEL_FILE",
     "STORE_FILE",
+    "CHECKSUMS_FILE",
     "step_dir",
     "store_path",
     "write",
     "read",
+    "verify",
     "save_local",
     "checkpoint_steps",
     "resume_step",
@@ -62,6 +77,10 @@ STORE = "store"
 ABANDONED = "abandoned"
 MODEL_FILE = "model.pt"
 STORE_FILE = "store.json"
+CHECKSUMS_FILE = "checksums.json"
+_CHECKSUMS_FORMAT = "memstore-train-checkpoint"
+_MAX_JSON_BYTES = 1 << 20  # store.json and checksums.json: a few hundred bytes each
+_HASH_CHUNK = 16 << 20
 RAY_TRAIN_FILES = ("checkpoint_manager_snapshot.json", ".validate_storage_marker")
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -74,53 +93,127 @@ def step_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
+def join(root: str | Path, *names: str) -> str:
+    """``root/name/...``; a URI keeps its query (its filesystem options) at the end."""
+    return store_checkpoint.join(str(root).rstrip("/") or "/", *names)
+
+
 def step_dir(root: str | Path, step: int) -> str:
     """The model checkpoint directory of ``step`` under ``root``."""
-    return f"{str(root).rstrip('/')}/{CHECKPOINTS}/{step_name(step)}"
+    return join(root, CHECKPOINTS, step_name(step))
+
+
+def store_root(root: str | Path, table: str) -> str:
+    """The checkpoint_root of table ``table`` of the run."""
+    return join(root, STORE, table)
 
 
 def store_path(root: str | Path, table: str, step: int) -> str:
     """Where table ``table`` of the run saves itself at ``step`` (its checkpoint_root
     is the folder above)."""
-    return store_checkpoint.checkpoint_dir(f"{str(root).rstrip('/')}/{STORE}/{table}", step)
+    return store_checkpoint.checkpoint_dir(store_root(root, table), step)
 
 
 # ---- one checkpoint directory ------------------------------------------------------
 
 
 def write(folder: str | Path, step: int, state: dict, tables: dict[str, str]) -> None:
-    """``model.pt`` (``state``: tensors and plain types) and ``store.json`` (the store
-    checkpoint of each table) into the local directory ``folder``, fsynced."""
+    """``model.pt`` (``state``: tensors and plain types), ``store.json`` (the store
+    checkpoint of each table) and, last, ``checksums.json`` (their sha256 and sizes)
+    into the local directory ``folder``, fsynced."""
     folder = Path(folder)
     with open(folder / MODEL_FILE, "wb") as f:
         torch.save({"step": step, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
+        _sync(f)
     with open(folder / STORE_FILE, "w", encoding="utf-8") as f:
         json.dump({"step": step, "tables": tables}, f)
-        f.flush()
-        os.fsync(f.fileno())
+        _sync(f)
+    files = {}
+    for name in (MODEL_FILE, STORE_FILE):
+        sha, size = _sha256(folder / name)
+        files[name] = {"sha256": sha, "bytes": size}
+    with open(folder / CHECKSUMS_FILE, "w", encoding="utf-8") as f:
+        json.dump({"format": _CHECKSUMS_FORMAT, "files": files}, f)
+        _sync(f)
+
+
+def _sync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _sha256(file: Path) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    with open(file, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _small_json(folder: Path, name: str):
+    """The JSON of ``folder/name``, refused over 1 MiB before it is read."""
+    file = folder / name
+    try:
+        if file.stat().st_size > _MAX_JSON_BYTES:
+            raise memstore.CheckpointError(str(folder), f"{name} is over {_MAX_JSON_BYTES} bytes")
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise memstore.CheckpointError(str(folder), f"{name} is missing or unreadable: {e}") from e
+
+
+def verify(folder: str | Path) -> None:
+    """Check ``model.pt`` and ``store.json`` against ``checksums.json`` (sizes first,
+    then sha256); CheckpointError naming the file that does not match."""
+    folder = Path(folder)
+    sums = _small_json(folder, CHECKSUMS_FILE)
+    names = (MODEL_FILE, STORE_FILE)
+    files = sums.get("files") if isinstance(sums, dict) else None
+    if (
+        not isinstance(sums, dict)
+        or sums.get("format") != _CHECKSUMS_FORMAT
+        or not isinstance(files, dict)
+        or set(files) != set(names)
+        or not all(isinstance(e, dict) and set(e) == {"sha256", "bytes"} for e in files.values())
+    ):
+        raise memstore.CheckpointError(str(folder), f"{CHECKSUMS_FILE} is malformed")
+    for name in names:
+        want = files[name]
+        try:
+            size = (folder / name).stat().st_size
+            got = _sha256(folder / name) if size == want["bytes"] else (None, size)
+        except OSError as e:
+            raise memstore.CheckpointError(str(folder), f"{name} is unreadable: {e}") from e
+        if got != (want["sha256"], want["bytes"]):
+            raise memstore.CheckpointError(
+                str(folder),
+                f"{name} does not match {CHECKSUMS_FILE} (sha256 {got[0]}, {got[1]} bytes; "
+                f"expected {want['sha256']}, {want['bytes']} bytes)",
+            )
 
 
 def read(folder: str | Path) -> tuple[dict, dict]:
-    """(model state, store.json) of a local checkpoint directory; the model file is
-    data, never code (weights_only)."""
+    """(model state, store.json) of a local checkpoint directory, once both files match
+    their checksums; the model file is data, never code (weights_only)."""
     folder = Path(folder)
-    with open(folder / STORE_FILE, encoding="utf-8") as f:
-        stores = json.load(f)
+    verify(folder)
+    stores = _small_json(folder, STORE_FILE)
     state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
     return state, stores
 
 
 def committed(stores: dict, tables: list[str]) -> bool:
     """Every table of the run has a committed store checkpoint in ``stores``."""
-    paths = stores.get("tables", {})
+    paths = stores.get("tables") if isinstance(stores, dict) else None
+    if not isinstance(paths, dict):
+        return False
     for name in tables:
         if name not in paths:
             return False
         try:
             store_checkpoint.read_manifest(paths[name])
-        except memstore.CheckpointError:
+        except memstore.MemstoreError:  # not committed, not verified, not a path
             return False
     return True
 
@@ -154,11 +247,14 @@ def _steps(folder: Path) -> list[int]:
 
 
 def model_steps(root: Path) -> list[int]:
-    """Steps with a complete model checkpoint directory (both files)."""
+    """Steps with a complete model checkpoint directory (its three files)."""
     return [
         s
         for s in _steps(root / CHECKPOINTS)
-        if all((Path(step_dir(root, s)) / f).is_file() for f in (MODEL_FILE, STORE_FILE))
+        if all(
+            (Path(step_dir(root, s)) / f).is_file()
+            for f in (MODEL_FILE, STORE_FILE, CHECKSUMS_FILE)
+        )
     ]
 
 
@@ -166,18 +262,24 @@ def store_steps(root: Path, table: str) -> list[int]:
     """Steps with a committed store checkpoint of ``table``."""
     return sorted(
         int(m.group(1))
-        for p in store_checkpoint.checkpoints(root / STORE / table)
+        for p in store_checkpoint.checkpoints(store_root(root, table))
         if (m := _STEP.match(os.path.basename(p)))
     )
 
 
 def checkpoint_steps(root: Path, tables: list[str]) -> list[int]:
-    """Steps with a model checkpoint whose store checkpoints are all committed."""
+    """Steps with a model checkpoint that matches its checksums and whose store
+    checkpoints are all committed; a damaged one is passed over with a warning."""
     out = []
     for step in model_steps(root):
-        with open(Path(step_dir(root, step)) / STORE_FILE, encoding="utf-8") as f:
-            if committed(json.load(f), tables):
-                out.append(step)
+        folder = Path(step_dir(root, step))
+        try:
+            verify(folder)
+        except memstore.CheckpointError as e:
+            log.warning("skipping %s: %s", folder, e.reason)
+            continue
+        if committed(_small_json(folder, STORE_FILE), tables):
+            out.append(step)
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 import typing
 
 import torch
@@ -41,26 +42,37 @@ __all__ = [
 
 
 class DataKind(str, enum.Enum):
+    """``data.kind``: what the model trains on."""
+
     FACTS = "facts"  # synthetic factual recall (trainer.data.FactsCorpus)
     TEXT = "text"  # bytes of a file (trainer.data.ByteDataset)
 
 
 class StoreMode(str, enum.Enum):
+    """``store.mode``: when the store applies the pushed row gradients."""
+
     SYNC = "sync"  # row gradients pend until every push of a step arrived
     ASYNC = "async"  # a push is applied on arrival
 
 
 class DataChannel(str, enum.Enum):
+    """``store.data_channel``: how lookups and pushes reach the shards."""
+
     SOCKET = "socket"  # lookups and pushes over a TCP connection per shard
     RAY = "ray"  # every call over Ray
 
 
 class ValueSchedule(str, enum.Enum):
+    """``value_schedule``: the learning rate schedule of the values in the store."""
+
     COSINE = "cosine"  # the dense lr's warm-up and cosine, scaled to value_lr
     CONSTANT = "constant"  # value_lr throughout
 
 
 class Device(str, enum.Enum):
+    """``device``: where the workers compute (``auto``: GPUs when the cluster has one per
+    worker)."""
+
     CPU = "cpu"
     CUDA = "cuda"  # one GPU per rank, NCCL
     AUTO = "auto"  # CUDA when there is a GPU per rank
@@ -110,6 +122,9 @@ class StoreArgs:
     # None: on in sync mode; False: rank 0 calls table.step(s) after every step.
     step_on_push: bool | None = None
     data_channel: DataChannel = DataChannel.SOCKET
+    # CURVE on the data channel: None wherever an end is off loopback, True always,
+    # False never (memstore.create_table's data_encrypt).
+    data_encrypt: bool | None = None
     threads_per_shard: int = bounded(1, min=1)
     timeout_s: float | None = bounded(None, gt=0)
     keep: bool = False  # leave the tables on the cluster after training
@@ -181,6 +196,14 @@ class TrainArgs:
     def __post_init__(self) -> None:
         check_fields(self)
         check_known_keys(ModelArgs, self.model, "model")
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", self.run_dir):
+            # Path() would make "s3://b/x" a local folder "s3:/b/x"; a run's files other
+            # than checkpoints (config, metrics, plots) are local by design.
+            raise InvalidArgument(
+                "run_dir",
+                "a local directory (checkpoints go to an object store with ray.storage_path)",
+                self.run_dir,
+            )
         if self.workers and self.batch_size % self.workers:
             raise InvalidArgument(
                 "batch_size", f"a multiple of workers={self.workers}", self.batch_size
@@ -243,19 +266,41 @@ def set_path(d: dict, dotted: str, value) -> None:
         node, cls = node[key], sub
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainArgs:
-    """TrainArgs from a YAML file plus ``key=value`` overrides (values parsed as YAML)."""
+def _safe_yaml(stream):
+    """``stream`` (a file or a string) parsed by PyYAML's safe loader, with floats read
+    as YAML 1.2 reads them: PyYAML follows YAML 1.1, where ``1e-5`` (no dot) is a
+    string, and a learning rate written that way would be refused as "not a number"."""
+    import re
+
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    loader = Loader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainArgs:
+    """TrainArgs from a YAML file plus ``key=value`` overrides (values parsed as YAML;
+    ``1e-5`` is a float, as in YAML 1.2)."""
     d = {}
     if path is not None:
         with open(configs.path(path), encoding="utf-8") as f:
-            d = yaml.safe_load(f) or {}
+            d = _safe_yaml(f) or {}
         if not isinstance(d, dict):
             raise InvalidArgument("config", "a YAML mapping", type(d).__name__)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise InvalidArgument("--set", "key=value", item)
-        set_path(d, key.strip(), yaml.safe_load(text))
+        set_path(d, key.strip(), _safe_yaml(text))
     return TrainArgs.from_dict(d)

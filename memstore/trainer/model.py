@@ -9,6 +9,9 @@ Each layer is ``h = x + attn(norm(x)); out = h + ffn(norm(h))``. At the layers l
 silu gate) instead. Its keys and query net are ordinary parameters of this model; its
 values live in a value table that the model either creates (a local
 :class:`memstore.ShardTable`) or is given (e.g. a distributed :class:`memstore.Table`).
+At the layers listed in ``engram_layers`` an :class:`memstore.EngramLayer` follows:
+``out += engram(out, tokens)``, a hashed n-gram memory of the input token ids (bytes,
+for byte-level text) whose rows live in a value table of their own, ``engram.<i>``.
 
 Push ids (``MemoryLayer.push_id``, set by :meth:`Transformer.set_step`). A table
 ignores a second push of the same (step, push_id) as a retry, so every backward that
@@ -31,13 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import memstore
-from memstore import InvalidArgument, MemoryLayer, MemoryLayerArgs
+from memstore import EngramArgs, EngramLayer, InvalidArgument, MemoryLayer, MemoryLayerArgs
 from memstore._internal.validation import (
     bounded,
     check_fields,
     check_positive_int,
     dataclass_from_dict,
 )
+from memstore.engram import engram_primes
 from memstore.memory_layer import ValueTable
 
 from .memory import push_id
@@ -52,9 +56,11 @@ __all__ = [
     "table_users",
     "dense_equivalent",
     "ffn_slot_macs",
+    "engram_macs",
 ]
 
 SHARED_TABLE = "memory"  # the name of the shared pool; per-layer tables are "memory.<i>"
+ENGRAM_TABLE = "engram"  # the Engram layer after layer i reads the table "engram.<i>"
 # Dense weights are N(0, 0.02²); residual outputs (attention and FFN projections) are
 # scaled by 1/sqrt(2·n_layers) (GPT-2). Memory layers keep their own init.
 INIT_STD = 0.02
@@ -95,6 +101,15 @@ class ModelArgs:
     # own at the values' lr (value_lr, value_schedule) with the store's Adam betas, no
     # weight decay and no clipping; False: with the dense parameters at the dense lr.
     pkm_value_group: bool = False
+    # Engram layers (memstore.EngramLayer) after these layers' attention and FFN: hashed
+    # n-grams of the token ids, engram_heads hash heads per order in engram_orders, each
+    # head a table of the smallest free prime >= engram_rows rows of engram_dim floats.
+    engram_layers: list[int] = dataclasses.field(default_factory=list)
+    engram_orders: list[int] = dataclasses.field(default_factory=lambda: [2, 3])
+    engram_heads: int = 2
+    engram_rows: int = 65521
+    engram_dim: int = 32
+    engram_kernel: int = 4  # taps of its causal depthwise convolution
     value_lr: float = bounded(1e-3, gt=0)  # Adam lr of the local value tables
     seed: int = bounded(0, min=0)  # dense init and local table values
 
@@ -120,6 +135,8 @@ class ModelArgs:
         self._check_layer_lists()
         if self.memory_layers:
             self.memory_args()  # validates the mem_* fields
+        if self.engram_layers:
+            self.engram_args(self.engram_layers[0])  # validates the engram_* fields
         if self.pkm_peer and (
             self.memory_plus or self.mem_value_dim != self.dim or self.mem_key_dim % 2
         ):
@@ -138,6 +155,12 @@ class ModelArgs:
                 "memory_layers", f"distinct indices in [0, {self.n_layers})", layers
             )
         self.memory_layers = sorted(layers)
+        engram = self.engram_layers
+        if len(set(engram)) != len(engram) or any(not 0 <= i < self.n_layers for i in engram):
+            raise InvalidArgument(
+                "engram_layers", f"distinct indices in [0, {self.n_layers})", engram
+            )
+        self.engram_layers = sorted(engram)
         widths = self.layer_ffn_hidden
         if widths is not None and len(widths) != self.n_layers:
             raise InvalidArgument("layer_ffn_hidden", f"a list of {self.n_layers} ints", widths)
@@ -163,6 +186,27 @@ class ModelArgs:
         except InvalidArgument as e:
             raise InvalidArgument(fields.get(e.field, e.field), e.expected, e.got) from None
 
+    def engram_args(self, layer: int) -> EngramArgs:
+        """The EngramArgs of the Engram layer after layer ``layer`` (its hash seeded by
+        seed + layer); errors name the engram_* field."""
+        fields = dict(
+            orders="engram_orders",
+            heads="engram_heads",
+            rows="engram_rows",
+            head_dim="engram_dim",
+            kernel_size="engram_kernel",
+        )
+        try:
+            return EngramArgs(
+                dim=self.dim,
+                norm_eps=self.norm_eps,
+                value_lr=self.value_lr,
+                seed=self.seed + layer,
+                **{ours: getattr(self, f) for ours, f in fields.items()},
+            )
+        except InvalidArgument as e:
+            raise InvalidArgument(fields.get(e.field, e.field), e.expected, e.got) from None
+
     def ffn_width(self, layer: int) -> int:
         return self.layer_ffn_hidden[layer] if self.layer_ffn_hidden else self.ffn_hidden
 
@@ -171,17 +215,32 @@ class ModelArgs:
 
 
 def table_users(args: ModelArgs) -> dict[str, list[int]]:
-    """Table name -> the memory layers that read it, in layer order."""
-    if not args.memory_layers or args.pkm_peer:
-        return {}
-    if args.shared_memory:
-        return {SHARED_TABLE: list(args.memory_layers)}
-    return {f"{SHARED_TABLE}.{i}": [i] for i in args.memory_layers}
+    """Table name -> the layers whose memory or Engram layer reads it, in layer order."""
+    users = {}
+    if args.memory_layers and not args.pkm_peer:
+        if args.shared_memory:
+            users[SHARED_TABLE] = list(args.memory_layers)
+        else:
+            users.update({f"{SHARED_TABLE}.{i}": [i] for i in args.memory_layers})
+    users.update({engram_table(i): [i] for i in args.engram_layers})
+    return users
+
+
+def engram_table(layer: int) -> str:
+    """The name of the table of the Engram layer after layer ``layer``."""
+    return f"{ENGRAM_TABLE}.{layer}"
 
 
 def table_specs(args: ModelArgs) -> dict[str, tuple[int, int]]:
     """Table name -> (rows, dim), so a trainer can create the distributed tables."""
-    return {name: (args.mem_n_keys**2, args.mem_value_dim) for name in table_users(args)}
+    specs = {}
+    for name in table_users(args):
+        if name.startswith(f"{ENGRAM_TABLE}."):
+            heads = len(args.engram_orders) * args.engram_heads
+            specs[name] = (sum(engram_primes(args.engram_rows, heads)), args.engram_dim)
+        else:
+            specs[name] = (args.mem_n_keys**2, args.mem_value_dim)
+    return specs
 
 
 def _local_tables(args: ModelArgs) -> dict[str, ValueTable]:
@@ -277,7 +336,13 @@ def pkm_peer_layer(args: ModelArgs) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, table: ValueTable | None):
+    def __init__(
+        self,
+        args: ModelArgs,
+        layer: int,
+        table: ValueTable | None,
+        engram_table: ValueTable | None = None,
+    ):
         super().__init__()
         self.attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.attn = Attention(args)
@@ -288,10 +353,21 @@ class Block(nn.Module):
             self.ffn = FeedForward(args.dim, args.ffn_width(layer), args.n_layers)
         else:
             self.ffn = MemoryLayer(args.memory_args(), table=table)
+        self.engram = None
+        if engram_table is not None:
+            self.engram = EngramLayer(args.engram_args(layer), table=engram_table)
+            # projections as the dense weights; the value path writes the residual stream
+            nn.init.normal_(self.engram.key.weight, std=INIT_STD)
+            nn.init.normal_(self.engram.value.weight, std=INIT_STD / math.sqrt(2 * args.n_layers))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x), cos, sin)
-        return h + self.ffn(self.ffn_norm(h))
+        out = h + self.ffn(self.ffn_norm(h))
+        if self.engram is None:
+            return out
+        return out + self.engram(out, tokens)
 
 
 # ---- model -------------------------------------------------------------------------
@@ -322,15 +398,20 @@ class Transformer(nn.Module):
             raise InvalidArgument(
                 "tables", f"exactly the tables {sorted(table_specs(args))}", sorted(self._tables)
             )
+        engram_names = {engram_table(i) for i in args.engram_layers}
         tables = {
             layer: self._tables[name]
             for name, users in table_users(args).items()
+            if name not in engram_names
             for layer in users
         }
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             self.embed = nn.Embedding(args.vocab_size, args.dim)
-            self.layers = nn.ModuleList(Block(args, i, tables.get(i)) for i in range(args.n_layers))
+            self.layers = nn.ModuleList(
+                Block(args, i, tables.get(i), self._tables.get(engram_table(i)))
+                for i in range(args.n_layers)
+            )
             self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
             nn.init.normal_(self.embed.weight, std=INIT_STD)
@@ -347,7 +428,7 @@ class Transformer(nn.Module):
             )
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, self.rope_cos, self.rope_sin)
+            x = layer(x, self.rope_cos, self.rope_sin, tokens)
         return self.output(self.norm(x)).float()
 
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -385,6 +466,10 @@ class Transformer(nn.Module):
         """The MemoryLayers (none for a ``pkm_peer`` model)."""
         return [] if self.args.pkm_peer else [self.layers[i].ffn for i in self.args.memory_layers]
 
+    def engram_layers(self) -> list[EngramLayer]:
+        """The EngramLayers, in layer order."""
+        return [self.layers[i].engram for i in self.args.engram_layers]
+
     def set_step(
         self, step: int | None, micro_batch: int = 0, value_lr: float | None = None
     ) -> None:
@@ -392,9 +477,10 @@ class Transformer(nn.Module):
         table's next step) and the push ids of micro-batch ``micro_batch`` in
         [0, micro_batches); the tables apply that step with ``value_lr`` (None: their
         optimizer's lr)."""
-        for users in table_users(self.args).values():
+        for name, users in table_users(self.args).items():
+            engram = name.startswith(f"{ENGRAM_TABLE}.")
             for position, i in enumerate(users):
-                layer = self.layers[i].ffn
+                layer = self.layers[i].engram if engram else self.layers[i].ffn
                 layer.push_id = push_id(
                     self.rank,
                     position,
@@ -425,16 +511,27 @@ def ffn_slot_macs(args: ModelArgs, layer: int) -> int:
     return macs
 
 
+def engram_macs(args: ModelArgs) -> int:
+    """Multiply-adds per token of one Engram layer: the sum of its rows read (one per
+    head, weight 1), the key and value projections, the gate's dot product and the
+    depthwise convolution. Hashing (integer work) and norms are not counted."""
+    memory = len(args.engram_orders) * args.engram_heads * args.engram_dim
+    return memory + 2 * memory * args.dim + args.dim + args.engram_kernel * args.dim
+
+
 def dense_equivalent(args: ModelArgs) -> ModelArgs:
     """The dense baseline of the same per-token compute.
 
     Every memory layer becomes a SwiGLU FFN whose width makes its multiply-adds per
-    token (3·dim·hidden) match the memory layer's (:func:`ffn_slot_macs`), rounded to
-    the nearest width >= 1; every other layer keeps its FFN. The memory parameters
-    (values and keys) are gone: this is the iso-FLOP baseline, not an
-    iso-parameter one. Attention, embeddings and the other layers are unchanged.
+    token (3·dim·hidden) match the memory layer's (:func:`ffn_slot_macs`), and every
+    Engram layer's multiply-adds (:func:`engram_macs`) widen the FFN of its layer, each
+    width rounded to the nearest width >= 1; every other layer keeps its FFN. The
+    memory parameters (values and keys) and the Engram layers are gone: this is the
+    iso-FLOP baseline, not an iso-parameter one. Attention, embeddings and the other
+    layers are unchanged.
     """
     widths = [args.ffn_width(i) for i in range(args.n_layers)]
-    for i in args.memory_layers:
-        widths[i] = max(1, round(ffn_slot_macs(args, i) / (3 * args.dim)))
-    return dataclasses.replace(args, memory_layers=[], layer_ffn_hidden=widths)
+    for i in set(args.memory_layers) | set(args.engram_layers):
+        macs = ffn_slot_macs(args, i) + (engram_macs(args) if i in args.engram_layers else 0)
+        widths[i] = max(1, round(macs / (3 * args.dim)))
+    return dataclasses.replace(args, memory_layers=[], engram_layers=[], layer_ffn_hidden=widths)

@@ -45,18 +45,34 @@ from .replica import Replica
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fit", "train_loop_per_worker", "experiment_root", "RayTrainRun", "StoreTables"]
+__all__ = [
+    "fit",
+    "train_loop_per_worker",
+    "experiment_root",
+    "storage_and_name",
+    "RayTrainRun",
+    "StoreTables",
+]
 
 
 def experiment_root(args: TrainArgs, run_dir: Path) -> str:
     """Where the run's checkpoints live: Ray Train's storage path joined with the run
-    name (by default the run_dir's parent and last part: the run_dir itself)."""
+    name (by default the run_dir's parent and last part: the run_dir itself). A URI's
+    query (``?endpoint_override=...``) stays at its end."""
     storage = args.ray.storage_path
     if storage is None:
         storage = str(run_dir.parent)
     elif not checkpoint.is_uri(storage):
         storage = str(Path(storage).absolute())
-    return f"{storage.rstrip('/')}/{args.ray.name or run_dir.name}"
+    return checkpoint.join(storage, args.ray.name or run_dir.name)
+
+
+def storage_and_name(root: str) -> tuple[str, str]:
+    """(Ray Train's storage_path, run name) of an experiment root: the inverse of
+    :func:`experiment_root`, the query kept on the storage path."""
+    base, sep, query = root.partition("?") if checkpoint.is_uri(root) else (root, "", "")
+    storage, _, name = base.rstrip("/").rpartition("/")
+    return storage + sep + query, name
 
 
 # ---- the tables in the store -------------------------------------------------------
@@ -85,7 +101,8 @@ class StoreTables:
             pushes_per_step=pushes_per_step(self.world, layers=len(self.users[name])),
             step_on_push=s.step_on_push,
             data_channel=s.data_channel.value,
-            checkpoint_root=f"{self.root}/{checkpoint.STORE}/{name}",
+            data_encrypt=s.data_encrypt,
+            checkpoint_root=checkpoint.store_root(self.root, name),
             threads_per_shard=s.threads_per_shard,
             timeout_s=s.timeout_s,
         )
@@ -321,6 +338,34 @@ def train_loop_per_worker(config: dict) -> dict | None:
 # ---- the driver --------------------------------------------------------------------
 
 
+def _cpus_asked(args: TrainArgs, tables: int) -> tuple[float, str]:
+    """The CPUs the run reserves (its shards, unless it connects to existing tables, and
+    its workers), and how that sum is made, for an error message."""
+    shards = args.store.shards
+    per_table = shards if isinstance(shards, int) else shards[0] * shards[1]
+    shard_cpus = 0 if args.store.connect else tables * per_table * args.store.threads_per_shard
+    worker_cpus = args.workers * args.ray.cpus_per_worker
+    how = (
+        f"{args.workers} workers x {args.ray.cpus_per_worker:g} CPU (ray.cpus_per_worker) + "
+        f"{shard_cpus:g} CPUs of shards ({tables} tables x {per_table} shards x "
+        f"{args.store.threads_per_shard} store.threads_per_shard)"
+    )
+    return shard_cpus + worker_cpus, how
+
+
+def check_room(args: TrainArgs, tables: int, free_cpus: float) -> None:
+    """Refuse at once a run the cluster cannot place: Ray Train would otherwise wait
+    for CPUs that never come and retry its worker group without end."""
+    asked, how = _cpus_asked(args, tables)
+    if asked > free_cpus + 1e-9:
+        raise memstore.InvalidArgument(
+            "ray.cpus_per_worker",
+            f"a run that fits the cluster's {free_cpus:g} free CPUs (lower workers, "
+            "ray.cpus_per_worker or store.threads_per_shard, or add nodes)",
+            f"{asked:g} CPUs: {how}",
+        )
+
+
 def _attach_ray(args: TrainArgs, tables: int) -> bool:
     """Attach to Ray (RAY_ADDRESS or a running instance) or start a local one with a
     logical CPU per shard and worker; True when this call started it."""
@@ -331,14 +376,10 @@ def _attach_ray(args: TrainArgs, tables: int) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         return False
-    shards = args.store.shards
-    per_table = shards if isinstance(shards, int) else shards[0] * shards[1]
-    need = tables * per_table * args.store.threads_per_shard + args.workers * math.ceil(
-        args.ray.cpus_per_worker
-    )
+    need, _ = _cpus_asked(args, tables)
     ray.init(
         address="local",
-        num_cpus=max(os.cpu_count() or 1, need),
+        num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
         include_dashboard=False,
         log_to_driver=False,
     )
@@ -379,12 +420,14 @@ def fit(
 ) -> dict:
     """Run the TorchTrainer and return rank 0's summary. Tables this run created are
     dropped at the end unless ``store.keep``."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     store = StoreTables(args, root, args.workers)
     started = _attach_ray(args, len(store.specs))
     try:
+        check_room(args, len(store.specs), ray.available_resources().get("CPU", 0.0))
         if args.store.connect:  # refused here, before any worker starts
             for name in store.specs:
                 store.check_existing(name)
@@ -397,7 +440,7 @@ def fit(
                     taken,
                 )
         use_gpu = _use_gpu(args)
-        storage, name = root.rsplit("/", 1)
+        storage, name = storage_and_name(root)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={

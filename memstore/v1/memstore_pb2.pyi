@@ -105,7 +105,7 @@ class ShardStats(_message.Message):
     def __init__(self, block: _Optional[str] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., bytes: _Optional[int] = ..., last_step: _Optional[int] = ..., pending_steps: _Optional[_Iterable[int]] = ..., counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class DescribeTableReply(_message.Message):
-    __slots__ = ("seen", "name", "rows", "dim", "grid", "dtype", "optimizer", "optimizer_params", "mode", "keys_published", "shards", "key_heads", "key_dim")
+    __slots__ = ("seen", "name", "rows", "dim", "grid", "dtype", "optimizer", "optimizer_params", "mode", "keys_published", "shards", "key_heads", "key_dim", "max_batch", "max_pairs")
     class OptimizerParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,8 @@ class DescribeTableReply(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     KEY_HEADS_FIELD_NUMBER: _ClassVar[int]
     KEY_DIM_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAIRS_FIELD_NUMBER: _ClassVar[int]
     seen: StepSeen
     name: str
     rows: int
@@ -139,7 +141,9 @@ class DescribeTableReply(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
     key_heads: int
     key_dim: int
-    def __init__(self, seen: _Optional[_Union[StepSeen, _Mapping]] = ..., name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., grid: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., optimizer_params: _Optional[_Mapping[str, float]] = ..., mode: _Optional[str] = ..., keys_published: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., key_heads: _Optional[int] = ..., key_dim: _Optional[int] = ...) -> None: ...
+    max_batch: int
+    max_pairs: int
+    def __init__(self, seen: _Optional[_Union[StepSeen, _Mapping]] = ..., name: _Optional[str] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., grid: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[str] = ..., optimizer_params: _Optional[_Mapping[str, float]] = ..., mode: _Optional[str] = ..., keys_published: _Optional[bool] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., key_heads: _Optional[int] = ..., key_dim: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_pairs: _Optional[int] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
     __slots__ = ("table", "q", "k", "return_values")

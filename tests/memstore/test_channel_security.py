@@ -1,26 +1,34 @@
 """Attacks on a live shard's data channel, on loopback: a fuzzer on the frames and the
-handshake, peers without the secret, oversized frames, and running out of descriptors.
+handshake, peers without the secret, oversized frames, running out of descriptors, a
+peer impersonating a shard, an eavesdropper, and a flood of idle connections.
 
 The shard is a real ShardWorker (a ShardTable behind the channel's DataServer), in this
 process for the fuzzers (their counters are read directly) and in a child process where
 its memory or descriptors are measured.
 """
 
+import contextlib
+import hashlib
+import hmac
 import inspect
 import json
 import multiprocessing as mp
 import resource
 import socket
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 import zmq
+import zmq.auth
+import zmq.utils.z85
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memstore._internal.data_channel import (
+    DEFAULT_MAX_CONNECTIONS,
     PROTOCOL,
     ChannelSettings,
     DataClient,
@@ -135,7 +143,7 @@ def test_fuzzed_frames_get_an_error_reply_and_change_nothing(shard):
         PROTOCOL.encode(),
         shard.config["data_secret"].encode(),
     )
-    sock.connect("tcp://{}:{}".format(*shard.data_server.address))
+    sock.connect("tcp://{}:{}".format(*shard.data_server.address[:2]))
     sent = []
 
     @settings(
@@ -206,7 +214,7 @@ _handshakes = st.one_of(
 def test_fuzzed_handshakes_are_refused_and_the_shard_serves_on(shard):
     before = shard.fingerprint()
     handled = sum(shard.data_server.faults.handled.values())
-    host, port = shard.data_server.address
+    host, port, _ = shard.data_server.address
     tried = []
 
     @settings(max_examples=FUZZ_HANDSHAKES, derandomize=True, deadline=None, database=None)
@@ -316,7 +324,7 @@ def test_a_peer_without_the_secret_reads_nothing_writes_nothing_and_costs_no_mem
             assert (out, broken) == ({}, [0])
     junk = bytes(8 << 20)  # 8 MiB of zeros, a frame length of 0 and then nothing valid
     for _ in range(8):
-        with socket.create_connection(address, timeout=5) as s:
+        with socket.create_connection(address[:2], timeout=5) as s:
             try:
                 s.sendall(_greeting(b"PLAIN") + _hello(PROTOCOL.encode(), b"guess") + junk)
             except OSError:
@@ -339,7 +347,7 @@ def test_an_oversized_frame_is_refused_before_it_is_allocated(child_shard):
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.plain_username, sock.plain_password = PROTOCOL.encode(), config["data_secret"].encode()
-    sock.connect("tcp://{}:{}".format(*address))
+    sock.connect("tcp://{}:{}".format(*address[:2]))
     header = (
         b'{"v": "%s", "id": 1, "op": "lookup", "args": [], "arrays": [["float32", [16777216]]]}'
         % PROTOCOL.encode()
@@ -362,7 +370,7 @@ def test_the_listener_serves_again_after_running_out_of_descriptors(child_shard)
     hogs = []
     try:
         for _ in range(64):  # far more than the 24 descriptors the shard has to spare
-            hogs.append(socket.create_connection(address, timeout=5))
+            hogs.append(socket.create_connection(address[:2], timeout=5))
         assert _wait_for(lambda: stats()["counters"].get("accept_failed", 0) > 0)
     finally:
         for s in hogs:
@@ -406,3 +414,191 @@ def test_a_batch_beyond_the_tables_caps_is_refused_before_anything_is_sent(shard
             client_of(dict(shard.config, **caps)).call_all({0: request})
         assert e.value.field == "idx" and setting in e.value.expected
     assert dict(shard.data_server.faults.handled) == handled
+
+
+# ---- an impostor, an eavesdropper, a flood of idle connections ------------------------
+def _key_from_the_secret(secret: str) -> tuple[bytes, bytes]:
+    """A CURVE key pair that any holder of the table secret (every client) can compute:
+    what a shard's key would be if it were derived from the secret."""
+    seed = hmac.new(secret.encode(), f"{PROTOCOL}|server".encode(), hashlib.sha256).digest()
+    secret_key = zmq.utils.z85.encode(seed)
+    return zmq.curve_public(secret_key), secret_key
+
+
+@contextlib.contextmanager
+def impostor(address, keys: tuple[bytes, bytes]):
+    """A CURVE server with ``keys`` bound at a shard's host and port, admitting any client
+    (zmq.auth's handler), so that only the client can refuse the handshake."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    ctx = zmq.Context()
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    sock.curve_server = True
+    sock.curve_publickey, sock.curve_secretkey = keys
+    sock.bind("tcp://{}:{}".format(*address[:2]))
+    try:
+        yield sock
+    finally:
+        auth.stop()
+        sock.close()
+        ctx.term()
+
+
+def test_an_impersonating_shard_is_refused_by_the_client():
+    """The shard's port taken over by a server with another key: one any client could
+    derive from the table secret, or a fresh one. The client refuses the handshake and
+    sends nothing. The control: the same server, its key the one the client was given,
+    gets the request."""
+    config = shard_config(encrypt=True)
+    worker = ShardWorker(config, 0, 0)
+    published, incarnation = worker.data_server.address, worker.incarnation
+    assert_serves(worker)
+    worker.data_server.close()  # the shard is gone; another process binds its port
+    for keys in (_key_from_the_secret(config["data_secret"]), zmq.curve_keypair()):
+        with impostor(published, keys) as sock:
+            out, broken = client_of(config, timeout_s=3).call_all(
+                {0: lookup_request(published, incarnation)}
+            )
+            assert (out, broken) == ({}, [0])
+            assert not sock.poll(0)
+    keys = zmq.curve_keypair()
+    trusted = (*published[:2], keys[0].decode())
+    with impostor(published, keys) as sock, pytest.raises(TimeoutError):
+        try:
+            client_of(config, timeout_s=2).call_all({0: lookup_request(trusted, incarnation)})
+        finally:
+            assert sock.poll(0)  # the request reached it (it never answers)
+
+
+@contextlib.contextmanager
+def recording_proxy(target):
+    """A TCP proxy on loopback forwarding to ``target`` (host, port) and recording every
+    byte that passes either way: what a passive observer of the wire sees."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    captured, lock, stop, open_sockets = bytearray(), threading.Lock(), threading.Event(), []
+
+    def pump(src, dst):
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                with lock:
+                    captured.extend(data)
+                dst.sendall(data)
+
+    def accept():
+        while not stop.is_set():
+            try:
+                downstream, _ = listener.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(target, timeout=10)
+            open_sockets.extend((downstream, upstream))
+            for src, dst in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=pump, args=(src, dst), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname(), captured
+    finally:
+        stop.set()
+        acceptor.join(timeout=5)
+        for s in (listener, *open_sockets):
+            s.close()
+
+
+def test_a_passive_capture_of_a_lookup_holds_no_secret_when_curve_is_on(shard):
+    """One lookup through a recording proxy, PLAIN (loopback's default: the control, whose
+    capture shows the secret and the data) and CURVE (neither)."""
+    encrypted = ShardWorker(shard_config(encrypt=True), 0, 0)
+    try:
+        for worker, curve in ((shard, False), (encrypted, True)):
+            host, port, key = worker.data_server.address
+            assert (key is not None) == curve
+            with recording_proxy((host, port)) as (proxy, captured):
+                request = lookup_request((*proxy, key), worker.incarnation, seed=11)
+                client = client_of(worker.config)
+                out, broken = client.call_all({0: request})
+                client.close()
+                wire = bytes(captured)
+            assert broken == []
+            y = expected_y(worker, request)
+            np.testing.assert_allclose(out[0][1], y, rtol=1e-5, atol=1e-6)
+            secret = worker.config["data_secret"]
+            rows, w, _ = request[2]
+            shown = [x in wire for x in (secret.encode(), rows.tobytes(), w.tobytes())]
+            assert shown == [not curve] * 3, (curve, shown)
+            assert (out[0][1].tobytes() in wire) is not curve
+            assert bytes.fromhex(secret) not in wire
+    finally:
+        encrypted.data_server.close()
+
+
+IDLE_CONNECTIONS = 300
+
+
+def test_idle_connections_without_the_secret_take_no_part_of_the_connection_limit(child_shard):
+    """More idle TCP connections than the limit, each accepted by the shard (its greeting
+    read back), never passing the handshake: a valid client still connects and its call
+    goes over the channel, not the Ray fallback."""
+    config, address, incarnation, fingerprint, stats = child_shard
+    assert IDLE_CONNECTIONS > DEFAULT_MAX_CONNECTIONS
+    idle = []
+    try:
+        for _ in range(IDLE_CONNECTIONS):
+            idle.append(socket.create_connection(address[:2], timeout=10))
+        for s in idle:
+            assert s.recv(10)  # the first bytes of the shard's ZMTP greeting
+        out, broken = _valid_call(config, address, incarnation)
+        assert broken == [] and out[0][1].shape == (8, DIM)
+        after = stats()
+        assert after["handled"] == {"lookup": 1} and after["counters"].get("refused", 0) == 0
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_restarted_shards_new_key_reaches_the_handle_through_ray(
+    ray_start_16_cpus, table_names, tmp_path, caplog
+):
+    """A real table with CURVE: the killed shard's process comes back with a new key,
+    published through Ray; the handle rolls back, learns it there, and its next lookup
+    goes over the channel again (no call falls back to Ray)."""
+    import os
+    import signal
+
+    import ray
+
+    import memstore
+
+    t = memstore.create_table(
+        table_names("curve-restart"),
+        ROWS,
+        DIM,
+        data_encrypt=True,
+        checkpoint_root=str(tmp_path),
+        max_restarts=2,
+        timeout_s=120,
+    )
+    actor = t.shards[(0, 0)]
+    gen = torch.Generator().manual_seed(5)
+    idx, w = torch.randint(0, ROWS, (8, 4), generator=gen), torch.rand(8, 4, generator=gen)
+    before = t.lookup(idx, w)
+    t.save()
+    info = ray.get(actor.info.remote())
+    os.kill(info["pid"], signal.SIGKILL)
+    with pytest.raises(memstore.StoreRolledBack):
+        for _ in range(50):  # the next call that reaches the dead shard raises
+            t.lookup(idx, w)
+            time.sleep(0.2)
+    restarted = ray.get(actor.info.remote())
+    assert restarted["data_address"][2] not in (None, info["data_address"][2])
+    with caplog.at_level("INFO", logger="memstore"):
+        after = t.lookup(idx, w)
+    assert not [r for r in caplog.records if "goes over Ray" in r.getMessage()]
+    assert tuple(restarted["data_address"]) in t._channel.socks
+    torch.testing.assert_close(after, before)

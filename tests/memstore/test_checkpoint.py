@@ -1,7 +1,9 @@
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -19,6 +21,15 @@ from memstore import checkpoint as ck
 from memstore.shard_table import BlockSpec
 
 ROWS, DIM = 1000, 70
+SECRET = "operator-secret-of-the-checkpoint-tests-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def checkpoint_secret(monkeypatch):
+    """Every test signs and verifies with this secret, never the user's key file."""
+    monkeypatch.setenv(ck.SECRET_ENV, SECRET)
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GRIDS = {  # uneven bounds on purpose
@@ -62,6 +73,7 @@ def cut(sd, spec):
     state = {k: (v[r] if v.dim() == 1 else v[r, c]).clone() for k, v in sd["state"].items()}
     return {
         **sd,
+        "row_stats": None,  # the whole table's row statistics are not the block's
         "spec": dataclasses.asdict(spec),
         "values": sd["values"][r, c].clone(),
         "state": state,
@@ -103,9 +115,23 @@ def manifest_sha256(m):
     ).hexdigest()
 
 
-def write_manifest(file, m):
-    """Write an edited manifest with a valid checksum: only the content checks remain."""
-    file.write_text(json.dumps({**m, "manifest_sha256": manifest_sha256(m)}))
+def manifest_hmac(m, secret=SECRET):
+    """The manifest's HMAC as the format defines it, computed here from the definition:
+    the table key is HMAC-SHA256(secret, "memstore-checkpoint-key\\0" + table name)
+    in hex; the HMAC is HMAC-SHA256(table key, "memstore-checkpoint-manifest\\0" +
+    canonical JSON of every field but hmac and manifest_sha256)."""
+    name = m["table"].get("name", "")
+    key = hmac.new(secret.encode(), b"memstore-checkpoint-key\0" + name.encode(), "sha256")
+    body = {k: v for k, v in m.items() if k not in ("hmac", "manifest_sha256")}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    message = b"memstore-checkpoint-manifest\0" + canonical
+    return hmac.new(key.hexdigest().encode(), message, "sha256").hexdigest()
+
+
+def write_manifest(file, m, secret=SECRET):
+    """Write an edited manifest, signed and checksummed: only the content checks remain."""
+    signed = {**m, "hmac": manifest_hmac(m, secret)}
+    file.write_text(json.dumps({**signed, "manifest_sha256": manifest_sha256(signed)}))
 
 
 def save_grid(path, whole, grid, step=2):
@@ -175,6 +201,7 @@ def test_manifest_contents(tmp_path):
         assert (e["sha256"], e["bytes"]) == (hashlib.sha256(data).hexdigest(), len(data))
     assert json.loads((path / "manifest.json").read_text()) == m
     assert m["manifest_sha256"] == manifest_sha256(m)
+    assert m["hmac"] == manifest_hmac(m)
     assert not [n for n in os.listdir(path) if n.startswith(".")]  # no temp files left
     assert os.listdir(tmp_path) == ["ck"]  # the staging directory became the checkpoint
 
@@ -256,7 +283,7 @@ def write_blocks(step):
     staging = ck.begin(path)
     entries = []
     for i, (r0, r1) in enumerate([(0, 120), (120, 300)]):
-        part = {**sd, "spec": BlockSpec(300, 16, r0, r1, 0, 16),
+        part = {**sd, "row_stats": None, "spec": BlockSpec(300, 16, r0, r1, 0, 16),
                 "values": sd["values"][r0:r1],
                 "state": {k: v[r0:r1] for k, v in sd["state"].items()}}
         entries.append(ck.write_block(staging, f"r{i}", part))
@@ -505,6 +532,7 @@ def test_manifest_table_config_is_constrained(tmp_path, change, message):
 
 _EVIL = """
 import os
+import pathlib
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch {marker}",))
@@ -604,6 +632,7 @@ def test_a_block_cut_from_a_larger_tensor_stores_only_its_rows(tmp_path):
     sd, spec = whole.state_dict(), BlockSpec(ROWS, DIM, 0, 100, 0, DIM)
     view = {
         **sd,
+        "row_stats": None,  # the whole table's row statistics are not the block's
         "spec": spec,
         "values": sd["values"][:100],
         "state": {k: v[:100] for k, v in sd["state"].items()},
@@ -625,3 +654,112 @@ def test_abort_removes_only_a_staging_location(tmp_path):
     with pytest.raises(InvalidArgument, match="staging"):
         ck.abort(tmp_path / "data")
     assert (tmp_path / "data").is_dir()
+
+
+# ---- authentication and bounded parsing ---------------------------------------------
+def plant(root, step, whole, how):
+    """A checkpoint at ``root/step-N`` with valid block and manifest checksums that the
+    operator never signed: signed with another secret, or with no hmac at all."""
+    path = ck.checkpoint_dir(root, step)
+    if how == "another secret":
+        save_grid(path, whole, "2x2", step=step)
+        m = json.loads((pathlib.Path(path) / "manifest.json").read_text())
+        write_manifest(pathlib.Path(path) / "manifest.json", m, secret="x" * 40)
+    else:
+        save_grid(path, whole, "2x2", step=step)
+        file = pathlib.Path(path) / "manifest.json"
+        m = {k: v for k, v in json.loads(file.read_text()).items() if k != "hmac"}
+        file.write_text(json.dumps({**m, "manifest_sha256": manifest_sha256(m)}))
+    return path
+
+
+@pytest.mark.parametrize("how", ["another secret", "no hmac"])
+def test_a_planted_unsigned_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog, how):
+    old, forged = trained(steps=1), trained(optimizer=memstore.Adam(lr=5.0), steps=3)
+    save_grid(ck.checkpoint_dir(tmp_path, 1), old, "2x2", step=1)
+    planted = plant(tmp_path, 999_999_999, forged, how)
+    key = ck.table_key(SECRET, "mem0")
+    with pytest.raises(CheckpointError, match="not authenticated"):
+        ck.read_manifest(planted, key=key)
+    spec = specs("2x2")["r1c0"]
+    with caplog.at_level("WARNING", logger="memstore.checkpoint"):
+        path, sd = ck.restore_block(tmp_path, spec, key=key)
+    assert path == ck.checkpoint_dir(tmp_path, 1)
+    assert_same(sd, cut(old.state_dict(), spec))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(planted in m and "not authenticated" in m for m in warned), warned
+    assert ck.checkpoints(tmp_path, key=key) == [ck.checkpoint_dir(tmp_path, 1)]
+
+
+def test_a_table_key_verifies_only_its_own_tables_checkpoints(tmp_path):
+    save_grid(tmp_path, trained(steps=1), "1x1", step=1)  # table "mem0"
+    assert ck.read_manifest(tmp_path, key=ck.table_key(SECRET, "mem0"))["step"] == 1
+    assert ck.read_manifest(tmp_path, secret=SECRET)["step"] == 1  # derived from its name
+    with pytest.raises(CheckpointError, match="not authenticated"):
+        ck.read_manifest(tmp_path, key=ck.table_key(SECRET, "other"))
+    with pytest.raises(CheckpointError, match="not authenticated"):
+        ck.read_manifest(tmp_path, secret="y" * 40)
+    # Renaming the table in a manifest (checksum fixed) breaks its signature.
+    file = tmp_path / "manifest.json"
+    m = json.loads(file.read_text())
+    m["table"]["name"] = "other"
+    file.write_text(json.dumps({**m, "manifest_sha256": manifest_sha256(m)}))
+    with pytest.raises(CheckpointError, match="not authenticated"):
+        ck.read_manifest(tmp_path, key=ck.table_key(SECRET, "other"))
+
+
+def test_a_deeply_nested_manifest_falls_back_to_the_previous_checkpoint(tmp_path, caplog):
+    old = trained(steps=1)
+    save_grid(ck.checkpoint_dir(tmp_path, 1), old, "2x2", step=1)
+    hostile = pathlib.Path(ck.checkpoint_dir(tmp_path, 2))
+    hostile.mkdir()
+    (hostile / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)  # 200 KB
+    with pytest.raises(CheckpointError, match="nests 100000 deep, more than the 32"):
+        ck.read_manifest(hostile)
+    # Brackets inside strings (escaped quotes included) are not nesting.
+    (hostile / "manifest.json").write_text(json.dumps({"format": '\\"[[[' * 50_000}))
+    with pytest.raises(CheckpointError, match="not a memstore-checkpoint manifest"):
+        ck.read_manifest(hostile)
+    (hostile / "manifest.json").write_text('{"a": ' * 33 + "1" + "}" * 33)
+    with pytest.raises(CheckpointError, match="nests 33 deep"):
+        ck.read_manifest(hostile)
+    (hostile / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    spec = specs("2x2")["r0c0"]
+    with caplog.at_level("WARNING", logger="memstore.checkpoint"):
+        path, sd = ck.restore_block(tmp_path, spec, key=ck.table_key(SECRET, "mem0"))
+    assert path == ck.checkpoint_dir(tmp_path, 1)
+    assert_same(sd, cut(old.state_dict(), spec))
+    assert any("nests 100000 deep" in r.getMessage() for r in caplog.records)
+
+
+def test_a_manifest_over_the_size_limit_is_refused(tmp_path, monkeypatch):
+    save_grid(tmp_path, trained(steps=1), "1x1", step=1)
+    size = (tmp_path / "manifest.json").stat().st_size
+    monkeypatch.setattr(ck, "_MAX_MANIFEST_BYTES", size - 1)
+    with pytest.raises(CheckpointError, match=f"{size} bytes, more than the {size - 1} allowed"):
+        ck.read_manifest(tmp_path)
+    monkeypatch.setattr(ck, "_MAX_MANIFEST_BYTES", size)
+    assert ck.read_manifest(tmp_path)["step"] == 1
+
+
+def test_the_operator_secret_comes_from_argument_environment_or_key_file(tmp_path, monkeypatch):
+    assert ck.operator_secret("a" * 32) == "a" * 32
+    assert ck.operator_secret() == SECRET  # the environment, set by the fixture
+    with pytest.raises(InvalidArgument, match="checkpoint_secret") as e:
+        ck.operator_secret("short-secret")
+    assert "short-secret" not in str(e.value)  # a secret is never echoed
+    monkeypatch.delenv(ck.SECRET_ENV)
+    key_file = tmp_path / "keys" / "secret"
+    monkeypatch.setenv(ck.KEY_FILE_ENV, str(key_file))
+    first = ck.operator_secret()  # created on first use, owner-only
+    assert re.fullmatch(r"[0-9a-f]{64}", first)
+    assert key_file.read_text() == first and (key_file.stat().st_mode & 0o777) == 0o600
+    assert ck.operator_secret() == first
+    key_file.chmod(0o644)  # readable by others: refused, not used
+    with pytest.raises(InvalidArgument, match=ck.KEY_FILE_ENV):
+        ck.operator_secret()
+    key_file.chmod(0o600)
+    os.symlink(key_file, tmp_path / "link")
+    monkeypatch.setenv(ck.KEY_FILE_ENV, str(tmp_path / "link"))
+    with pytest.raises(InvalidArgument, match=ck.KEY_FILE_ENV):  # a link is never followed
+        ck.operator_secret()

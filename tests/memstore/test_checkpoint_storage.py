@@ -15,19 +15,22 @@ import memstore
 from memstore import SGD, Adam, CheckpointError, InvalidArgument, ShardTable
 from memstore import checkpoint as ck
 from memstore.shard_table import BlockSpec
+from memstore.table import table_exists
 from tests.local_ray import local_ray
 from tests.s3_server import CREDENTIALS, moto_s3
 
 ROWS, DIM, SEED = 600, 24, 3
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUCKET = "memstore-ck"
+SECRET = "operator-secret-of-the-storage-tests-0123456789"
+ENV = {**CREDENTIALS, ck.SECRET_ENV: SECRET}
 
 
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on loopback with one bucket; yields a URI maker for it."""
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)  # before Ray starts: its workers inherit them
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)  # before Ray starts: its workers inherit them
     try:
         with moto_s3(BUCKET) as server:
             yield server.uri
@@ -80,6 +83,7 @@ def test_library_round_trip_and_hostile_uri_on_s3(s3, tmp_path):
     for bid, (r0, r1) in {"0-0": (0, 250), "1-0": (250, ROWS)}.items():
         part = {
             **sd,
+            "row_stats": None,  # the whole table's row statistics are not the block's
             "spec": BlockSpec(ROWS, DIM, r0, r1, 0, DIM),
             "values": sd["values"][r0:r1],
             "state": {k: v[r0:r1] for k, v in sd["state"].items()},
@@ -107,6 +111,68 @@ def test_library_round_trip_and_hostile_uri_on_s3(s3, tmp_path):
     assert not [p for p in tmp_path.parent.rglob("s3:*")]
 
 
+def test_of_8_concurrent_saves_to_one_s3_path_exactly_one_commits(s3):
+    """All 8 saves stage their blocks before any commits: only the create-only manifest
+    write decides, and the 7 that lose it raise and leave nothing behind."""
+    path = ck.checkpoint_dir(s3("race"), 1)
+    tables = [reference(1, Adam(lr=0.01 * (i + 1))) for i in range(8)]
+    staged = threading.Barrier(len(tables))
+
+    def save(t):
+        staging = ck.begin(path)
+        entry = ck.write_block(staging, "0-0", t.state_dict())
+        staged.wait(timeout=120)
+        cfg = {"name": "race", "rows": ROWS, "dim": DIM, "dtype": "float32"}
+        return ck.commit(path, {**cfg, "optimizer": t.optimizer}, [entry], 1, staging=staging)
+
+    outcomes = [None] * len(tables)
+
+    def run(i):
+        try:
+            outcomes[i] = save(tables[i])
+        except CheckpointError as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(tables))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    winners = [i for i, o in enumerate(outcomes) if isinstance(o, dict)]
+    losers = [o for o in outcomes if isinstance(o, CheckpointError)]
+    assert len(winners) == 1 and len(losers) == 7, outcomes
+    assert all("another save committed it first" in e.reason for e in losers)
+    (winner,) = winners
+    got = ck.load_block(path, BlockSpec.whole(ROWS, DIM))
+    torch.testing.assert_close(got["values"], tables[winner].values, rtol=0, atol=0)
+    assert ck.read_manifest(path) == outcomes[winner]
+    import pyarrow.fs as pafs
+
+    fs, prefix = pafs.FileSystem.from_uri(path)
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(prefix))}
+    data_dirs = [n for n in names if n.startswith("data-")]
+    assert names == {"manifest.json", *data_dirs} and len(data_dirs) == 1  # losers cleaned
+
+
+def test_the_manifest_put_is_create_only_on_the_server(s3):
+    """moto honours If-None-Match: a second create-only PUT of an existing manifest is
+    refused by the server itself (no check of ours runs before it)."""
+    whole = reference(1, Adam(lr=0.1))
+    path = ck.checkpoint_dir(s3("put-once"), 1)
+    cfg = {"name": "p", "rows": ROWS, "dim": DIM, "dtype": "float32", "optimizer": whole.optimizer}
+    first = ck.begin(path)
+    entry = ck.write_block(first, "0-0", whole.state_dict())
+    committed = ck.commit(path, cfg, [entry], 1, staging=first)
+    with pytest.raises(CheckpointError, match="another save committed it first"):
+        ck._commit_object_store(path, b"{}")
+    assert ck.read_manifest(path) == committed
+
+
+def test_saving_to_a_filesystem_without_create_only_writes_is_refused():
+    with pytest.raises(CheckpointError, match="mock filesystem is not supported"):
+        ck.begin("mock:///bucket/step-000000001")
+
+
 def test_two_shards_save_to_s3_and_another_driver_loads_into_three(ray_s3, s3, tmp_path):
     name = "s3-save"
     t = memstore.create_table(
@@ -129,7 +195,7 @@ def test_two_shards_save_to_s3_and_another_driver_loads_into_three(ray_s3, s3, t
     driver = (
         "import sys, torch, memstore\n"
         "t = memstore.load_table(sys.argv[1], 'from-s3', shards=3, timeout_s=120,\n"
-        "                        data_channel='ray')\n"
+        "                        data_channel='ray', checkpoint_secret=sys.argv[3])\n"
         "try:\n"
         "    assert len(t.shards) == 3, t.shards\n"
         f"    torch.save({{'values': t.gather(torch.arange({ROWS})).float(), "
@@ -142,7 +208,15 @@ def test_two_shards_save_to_s3_and_another_driver_loads_into_three(ray_s3, s3, t
         "RAY_ADDRESS": ray_s3.get_runtime_context().gcs_address,
         "PYTHONPATH": REPO,
     }
-    subprocess.run([sys.executable, "-c", driver, path, str(out)], env=env, check=True, timeout=300)
+    # Another job with none of this driver's secrets: it names the operator's secret.
+    env.pop(ck.SECRET_ENV)
+    env[ck.KEY_FILE_ENV] = str(tmp_path / "no-key-yet")
+    with pytest.raises(CheckpointError, match="not authenticated"):
+        memstore.load_table(path, "wrong-secret", checkpoint_secret="z" * 40)
+    assert not table_exists("wrong-secret")
+    subprocess.run(
+        [sys.executable, "-c", driver, path, str(out), SECRET], env=env, check=True, timeout=300
+    )
     loaded = torch.load(out, weights_only=True)
     assert loaded["step"] == 3
     torch.testing.assert_close(
@@ -157,7 +231,7 @@ def _slow_saver_class():
     class SlowSave(ShardWorker):
         def save(self, path, *args, **kwargs):
             if self.block_id == "1-0" and self.table.last_step >= 2:
-                ck._write_file(ck._join(path, "stalled"), b"")
+                ck._write_file(ck.join(path, "stalled"), b"")
                 time.sleep(300)
             return super().save(path, *args, **kwargs)
 

@@ -121,7 +121,7 @@ def test_a_push_that_one_block_refuses_is_withdrawn_from_the_others(table_names)
             1,
             1,
             0.1,
-            t._incarnations[(0, 0)],
+            t._write_fence((0, 0)),  # a write: the incarnation and the rollback epoch
         )
     )
     before = t.fingerprints()

@@ -17,14 +17,17 @@ from hypothesis import strategies as st
 from memstore import InvalidArgument, MemstoreError, ShardUnavailable, StepOutOfOrder
 from memstore._internal.data_channel import (
     PROTOCOL,
+    ChannelBroken,
     ChannelSettings,
     DataClient,
     DataServer,
     OpCaps,
     ProtocolError,
     channel_config,
+    client_mechanism,
     decode,
     encode,
+    uses_curve,
 )
 from memstore.errors import from_wire, to_wire
 
@@ -326,24 +329,82 @@ def test_encrypted_channel_serves_its_own_clients_only():
     enc = ChannelSettings(SECRET, CAPS, encrypt=True)
     s = DataServer("127.0.0.1", {"scale": _scale}, enc)
     try:
+        host, port, key = s.address
+        assert len(key) == 40  # the server's own Z85 public key, published with its address
         a, b = _pair(100, 3)
         out, _ = DataClient(10, enc).call_all({0: (s.address, "scale", (a, b), (1.0,))})
         np.testing.assert_array_equal(out[0][1], a.astype(np.float64) + b)
-        for wrong in (
-            ChannelSettings("b" * 64, CAPS, encrypt=True),
-            ChannelSettings(SECRET, CAPS),
-        ):  # another key, or plain
-            out, broken = DataClient(3, wrong).call_all({0: (s.address, "scale", (a, b), (1,))})
+        for wrong, address in (
+            (ChannelSettings("b" * 64, CAPS, encrypt=True), s.address),  # another secret
+            (ChannelSettings(SECRET, CAPS, encrypt=False), (host, port)),  # PLAIN
+        ):
+            out, broken = DataClient(3, wrong).call_all({0: (address, "scale", (a, b), (1,))})
             assert broken == [0] and out == {}
-        assert s.faults.handled["scale"] == 1
+        assert s.faults.handled["scale"] == 1 and s.counters["refused"] >= 1
     finally:
         s.close()
+
+
+# The rule, spelled out: loopback is 127.0.0.0/8 and ::1; anything else (another
+# interface, every interface, a name) may leave the machine.
+OFF_LOOPBACK = ["10.0.0.5", "192.168.1.20", "172.16.0.1", "8.8.8.8", "0.0.0.0", "localhost"]
+ON_LOOPBACK = ["127.0.0.1", "127.0.0.2", "127.255.255.254", "::1"]
+
+
+def test_curve_is_the_default_wherever_an_end_is_off_loopback():
+    for host in OFF_LOOPBACK:
+        assert uses_curve(None, host) is True, host
+        assert uses_curve(False, host) is False, host  # PLAIN only when the table asks
+    for host in ON_LOOPBACK:
+        assert uses_curve(None, host) is False, host
+        assert uses_curve(True, host) is True, host
+
+
+def test_a_client_sends_the_secret_in_clear_only_on_loopback_or_when_asked():
+    key = zmq.curve_keypair()[0].decode()
+    for host in OFF_LOOPBACK + ON_LOOPBACK:
+        for encrypt in (None, True, False):
+            assert client_mechanism(encrypt, host, key) == "CURVE"
+    for host in OFF_LOOPBACK:
+        assert client_mechanism(False, host, None) == "PLAIN"
+        for encrypt in (None, True):
+            with pytest.raises(ChannelBroken):
+                client_mechanism(encrypt, host, None)
+    for host in ON_LOOPBACK:
+        assert client_mechanism(None, host, None) == client_mechanism(False, host, None) == "PLAIN"
+        with pytest.raises(ChannelBroken):
+            client_mechanism(True, host, None)
+
+
+def test_a_shard_publishes_a_key_of_its_own_exactly_when_it_encrypts():
+    """Loopback with the default: PLAIN, no key. Encrypted: a fresh key per server, never
+    one a holder of the table secret could derive."""
+    servers = [
+        DataServer("127.0.0.1", {"scale": _scale}, ChannelSettings(SECRET, CAPS, encrypt=e))
+        for e in (None, True, True)
+    ]
+    try:
+        plain, first, second = (s.address for s in servers)
+        assert len(plain) == 3 and plain[2] is None
+        assert first[2] and second[2] and first[2] != second[2]
+        assert zmq.curve_public(ChannelSettings(SECRET, CAPS).client_keys()[1]).decode() not in (
+            first[2],
+            second[2],
+        )
+    finally:
+        for s in servers:
+            s.close()
 
 
 def test_the_connection_limit_refuses_handshakes_beyond_it():
     s = DataServer("127.0.0.1", {"scale": _scale}, ChannelSettings(SECRET, CAPS, max_connections=2))
     a = np.ones(2, dtype=np.float32)
+    raw = []
     try:
+        # Connections that never pass the handshake take no part of the limit.
+        for _ in range(10):
+            raw.append(socket.create_connection(s.address[:2], timeout=5))
+            assert len(raw[-1].recv(10)) > 0  # the server's greeting: it accepted this one
         held = [client() for _ in range(2)]
         for c in held:
             assert c.call_all({0: (s.address, "scale", (a, a), (1,))})[1] == []
@@ -356,6 +417,8 @@ def test_the_connection_limit_refuses_handshakes_beyond_it():
                 break
         assert broken == [] and 0 in out
     finally:
+        for r in raw:
+            r.close()
         s.close()
 
 

@@ -26,7 +26,6 @@ from memstore import (
     StoreRolledBack,
     TableNotFound,
 )
-from memstore.kernels import product_key_topk
 
 pytestmark = pytest.mark.usefixtures("ray_start_16_cpus")
 
@@ -299,6 +298,28 @@ def test_async_mode_applies_on_arrival_once_and_bounds_staleness(table_names):
     assert t.stats()["shards"][0]["staleness_max"] == 0
 
 
+def brute_force_query(q, keys, values, k):
+    """Oracle of a product-key query, in float64: every pair (i, j) of sub-keys scored
+    as <q's first half, keys[h, 0, i]> + <q's second half, keys[h, 1, j]> at row i·n + j,
+    the k best per head, and the rows they name summed with the softmax of their scores
+    over each head's k."""
+    B, H, _ = q.shape
+    n = keys.shape[2]
+    q, keys, values = q.double(), keys.double(), values.double()
+    indices = torch.empty(B, H, k, dtype=torch.int64)
+    scores = torch.empty(B, H, k, dtype=torch.float64)
+    y = torch.zeros(B, values.shape[1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            first, second = q[b, h].chunk(2)
+            pairs = (keys[h, 0] @ first)[:, None] + (keys[h, 1] @ second)[None, :]
+            best = sorted(range(n * n), key=lambda r: -float(pairs[r // n, r % n]))[:k]
+            indices[b, h] = torch.tensor(best)
+            scores[b, h] = torch.stack([pairs[r // n, r % n] for r in best])
+            y[b] += (torch.softmax(scores[b, h], 0)[:, None] * values[best]).sum(0)
+    return indices, scores, y
+
+
 def test_published_keys_answer_queries_without_the_model(table_names):
     n, H, half = 16, 2, 4
     t = memstore.create_table(table_names("query"), n * n, 64, seed=SEED, timeout_s=120)
@@ -306,12 +327,12 @@ def test_published_keys_answer_queries_without_the_model(table_names):
     t.publish_keys(keys)
     q = torch.randn(5, H, 2 * half)
     idx, scores, y = t.query(q, k=6)
-    ref_scores, ref_idx = product_key_topk(q, keys, 6)
+    # The rows' values are the table's initial ones, which the seed fixes.
+    values = ShardTable(n * n, 64, seed=SEED).values
+    ref_idx, ref_scores, ref_y = brute_force_query(q, keys, values, 6)
     assert torch.equal(idx, ref_idx)
-    ref = ShardTable(n * n, 64, seed=SEED)
-    torch.testing.assert_close(
-        y, ref.lookup(ref_idx.flatten(1), torch.softmax(ref_scores, -1).flatten(1))
-    )
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
     with pytest.raises(InvalidArgument) as e:
         t.publish_keys(torch.randn(H, 2, n + 1, half))
     assert e.value.field == "keys"
@@ -495,3 +516,43 @@ def test_a_query_after_keys_are_published_again_uses_the_new_keys(table_names):
     assert torch.equal(t.query(q3, k=5)[0], brute_force_topk(q3, wider, 5).indices)
     t.publish_keys(first)
     assert torch.equal(other.query(q, k=6)[0], brute_force_topk(q, first, 6).indices)
+
+
+def test_concurrent_creates_of_one_name_leave_exactly_one_table(table_names, monkeypatch):
+    """Two create_table calls for one name, both past the existence check before either
+    places anything: one creates the table, the other raises TableExists, and the
+    loser's failure removes nothing of the winner's (its shards still answer)."""
+    import threading
+
+    import memstore.api
+
+    name = table_names("race")
+    both_checked = threading.Barrier(2, timeout=60)
+    check = memstore.api.raise_if_exists
+
+    def check_then_wait(n):
+        check(n)
+        both_checked.wait()
+
+    monkeypatch.setattr(memstore.api, "raise_if_exists", check_then_wait)
+    outcomes = [None, None]
+
+    def create(i):
+        try:
+            outcomes[i] = memstore.create_table(name, ROWS, DIM, shards=(2, 1), seed=SEED)
+        except Exception as e:  # noqa: BLE001 - the outcome is what the test checks
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    tables = [o for o in outcomes if isinstance(o, memstore.Table)]
+    errors = [o for o in outcomes if not isinstance(o, memstore.Table)]
+    assert len(tables) == 1 and len(errors) == 1
+    assert isinstance(errors[0], memstore.TableExists)
+    idx = torch.randint(0, ROWS, (4, 3), generator=torch.Generator().manual_seed(SEED))
+    w = torch.ones(4, 3)
+    rows = ShardTable(ROWS, DIM, seed=SEED).gather(idx.flatten()).reshape(4, 3, DIM)
+    torch.testing.assert_close(memstore.connect(name).lookup(idx, w), rows.sum(1))

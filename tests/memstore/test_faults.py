@@ -184,3 +184,34 @@ def test_shard_restarts_around_every_data_call_replay_from_the_checkpoint(table_
     assert {i["last_step"] for i in info.values()} == {STEPS}
     assert all(s["pending_steps"] == [] for s in t.stats()["shards"])
     assert t.fingerprints() == clean.fingerprints()
+
+
+def test_a_push_from_a_handle_that_missed_a_rollback_is_refused_on_every_block(
+    table_names, tmp_path
+):
+    """Handle A meets a shard restart and rolls the table back; handle B, which has not
+    met it, pushes the next step. Every block refuses B's push, the one that did not
+    restart included (it carries the old rollback epoch), B learns of the rollback, and
+    A's replay from the checkpoint ends exactly where an undisturbed run ends."""
+    clean = _make(table_names("clean"), tmp_path / "clean")
+    assert _train(clean) == []
+    a = _make(table_names("fenced"), tmp_path / "fenced")
+    b = memstore.connect(a.name)
+    for step in (1, 2, 3):  # the checkpoint of step 2 is the newest
+        idx, w = _batch(step)
+        a.backward(idx, w, (a.lookup(idx, w) - TARGET) / B, step=step)
+        a.step(step)
+    _arm(a, ((0, 0), "exit-before", "lookup"))
+    with pytest.raises(StoreRolledBack) as rolled:
+        a.lookup(*_batch(4))
+    assert rolled.value.step == 2
+    idx, w = _batch(3)
+    with pytest.raises(StoreRolledBack) as missed:
+        b.backward(idx, w, torch.full((B, DIM), 1e3), step=3)
+    assert missed.value.step == 2 and b.last_step == 2
+    assert all(s["pending_steps"] == [] for s in a.stats()["shards"])
+    for step in range(3, STEPS + 1):
+        idx, w = _batch(step)
+        a.backward(idx, w, (a.lookup(idx, w) - TARGET) / B, step=step)
+        a.step(step)
+    assert a.fingerprints() == clean.fingerprints()

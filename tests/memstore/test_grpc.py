@@ -203,7 +203,8 @@ def test_refused_before_the_payload_is_parsed(served):
     garbage = b"\xff\xff\xff\xff\x0f" * 8
     with channel:
         assert code_of(raw, garbage)[0] == grpc.StatusCode.UNAUTHENTICATED
-        assert code_of(raw, garbage, metadata=auth())[0] == grpc.StatusCode.INTERNAL
+        # grpc.aio answers a request it cannot deserialize with UNKNOWN.
+        assert code_of(raw, garbage, metadata=auth())[0] == grpc.StatusCode.UNKNOWN
 
 
 def test_health_without_token_and_reflection_with_one(served):
@@ -244,8 +245,9 @@ def test_generated_token_file_is_private(tmp_path, monkeypatch):
     tokens, source = server_tokens(None, str(path))
     assert source == str(path) and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    ((token, scopes),) = tokens.items()
-    assert scopes == {"read", "write", "admin"} and len(token) >= 32
+    ((token, grant),) = tokens.items()
+    assert grant.scopes == {"read", "write", "admin"} and grant.tables is None
+    assert len(token) >= 32
     assert server_tokens(None, str(path))[0] == tokens  # reused, not replaced
     assert client_token(token_file=str(path)) == token
     path.chmod(0o644)

@@ -100,16 +100,20 @@ def test_backward_returns_dw_of_embedding_bag_and_pends_until_step():
 
 
 def test_pushes_of_two_push_ids_sum_and_a_repeated_push_is_ignored():
-    t, single = make(), make()
+    lr = 0.5
+    t = ShardTable(ROWS, DIM, optimizer=memstore.SGD(lr=lr), seed=3)
+    values = t.values.double().clone()
     idx, w, dy = batch()
     a, b = slice(0, 4), slice(4, 9)
     t.backward(idx[a], w[a], dy[a], step=1, push_id=0)
     t.backward(idx[b], w[b], dy[b], step=1, push_id=1)
     t.backward(idx[b], w[b], dy[b], step=1, push_id=1)  # a retry: never applied twice
-    single.backward(idx, w, dy, step=1)
     t.step(1)
-    single.step(1)
-    torch.testing.assert_close(t.values, single.values, rtol=1e-6, atol=1e-6)
+    # SGD in float64: every slot of both pushes, once.
+    grad = torch.zeros_like(values).index_add_(
+        0, idx.flatten(), (w.double()[..., None] * dy.double()[:, None, :]).flatten(0, 1)
+    )
+    torch.testing.assert_close(t.values.double(), values - lr * grad, rtol=1e-5, atol=1e-6)
     assert t.stats()["duplicate_pushes"] == 1
 
 
@@ -137,13 +141,41 @@ def test_a_step_takes_the_lr_its_pushes_asked_for():
     assert t.optimizer.lr == 0.05
 
 
+def _one_slot_at(idx: torch.Tensor, row: int) -> torch.Tensor:
+    """idx with its first slot on ``row`` and the others where they were."""
+    out = idx.clone()
+    out[0, 0] = row
+    return out
+
+
+def test_the_first_and_last_rows_are_read_and_written():
+    t = ShardTable(ROWS, DIM, optimizer=memstore.SGD(lr=0.5), seed=3)
+    idx, w, dy = batch()
+    idx[0, 0], idx[0, 1], idx[1, 0] = 0, ROWS - 1, ROWS - 1
+    values = t.values.double().clone()
+    y_ref, dw_ref = embedding_bag64(values, idx, w, dy)
+    torch.testing.assert_close(t.lookup(idx, w), y_ref.float(), rtol=1e-5, atol=1e-5)
+    edges = torch.tensor([0, ROWS - 1])
+    torch.testing.assert_close(t.gather(edges).double(), values[edges], rtol=0, atol=0)
+    torch.testing.assert_close(t.backward(idx, w, dy, step=1), dw_ref.float(), rtol=1e-5, atol=1e-5)
+    t.step(1)
+    grad = torch.zeros_like(values).index_add_(
+        0, idx.flatten(), (w.double()[..., None] * dy.double()[:, None, :]).flatten(0, 1)
+    )
+    assert grad[0].abs().sum() > 0 and grad[ROWS - 1].abs().sum() > 0
+    torch.testing.assert_close(t.values.double(), values - 0.5 * grad, rtol=1e-5, atol=1e-6)
+
+
 def test_row_and_column_block_answers_its_part():
     whole = make()
     block = make(row_range=(100, 250), col_range=(5, 30))
     idx, w, dy = batch(lo=100, rows=250)
-    torch.testing.assert_close(block.lookup(idx, w), whole.lookup(idx, w)[:, 5:30])
-    with pytest.raises(InvalidArgument, match=r"idx: expected indices in \[100, 250\)"):
-        block.lookup(idx - 100, w)
+    idx[0, 0], idx[0, 1] = 100, 249  # the block's first and last rows
+    expected = embedding_bag64(whole.values[:, 5:30], idx, w).float()
+    torch.testing.assert_close(block.lookup(idx, w), expected, rtol=1e-5, atol=1e-5)
+    for outside in (99, 250):
+        with pytest.raises(InvalidArgument, match=r"idx: expected indices in \[100, 250\)"):
+            block.lookup(_one_slot_at(idx, outside), w)
 
 
 def test_bfloat16_table_lookup_and_dw_accumulate_in_float32():
@@ -161,8 +193,11 @@ def test_bfloat16_table_lookup_and_dw_accumulate_in_float32():
     "call, field",
     [
         (lambda t, i, w, d: t.lookup(i.float(), w), "idx"),
-        (lambda t, i, w, d: t.lookup(i - ROWS, w), "idx"),
-        (lambda t, i, w, d: t.lookup(i + ROWS, w), "idx"),
+        (lambda t, i, w, d: t.lookup(_one_slot_at(i, -1), w), "idx"),
+        (lambda t, i, w, d: t.lookup(_one_slot_at(i, ROWS), w), "idx"),
+        (lambda t, i, w, d: t.backward(_one_slot_at(i, ROWS), w, d, step=2), "idx"),
+        (lambda t, i, w, d: t.gather(torch.tensor([0, ROWS - 1, ROWS])), "rows"),
+        (lambda t, i, w, d: t.gather(torch.tensor([-1, 0])), "rows"),
         (lambda t, i, w, d: t.lookup(i, w[:, :3]), "w"),
         (lambda t, i, w, d: t.lookup(i, w.masked_fill(w > 0.5, float("nan"))), "w"),
         (lambda t, i, w, d: t.backward(i, w, d[:, :5], step=2), "dy"),

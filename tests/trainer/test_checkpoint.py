@@ -1,5 +1,8 @@
 """trainer.checkpoint: resume is exact, never deletes, and loads data only."""
 
+import hashlib
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -91,10 +94,62 @@ def test_a_model_checkpoint_is_loaded_as_data_only(tmp_path):
     marker = tmp_path / "pwned"
     namespace = {}
     exec(_EVIL.format(marker=marker), namespace)  # noqa: S102 - builds the hostile payload
-    torch.save(
-        {"step": 4, "model": namespace["Evil"]()},
-        Path(checkpoint.step_dir(args.run_dir, 4)) / checkpoint.MODEL_FILE,
-    )
+    folder = Path(checkpoint.step_dir(args.run_dir, 4))
+    torch.save({"step": 4, "model": namespace["Evil"]()}, folder / checkpoint.MODEL_FILE)
+    write_checksums(folder)  # whoever can write the file can write its checksum
     with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
         train(args, resume=True, stop_after=5)
     assert not marker.exists()
+
+
+def write_checksums(folder: Path) -> None:
+    """checksums.json as the format defines it, computed here from the files."""
+    files = {
+        name: {
+            "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(),
+            "bytes": (folder / name).stat().st_size,
+        }
+        for name in (checkpoint.MODEL_FILE, checkpoint.STORE_FILE)
+    }
+    (folder / checkpoint.CHECKSUMS_FILE).write_text(
+        json.dumps({"format": "memstore-train-checkpoint", "files": files})
+    )
+
+
+def test_checksums_of_a_checkpoint_are_those_of_its_files(tmp_path):
+    args = config("tiny", tmp_path)
+    train(args, stop_after=5)  # checkpoints of steps 0 and 4
+    folder = Path(checkpoint.step_dir(args.run_dir, 4))
+    written = json.loads((folder / checkpoint.CHECKSUMS_FILE).read_text())
+    write_checksums(folder)
+    assert json.loads((folder / checkpoint.CHECKSUMS_FILE).read_text()) == written
+    state, stores = checkpoint.read(folder)
+    assert state["step"] == 4 and stores["step"] == 4
+
+
+@pytest.mark.parametrize("damaged", ["model.pt", "store.json", "checksums.json"])
+def test_a_damaged_model_checkpoint_is_refused_and_resume_passes_over_it(tmp_path, caplog, damaged):
+    args = config("tiny", tmp_path)
+    train(args, stop_after=9)  # checkpoints of steps 0, 4, 8
+    folder = Path(checkpoint.step_dir(args.run_dir, 8))
+    file = folder / damaged
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x20  # one bit: same size, other content
+    file.write_bytes(bytes(data))
+    with pytest.raises(memstore.CheckpointError, match=damaged.replace(".", r"\.")):
+        checkpoint.read(folder)
+    with caplog.at_level(logging.WARNING, logger="memstore.trainer.checkpoint"):
+        assert checkpoint.checkpoint_steps(Path(args.run_dir), ["memory"]) == [0, 4]
+    assert any(str(folder) in r.getMessage() for r in caplog.records)
+    result = train(args, resume=True, stop_after=5)  # from step 4, not the damaged 8
+    assert result["start"] == 4 and result["step"] == 5
+
+
+def test_a_model_checkpoint_without_checksums_is_not_a_checkpoint(tmp_path):
+    args = config("tiny", tmp_path)
+    train(args, stop_after=5)
+    folder = Path(checkpoint.step_dir(args.run_dir, 4))
+    (folder / checkpoint.CHECKSUMS_FILE).unlink()
+    with pytest.raises(memstore.CheckpointError, match="checksums.json is missing"):
+        checkpoint.read(folder)
+    assert checkpoint.checkpoint_steps(Path(args.run_dir), ["memory"]) == [0]

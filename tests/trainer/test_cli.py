@@ -20,14 +20,34 @@ def test_main_trains_refuses_a_used_run_dir_and_overwrites_on_request(tmp_path, 
     ]
     assert main(run) == 0
     assert "2 steps" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--config", str(CONFIGS / "tiny.yaml"), "--set", "bogus=1"])
-    with pytest.raises(SystemExit) as e:
-        main(run)
-    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main([*run, "--resume", "--overwrite"])
+    _assert_usage_error(
+        capsys,
+        ["--config", str(CONFIGS / "tiny.yaml"), "--set", "bogus=1"],
+        "memstore train: error: --set: expected a key among [",
+        "got bogus",
+    )
+    _assert_usage_error(
+        capsys, run, "memstore train: error: run_dir", "without checkpoints", "--overwrite"
+    )
+    _assert_usage_error(
+        capsys,
+        [*run, "--resume", "--overwrite"],
+        "memstore train: error: argument --overwrite: not allowed with argument --resume",
+    )
     assert main([*run, "--overwrite"]) == 0
+    assert "2 steps" in capsys.readouterr().out
+
+
+def _assert_usage_error(capsys, argv: list[str], *fragments: str) -> None:
+    """main(argv) exits with code 2 (not 0, not an exception of its own), prints nothing
+    on stdout, and its stderr holds every fragment."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    for fragment in fragments:
+        assert fragment in err, err
 
 
 def test_memstore_train_command_runs_the_trainer(tmp_path, capsys):

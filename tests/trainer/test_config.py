@@ -151,3 +151,59 @@ def test_every_shipped_config_is_valid():
     for path in sorted(CONFIGS.glob("*.yaml")):
         args = load_config(path)
         assert args.model_args(100).vocab_size == 100
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/run", "file:///tmp/run", "gs://b/r?x=1"])
+def test_a_uri_run_dir_is_refused_before_anything_is_written(tmp_path, monkeypatch, uri):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidArgument, match="run_dir: expected a local directory"):
+        TrainArgs.from_dict({"run_dir": uri})
+    assert list(tmp_path.iterdir()) == []  # no folder "s3:" or "file:"
+    assert TrainArgs.from_dict({"run_dir": "runs/a:b"}).run_dir == "runs/a:b"  # local
+
+
+@pytest.mark.parametrize(
+    ("storage", "root", "ray_storage"),
+    [
+        (
+            "s3://b/exp?endpoint_override=127.0.0.1:9000&scheme=http",
+            "s3://b/exp/run7?endpoint_override=127.0.0.1:9000&scheme=http",
+            "s3://b/exp?endpoint_override=127.0.0.1:9000&scheme=http",
+        ),
+        (
+            "s3://b/exp/?region=us-east-1&endpoint_override=127.0.0.1:1",
+            "s3://b/exp/run7?region=us-east-1&endpoint_override=127.0.0.1:1",
+            "s3://b/exp?region=us-east-1&endpoint_override=127.0.0.1:1",
+        ),
+    ],
+)
+def test_a_storage_path_keeps_its_query_in_every_path_of_the_run(storage, root, ray_storage):
+    from memstore.trainer import checkpoint
+    from memstore.trainer.ray_train import experiment_root, storage_and_name
+
+    args = TrainArgs.from_dict({"run_dir": "runs/run7", "ray": {"storage_path": storage}})
+    assert experiment_root(args, Path("/x/runs/run7")) == root
+    assert storage_and_name(root) == (ray_storage, "run7")
+    query = storage.partition("?")[2]
+    base = root.partition("?")[0]
+    assert checkpoint.store_path(root, "memory", 3) == f"{base}/store/memory/step-000000003?{query}"
+    assert checkpoint.step_dir(root, 3) == f"{base}/checkpoints/step-000000003?{query}"
+
+
+def test_a_local_storage_path_joins_as_a_directory(tmp_path):
+    from memstore.trainer.ray_train import experiment_root, storage_and_name
+
+    args = TrainArgs.from_dict({"run_dir": "r", "ray": {"storage_path": str(tmp_path / "st")}})
+    root = experiment_root(args, tmp_path / "r")
+    assert root == str(tmp_path / "st" / "r")
+    assert storage_and_name(root) == (str(tmp_path / "st"), "r")
+
+
+@pytest.mark.parametrize("text", ["1e-5", "2.5E-3", "3e+2", "7e0"])
+def test_exponent_floats_without_a_dot_are_numbers(text, tmp_path):
+    """YAML 1.1 (PyYAML's default) reads ``1e-5`` as a string; configs and --set read it
+    as the float Python reads."""
+    assert load_config("tiny", [f"grad_clip={text}"]).grad_clip == float(text)
+    path = tmp_path / "run.yaml"
+    path.write_text((CONFIGS / "tiny.yaml").read_text() + f"\nweight_decay: {text}\n")
+    assert load_config(path).weight_decay == float(text)

@@ -68,6 +68,7 @@ def test_outputs_of_a_run(tmp_path):
     assert (run / PLOT).read_bytes()[:4] == b"\x89PNG"
     assert checkpoint.checkpoint_steps(run, ["memory"]) == [0, 4, 8, 12]
     assert sorted(p.name for p in (run / "checkpoints" / "step-000000004").iterdir()) == [
+        "checksums.json",
         "model.pt",
         "store.json",
     ]

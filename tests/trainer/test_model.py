@@ -61,6 +61,81 @@ def test_forward_returns_logits_of_every_position(memory_plus, memory_layers):
     assert torch.isfinite(logits).all()
 
 
+def _rms_norm64(x, weight, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def _rotate64(x, theta):
+    """Rotary embedding of x (B, heads, T, head_dim): the pair (x[2i], x[2i+1]) at
+    position t turned by the angle t · theta^(-2i / head_dim)."""
+    T, head_dim = x.shape[-2:]
+    out = torch.empty_like(x)
+    for i in range(head_dim // 2):
+        angle = torch.arange(T, dtype=torch.float64) * theta ** (-2 * i / head_dim)
+        a, b = x[..., 2 * i], x[..., 2 * i + 1]
+        out[..., 2 * i] = a * angle.cos() - b * angle.sin()
+        out[..., 2 * i + 1] = a * angle.sin() + b * angle.cos()
+    return out
+
+
+def _attention64(x, attn, n_heads, theta):
+    """Causal multi-head attention written out: q, k, v from one (3·dim, dim) weight."""
+    B, T, D = x.shape
+    hd = D // n_heads
+    q, k, v = (x @ attn.qkv.weight.double().T).split(D, dim=-1)
+    q, k, v = (t.reshape(B, T, n_heads, hd).transpose(1, 2) for t in (q, k, v))
+    q, k = _rotate64(q, theta), _rotate64(k, theta)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    y = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+    return y.transpose(1, 2).reshape(B, T, D) @ attn.proj.weight.double().T
+
+
+def _swiglu64(x, ffn):
+    w1, w2, w3 = (lin.weight.double() for lin in (ffn.w1, ffn.w2, ffn.w3))
+    a = x @ w1.T
+    return (a * torch.sigmoid(a) * (x @ w3.T)) @ w2.T
+
+
+def _transformer64(model, tokens):
+    """The model's forward in float64 from its weights: pre-norm blocks
+    h = x + attn(norm(x)), out = h + ffn(norm(h)); final norm, output. A memory layer
+    (checked against its own oracle in tests/memstore/test_memory_layer.py) is called as
+    it is, in float32, on the normed input this oracle computed."""
+    args = model.args
+    x = model.embed.weight.double()[tokens]
+    for block in model.layers:
+        h = x + _attention64(
+            _rms_norm64(x, block.attn_norm.weight, args.norm_eps),
+            block.attn,
+            args.n_heads,
+            args.rope_theta,
+        )
+        normed = _rms_norm64(h, block.ffn_norm.weight, args.norm_eps)
+        if isinstance(block.ffn, FeedForward):
+            x = h + _swiglu64(normed, block.ffn)
+        else:
+            x = h + block.ffn(normed.float()).double()
+    return _rms_norm64(x, model.norm.weight, args.norm_eps) @ model.output.weight.double().T
+
+
+@pytest.mark.parametrize("memory_layers", [[], [1]])
+def test_forward_matches_a_float64_transformer_written_out(memory_layers):
+    args = tiny(memory_layers=memory_layers, n_heads=4, layer_ffn_hidden=[40, 24, 56])
+    model = Transformer(args)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # weights far from their init, norm gains far from 1
+        for name, p in model.named_parameters():
+            if name.startswith("layers.1.ffn.") and memory_layers:
+                continue  # the memory layer keeps its own init
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    tokens = torch.randint(0, 50, (3, 11), generator=g)
+    logits = model(tokens)
+    expected = _transformer64(model, tokens)
+    assert expected.std() > 1.0  # attention and FFNs far from a near-identity
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_a_future_token_does_not_change_past_logits():
     model = Transformer(tiny())
     tokens = torch.randint(0, 50, (2, 12))

@@ -1,9 +1,8 @@
 """The trainer on Ray Train: W = 2 workers on an existing table equal in-process
 training; a killed worker and a killed shard each restart the run from its checkpoint
-and it ends as an uninterrupted run does, also after a stop and --resume; the example
-of memory layers in one's own job."""
+and it ends as an uninterrupted run does, also after a stop and --resume; a run the
+cluster cannot place is refused at once."""
 
-import importlib.util
 import os
 import signal
 from pathlib import Path
@@ -141,13 +140,18 @@ def test_a_killed_shard_rolls_the_run_back_to_the_same_step_of_model_and_store(t
     _same_run(metrics(cut.run_dir), ray_whole[2])
 
 
-def test_the_example_trains_memory_layers_in_its_own_ray_train_job(tmp_path, ray_local):
-    spec = importlib.util.spec_from_file_location(
-        "ray_train_memory", REPO / "examples" / "ray_train_memory.py"
+def test_a_run_the_cluster_cannot_place_is_refused_at_once(tmp_path, ray_local):
+    """8 logical CPUs: 6 workers x 1 CPU and 4 shards x 1 CPU do not fit, and the run
+    fails before any table or worker is placed (Ray Train would wait and retry), naming
+    what was asked, what the cluster has and the settings to change."""
+    free = ray_local.available_resources()["CPU"]
+    args = config(
+        "tiny", tmp_path, "workers=6", "batch_size=18", "store.name=t-big", "store.shards=4"
     )
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    accuracy = example.main(workers=2, steps=60, storage_path=str(tmp_path))
-    assert accuracy > 0.5  # chance: 1/16
-    with pytest.raises(memstore.TableNotFound):
-        memstore.connect("example-recall")
+    with pytest.raises(InvalidArgument, match="ray.cpus_per_worker") as refused:
+        train(args)
+    message = str(refused.value)
+    assert "6 workers x 1 CPU" in message and "4 shards" in message
+    assert f"{free:g} free CPUs" in message
+    assert not memstore.table.table_exists("t-big-memory")
+    assert ray_local.available_resources()["CPU"] == free

@@ -1,5 +1,7 @@
 """trainer.replica: one rank's step against a plain computation, and the schedules."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,23 +31,56 @@ def test_value_lr_follows_the_dense_schedule_scaled_or_stays_constant():
         TrainArgs(value_schedule="linear")
 
 
+def _masked_mean_loss(model, batch):
+    logits = model(batch.inputs)
+    nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
+    mask = batch.mask.flatten().to(nll.dtype)
+    return (nll * mask).sum() / mask.sum()
+
+
+def _clipped_adamw64(params, grads, *, lr, clip, weight_decay, betas=(0.9, 0.95), eps=1e-8):
+    """One AdamW step (step 1, fresh state) after clipping the gradients to global norm
+    ``clip``, in float64: (the gradient norm, the clipped gradients, the new params)."""
+    grads = [g.double() for g in grads]
+    norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+    scale = min(1.0, clip / (norm + 1e-6))
+    clipped = [g * scale for g in grads]
+    b1, b2 = betas
+    new = []
+    for p, g in zip(params, clipped, strict=True):
+        m_hat = (1 - b1) * g / (1 - b1)  # first moment after one step, bias-corrected
+        v_hat = (1 - b2) * g * g / (1 - b2)
+        new.append(p.double() * (1 - lr * weight_decay) - lr * m_hat / (v_hat.sqrt() + eps))
+    return norm, clipped, new
+
+
 def test_a_step_is_the_masked_mean_loss_clipped_adamw_and_the_state_round_trips(tmp_path):
-    args = config("tiny", tmp_path, "grad_clip=0.5")
+    # A clip far below the gradient norm: the clipped gradients are of the order of
+    # AdamW's eps, so the first step's update depends on the clipping, not on signs only.
+    args = config("tiny", tmp_path, "grad_clip=1.0e-5", "weight_decay=0.1")
     replica = Replica(args)
     reference = Replica(args)
     batch = replica.data.global_batch(1)
+    before = [p.detach().clone() for p in replica.params]
+    reference.model.set_step(1, value_lr=value_lr_at(args, 1))
+    loss = _masked_mean_loss(reference.model, batch)
+    loss.backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in reference.params]
     out = replica.train_step(1)
-    logits = reference.model(batch.inputs)
-    nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
-    mask = batch.mask.flatten().float()
-    assert out["loss"] == pytest.approx(float((nll * mask).sum().detach() / mask.sum()), rel=1e-6)
+    assert out["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
     assert out["tokens"] == batch.inputs.numel() and out["lr"] == lr_at(args, 1)
+    norm, clipped, expected = _clipped_adamw64(
+        before, grads, lr=lr_at(args, 1), clip=1e-5, weight_decay=0.1
+    )
+    assert out["grad_norm"] == pytest.approx(norm, rel=1e-5) and norm > 100 * 1e-5
+    for p, g, want in zip(replica.params, clipped, expected, strict=True):
+        torch.testing.assert_close(p.grad.double(), g, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-7)
     state = replica.state()
     again = Replica(args)
     again.load(state)
     for name, value in again.model.state_dict().items():
         torch.testing.assert_close(value, state["model"][name], rtol=0, atol=0)
-    assert out["grad_norm"] > 0
 
 
 def test_a_peer_with_its_own_value_group_steps_its_values_at_the_value_lr(tmp_path):
