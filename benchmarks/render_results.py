@@ -25,10 +25,15 @@ ORDER = [
     "grpc",
     "channel",
     "train_step",
+    "train_step_engram",
     "facts",
     "facts_quick",
     "text",
     "text_quick",
+    "text_engram_engram_dense",
+    "text_quick_engram_engram_dense",
+    "continual",
+    "continual_quick",
 ]
 
 HEADER = """\

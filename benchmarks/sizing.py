@@ -4,9 +4,10 @@
     python -m benchmarks.sizing --out docs/scaling.md
 
 Nothing here runs a benchmark. Every input is in FIGURES below with its kind and its
-source: "measured" figures come from BENCHMARKS.md (this project's benchmarks, on the
-2-core CPU VM named there), "spec" figures from vendors' data sheets, "code" figures
-from what memstore sends and stores, and "assumption" marks a choice of this sizing.
+source: "measured" figures come from this project's benchmark log (`git show
+cfb8391:BENCHMARKS.md`, on the 2-core CPU VM named there), "spec" figures from
+vendors' data sheets, "code" figures from what memstore sends and stores, and
+"assumption" marks a choice of this sizing.
 Change a figure when a new measurement lands and rerun; tests/cluster/test_sizing.py
 fails while docs/scaling.md is not the output of this script.
 
@@ -51,33 +52,33 @@ class Figure:
 
 
 FIGURES = {
-    # ---- measured: BENCHMARKS.md, 2-core AMD EPYC VM, torch 2.13 CPU ----------------
+    # ---- measured: cfb8391:BENCHMARKS.md, 2-core AMD EPYC VM, torch 2.13 CPU --------
     "cpu_copy_gbs": Figure(
         28.8,
         "GB/s",
         "measured",
-        "BENCHMARKS.md, Kernels run 1: large tensor copy, read + write "
+        "cfb8391:BENCHMARKS.md, Kernels run 1: large tensor copy, read + write "
         "(`python -m benchmarks.ops --repeats 7`)",
     ),
     "bag_forward_gbs": Figure(
         11.4,
         "GB/s",
         "measured",
-        "BENCHMARKS.md, Kernels run 1: bag_forward, 262k random 1 KiB "
+        "cfb8391:BENCHMARKS.md, Kernels run 1: bag_forward, 262k random 1 KiB "
         "rows of a 1 GiB table, same run as the copy",
     ),
     "backward_optim_gbs": Figure(
         12.0,
         "GB/s",
         "measured",
-        "BENCHMARKS.md, Kernels profile: fused lazy Adam over the touched rows, "
-        "values + 2 moments read and written, 'about 12-13 GB/s' (lower end)",
+        "cfb8391:BENCHMARKS.md, Kernels profile: fused lazy Adam over the touched "
+        "rows, values + 2 moments read and written, 'about 12-13 GB/s' (lower end)",
     ),
     "channel_round_ms": Figure(
         0.76,
         "ms",
         "measured",
-        "BENCHMARKS.md, Store: 1-token lookup over the data channel, 2 shards, "
+        "cfb8391:BENCHMARKS.md, Store: 1-token lookup over the data channel, 2 shards, "
         "slower of two runs (loopback, includes the shard's work)",
     ),
     # ---- spec sheets -------------------------------------------------------------------
@@ -424,7 +425,7 @@ def render() -> str:
         "",
         (
             "Measured figures come from this project's benchmarks on a 2-core CPU VM; no GPU "
-            "figure has been measured (BENCHMARKS.md), so GPU rows apply the CPU-measured "
+            "figure has been measured (docs/benchmarks.md), so GPU rows apply the CPU-measured "
             "fraction of copy bandwidth to the HBM bandwidth of the data sheet. Treat the "
             "GPU times as estimates until `benchmarks/gpu.py` gives a measured fraction."
         ),

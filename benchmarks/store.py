@@ -21,6 +21,13 @@ channel adds a JSON header of about 150 B per call). Prints one markdown table.
 
     python -m benchmarks.store [--rounds 9] [--latency 200] [--no-row-grids]
                                [--only "2 shards" ...]
+    python -m benchmarks.store --row-counting [--rounds 9]
+
+``--row-counting`` measures what the per-row statistics cost instead: the same rounds
+with counting on and off (``ShardTable.count_rows``, ``Table.set_row_counting``), on
+the in-process table and a (2, 1) row grid, alternating on and off round by round so
+that both see the same machine; its rows are added to benchmarks/results/store.json,
+whose other figures, command and machine stay as they were.
 
 Run it as a module from the repository root.
 """
@@ -33,6 +40,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -44,7 +52,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import memstore  # noqa: E402
-from benchmarks._results import command_line, write_result  # noqa: E402
+from benchmarks._results import RESULTS, command_line, write_result  # noqa: E402
 
 B, M, ROWS, DIM = 2048, 128, 1 << 20, 256
 LR = 1e-3
@@ -255,6 +263,131 @@ def bench_ray(label, shards, threads, channel, local_round, batches, args, bar) 
         gc.collect()
 
 
+# ---- the cost of row counting ------------------------------------------------------
+def counting_pair(make_table, switch, batches, args) -> dict:
+    """Median round and step ms with row counting on and off on one table, the two
+    alternating round by round; ``switch(table, on)`` turns counting on or off."""
+    table = make_table()
+    rounds = {True: Round(table, batches), False: Round(table, batches)}
+    step = table.last_step
+    for i in range(2 * (args.warmup + args.rounds)):
+        on = i % 2 == 0
+        switch(table, on)
+        rnd = rounds[on]
+        rnd.step = step  # one sequence of steps, whichever side takes it
+        rnd(record=i >= 2 * args.warmup)
+        step = rnd.step
+    out = {}
+    for on, rnd in rounds.items():
+        total, _, _, step_ms = rnd.median_ms()
+        out[on] = (total, step_ms)
+    return out
+
+
+def counting_ms(batches, repeats: int = 21) -> float:
+    """Median ms of counting one step alone (``ShardTable._count_rows`` on the merged
+    gradients of a round's push): the part of a step that counting adds, free of the
+    noise of a whole round on a loaded machine."""
+    table = memstore.ShardTable(ROWS, DIM, optimizer=memstore.Adam(lr=LR))
+    idx, w, dy = batches[0]
+    table.backward(idx, w, dy, step=1)
+    grads = table._pending[1][0]
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        table._count_rows(grads)
+        samples.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(samples)
+
+
+def bench_row_counting(args) -> None:
+    """Row counting on against off, in process and on a (2, 1) grid; rows added to
+    store.json beside its figures."""
+    load_start = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    batches = make_batches()
+    pairs = {
+        "in-process ShardTable": counting_pair(
+            lambda: memstore.ShardTable(ROWS, DIM, optimizer=memstore.Adam(lr=LR)),
+            lambda t, on: setattr(t, "count_rows", on),
+            batches,
+            args,
+        )
+    }
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    name = "bench-store-row-counting"
+
+    def make_grid():
+        return memstore.create_table(
+            name,
+            ROWS,
+            DIM,
+            shards=(2, 1),
+            optimizer=memstore.Adam(lr=LR),
+            threads_per_shard=max(1, cores // 2),
+        )
+
+    try:
+        pairs["Ray, (2,1) rows"] = counting_pair(
+            make_grid, lambda t, on: t.set_row_counting(on), batches, args
+        )
+    finally:
+        memstore.drop_table(name)
+        ray.shutdown()
+    count_ms = counting_ms(batches)
+    load_end = os.getloadavg()[0]
+    print(f"counting one step alone (in process): {count_ms:.2f} ms")
+    print("| table | row counting | round ms | step ms | round cost of counting |")
+    print("|---|---|---:|---:|---:|")
+    figures = {}
+    for label, pair in pairs.items():
+        for on in (False, True):
+            total, step_ms = pair[on]
+            cost = pair[True][0] / pair[False][0] - 1
+            print(
+                f"| {label} | {'on' if on else 'off'} | {total:.0f} | {step_ms:.1f} | "
+                f"{f'{100 * cost:+.1f}%' if on else ''} |"
+            )
+            figures[f"{label}, row counting {'on' if on else 'off'}"] = {
+                "round ms": total,
+                "step ms": step_ms,
+                **({"counting cost %": 100 * cost} if on else {}),
+            }
+    figures["in-process ShardTable, counting one step alone"] = {"step ms": count_ms}
+    print(f"1-min load average {load_start:.1f} at the start, {load_end:.1f} at the end")
+    if ROWS == 1 << 20:
+        add_to_store_results(figures, args, load_start, load_end)
+
+
+def add_to_store_results(figures: dict, args, load_start: float, load_end: float) -> None:
+    """The counting rows added to store.json through write_result, the file's own
+    figures, date, command and machine kept; this run's command and load in its notes."""
+    path = RESULTS / "store.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    kept = {k: v for k, v in old.get("figures", {}).items() if "counting" not in k}
+    note = (
+        f"Row counting rows: `{command_line('benchmarks.store')}`, "
+        f"median of {args.rounds} rounds a side after {args.warmup} warm-up, counting on "
+        f"and off alternating round by round on one table; 1-min load average "
+        f"{load_start:.1f}–{load_end:.1f}; measured "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+    )
+    notes = old.get("notes", "").split(" Row counting rows:")[0]
+    write_result(
+        "store",
+        {**kept, **figures},
+        old.get("command", command_line("benchmarks.store")),
+        title=old.get("title", "Store round: Ray shards against in-process"),
+        notes=f"{notes} {note}".strip(),
+    )
+    written = json.loads(path.read_text())
+    for key in ("date", "machine", "source"):  # the main figures' own
+        if key in old:
+            written[key] = old[key]
+    path.write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per table")
@@ -267,9 +400,17 @@ def main() -> None:
         metavar="LABEL",
         help='run only the tables of this label (e.g. "2 shards"); repeatable',
     )
+    parser.add_argument(
+        "--row-counting",
+        action="store_true",
+        help="measure row counting on against off instead (added to store.json)",
+    )
     parser.add_argument("--rows", type=int, default=ROWS, help=argparse.SUPPRESS)  # smoke tests
     args = parser.parse_args()
     globals()["ROWS"] = args.rows
+    if args.row_counting:
+        bench_row_counting(args)
+        return
     wall = time.perf_counter()
     load_start = os.getloadavg()[0]
     cores = os.cpu_count() or 1

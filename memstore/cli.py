@@ -141,20 +141,26 @@ def _stats(ns) -> int:
     print(f"table {ns.name}: step {s['step']}, {s['bytes']:,} bytes in {len(s['shards'])} shards")
     print(_shard_table(s["shards"]))
     if ns.plot:
-        _plot_stats(ns.name, s["shards"], ns.plot)
+        with _client(ns) as c:
+            rows = c.row_stats(ns.name, ns.background)
+        _plot_stats(ns.name, s["shards"], rows, ns.plot)
+        used = int((rows["df"] > 0).sum())
+        print(f"{used:,} of {len(rows['df']):,} rows read in {rows['steps']:,} counted steps")
         print(f"wrote {ns.plot}")
     return 0
 
 
-def _plot_stats(name: str, shards: list[dict], path: str) -> None:
-    """Per-shard load (tokens looked up, rows updated) and row usage (updates per row)."""
+def _plot_stats(name: str, shards: list[dict], rows: dict, path: str) -> None:
+    """Per-shard load (tokens looked up, rows updated), row usage (updates per row), and
+    the access histogram: each row's document frequency, rows sorted by use, log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     blocks = [s["block"] for s in shards]
-    fig, (load, usage) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (load, usage, access) = plt.subplots(1, 3, figsize=(15, 4))
     x = range(len(blocks))
     load.bar([i - 0.2 for i in x], [s.get("tokens", 0) for s in shards], 0.4, label="tokens")
     load.bar(
@@ -164,6 +170,15 @@ def _plot_stats(name: str, shards: list[dict], path: str) -> None:
     load.legend()
     usage.bar(list(x), [s.get("rows_updated", 0) / max(s["rows"], 1) for s in shards])
     usage.set(title="row updates per row", xticks=list(x), xticklabels=blocks, xlabel="shard")
+    df = np.sort(np.asarray(rows["df"]))[::-1]
+    used = df[df > 0]
+    if used.size:
+        access.loglog(np.arange(1, used.size + 1), used, drawstyle="steps-post")
+    access.set(
+        title=f"row accesses ({used.size:,} of {df.size:,} rows read)",
+        xlabel="rows, by use (rank)",
+        ylabel=f"steps reading the row (of {rows['steps']:,})",
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -457,7 +472,16 @@ def _add_query_commands(sub) -> None:
     p.set_defaults(run=_describe)
     p = sub.add_parser("stats", help="per-shard counters of a table (gRPC)")
     p.add_argument("name")
-    p.add_argument("--plot", metavar="PNG", help="also draw per-shard load and row usage")
+    p.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="also draw per-shard load, row usage and the access histogram of the rows",
+    )
+    p.add_argument(
+        "--background",
+        metavar="NAME",
+        help="with --plot: the row statistics snapshotted as NAME (default: counted so far)",
+    )
     _grpc_options(p)
     p.set_defaults(run=_stats)
     p = sub.add_parser("query", help="top-k rows for query vectors over the published keys (gRPC)")

@@ -109,6 +109,14 @@ def _like(template, a: np.ndarray):
 
 
 class MemoryClient:
+    """A connection to one ``memstore serve`` server: the tables of its Ray cluster by
+    name, for reads (``tables``, ``describe``, ``stats``, ``row_stats``, ``lookup``,
+    ``gather``, ``query``) and writes (``apply_gradients``, ``step``, ``publish_keys``,
+    ``save``), each allowed by the token's scopes. Reads are split to fit the message
+    limit and the table's caps, and retried while the server is UNAVAILABLE; writes go
+    once. Errors come back as :class:`memstore.errors.RemoteError` with the status name.
+    Use it as a context manager, or call ``close``."""
+
     def __init__(
         self,
         address: str,
@@ -222,9 +230,55 @@ class MemoryClient:
             "shards": [_shard_dict(s) for s in r.shards],
         }
 
-    def stats(self, table: str) -> dict:
-        r = self._call("Stats", pb.StatsRequest(table=table), read=True)
-        return {"step": r.seen.step, "bytes": r.bytes, "shards": [_shard_dict(s) for s in r.shards]}
+    def stats(
+        self,
+        table: str,
+        *,
+        rows: bool = False,
+        background: str | None = None,
+        row_start: int = 0,
+        row_count: int | None = None,
+    ) -> dict:
+        """Per-shard counters; with ``rows``, also "row_stats": the statistics of rows
+        [row_start, row_start + row_count) (default: to the end of the table, refused
+        when more than one reply holds; :meth:`row_stats` pages through them)."""
+        request = pb.StatsRequest(table=table, rows=rows, row_start=row_start)
+        if background is not None:
+            request.background = background
+        if row_count is not None:
+            request.row_count = row_count
+        r = self._call("Stats", request, read=True)
+        out = {"step": r.seen.step, "bytes": r.bytes, "shards": [_shard_dict(s) for s in r.shards]}
+        if r.HasField("row_stats"):
+            rs = r.row_stats
+            out["row_stats"] = {
+                "row_start": rs.row_start,
+                "tf": decode("tf", rs.tf, rs.HasField("tf"), INTS, 1),
+                "df": decode("df", rs.df, rs.HasField("df"), INTS, 1),
+                "steps": rs.steps,
+                "table_rows": rs.table_rows,
+                "max_rows": rs.max_rows,
+            }
+        return out
+
+    def row_stats(self, table: str, background: str | None = None) -> dict:
+        """{"tf", "df"} int64 arrays over every row of the table and "steps", as
+        ``Table.row_stats`` answers them, read in pages of the server's ``max_rows``."""
+        first = self.stats(table, rows=True, background=background, row_count=1)["row_stats"]
+        total, page = first["table_rows"], first["max_rows"]
+        tf, df, steps = [], [], set()
+        for start in range(0, total, page):
+            part = self.stats(
+                table,
+                rows=True,
+                background=background,
+                row_start=start,
+                row_count=min(page, total - start),
+            )["row_stats"]
+            tf.append(part["tf"])
+            df.append(part["df"])
+            steps.add(part["steps"])
+        return {"tf": np.concatenate(tf), "df": np.concatenate(df), "steps": max(steps)}
 
     def lookup(self, table: str, idx, w, *, with_seen: bool = False):
         """(B, dim) float32 = Σ_m w[b, m] · values[idx[b, m]]."""
@@ -295,16 +349,28 @@ class MemoryClient:
         lr: float | None = None,
         *,
         with_seen: bool = False,
+        rows=None,
+        top_t: int | None = None,
+        background: str | None = None,
+        doc_ids=None,
     ):
         """Push the row gradients of dy (B, dim) for (step, push_id); returns dw (B, M).
         One message: a push larger than the limit is refused, never split (each part
-        would count as a push)."""
+        would count as a push). ``rows``, ``top_t``, ``background``: a sparse push on a
+        table whose pushes apply its steps; ``doc_ids`` (B,): the document of each bag,
+        for the row statistics (``Table.backward``)."""
         request = pb.ApplyGradientsRequest(table=table, step=step, push_id=push_id)
         encode(_as_numpy("idx", idx), request.idx)
         _encode_float(_as_numpy("w", w), request.w)
         _encode_float(_as_numpy("dy", dy), request.dy)
         if lr is not None:
             request.lr = lr
+        _set_budget(request, rows, top_t, background)
+        if doc_ids is not None:
+            docs = _as_numpy("doc_ids", doc_ids)
+            if docs.dtype.kind not in "iu":
+                raise InvalidArgument("doc_ids", "an integer array, one id per bag", docs.dtype)
+            encode(docs.astype(np.int64, copy=False), request.doc_ids)
         if request.ByteSize() > self.max_message_bytes:
             raise InvalidArgument(
                 "dy",
@@ -317,14 +383,25 @@ class MemoryClient:
         return (dw, Seen.of(reply.seen)) if with_seen else dw
 
     def step(
-        self, table: str, step: int, pushes_per_step: int | None = None, lr: float | None = None
+        self,
+        table: str,
+        step: int,
+        pushes_per_step: int | None = None,
+        lr: float | None = None,
+        *,
+        rows=None,
+        top_t: int | None = None,
+        background: str | None = None,
     ) -> int:
-        """Apply step ``step``; returns the rows updated."""
+        """Apply step ``step``; returns the rows updated. ``rows`` (row ids), or
+        ``top_t`` (with a ``background`` snapshot's name, or the counts so far): a
+        sparse step, as ``Table.step``."""
         request = pb.StepRequest(table=table, step=step)
         if pushes_per_step is not None:
             request.pushes_per_step = pushes_per_step
         if lr is not None:
             request.lr = lr
+        _set_budget(request, rows, top_t, background)
         return self._call("Step", request, read=False).rows_updated
 
     def publish_keys(self, table: str, keys) -> int:
@@ -336,6 +413,23 @@ class MemoryClient:
     def save(self, table: str, path: str) -> str:
         """Checkpoint to ``path`` under the server's save directory; returns it."""
         return self._call("Save", pb.SaveRequest(table=table, path=path), read=False).path
+
+
+def _set_budget(request, rows, top_t, background) -> None:
+    """The row budget of a Step or ApplyGradients request (the server checks it)."""
+    if rows is not None:
+        r = _as_numpy("rows", rows)
+        if r.dtype.kind not in "iu" or r.ndim != 1:
+            raise InvalidArgument("rows", "a 1-d integer array of row ids", f"{r.dtype} {r.shape}")
+        encode(r.astype(np.int64, copy=False), request.rows)
+    if top_t is not None:
+        if isinstance(top_t, bool) or not isinstance(top_t, int) or not 1 <= top_t < 1 << 31:
+            raise InvalidArgument("top_t", "an int in [1, 2**31)", top_t)
+        request.top_t = top_t
+    if background is not None:
+        if not isinstance(background, str) or not background:
+            raise InvalidArgument("background", "a snapshot's name", background)
+        request.background = background
 
 
 def _encode_float(a: np.ndarray, out) -> None:

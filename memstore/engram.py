@@ -19,16 +19,21 @@ Memory via Scalable Lookup", DeepSeek 2026). Per token t of a sequence of token 
 - **Convolution.** Y = SiLU(Conv1D(RMSNorm(ṽ))) + ṽ, a causal depthwise convolution of
   ``kernel_size`` taps at dilation max(orders). The caller adds Y to the residual stream.
 
-The rows a batch reads depend only on its token ids, so a trainer can compute them
-(:meth:`EngramLayer.rows`) and look them up before the forward starts, then hand the
-values to the forward (``y=``). The weights of the slots are constant, so the backward
-pushes the row gradients and needs no dw back.
+The rows a batch reads depend only on its token ids, so a trainer can compute them and
+issue their lookup before the forward starts (:meth:`EngramLayer.prefetch`, an
+:class:`EngramFetch` whose values are a ``concurrent.futures.Future``), then hand the
+fetch to the forward (``fetch=``): the layer takes the values only when it runs, so the
+table's round trip overlaps whatever the model computes before it. The weights of the
+slots are constant, so the backward pushes the row gradients and needs no dw back; with
+``async_push`` it issues the push (``backward_async(need_dw=False)`` of a store table)
+and returns at once, the push's future collected in :attr:`EngramLayer.pushes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import Future
 from typing import NamedTuple
 
 import torch
@@ -41,7 +46,16 @@ from .memory_layer import ValueTable
 from .optim import Adam
 from .shard_table import ShardTable
 
-__all__ = ["EngramArgs", "EngramLayer", "EngramRows", "PAD_ID", "engram_primes", "is_prime"]
+__all__ = [
+    "EngramArgs",
+    "EngramFetch",
+    "EngramLayer",
+    "EngramRows",
+    "PAD_ID",
+    "engram_primes",
+    "is_prime",
+    "lookup_future",
+]
 
 PAD_ID = 2**31 - 1  # the id of the positions before a sequence's start; tokens are below it
 _MASK64 = (1 << 64) - 1
@@ -177,18 +191,43 @@ class EngramRows(NamedTuple):
     inverse: torch.Tensor
 
 
+class EngramFetch(NamedTuple):
+    """A batch's rows and the future of their values (:meth:`EngramLayer.prefetch`)."""
+
+    rows: EngramRows
+    values: Future
+
+
+def lookup_future(table: ValueTable, idx: torch.Tensor, w: torch.Tensor) -> Future:
+    """``table.lookup(idx, w)`` as a future: the store's ``lookup_async`` (issued now, run
+    on the handle's I/O thread), or, for a table without one (a local ShardTable, whose
+    lookup is computation, not a round trip), the lookup made now. Either way an error
+    of the lookup is the future's, raised where its result is taken."""
+    if hasattr(table, "lookup_async"):
+        return table.lookup_async(idx, w)
+    future = Future()
+    try:
+        future.set_result(table.lookup(idx, w))
+    except Exception as e:  # delivered where the blocking call would have raised it
+        future.set_exception(e)
+    return future
+
+
 class EngramLookup(torch.autograd.Function):
     """y = table.lookup(idx, w) (or the given y); backward pushes dy to the table.
 
     Nothing differentiable goes in: ``anchor`` is a scalar that requires grad, so that
     autograd calls the backward, which pushes the rows' gradients and returns nothing
-    (the weights are constant: the dw the table answers is not used).
+    (the weights are constant: the dw the table answers is not used). ``pushes``: a
+    list, or None; given one and a table with ``backward_async``, the push is issued
+    without waiting for it (``need_dw=False``) and its future appended to the list.
     """
 
     @staticmethod
-    def forward(ctx, anchor, idx, w, y, table, step, push_id, lr):
+    def forward(ctx, anchor, idx, w, y, table, step, push_id, lr, pushes):
         ctx.save_for_backward(idx, w)
         ctx.table, ctx.step, ctx.push_id, ctx.lr = table, step, push_id, lr
+        ctx.pushes = pushes
         return table.lookup(idx, w) if y is None else y
 
     @staticmethod
@@ -197,8 +236,13 @@ class EngramLookup(torch.autograd.Function):
         kwargs = {} if ctx.push_id is None else {"push_id": ctx.push_id}
         if ctx.lr is not None:
             kwargs["lr"] = ctx.lr
-        ctx.table.backward(idx, w, dy.float().contiguous(), step=ctx.step, **kwargs)
-        return (None,) * 8
+        dy = dy.float().contiguous()
+        if ctx.pushes is not None and hasattr(ctx.table, "backward_async"):
+            future = ctx.table.backward_async(idx, w, dy, step=ctx.step, need_dw=False, **kwargs)
+            ctx.pushes.append(future)
+        else:
+            ctx.table.backward(idx, w, dy, step=ctx.step, **kwargs)
+        return (None,) * 9
 
 
 # ---- the layer ---------------------------------------------------------------------
@@ -210,7 +254,10 @@ class EngramLayer(nn.Module):
     ``table=None`` creates a local :class:`ShardTable` of Σ primes × head_dim rows with
     lazy Adam at ``value_lr``. ``step``, ``push_id`` and ``value_lr`` tag the next
     backward's push as for :class:`MemoryLayer`. ``forward(x, tokens)`` returns Y
-    (B, T, dim), to be added to the residual stream x.
+    (B, T, dim), to be added to the residual stream x. ``async_push``: the backward
+    issues its push without waiting (a table with ``backward_async``) and appends the
+    future to :attr:`pushes`, which the caller drains (:meth:`take_pushes`); the
+    table's ``step(s)`` waits for the pushes of s itself.
     """
 
     def __init__(self, args: EngramArgs, table: ValueTable | None = None):
@@ -234,6 +281,8 @@ class EngramLayer(nn.Module):
         self.step: int | None = None
         self.value_lr: float | None = None
         self.push_id: int | None = None
+        self.async_push = False
+        self.pushes: list[Future] = []
         # (heads, max order): zero past a head's order, so those positions mix in nothing
         mult = hash_multipliers(args.seed, args.n_heads, max(args.orders))
         head_orders = [n for n in args.orders for _ in range(args.heads)]
@@ -288,6 +337,19 @@ class EngramLayer(nn.Module):
         idx = uniq.unsqueeze(1)
         return EngramRows(idx, torch.ones(idx.shape, dtype=torch.float32), inverse)
 
+    def prefetch(self, tokens: torch.Tensor) -> EngramFetch:
+        """The rows of ``tokens`` (B, T) with their lookup issued now
+        (:func:`lookup_future`), for ``forward(x, fetch=...)``. The values are those the
+        table holds when the lookup reaches it: to read what the blocking forward would,
+        issue it after the table applied the last step before this batch's."""
+        rows = self.rows(tokens)
+        return EngramFetch(rows, lookup_future(self.table, rows.idx, rows.w))
+
+    def take_pushes(self) -> list[Future]:
+        """The futures of the pushes issued since the last call (``async_push``)."""
+        pushes, self.pushes = self.pushes, []
+        return pushes
+
     def forward(
         self,
         x: torch.Tensor,
@@ -295,11 +357,18 @@ class EngramLayer(nn.Module):
         *,
         rows: EngramRows | None = None,
         y: torch.Tensor | None = None,
+        fetch: EngramFetch | None = None,
     ) -> torch.Tensor:
         """Y (B, T, dim) for the hidden states x (B, T, dim) of ``tokens`` (B, T), or of
         the precomputed ``rows`` (:meth:`rows`); ``y``: the values of ``rows.idx``
-        already looked up (None: looked up here)."""
+        already looked up (None: looked up here). ``fetch`` (:meth:`prefetch`) stands
+        for rows and y: its values are waited for here, and an error of its lookup is
+        raised here, as the blocking lookup's would be."""
         a = self.args
+        if fetch is not None:
+            if rows is not None or y is not None:
+                raise InvalidArgument("fetch", "None when rows or y are given", "both")
+            rows, y = fetch.rows, fetch.values.result()
         if rows is None:
             if tokens is None:
                 raise InvalidArgument("tokens", "a (B, T) tensor, or rows", None)
@@ -312,7 +381,15 @@ class EngramLayer(nn.Module):
             raise InvalidArgument("y", f"({rows.idx.shape[0]}, {a.head_dim})", _describe(y))
         anchor = torch.zeros((), requires_grad=True)
         values = EngramLookup.apply(
-            anchor, rows.idx, rows.w, y, self.table, self.step, self.push_id, self.value_lr
+            anchor,
+            rows.idx,
+            rows.w,
+            y,
+            self.table,
+            self.step,
+            self.push_id,
+            self.value_lr,
+            self.pushes if self.async_push else None,
         )
         values = values.to(device=x.device, dtype=x.dtype)  # a remote table answers on the host
         e = values[rows.inverse.to(x.device)].flatten(2)  # (B, T, heads·head_dim)

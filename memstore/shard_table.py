@@ -141,6 +141,8 @@ class ShardTable:
         # step -> push_id -> that push's row gradients, in factored form
         self._pending: dict[int, dict[int, kernels.SparseRowGrads]] = {}
         self._step_lr: dict[int, float] = {}  # step -> the lr its pushes asked for
+        # step -> push_id -> the document id of each bag of that push (tagged pushes)
+        self._pending_docs: dict[int, dict[int, torch.Tensor]] = {}
         self._counters = {
             "lookups": 0,
             "tokens": 0,
@@ -232,16 +234,28 @@ class ShardTable:
 
     # ---- updates -------------------------------------------------------------
     def backward(
-        self, idx, w, dy, step: int | None = None, push_id: int = 0, lr: float | None = None
+        self,
+        idx,
+        w,
+        dy,
+        step: int | None = None,
+        push_id: int = 0,
+        lr: float | None = None,
+        doc_ids=None,
     ) -> torch.Tensor:
         """dw (B, M) = <values[idx], dy>; the row gradients pend for (step, push_id).
 
         ``step`` defaults to the step after the last applied one. A second push of the
         same (step, push_id) returns dw again but is not applied twice. ``lr`` is the
         learning rate to apply step s with (a schedule); every push of s must agree.
+        ``doc_ids`` (B,) int >= 0: the document each bag belongs to; a step whose pushes
+        are tagged counts documents in the row statistics (every push of a step is
+        tagged, or none is; see :meth:`row_stats`).
         """
         local, flat_w, offsets = self._bags(idx, w)
-        return self._backward(local, flat_w, offsets, dy, step, push_id, lr).reshape(idx.shape)
+        return self._backward(
+            local, flat_w, offsets, dy, step, push_id, lr, doc_ids=doc_ids
+        ).reshape(idx.shape)
 
     def backward_csr(
         self,
@@ -254,6 +268,7 @@ class ShardTable:
         lr: float | None = None,
         checked: bool = False,
         grouping=None,
+        doc_ids=None,
     ):
         """dw (P,) for ragged bags; see :meth:`backward`. ``checked``: w and dy are
         float32 and their values were checked by the sender. ``grouping``: the slots
@@ -262,7 +277,7 @@ class ShardTable:
         local, w, offsets = self._csr_bags(rows, w, offsets, checked)
         if grouping is not None:
             grouping = self._check_grouping(*grouping, rows.shape[0])
-        return self._backward(local, w, offsets, dy, step, push_id, lr, checked, grouping)
+        return self._backward(local, w, offsets, dy, step, push_id, lr, checked, grouping, doc_ids)
 
     def _check_grouping(self, uniq, seg, order, pairs: int) -> tuple:
         """The sender's grouping, checked as far as the kernels index with it (cheaply:
@@ -292,7 +307,7 @@ class ShardTable:
         )
 
     def _backward(
-        self, local, w, offsets, dy, step, push_id, lr, checked=False, grouping=None
+        self, local, w, offsets, dy, step, push_id, lr, checked=False, grouping=None, doc_ids=None
     ) -> torch.Tensor:
         dy = self._floats("dy", dy, (offsets.numel() - 1, self.spec.shape[1]), checked)
         check_push_magnitude(w, dy)
@@ -302,6 +317,7 @@ class ShardTable:
         asked = self._step_lr.get(step)
         if lr is not None and asked is not None and lr != asked:
             raise InvalidArgument("lr", f"{asked}, as the other pushes of step {step}", lr)
+        doc_ids = self._check_doc_ids(doc_ids, offsets.numel() - 1, step)
         if lr is not None:
             self._step_lr[step] = lr
         start = time.perf_counter()
@@ -317,13 +333,35 @@ class ShardTable:
             log.info("ignoring a repeated push %d for step %d", push_id, step)
         else:
             pushes[push_id] = grads
+            if doc_ids is not None:
+                self._pending_docs.setdefault(step, {})[push_id] = doc_ids
             self._counters["pushes"] += 1
         self._count("backward_s", start)
         return dw
 
+    def _check_doc_ids(self, doc_ids, bags: int, step: int) -> torch.Tensor | None:
+        """A push's document tags, one int >= 0 per bag; every push of a step is tagged,
+        or none is (checked before anything changes)."""
+        tagged = step in self._pending_docs
+        if doc_ids is None:
+            if tagged:
+                raise InvalidArgument("doc_ids", f"tags, as the other pushes of step {step}", None)
+            return None
+        if self._pending.get(step) and not tagged:
+            raise InvalidArgument(
+                "doc_ids", f"None, as the other pushes of step {step}", "document tags"
+            )
+        if not isinstance(doc_ids, torch.Tensor):
+            doc_ids = torch.as_tensor(np.asarray(doc_ids))
+        check_index("doc_ids", doc_ids, 1, 0, 1 << 62)
+        if doc_ids.shape[0] != bags:
+            raise InvalidArgument("doc_ids", f"one id per bag ({bags})", doc_ids.shape[0])
+        return doc_ids.to(self.device, torch.int64)
+
     def discard(self, step: int) -> None:
         """Forget the gradients pending for ``step`` without applying them."""
         self._pending.pop(step, None)
+        self._pending_docs.pop(step, None)
         self._step_lr.pop(step, None)
 
     def retract(self, step: int, push_id: int) -> bool:
@@ -332,6 +370,7 @@ class ShardTable:
         pushes = self._pending.get(step, {})
         if pushes.pop(push_id, None) is None:
             return False
+        self._pending_docs.get(step, {}).pop(push_id, None)
         if not pushes:
             self.discard(step)
         return True
@@ -362,11 +401,13 @@ class ShardTable:
         keep = self._check_sparse(rows, top_t, background)
         start = time.perf_counter()
         pushes = self._pending.pop(step, {})
+        docs = self._pending_docs.pop(step, None)
         asked = self._step_lr.pop(step, None)
         lr = asked if lr is None else lr
         for stale in [s for s in self._pending if s < step]:
             log.warning("dropping gradients of step %d, never applied before step %d", stale, step)
             del self._pending[stale]
+            self._pending_docs.pop(stale, None)
         for stale in [s for s in self._step_lr if s < step]:
             del self._step_lr[stale]
         if pushes:
@@ -379,7 +420,7 @@ class ShardTable:
             best, _ = self._best_rows(grads.rows, grads.seg.diff(), top_t, background)
             keep = torch.from_numpy(np.sort(best) - self.spec.row_start).to(self.device)
         # Counted before the restriction: the statistics are of accesses, not updates.
-        self._count_rows(grads)
+        self._count_rows(grads, None if docs is None else [docs[p] for p in sorted(pushes)])
         if keep is not None:
             grads = _restrict(grads, keep)
         self.updates += 1
@@ -438,6 +479,13 @@ class ShardTable:
     def _best_rows(self, local, counts, top_t: int, background) -> tuple[np.ndarray, np.ndarray]:
         """(table row ids, scores) of the best ``top_t`` of ``local`` rows read ``counts``
         times, best first, ties by row id."""
+        scores = self._scores(local, counts, background)
+        rows = local.cpu().numpy().astype(np.int64) + self.spec.row_start
+        order = np.lexsort((rows, -scores))[:top_t]
+        return rows[order], scores[order]
+
+    def _scores(self, local, counts, background) -> np.ndarray:
+        """float64 TF-IDF of ``local`` rows read ``counts`` times, against ``background``."""
         df, steps = self._idf_counts(background)
         df_of = df[local].cpu().numpy()
         # The idf of each distinct df through math.log, not a vectorised log: that would
@@ -445,10 +493,20 @@ class ShardTable:
         # score one row differently.
         distinct, inverse = np.unique(df_of, return_inverse=True)
         idf = np.array([math.log((steps + 1) / (d + 1)) for d in distinct.tolist()])
-        scores = counts.cpu().numpy().astype(np.float64) * idf[inverse.reshape(-1)]
-        rows = local.cpu().numpy().astype(np.int64) + self.spec.row_start
-        order = np.lexsort((rows, -scores))[:top_t]
-        return rows[order], scores[order]
+        return counts.cpu().numpy().astype(np.float64) * idf[inverse.reshape(-1)]
+
+    def score_rows(self, rows, counts, background: str | None = None) -> np.ndarray:
+        """TF-IDF scores (float64) of this block's ``rows`` (table row ids) read ``counts``
+        times (int, >= 0), against ``background``: how a handle ranks the rows of one
+        push across every row block (an async or ``step_on_push`` sparse push)."""
+        local = self._local_index(torch.as_tensor(np.asarray(rows)), 1, field="rows")
+        counts = torch.as_tensor(np.asarray(counts))
+        check_index("counts", counts, 1, 0, 1 << 62)
+        if counts.shape != local.shape:
+            raise InvalidArgument("counts", f"shape {tuple(local.shape)}", tuple(counts.shape))
+        if background is not None:
+            self._background(background)
+        return self._scores(local, counts, background)
 
     def _check_open_step(self, step: int | None) -> int:
         if step is None:
@@ -464,9 +522,12 @@ class ShardTable:
     # ---- row statistics ------------------------------------------------------
     def _init_row_stats(self) -> None:
         """Per row of the block: tf, the slots of the last counted step's pushes that read
-        it; df, the counted steps that read it; and the number of steps counted. Counted
-        when a step is applied, from its merged gradients (already grouped by row), so
-        lookups never count and a push counts once, retried or not."""
+        it; df, the counted steps that read it; and the number of steps counted. A step
+        whose pushes tag their bags with documents counts documents instead: df + the
+        step's distinct documents reading the row, steps + its distinct documents (a
+        document is a tag within one step). Counted when a step is applied, from its
+        merged gradients (already grouped by row), so lookups never count and a push
+        counts once, retried or not."""
         n = self.spec.shape[0]
         self.count_rows = True  # the switch: off, applied steps are not counted
         self._row_df = torch.zeros(n, dtype=torch.int64, device=self.device)
@@ -479,15 +540,31 @@ class ShardTable:
         # name -> (tf, df, steps) snapshotted by snapshot_stats
         self._backgrounds: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
-    def _count_rows(self, grads: kernels.SparseRowGrads) -> None:
+    def _count_rows(self, grads: kernels.SparseRowGrads, docs: list | None = None) -> None:
+        """Count a step: df + 1 for each row it read and one more step; with document
+        tags (``docs``: each push's bag tags, in the order the pushes were merged), df +
+        the distinct documents that read the row and the step's distinct documents."""
         if not self.count_rows:
+            return
+        self._tf_last = (grads.rows, grads.seg)
+        if docs is not None:
+            self._count_documents(grads, torch.cat(docs))
             return
         touched = grads.rows.numel()
         if self._ones.numel() < touched:
             self._ones = torch.ones(touched, dtype=torch.int64, device=self.device)
         self._row_df.index_add_(0, grads.rows, self._ones[:touched])  # rows are unique
-        self._tf_last = (grads.rows, grads.seg)
         self._row_steps += 1
+
+    def _count_documents(self, grads: kernels.SparseRowGrads, bag_docs: torch.Tensor) -> None:
+        """df of each row += the distinct documents among its slots; steps += the step's
+        distinct documents (of every bag, so that every block of a grid counts alike)."""
+        counts = grads.seg.diff()
+        slot_row = torch.repeat_interleave(torch.arange(counts.numel(), device=self.device), counts)
+        pairs = torch.unique(torch.stack([slot_row, bag_docs[grads.slot_bag]]), dim=1)
+        per_row = torch.bincount(pairs[0], minlength=counts.numel())
+        self._row_df.index_add_(0, grads.rows, per_row)
+        self._row_steps += int(torch.unique(bag_docs).numel())
 
     def _live_tf(self) -> torch.Tensor:
         tf = torch.zeros(self.spec.shape[0], dtype=torch.int32, device=self.device)
@@ -512,13 +589,24 @@ class ShardTable:
             return self._row_df, self._row_steps
         return self._background(name)[1:]
 
-    def row_stats(self, background: str | None = None) -> dict:
+    def row_stats(
+        self, background: str | None = None, start: int | None = None, stop: int | None = None
+    ) -> dict:
         """{"tf", "df"} int64 arrays over this block's rows, and "steps", as counted so
-        far or as snapshotted under the name ``background``."""
+        far or as snapshotted under the name ``background``; of the rows [start, stop)
+        (table row ids, clipped to the block) when given."""
+        lo, hi = self.spec.row_start, self.spec.row_stop
+        for field, bound in (("start", start), ("stop", stop)):
+            if bound is not None and (
+                isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= self.rows
+            ):
+                raise InvalidArgument(field, f"None or an int in [0, {self.rows}]", bound)
+        a = min(max(start if start is not None else lo, lo), hi) - lo
+        b = max(min(stop if stop is not None else hi, hi), lo + a) - lo
         tf, df, steps = self._background(background)
         return {
-            "tf": tf.cpu().numpy().astype(np.int64),
-            "df": df.cpu().numpy().copy(),
+            "tf": tf[a:b].cpu().numpy().astype(np.int64),
+            "df": df[a:b].cpu().numpy().copy(),
             "steps": int(steps),
         }
 
@@ -617,6 +705,7 @@ class ShardTable:
         self.updates = int(sd["updates"])
         self._load_stats_state(row_stats)
         self._pending.clear()
+        self._pending_docs.clear()
         self._step_lr.clear()
 
     def fingerprint(self) -> str:

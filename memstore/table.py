@@ -127,11 +127,11 @@ class Table:
         self.grid = ShardGrid.from_dict(config["grid"])
         self.shards = shards  # (r, c) -> actor handle
         self.push_id = push_id
+        self._channel: DataClient | None = None
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
         self._incarnations: dict[tuple[int, int], str] = {}
         self._epoch = 0  # the rollback epoch the blocks take writes for
         self._addresses: dict[tuple[int, int], tuple | None] = {}
-        self._channel: DataClient | None = None
         # Group pushed slots once here for all column blocks: off, since on the 2-core
         # machine benchmarks/store.py measured it slower than each block grouping its own
         # (serial on the client, and more bytes on the wire); the benchmark compares both.
@@ -340,10 +340,13 @@ class Table:
         return torch.from_numpy(y)
 
     @_holding_lock
-    def _data_call(self, op: str, routes, extra: dict | None = None) -> dict:
+    def _data_call(
+        self, op: str, routes, extra: dict | None = None, ray_kwargs: dict | None = None
+    ) -> dict:
         """``op`` (lookup or backward) on every shard with its row block's routed pairs
         plus ``extra[block]`` = (more arrays, scalars), if given, and the incarnation
-        expected of the shard (a restarted one refuses the call: the table rolls back)."""
+        expected of the shard (a restarted one refuses the call: the table rolls back).
+        ``ray_kwargs[block]``: keyword arguments of the call, which then goes over Ray."""
         arrays = [(r.rows.numpy(), r.w.numpy(), r.offsets.numpy()) for r in routes]
         extra = {b: (extra or {}).get(b, ((), ())) for b in self.shards}
         fence = self._write_fence if op in WRITES else self._incarnations.__getitem__
@@ -356,11 +359,16 @@ class Table:
             sent = self._put_routes(arrays)
             return {
                 (r, c): getattr(self.shards[(r, c)], op).remote(
-                    *sent[r], *extra[(r, c)][0], *calls[(r, c)][1]
+                    *sent[r],
+                    *extra[(r, c)][0],
+                    *calls[(r, c)][1],
+                    **(ray_kwargs or {}).get((r, c), {}),
                 )
                 for r, c in todo
             }
 
+        if ray_kwargs is not None:
+            return self._checked(self._wait(over_ray(list(self.shards))))
         return self._shard_call(op, calls, over_ray)
 
     def _shard_call(self, op: str, calls: dict, over_ray) -> dict:
@@ -398,6 +406,17 @@ class Table:
         if todo:
             results.update(self._wait(over_ray(todo)))
         return self._checked(results)
+
+    @property
+    def timeout_s(self) -> float:
+        """Seconds any call waits for a shard (Ray and the data channel alike)."""
+        return self._timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, seconds: float) -> None:
+        self._timeout_s = seconds
+        if self._channel is not None:  # the channel reads it on every call
+            self._channel.timeout_s = seconds
 
     def _data_channel(self) -> DataClient:
         if self._channel is None:
@@ -437,11 +456,41 @@ class Table:
         step: int | None = None,
         push_id: int | None = None,
         lr: float | None = None,
+        *,
+        rows=None,
+        top_t: int | None = None,
+        background: str | None = None,
+        doc_ids=None,
     ):
         """dw (B, M); the row gradients pend at the shards for (step, push_id). ``lr``:
         the learning rate step s is applied with (a schedule; all pushes of s agree),
-        default the table optimizer's."""
-        return self._push(*self._check_push(idx, w, dy, step, push_id, lr))
+        default the table optimizer's. ``doc_ids`` (B,) int >= 0: the document of each
+        bag; the row statistics of a tagged step count documents (``ShardTable.backward``;
+        a tagged push goes over Ray, not the data channel).
+
+        A row budget (``rows``, or ``top_t`` with ``background``, as for :meth:`step`)
+        makes a sparse push, on tables whose pushes apply the step (async mode, where
+        each push is its own update, or ``step_on_push``): the update changes only
+        those rows, or the ``top_t`` rows of this push's accesses by TF-IDF chosen
+        across every row block (``ShardTable.score_rows``). With ``step_on_push`` every
+        push of a step carries a budget, or none does, and the step updates the union
+        of the rows its pushes chose (with one push a step: exactly the top t)."""
+        budget = self._check_push_budget(rows, top_t, background)
+        args = self._check_push(idx, w, dy, step, push_id, lr)
+        docs = self._check_doc_ids(doc_ids, args[0].shape[0])
+        return self._push(*args, budget=budget, doc_ids=docs)
+
+    @staticmethod
+    def _check_doc_ids(doc_ids, bags: int) -> np.ndarray | None:
+        """A push's document tags: one int >= 0 per bag, as int64."""
+        if doc_ids is None:
+            return None
+        if not isinstance(doc_ids, torch.Tensor):
+            doc_ids = torch.as_tensor(np.asarray(doc_ids))
+        check_index("doc_ids", doc_ids, 1, 0, 1 << 62)
+        if doc_ids.shape[0] != bags:
+            raise InvalidArgument("doc_ids", f"one id per bag ({bags})", doc_ids.shape[0])
+        return doc_ids.cpu().numpy().astype(np.int64)
 
     def _check_push(self, idx, w, dy, step, push_id, lr) -> tuple:
         """The validated arguments of a push: (idx, w, dy, step, push_id, lr)."""
@@ -453,9 +502,61 @@ class Table:
         lr = check_lr("lr", lr)
         return idx, w, dy, step, push_id, lr
 
-    def _push(self, idx, w, dy, step: int, push_id: int, lr, need_dw: bool = True):
+    def _check_push_budget(self, rows, top_t, background) -> tuple | None:
+        """A sparse push's (explicit rows or None, top_t, background), checked; None for
+        a push without a row budget."""
+        if rows is None and top_t is None and background is None:
+            return None
+        if self.config.get("mode") != "async" and not self.config.get("step_on_push"):
+            field, got = next(
+                (f, v)
+                for f, v in (("rows", rows), ("top_t", top_t), ("background", background))
+                if v is not None
+            )
+            raise InvalidArgument(
+                field, "None: this table's steps choose rows (Table.step(rows=, top_t=))", got
+            )
+        return (self._check_choice(rows, top_t, background), top_t, background)
+
+    @_holding_lock
+    def _push_rows(self, idx: torch.Tensor, budget: tuple) -> np.ndarray:
+        """The rows a sparse push updates: its explicit rows, or the ``top_t`` rows this
+        push reads by TF-IDF, each row block scoring its own (the push's slots reading a
+        row are its tf), ties broken by row id."""
+        chosen, top_t, background = budget
+        if top_t is None:
+            return chosen
+        read, counts = np.unique(idx.numpy().reshape(-1), return_counts=True)
+        bounds = np.searchsorted(read, self.grid.row_bounds)
+        heads = [(r, 0) for r in range(self.grid.shape[0])]
+        refs = {
+            (r, c): self.shards[(r, c)].score_rows.remote(
+                read[bounds[r] : bounds[r + 1]],
+                counts[bounds[r] : bounds[r + 1]],
+                background,
+                self._incarnations[(r, c)],
+            )
+            for r, c in heads
+        }
+        scored = self._checked(self._wait(refs))
+        scores = np.concatenate([np.asarray(scored[b], dtype=np.float64) for b in heads])
+        return np.sort(read[np.lexsort((read, -scores))[:top_t]])
+
+    def _push(
+        self,
+        idx,
+        w,
+        dy,
+        step: int,
+        push_id: int,
+        lr,
+        need_dw: bool = True,
+        budget=None,
+        doc_ids=None,
+    ):
         routes = self.grid.route(idx, w)
         grouped = self._grouped_slots(routes)
+        chosen = None if budget is None else self._push_rows(idx, budget)
         extra = {}
         dy = dy.detach().numpy()
         for r, c in self.shards:
@@ -464,8 +565,18 @@ class Table:
                 (np.ascontiguousarray(dy[:, c0:c1]), *grouped[r : r + 1]),
                 (step, push_id, lr),
             )
+        # A sparse or tagged push goes over Ray: its rows and tags ride as keywords, which
+        # the data channel does not carry.
+        keywords = None
+        if chosen is not None or doc_ids is not None:
+            keywords = {b: {} for b in self.shards}
+            for r, c in self.shards:
+                if chosen is not None:
+                    keywords[(r, c)]["keep"] = self._block_rows(chosen, r)[0]
+                if doc_ids is not None:
+                    keywords[(r, c)]["doc_ids"] = doc_ids
         try:
-            parts = self._data_call("backward", routes, extra)
+            parts = self._data_call("backward", routes, extra, keywords)
         except ShardUnavailable:
             raise
         except MemstoreError:
@@ -601,12 +712,22 @@ class Table:
 
     def _check_sparse(self, rows, top_t, background) -> np.ndarray | None:
         """A sparse step's explicit rows (sorted, unique int64), after checking every
-        sparse-step argument; None for a step of every touched row."""
+        sparse-step argument; None for a step of every touched row. Tables whose pushes
+        apply the step take the row budget with the pushes instead."""
         if rows is None and top_t is None and background is None:
             return None
         if self.config.get("mode") == "async" or self.config.get("step_on_push"):
-            field = "rows" if rows is not None else "top_t"
-            raise InvalidArgument(field, "None on an async or step_on_push table", "a row choice")
+            field = "rows" if rows is not None else "top_t" if top_t is not None else "background"
+            raise InvalidArgument(
+                field,
+                "None: this table's pushes apply its steps; give the budget with the pushes "
+                "(backward(..., rows=, top_t=, background=))",
+                "a row choice",
+            )
+        return self._check_choice(rows, top_t, background)
+
+    def _check_choice(self, rows, top_t, background) -> np.ndarray | None:
+        """The explicit rows of a row budget (sorted, unique int64), every argument checked."""
         if rows is not None and top_t is not None:
             raise InvalidArgument("top_t", "None when rows is given (one way to choose)", top_t)
         bad_t = isinstance(top_t, bool) or not isinstance(top_t, int) or top_t < 1
@@ -647,14 +768,26 @@ class Table:
 
     # ---- row statistics --------------------------------------------------------------
     @_holding_lock
-    def row_stats(self, background: str | None = None) -> dict:
+    def row_stats(
+        self, background: str | None = None, start: int = 0, stop: int | None = None
+    ) -> dict:
         """Per row of the table, as counted by the blocks (``ShardTable.row_stats``):
-        {"tf", "df"} int64 arrays and "steps"; ``background``: a snapshot's name."""
+        {"tf", "df"} int64 arrays and "steps"; ``background``: a snapshot's name; of the
+        rows [start, stop) only when given (only the row blocks holding them answer)."""
         if background is not None and not isinstance(background, str):
             raise InvalidArgument("background", "None or a snapshot's name", background)
-        heads = [b for b in sorted(self.shards) if b[1] == 0]
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < self.rows:
+            raise InvalidArgument("start", f"an int in [0, {self.rows})", start)
+        stop = self.rows if stop is None else stop
+        if isinstance(stop, bool) or not isinstance(stop, int) or not start < stop <= self.rows:
+            raise InvalidArgument("stop", f"None or an int in ({start}, {self.rows}]", stop)
+        bounds = self.grid.row_bounds
+        heads = [
+            (r, 0) for r in range(self.grid.shape[0]) if bounds[r] < stop and bounds[r + 1] > start
+        ]
         refs = {
-            b: self.shards[b].row_stats.remote(background, self._incarnations[b]) for b in heads
+            b: self.shards[b].row_stats.remote(background, self._incarnations[b], start, stop)
+            for b in heads
         }
         parts = [part for _, part in sorted(self._checked(self._wait(refs)).items())]
         return {
@@ -709,17 +842,29 @@ class Table:
         push_id: int | None = None,
         lr: float | None = None,
         need_dw: bool = True,
+        *,
+        rows=None,
+        top_t: int | None = None,
+        background: str | None = None,
+        doc_ids=None,
     ) -> Future:
         """``backward(...)`` issued now; the future's result is dw (B, M), or None with
         ``need_dw=False`` (the shards' dw replies are only acknowledgements then: nothing
-        is assembled). Bad input raises here. ``step(s)`` waits for the pushes of s."""
+        is assembled). Bad input raises here. ``step(s)`` waits for the pushes of s.
+        ``rows``, ``top_t``, ``background``: a sparse push, as for :meth:`backward` (the
+        top t are chosen when the push is sent, after this handle's earlier pushes);
+        ``doc_ids``: document tags, as for :meth:`backward`."""
         if not isinstance(need_dw, bool):
             raise InvalidArgument("need_dw", "True or False", need_dw)
+        budget = self._check_push_budget(rows, top_t, background)
         idx, w, dy, step, push_id, lr = self._check_push(idx, w, dy, step, push_id, lr)
+        docs = self._check_doc_ids(doc_ids, idx.shape[0])
         idx, w, dy = idx.clone(), w.clone(), dy.detach().clone()
         with self._issue_lock:
             epoch = self._epoch
-            call = functools.partial(self._push, idx, w, dy, step, push_id, lr, need_dw)
+            call = functools.partial(
+                self._push, idx, w, dy, step, push_id, lr, need_dw, budget=budget, doc_ids=docs
+            )
             future = self._submit(call, epoch)
             self._pushes.setdefault(step, []).append((epoch, future))
         future.add_done_callback(functools.partial(self._forget_push, step))

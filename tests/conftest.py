@@ -1,3 +1,6 @@
+"""The suite's shared settings: every Ray instance on loopback with a patient GCS start,
+a fixed checkpoint secret, and every random generator reseeded before each test."""
+
 import os
 import random
 

@@ -8,16 +8,28 @@
   file (``--8<-- "examples/..."``) is that example, which a test of its own runs.
 - The API reference documents every public name (``__all__`` of memstore,
   memstore.client, memstore.hf, memstore.trainer.memory and memstore.trainer.config).
+- Getting started runs as a reader types it (marker ``cluster``: it starts raylets): its
+  numbered steps after the install, in one shell, at small sizes; each Python block is
+  saved under the file name the page gives and run with the command it gives.
 - docs/benchmarks.md is exactly what benchmarks/render_results.py makes of
   benchmarks/results/*.json.
+- README.md (200 lines) and docs/architecture.md (400) stay short; the root
+  ARCHITECTURE.md and BENCHMARKS.md only point into docs/.
+- Every test module opens with a docstring naming what it checks.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -126,6 +138,119 @@ def test_every_guide_and_getting_started_has_code_the_suite_runs():
     for page in pages_with_code():
         text = page.read_text()
         assert python_blocks(page) or "--8<--" in text, f"{page.name} has no tested code"
+
+
+# ---- Getting started, as typed in a shell ----------------------------------------------
+LEVEL_TWO = re.compile(r"^## ", re.M)
+NUMBERED_STEP = re.compile(r"^## (?P<number>\d+)\. ", re.M)
+SHELL_BLOCK = re.compile(r"^```bash\n(?P<code>.*?)^```", re.M | re.S)
+SAVE_AND_RUN = re.compile(r"Save (?:it|this) as\s+`(?P<file>[\w.]+)`\s+and run\s+`(?P<run>[^`]+)`")
+
+
+def getting_started_script() -> str:
+    """Steps 2, 3, ... of Getting started as one bash script: each ```bash block as typed;
+    each Python block written to the file named by the "Save it as `F` and run `CMD`"
+    before it, then that command."""
+    text = (DOCS / "getting-started.md").read_text()
+    script = []
+    for step in NUMBERED_STEP.finditer(text):
+        if step["number"] == "1":
+            continue  # the install: the suite runs inside it
+        following = LEVEL_TWO.search(text, step.end())
+        body = text[step.end() : following.start() if following else len(text)]
+        pieces = [(m.start(), m["code"]) for m in SHELL_BLOCK.finditer(body)]
+        for block in FENCE.finditer(body):
+            saves = list(SAVE_AND_RUN.finditer(body, 0, block.start()))
+            assert saves, f"step {step['number']}: a Python block without 'Save it as'"
+            file, run = saves[-1]["file"], saves[-1]["run"]
+            pieces.append((block.start(), f"cat > {file} <<'PAGE'\n{block['code']}PAGE\n{run}\n"))
+        script += [code for _, code in sorted(pieces)]
+    return "".join(script)
+
+
+# The main job at small sizes: the same three models, a few steps of a small corpus.
+SMALL_FACTS = (
+    " --set steps=12 --set warmup=2 --set eval_every=6 --set checkpoint_every=12"
+    " --set batch_size=32 --set data.entities=100"
+)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(900)
+def test_getting_started_runs_as_typed_in_a_shell(tmp_path):
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.exists() or shutil.which("bash") is None:
+        pytest.skip(f"`ray start` unavailable: no ray CLI at {ray_cli} or no bash")
+    script = getting_started_script()
+    for typed in ("memstore.bench.facts --quick", "memstore up", "train.py", "memstore down"):
+        assert typed in script, f"Getting started no longer has {typed!r}"
+    grpc_address = f"127.0.0.1:{_free_port('127.0.0.1')}"
+    script = script.replace(
+        "memstore.bench.facts --quick", "memstore.bench.facts --quick" + SMALL_FACTS
+    )
+    script = script.replace(
+        "memstore serve --detach", f"memstore serve --detach --address {grpc_address}"
+    )
+    script = script.replace(GRPC_ADDRESS, grpc_address)
+    work, home = tmp_path / "clone", tmp_path / "home"
+    work.mkdir(), home.mkdir()
+    (work / ".venv").symlink_to(sys.prefix)  # the page's commands name .venv/bin/...
+    head_ip = "127.0.0.40"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))},
+        "HOME": str(home),  # the gRPC token file and the checkpoint secret go here
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "HEAD_IP": head_ip,  # `memstore up`'s own cluster, apart from any other
+        "RAY_PORT": str(_free_port(head_ip)),
+        "RAY_LOCAL_DIR": tempfile.mkdtemp(prefix="rgs", dir="/tmp"),  # short socket paths
+    }
+    try:
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=840,
+        )
+    finally:
+        stop = REPO / "cluster/local/stop-local.sh"
+        subprocess.run(["bash", str(stop)], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(env["RAY_LOCAL_DIR"], ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    out = done.stdout
+    assert re.search(r"^\| memory .*\| pkm", out, re.M | re.S), out  # the main job's table
+    assert (work / "runs/facts-quick/summary.json").is_file()
+    assert re.search(r"^loss after 50 steps: \d", out, re.M), out
+    assert "['quickstart']" in out and "(3, 2, 8) (3, 32) 50" in out, out
+
+
+# ---- short pages ----------------------------------------------------------------------
+def test_the_readme_the_architecture_page_and_the_root_pointers_stay_short():
+    limits = {"README.md": 200, "docs/architecture.md": 400}
+    limits |= {"ARCHITECTURE.md": 15, "BENCHMARKS.md": 15}  # pointers into docs/
+    longer = {
+        name: lines
+        for name, limit in limits.items()
+        if (lines := len((REPO / name).read_text().splitlines())) > limit
+    }
+    assert not longer, f"pages over their line limits {limits}: {longer}"
+
+
+# ---- every test module says what it checks ---------------------------------------------
+def test_every_test_module_opens_with_a_docstring_of_what_it_checks():
+    missing = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / "tests").rglob("test_*.py"))
+        if not (ast.get_docstring(ast.parse(path.read_text())) or "").strip()
+    ]
+    assert not missing, f"test modules without a module docstring: {missing}"
 
 
 # ---- the API reference ---------------------------------------------------------------

@@ -8,6 +8,7 @@ from ..errors import (
     CheckpointError,
     InvalidArgument,
     MemoryBudgetExceeded,
+    MemstoreError,
     PreconditionFailed,
     ShardUnavailable,
     StepOutOfOrder,
@@ -34,7 +35,12 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """(status code, message) for an error raised while serving a call. Errors that
     memstore does not raise on purpose are INTERNAL, without their text (it may
     describe the server's internals); the server logs them."""
+    # An error raised in a shard actor arrives wrapped by Ray, its text carrying the
+    # actor's traceback, pid and address: the message is the cause's own.
+    cause = getattr(error, "cause", None)
+    wrapped = isinstance(cause, MemstoreError) and isinstance(error, type(cause))
+    text = str(cause if wrapped else error)
     for cls, code in _CODES:
         if isinstance(error, cls):
-            return code, str(error)
+            return code, text
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"

@@ -52,6 +52,8 @@ REVALIDATE_S = 1.0
 READ_ATTEMPTS = 3
 # Room left in a reply for everything but the tensors' data (StepSeen, shapes).
 REPLY_OVERHEAD = 64 << 10
+# Bytes of one row's tf or df in a Stats reply (int64).
+ROW_STAT_BYTES = 8
 # Stats keys that are not counters; config fields are never copied (they may hold secrets).
 _SHARD_FIELDS = ("block", "rows", "cols", "bytes", "last_step", "pending_steps")
 
@@ -287,11 +289,48 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
 
     def Stats(self, request, context):
         table = self.tables.get(request.table)
+        page = self._row_page(table, request)
         stats = table.stats()
         reply = pb.StatsReply(
             bytes=int(stats["bytes"]), shards=[_shard_message(s) for s in stats["shards"]]
         )
+        if page is not None:
+            start, count, max_rows = page
+            background = request.background or None
+            rows = table.row_stats(background, start=start, stop=start + count)
+            out = reply.row_stats
+            out.row_start, out.steps = start, rows["steps"]
+            out.table_rows, out.max_rows = table.rows, max_rows
+            encode(rows["tf"].astype(np.int64), out.tf)
+            encode(rows["df"].astype(np.int64), out.df)
         return _seen_from_stats(reply, stats)
+
+    def _row_page(self, table: Table, request) -> tuple[int, int, int] | None:
+        """(row_start, row_count, max_rows) of a Stats request asking for row statistics,
+        checked before anything is read: a page fits the reply (16 bytes a row)."""
+        if not request.rows:
+            for field, given in (
+                ("background", bool(request.background)),
+                ("row_start", request.row_start != 0),
+                ("row_count", request.HasField("row_count")),
+            ):
+                if given:
+                    raise InvalidArgument("rows", f"true when {field} is given", False)
+            return None
+        max_rows = max(1, self._limits(table).reply_bytes // (2 * ROW_STAT_BYTES))
+        start = request.row_start
+        if not 0 <= start < table.rows:
+            raise InvalidArgument("row_start", f"an int in [0, {table.rows})", start)
+        count = request.row_count if request.HasField("row_count") else table.rows - start
+        if not 1 <= count <= table.rows - start:
+            raise InvalidArgument("row_count", f"an int in [1, {table.rows - start}]", count)
+        if count > max_rows:
+            raise InvalidArgument(
+                "row_count",
+                f"at most {max_rows} rows per call (the reply limit); page with row_start",
+                count,
+            )
+        return start, count, max_rows
 
     def Lookup(self, request, context):
         table = self.tables.get(request.table)
@@ -353,8 +392,11 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
         step = check_step("step", request.step)
         push_id = check_step("push_id", request.push_id)
         lr = check_lr("lr", request.lr) if request.HasField("lr") else None
+        budget = _row_budget(request)
+        if request.HasField("doc_ids"):
+            budget["doc_ids"] = _tensor("doc_ids", request.doc_ids, request, INTS, 1)
         steps = self._at_current_step(table, step)
-        dw = table.backward(idx, w, dy, step=step, push_id=push_id, lr=lr)
+        dw = table.backward(idx, w, dy, step=step, push_id=push_id, lr=lr, **budget)
         reply = pb.ApplyGradientsReply()
         _seen(reply.seen, steps, True)
         encode(dw.numpy(), reply.dw)
@@ -369,8 +411,9 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
             else None
         )
         lr = check_lr("lr", request.lr) if request.HasField("lr") else None
+        budget = _row_budget(request)
         self._at_current_step(table, step)
-        updated = table.step(step, pushes_per_step=pushes_per_step, lr=lr)
+        updated = table.step(step, pushes_per_step=pushes_per_step, lr=lr, **budget)
         reply = pb.StepReply(rows_updated=int(updated))
         _seen(reply.seen, shard_steps(table), True)
         return reply
@@ -402,6 +445,21 @@ class MemoryStoreServicer(pb_grpc.MemoryStoreServicer):
         if full == self.save_root or os.path.commonpath([full, self.save_root]) != self.save_root:
             raise InvalidArgument("path", "a path inside the server's save directory", path)
         return full
+
+
+def _row_budget(request) -> dict:
+    """The sparse-step arguments of a Step or ApplyGradients request (the table checks
+    them against its rows and snapshots before anything changes)."""
+    budget = {}
+    if request.HasField("rows"):
+        budget["rows"] = _tensor("rows", request.rows, request, INTS, 1)
+    if request.HasField("top_t"):
+        if request.top_t < 1:
+            raise InvalidArgument("top_t", "an int >= 1", request.top_t)
+        budget["top_t"] = int(request.top_t)
+    if request.background:
+        budget["background"] = request.background
+    return budget
 
 
 def _seen_from_stats(reply, stats: dict):

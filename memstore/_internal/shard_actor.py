@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -51,7 +52,7 @@ from ..optim import optimizer_from_dict
 from ..shard_table import ShardTable
 from .data_channel import ChannelSettings, DataServer
 from .shard_metrics import ShardMetrics
-from .validation import MAX_STEPS_AHEAD, check_lr, check_positive_int, check_step
+from .validation import MAX_STEPS_AHEAD, check_index, check_lr, check_positive_int, check_step
 from .wire import to_tensor
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,13 @@ class ShardWorker:
         self.table = self._new_table()
         self.incarnation = uuid.uuid4().hex
         self.async_applied: set[tuple[int, int]] = set()
+        # step -> the rows its sparse pushes chose (step_on_push: applied by the last push)
+        self.sparse_rows: dict[int, np.ndarray] = {}
         self.max_seen_step = 0
         self.staleness: list[int] = []
-        # (step, push_id) -> the dw its push got, newest last; bounded (see _remember)
-        self.replies: collections.OrderedDict[tuple[int, int], np.ndarray] = (
+        # (step, push_id) -> (digest of the push, the dw it got), newest last; bounded
+        # (see _remember)
+        self.replies: collections.OrderedDict[tuple[int, int], tuple[bytes, np.ndarray]] = (
             collections.OrderedDict()
         )
         # The restarted incarnations (of any block) this block was rolled back for.
@@ -191,6 +195,7 @@ class ShardWorker:
         else:
             self.table = self._new_table()
         self.async_applied.clear()
+        self.sparse_rows.clear()
         self.replies.clear()
         self.applied = None
         self.max_seen_step = 0
@@ -234,37 +239,60 @@ class ShardWorker:
         return (self.incarnation, self.table.gather(to_tensor(rows)).float().numpy(), self._seen())
 
     @_locked
-    def backward(self, rows, w, offsets, dy, *rest):
+    def backward(self, rows, w, offsets, dy, *rest, keep=None, doc_ids=None):
         """dw of this block's slots; a repeated (step, push_id) gets its first reply.
 
         ``rest``: (step, push_id, lr, expected incarnation), after an optional array: the
         slots grouped by row by the client (``grid.pack_grouping``), sent to the column
-        blocks of a grid so that none of them groups the same slots again."""
+        blocks of a grid so that none of them groups the same slots again. ``keep``
+        (async mode or step_on_push; over Ray): the rows of this block that the push's
+        update may change, chosen by the handle (a sparse push). ``doc_ids`` (over Ray):
+        the document of each bag, for the row statistics (``ShardTable.backward``)."""
         grouping, (step, push_id, lr, expected) = (
             (rest[0], rest[1:]) if rest and isinstance(rest[0], np.ndarray) else (None, rest)
         )
         self._fence(expected, write=True)
+        digest = _push_digest(rows, w, offsets, dy)
         cached = self.replies.get((step, push_id))
         if cached is not None:
+            if cached[0] != digest:  # another push under a used id: not a retry
+                raise InvalidArgument(
+                    "push_id",
+                    f"an id no other push of step {step} used (this block applied a "
+                    "different push under it; give each pusher its own push_id)",
+                    push_id,
+                )
             self.replayed += 1
             self.metrics.add("memstore_replayed_pushes_total", 1)
-            return self.incarnation, cached
+            return self.incarnation, cached[1]
+        keep = self._check_keep(step, keep)
         start = time.perf_counter()
         args = (to_tensor(rows), to_tensor(w), to_tensor(offsets), to_tensor(dy))
         if grouping is not None:
             grouping = unpack_grouping(to_tensor(grouping), rows.shape[0])
+        docs = None if doc_ids is None else to_tensor(np.asarray(doc_ids))
         if self.config.get("mode") == "async":
-            dw = self._backward_async(args, step, push_id, lr)
+            dw = self._backward_async(args, step, push_id, lr, keep, docs)
         else:
             dw = self.table.backward_csr(
-                *args, step=step, push_id=push_id, lr=lr, checked=True, grouping=grouping
+                *args,
+                step=step,
+                push_id=push_id,
+                lr=lr,
+                checked=True,
+                grouping=grouping,
+                doc_ids=docs,
             ).numpy()
+            if keep is not None:
+                self.sparse_rows[step] = np.union1d(self.sparse_rows.get(step, keep), keep)
             # step_on_push implies pushes_per_step (create_table checks it): the last push steps.
             if self.config.get("step_on_push") and (
                 len(self.table.pushes(step)) >= self.config["pushes_per_step"]
             ):
-                self.table.step(step)
-        self._remember((step, push_id), dw)
+                chosen = self.sparse_rows.pop(step, None)
+                self.table.step(step, rows=None if chosen is None else torch.from_numpy(chosen))
+                self.sparse_rows = {s: r for s, r in self.sparse_rows.items() if s > step}
+        self._remember((step, push_id), digest, dw)
         self.metrics.add("memstore_rows_read_total", rows.shape[0])
         self.metrics.call(
             "backward",
@@ -275,6 +303,27 @@ class ShardWorker:
         self._report_table()
         return self.incarnation, dw
 
+    def _check_keep(self, step: int, keep) -> np.ndarray | None:
+        """A sparse push's rows (sorted unique int64 of this block), checked before
+        anything changes. Every push of a step_on_push step carries rows, or none does."""
+        async_mode = self.config.get("mode") == "async"
+        if keep is None:
+            if not async_mode and step in self.sparse_rows:
+                raise InvalidArgument(
+                    "rows", f"a row budget, as the other pushes of step {step}", None
+                )
+            return None
+        if not (async_mode or self.config.get("step_on_push")):
+            raise InvalidArgument("rows", "None on a table stepped by Table.step", "a row budget")
+        if not isinstance(keep, np.ndarray):
+            raise InvalidArgument("rows", "an int64 array of row ids", type(keep).__name__)
+        check_index("rows", to_tensor(keep), 1, self.spec.row_start, self.spec.row_stop)
+        if not async_mode and self.table.pushes(step) and step not in self.sparse_rows:
+            raise InvalidArgument(
+                "rows", f"None, as the other pushes of step {step}", "a row budget"
+            )
+        return np.unique(keep.astype(np.int64))
+
     def _report_table(self) -> None:
         """Rows updated since the last report, and the steps pending now."""
         updated = self.table.stats()["rows_updated"]
@@ -282,10 +331,10 @@ class ShardWorker:
         self._rows_updated_reported = updated
         self.metrics.set("memstore_pending_steps", len(self.table.pending_steps()))
 
-    def _remember(self, push: tuple[int, int], dw: np.ndarray) -> None:
+    def _remember(self, push: tuple[int, int], digest: bytes, dw: np.ndarray) -> None:
         """Keep the reply of ``push`` for its retries: those of the last few steps of
         every pusher (a retry comes right after its lost reply)."""
-        self.replies[push] = dw
+        self.replies[push] = (digest, dw)
         keep = max(16, (MAX_STEPS_AHEAD + 2) * int(self.config.get("pushes_per_step") or 1))
         while len(self.replies) > keep:
             self.replies.popitem(last=False)
@@ -297,12 +346,17 @@ class ShardWorker:
         self.replies.pop((step, push_id), None)
         if self.config.get("mode") == "async":
             return False
-        return self.table.retract(step, push_id)
+        taken = self.table.retract(step, push_id)
+        if not self.table.pushes(step):
+            self.sparse_rows.pop(step, None)
+        return taken
 
-    def _backward_async(self, args, step: int, push_id: int, lr: float | None) -> np.ndarray:
-        """Parameter-server style: each push is applied on arrival as its own update.
-        A push at most ``max_staleness`` steps behind the newest one is taken, and at
-        most MAX_STEPS_AHEAD steps ahead of it."""
+    def _backward_async(
+        self, args, step: int, push_id: int, lr: float | None, keep=None, docs=None
+    ) -> np.ndarray:
+        """Parameter-server style: each push is applied on arrival as its own update (of
+        the ``keep`` rows only, when given). A push at most ``max_staleness`` steps behind
+        the newest one is taken, and at most MAX_STEPS_AHEAD steps ahead of it."""
         max_staleness = self.config.get("max_staleness")
         lag = self.max_seen_step - step
         if max_staleness is not None and lag > max_staleness:
@@ -318,10 +372,12 @@ class ShardWorker:
                 step,
             )
         internal = self.table.last_step + 1
-        dw = self.table.backward_csr(*args, step=internal, push_id=push_id, lr=lr, checked=True)
+        dw = self.table.backward_csr(
+            *args, step=internal, push_id=push_id, lr=lr, checked=True, doc_ids=docs
+        )
         if (push_id, step) not in self.async_applied:
             self.async_applied.add((push_id, step))
-            self.table.step(internal)
+            self.table.step(internal, rows=None if keep is None else torch.from_numpy(keep))
             self.max_seen_step = max(self.max_seen_step, step)
             self.staleness.append(max(lag, 0))
             self.metrics.set("memstore_staleness_steps", max(lag, 0))
@@ -374,9 +430,16 @@ class ShardWorker:
         return self.incarnation, (rows, scores)
 
     @_locked
-    def row_stats(self, background: str | None, expected: str):
+    def score_rows(self, rows, counts, background: str | None, expected: str):
+        """TF-IDF scores of this block's ``rows`` read ``counts`` times (a sparse push)."""
         self._fence(expected)
-        return self.incarnation, self.table.row_stats(background)
+        return self.incarnation, self.table.score_rows(rows, counts, background)
+
+    @_locked
+    def row_stats(self, background: str | None, expected: str, start=None, stop=None):
+        """The block's row statistics, of its rows [start, stop) (table row ids) if given."""
+        self._fence(expected)
+        return self.incarnation, self.table.row_stats(background, start, stop)
 
     @_locked
     def snapshot_stats(self, name: str, expected: str):
@@ -436,3 +499,11 @@ class ShardWorker:
             out["staleness_mean"] = float(np.mean(self.staleness))
             out["staleness_max"] = int(np.max(self.staleness))
         return out
+
+
+def _push_digest(*arrays: np.ndarray) -> bytes:
+    """What tells a retry (the same bytes again) from another push reusing its id."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).view(np.uint8))
+    return h.digest()

@@ -48,8 +48,13 @@ the PKM peer. Writes ``val_bpb_vs_tokens.png``, ``val_bpb_vs_seconds.png`` and
 prints a markdown table.
 
     python -m memstore.bench.text [--quick] [--corpus FILE] [--out DIR] [--set KEY=VALUE ...]
+        [--models NAME ...]
 
-``--set`` overrides go to every run. Run it as a module from the repository root.
+``--set`` overrides go to every run. ``--models`` trains only the models named (default
+all five; the configs of all are still loaded and checked for a fair comparison): the
+table, the gains and the targets then cover the pairs trained, and the figures go to
+``text[_quick]_<models>`` instead of ``text[_quick]``. Run it as a module from the
+repository root.
 """
 
 from __future__ import annotations
@@ -126,6 +131,11 @@ def stdlib_corpus(path: Path) -> Path:
 def configs(quick: bool) -> dict[str, Path]:
     prefix = "text-small-" if quick else "text-"
     return {name: builtin.path(f"{prefix}{CONFIG_OF[name]}") for name in MODELS}
+
+
+def trained_twins(names) -> dict[str, str]:
+    """The pairs of TWINS whose models are both among ``names``."""
+    return {m: d for m, d in TWINS.items() if m in names and d in names}
 
 
 def load_runs(paths: dict[str, Path], overrides: list[str]) -> tuple[dict, dict]:
@@ -268,20 +278,21 @@ def gains(res: dict, model: str, twin: str) -> dict[str, float]:
 
 def verdict(res: dict) -> dict:
     """Each layer model against its dense twin, the memory model against the PKM peer,
-    and the targets."""
-    gain = {model: gains(res, model, twin) for model, twin in TWINS.items()}
-    ahead = {k: res["memory"][k] < res["pkm"][k] for k in ("val_bpb", "val_bpb_at_T")}
-    met = {
-        "vs_dense_equal_time": gain["memory"]["val_bpb_at_T"] >= TARGET_VS_DENSE,
-        "engram_vs_dense_equal_time": gain["engram"]["val_bpb_at_T"] >= TARGET_VS_DENSE,
-        "ahead_of_pkm_equal_time": ahead["val_bpb_at_T"],
-    }
-    return {
-        "memory_vs_dense": gain["memory"],
-        "engram_vs_dense": gain["engram"],
-        "memory_ahead_of_pkm": ahead,
-        "targets_met": met,
-    }
+    and the targets: of the models in ``res`` (the pairs trained)."""
+    gain = {model: gains(res, model, twin) for model, twin in trained_twins(res).items()}
+    out, met = {}, {}
+    for model, target in (
+        ("memory", "vs_dense_equal_time"),
+        ("engram", "engram_vs_dense_equal_time"),
+    ):
+        if model in gain:
+            out[f"{model}_vs_dense"] = gain[model]
+            met[target] = gain[model]["val_bpb_at_T"] >= TARGET_VS_DENSE
+    if "memory" in res and "pkm" in res:
+        ahead = {k: res["memory"][k] < res["pkm"][k] for k in ("val_bpb", "val_bpb_at_T")}
+        out["memory_ahead_of_pkm"] = ahead
+        met["ahead_of_pkm_equal_time"] = ahead["val_bpb_at_T"]
+    return {**out, "targets_met": met}
 
 
 def print_table(res: dict, macs: dict, params: dict) -> None:
@@ -290,7 +301,7 @@ def print_table(res: dict, macs: dict, params: dict) -> None:
         "| wall s | train bpb | val bpb (equal tokens) | val bpb @ T (equal time) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name in MODELS:
+    for name in res:
         r, p = res[name], params[name]
         print(
             f"| {name} | {p['dense']:,} + {p['values']:,} | {macs[name]['total']:,} | "
@@ -308,7 +319,7 @@ def report(ns, args, margs, paths, res, macs, params, t_eq, shortest) -> dict:
         f"Corpus: `{d.path}`, {os.path.getsize(d.path):,} bytes, the last "
         f"{d.val_fraction:g} held out; {d.eval_windows} fixed windows per evaluation.\n"
     )
-    for name in MODELS:
+    for name in res:
         config = " ".join(
             [f"`{paths[name].name}`", *(f"`--set {o}`" for o in MODEL_OVERRIDES.get(name, []))]
         )
@@ -320,7 +331,7 @@ def report(ns, args, margs, paths, res, macs, params, t_eq, shortest) -> dict:
         "values of the other runs are interpolated between their evaluations. MACs per "
         "token exclude attention's context mixing (the same in every model)."
     )
-    for model, twin in TWINS.items():
+    for model, twin in trained_twins(res).items():
         gain = v[f"{model}_vs_dense"]
         met = gain["val_bpb_at_T"] >= TARGET_VS_DENSE
         print(
@@ -328,12 +339,13 @@ def report(ns, args, margs, paths, res, macs, params, t_eq, shortest) -> dict:
             f"{_lower(gain['val_bpb'])} at equal tokens, **{_lower(gain['val_bpb_at_T'])} "
             f"at equal time** (target >= {TARGET_VS_DENSE:.0%}: {'met' if met else 'MISSED'})."
         )
-    ahead = v["memory_ahead_of_pkm"]
-    print(
-        f"Memory vs the PKM peer: {'ahead' if ahead['val_bpb'] else 'BEHIND'} at equal "
-        f"tokens, **{'ahead' if ahead['val_bpb_at_T'] else 'BEHIND'} at equal time** "
-        f"({res['memory']['val_bpb_at_T']:.3f} against {res['pkm']['val_bpb_at_T']:.3f})."
-    )
+    ahead = v.get("memory_ahead_of_pkm")
+    if ahead is not None:
+        print(
+            f"Memory vs the PKM peer: {'ahead' if ahead['val_bpb'] else 'BEHIND'} at equal "
+            f"tokens, **{'ahead' if ahead['val_bpb_at_T'] else 'BEHIND'} at equal time** "
+            f"({res['memory']['val_bpb_at_T']:.3f} against {res['pkm']['val_bpb_at_T']:.3f})."
+        )
     return v
 
 
@@ -359,7 +371,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config key of every run",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=list(MODELS),
+        metavar="NAME",
+        help=f"train only these models, of {', '.join(MODELS)} (default: all)",
+    )
+    ns = parser.parse_args(argv)
+    ns.models = [name for name in MODELS if name in ns.models]  # in training order
+    return ns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         check_equal_macs(macs, model, dense)
 
     started = time.perf_counter()
-    wall, curves = train_models(paths, out, overrides, EVAL_KEYS, MODEL_OVERRIDES)
+    trained = {name: paths[name] for name in ns.models}
+    wall, curves = train_models(trained, out, overrides, EVAL_KEYS, MODEL_OVERRIDES)
     steps = args["memory"].steps
     res, t_eq, shortest = results(curves, wall, steps)
     title = (
@@ -399,14 +422,14 @@ def main(argv: list[str] | None = None) -> int:
             "quick": ns.quick,
             "corpus": str(corpus),
             "corpus_bytes": os.path.getsize(corpus),
-            "configs": {k: str(v) for k, v in paths.items()},
+            "configs": {k: str(v) for k, v in trained.items()},
             "model_overrides": MODEL_OVERRIDES,
             "overrides": ns.set,
             "twins": TWINS,
             "T_seconds": t_eq,
             "results": res,
-            "macs_per_token": macs,
-            "parameters": params,
+            "macs_per_token": {name: macs[name] for name in trained},
+            "parameters": {name: params[name] for name in trained},
             **verdicts,
             "wall_seconds": total_wall,
         },
@@ -436,20 +459,19 @@ def record_result(ns, command: str, res: dict, t_eq: float, verdicts: dict) -> N
         for name, r in res.items()
     }
     notes = [f"T = {t_eq:.0f} s."]
-    for model, twin in TWINS.items():
+    for model, twin in trained_twins(res).items():
         gain = verdicts[f"{model}_vs_dense"]
         notes.append(
             f"{model.capitalize()}'s validation bits per byte against {twin}: "
             f"{_lower(gain['val_bpb'])} at equal tokens, {_lower(gain['val_bpb_at_T'])} "
             "at equal time."
         )
-    write_result(
-        "text_quick" if ns.quick else "text",
-        figures,
-        command,
-        title=f"Text experiment ({'quick' if ns.quick else 'full'} form)",
-        notes=" ".join(notes),
-    )
+    area = "text_quick" if ns.quick else "text"
+    title = f"Text experiment ({'quick' if ns.quick else 'full'} form)"
+    if len(ns.models) < len(MODELS):  # a part of the experiment: beside the whole one
+        area += "_" + "_".join(name.replace("-", "_") for name in ns.models)
+        title += f": {', '.join(ns.models)}"
+    write_result(area, figures, command, title=title, notes=" ".join(notes))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ __all__ = [
     "DataArgs",
     "StoreArgs",
     "RayArgs",
+    "FactsSet",
+    "FinetuneMethod",
+    "FinetuneArgs",
     "TrainArgs",
     "load_config",
 ]
@@ -46,6 +49,14 @@ class DataKind(str, enum.Enum):
 
     FACTS = "facts"  # synthetic factual recall (trainer.data.FactsCorpus)
     TEXT = "text"  # bytes of a file (trainer.data.ByteDataset)
+    MIXED = "mixed"  # facts and bytes of a file in one vocabulary (trainer.data.MixedData)
+
+
+class FactsSet(str, enum.Enum):
+    """``data.train_facts``: the facts a ``mixed`` run's batches draw from."""
+
+    FIRST = "first"  # the facts before the held-apart share data.new_facts
+    SECOND = "second"  # the held-apart share (the new facts of a fine-tuning run)
 
 
 class StoreMode(str, enum.Enum):
@@ -94,11 +105,18 @@ class DataArgs:
     val_fraction: float | None = None
     eval_batch_size: int = bounded(1024, min=1)
     eval_windows: int = bounded(64, min=1)  # text: fixed windows, evenly spread, per part
+    # kind "mixed" only: the share of a batch's rows that are text windows (the rest
+    # are rows of facts; default 0.5), the share of the facts (a seeded permutation's
+    # last part) held apart as the second set (default none), and which set trains.
+    text_fraction: float | None = None
+    new_facts: float | None = None
+    train_facts: FactsSet | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.kind is DataKind.TEXT and not self.path:
-            raise InvalidArgument("path", "a text file for kind 'text'", self.path)
+        if self.kind is not DataKind.FACTS and not self.path:
+            raise InvalidArgument("path", f"a text file for kind '{self.kind.value}'", self.path)
+        self._check_mixed()
         for name in ("val_path", "val_fraction"):
             if self.kind is DataKind.FACTS and getattr(self, name) is not None:
                 raise InvalidArgument(
@@ -109,6 +127,26 @@ class DataArgs:
         if self.val_fraction is not None and self.val_path is not None:
             raise InvalidArgument(
                 "val_fraction", "unset when data.val_path is given", self.val_fraction
+            )
+
+    def _check_mixed(self) -> None:
+        names = ("text_fraction", "new_facts", "train_facts")
+        if self.kind is not DataKind.MIXED:
+            for name in names:
+                if getattr(self, name) is not None:
+                    raise InvalidArgument(name, "unset unless kind is 'mixed'", getattr(self, name))
+            return
+        if self.text_fraction is None:
+            self.text_fraction = 0.5
+        if self.train_facts is None:
+            self.train_facts = FactsSet.FIRST
+        if not 0 <= self.text_fraction < 1:
+            raise InvalidArgument("text_fraction", "a number in [0, 1)", self.text_fraction)
+        if self.new_facts is not None and not 0 < self.new_facts < 1:
+            raise InvalidArgument("new_facts", "None or a number in (0, 1)", self.new_facts)
+        if self.train_facts is FactsSet.SECOND and self.new_facts is None:
+            raise InvalidArgument(
+                "train_facts", "'first' unless data.new_facts holds a second set apart", "second"
             )
 
 
@@ -164,6 +202,85 @@ class RayArgs:
             raise InvalidArgument("name", "None or a non-empty string without '/'", self.name)
 
 
+class FinetuneMethod(str, enum.Enum):
+    """``finetune.method``: what a fine-tuning run trains (trainer.finetune)."""
+
+    FULL = "full"  # every dense parameter and every value row a batch reads
+    LORA = "lora"  # LoRA adapters on the attention and FFN projections; values frozen
+    MEMORY = "memory"  # every value row a batch reads; dense parameters frozen
+    SPARSE_MEMORY = "sparse_memory"  # the top_t rows of each step by TF-IDF; dense frozen
+
+
+_SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # a table's statistics snapshot
+
+
+@dataclasses.dataclass
+class FinetuneArgs:
+    """A run that starts from another run's checkpoint and trains part of the model.
+    In YAML the checkpoint is ``from`` (``from_`` in Python: ``from`` is a keyword)."""
+
+    method: FinetuneMethod | None = None  # None: no fine-tuning, a run from scratch
+    # A run directory (its newest complete checkpoint) or a checkpoints/step-N folder.
+    from_: str | None = None
+    top_t: int | None = bounded(None, min=1)  # sparse_memory: rows updated per step
+    # sparse_memory: the statistics snapshot TF-IDF weighs against (the pretraining
+    # run's stats_snapshot); None: the statistics counted so far.
+    background: str | None = None
+    lora_rank: int = bounded(8, min=1)
+    lora_alpha: float = bounded(16.0, gt=0)
+
+    ALIASES = {"from": "from_"}  # YAML key -> field
+
+    @classmethod
+    def from_dict(cls, d) -> FinetuneArgs:
+        """From a mapping with YAML keys (``from``); errors name ``finetune.<key>``."""
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise InvalidArgument("finetune", "a mapping", type(d).__name__)
+        known = sorted(_yaml_key(f.name) for f in dataclasses.fields(cls))
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise InvalidArgument(
+                "finetune",
+                f"keys among {known}",
+                "unknown keys " + ", ".join(f"finetune.{k}" for k in unknown),
+            )
+        try:
+            return cls(**{cls.ALIASES.get(k, k): v for k, v in d.items()})
+        except InvalidArgument as e:
+            raise InvalidArgument(f"finetune.{e.field}", e.expected, e.got) from None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        method = self.method
+        if method is None:
+            for name in ("from_", "top_t", "background"):
+                if getattr(self, name) is not None:
+                    raise InvalidArgument(
+                        _yaml_key(name), "unset without a method", getattr(self, name)
+                    )
+            return
+        if not self.from_:
+            raise InvalidArgument("from", f"a checkpoint to start {method.value} from", self.from_)
+        sparse = method is FinetuneMethod.SPARSE_MEMORY
+        if sparse and self.top_t is None:
+            raise InvalidArgument("top_t", "the rows per step (an int >= 1)", None)
+        for name in ("top_t", "background"):
+            if not sparse and getattr(self, name) is not None:
+                raise InvalidArgument(
+                    name, "unset unless method is sparse_memory", getattr(self, name)
+                )
+        if self.background is not None and not _SNAPSHOT_NAME.fullmatch(self.background):
+            raise InvalidArgument(
+                "background", "1-64 characters of [A-Za-z0-9_.-]", self.background
+            )
+
+
+def _yaml_key(name: str) -> str:
+    return {v: k for k, v in FinetuneArgs.ALIASES.items()}.get(name, name)
+
+
 @dataclasses.dataclass
 class TrainArgs:
     model: dict = dataclasses.field(default_factory=dict)  # ModelArgs fields
@@ -188,14 +305,21 @@ class TrainArgs:
     run_dir: str = "runs/default"
     seed: int = bounded(0, min=0)  # batch order; the model's seed unless model.seed is given
     progress: bool = True
+    finetune: FinetuneArgs = dataclasses.field(default_factory=FinetuneArgs)
+    # At every checkpoint the tables' row statistics counted so far are also kept under
+    # this name (what a fine-tuning run's finetune.background names); None: not kept.
+    stats_snapshot: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> TrainArgs:
         return dataclass_from_dict(cls, d, "")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.finetune, FinetuneArgs):
+            self.finetune = FinetuneArgs.from_dict(self.finetune)
         check_fields(self)
         check_known_keys(ModelArgs, self.model, "model")
+        self._check_finetune()
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", self.run_dir):
             # Path() would make "s3://b/x" a local folder "s3:/b/x"; a run's files other
             # than checkpoints (config, metrics, plots) are local by design.
@@ -209,9 +333,26 @@ class TrainArgs:
                 "batch_size", f"a multiple of workers={self.workers}", self.batch_size
             )
 
+    def _check_finetune(self) -> None:
+        if self.stats_snapshot is not None and not _SNAPSHOT_NAME.fullmatch(self.stats_snapshot):
+            raise InvalidArgument(
+                "stats_snapshot", "None or 1-64 characters of [A-Za-z0-9_.-]", self.stats_snapshot
+            )
+        if self.finetune.method is not None and self.workers:
+            # Ray Train's workers neither load finetune.from nor make sparse steps.
+            raise InvalidArgument(
+                "finetune.method",
+                "None with workers >= 1 (fine-tuning runs in-process)",
+                self.finetune.method.value,
+            )
+        if self.finetune.method is not None and self.dense_equivalent:
+            raise InvalidArgument("dense_equivalent", "false when fine-tuning", True)
+
     def to_dict(self) -> dict:
         """Plain types only (enums as their values): YAML and Ray can carry it."""
-        return _plain(dataclasses.asdict(self))
+        d = _plain(dataclasses.asdict(self))
+        d["finetune"] = {_yaml_key(k): v for k, v in d["finetune"].items()}
+        return d
 
     def model_args(self, vocab_size: int) -> ModelArgs:
         """The model: vocab from the data, value_lr from here, seed from here unless
@@ -248,11 +389,12 @@ def _section(cls, key: str):
 
 
 def set_path(d: dict, dotted: str, value) -> None:
-    """d[a][b] = value for "a.b"; every key on the way must be a known field."""
+    """d[a][b] = value for "a.b"; every key on the way must be a known field (by its
+    YAML name: ``finetune.from``)."""
     keys = dotted.split(".")
     node, cls = d, TrainArgs
     for i, key in enumerate(keys):
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {_yaml_key(f.name) for f in dataclasses.fields(cls)}
         if key not in fields:
             raise InvalidArgument("--set", f"a key among {sorted(fields)}", ".".join(keys[: i + 1]))
         if i == len(keys) - 1:
@@ -260,7 +402,9 @@ def set_path(d: dict, dotted: str, value) -> None:
             return
         sub = _section(cls, key)
         if sub is None:
-            raise InvalidArgument("--set", "a path into data, store, ray or model", dotted)
+            raise InvalidArgument(
+                "--set", "a path into data, store, ray, finetune or model", dotted
+            )
         if not isinstance(node.get(key), dict):
             node[key] = {}
         node, cls = node[key], sub

@@ -25,7 +25,17 @@ from memstore._internal.validation import check_positive_int
 if TYPE_CHECKING:
     from .config import TrainArgs
 
-__all__ = ["Batch", "ByteDataset", "FactsCorpus", "StepData", "evaluate", "text_nll", "text_splits"]
+__all__ = [
+    "Batch",
+    "ByteDataset",
+    "FactsCorpus",
+    "MixedData",
+    "StepData",
+    "evaluate",
+    "fact_recall",
+    "text_nll",
+    "text_splits",
+]
 
 
 class Batch(NamedTuple):
@@ -273,6 +283,132 @@ def text_nll(
     return total / count
 
 
+# ---- facts mixed with text ---------------------------------------------------------
+
+
+class MixedData:
+    """Facts and byte text in one vocabulary: tokens [0, 256) are bytes, and the
+    facts' tokens (:class:`FactsCorpus`'s) follow from 256.
+
+    A batch of B rows holds round(B · ``text_fraction``) text windows of ``seq_len``
+    bytes, every position scored, and then rows of facts: each packs
+    (seq_len + 1) // 3 facts [entity, attribute, value] back to back (the rest of the
+    row is byte 0), scored at the value positions only. The facts are split by a
+    permutation seeded with the corpus seed: its last ``new_facts`` share is the second
+    set, the rest the first; the batches draw from the first set, or from the second
+    with ``train_second`` (teaching a model new facts). Evaluation reads each fact
+    alone ([entity, attribute], as :func:`evaluate` does).
+    """
+
+    OFFSET = ByteDataset.vocab_size
+
+    def __init__(
+        self,
+        corpus: FactsCorpus,
+        text: ByteDataset,
+        validation: ByteDataset | None,
+        text_fraction: float,
+        new_facts: float | None = None,
+        train_second: bool = False,
+    ):
+        if text.seq_len < 2:
+            raise InvalidArgument(
+                "seq_len", "at least 2 (a fact's row packs 3 tokens)", text.seq_len
+            )
+        if not 0 <= text_fraction < 1:
+            raise InvalidArgument("text_fraction", "a number in [0, 1)", text_fraction)
+        order = np.random.default_rng(corpus.seed).permutation(corpus.n_facts)
+        split = corpus.n_facts if new_facts is None else round(corpus.n_facts * (1 - new_facts))
+        if not 0 < split <= corpus.n_facts or (new_facts is not None and split == corpus.n_facts):
+            raise InvalidArgument(
+                "new_facts",
+                f"a share leaving both of {corpus.n_facts} facts' sets non-empty",
+                new_facts,
+            )
+        self.first, self.second = np.sort(order[:split]), np.sort(order[split:])
+        if train_second and not self.second.size:
+            raise InvalidArgument("new_facts", "a share > 0 to train the second set", new_facts)
+        self.corpus, self.text, self.validation = corpus, text, validation
+        self.text_fraction, self.train_second = text_fraction, train_second
+        self.vocab_size = self.OFFSET + corpus.vocab_size
+
+    @property
+    def trained(self) -> np.ndarray:
+        """The fact ids the batches draw from."""
+        return self.second if self.train_second else self.first
+
+    def fact_rows(self, facts: np.ndarray) -> Batch:
+        """Rows of (seq_len + 1) // 3 packed facts each (len(facts) a multiple of it)."""
+        seq_len = self.text.seq_len
+        per_row = (seq_len + 1) // 3
+        seq = self.corpus.sequences(facts).reshape(-1, 3 * per_row) + self.OFFSET
+        rows = torch.zeros(seq.shape[0], seq_len + 1, dtype=torch.int64)
+        rows[:, : seq.shape[1]] = seq
+        mask = torch.zeros(seq.shape[0], seq_len, dtype=torch.bool)
+        mask[:, 1 : 3 * per_row : 3] = True  # input: the attribute; target: the value
+        return Batch(rows[:, :-1], rows[:, 1:], mask)
+
+    def batch(self, rng: np.random.Generator, size: int) -> Batch:
+        """``size`` rows: the text windows first, then the rows of facts drawn uniformly
+        with replacement from the trained set."""
+        n_text = round(size * self.text_fraction)
+        parts = []
+        if n_text:
+            window = self.text.window(self.text.sample_starts(rng, n_text))
+            parts.append(window._replace(mask=torch.ones_like(window.targets, dtype=torch.bool)))
+        if size > n_text:
+            per_row = (self.text.seq_len + 1) // 3
+            facts = self.trained[rng.integers(0, self.trained.size, size=(size - n_text) * per_row)]
+            parts.append(self.fact_rows(facts))
+        return Batch(*(torch.cat(t) for t in zip(*parts)))
+
+    def evaluate(self, model: torch.nn.Module, batch_size: int, windows: int) -> dict:
+        """``recall_first`` and ``recall_second`` (when there is a second set) with their
+        ``nll_first`` and ``nll_second``; ``recall`` and ``nll`` of the trained set; bits
+        per byte as :class:`StepData` reports them for text (``train_*``, ``val_*`` and
+        the headline ``bits_per_byte``)."""
+        out = {}
+        for name, facts in (("first", self.first), ("second", self.second)):
+            if facts.size:
+                found = fact_recall(model, self.corpus, facts, self.OFFSET, batch_size)
+                out[f"recall_{name}"], out[f"nll_{name}"] = found["recall"], found["nll"]
+        trained = "second" if self.train_second else "first"
+        out["recall"], out["nll"] = out[f"recall_{trained}"], out[f"nll_{trained}"]
+        for part, data in (("train", self.text), ("val", self.validation)):
+            if data is not None:
+                nll = text_nll(model, data, data.fixed_starts(windows), batch_size)
+                out[f"{part}_bits_per_byte"] = nll / math.log(2)
+        head = "val" if self.validation is not None else "train"
+        out["bits_per_byte"] = out[f"{head}_bits_per_byte"]
+        return out
+
+
+@torch.no_grad()
+def fact_recall(
+    model: torch.nn.Module,
+    corpus: FactsCorpus,
+    facts: np.ndarray,
+    offset: int = 0,
+    batch_size: int = 1024,
+) -> dict:
+    """``recall`` (argmax over the value tokens) and ``nll`` (nats, full softmax) of the
+    facts ``facts``, each read alone as [entity, attribute], their tokens shifted by
+    ``offset``. The model's mode is restored afterwards."""
+    check_positive_int("batch_size", batch_size, 1)
+    was_training = model.training
+    model.eval()
+    first = corpus.value_tokens.start + offset
+    hits, nll = 0, 0.0
+    for start in range(0, len(facts), batch_size):
+        seq = corpus.sequences(facts[start : start + batch_size]) + offset
+        logits = model(seq[:, :2])[:, 1].float()
+        answer = seq[:, 2]
+        hits += int((logits[:, first : first + corpus.values].argmax(-1) + first == answer).sum())
+        nll += float(F.cross_entropy(logits, answer, reduction="sum"))
+    model.train(was_training)
+    return {"recall": hits / max(len(facts), 1), "nll": nll / max(len(facts), 1)}
+
+
 # ---- the data of a training run ----------------------------------------------------
 
 
@@ -287,6 +423,9 @@ class StepData:
             self.corpus = FactsCorpus(d.entities, d.attributes, d.values, seed=d.seed)
             self.validation = None
             self.vocab_size = self.corpus.vocab_size
+        elif d.kind == "mixed":
+            self.corpus, self.validation = self._mixed(d), None
+            self.vocab_size = self.corpus.vocab_size
         else:
             try:
                 self.corpus, self.validation = text_splits(
@@ -296,9 +435,22 @@ class StepData:
                 raise InvalidArgument(f"data.{e.field}", e.expected, e.got) from None
             self.vocab_size = ByteDataset.vocab_size
 
+    @staticmethod
+    def _mixed(d) -> MixedData:
+        facts = FactsCorpus(d.entities, d.attributes, d.values, seed=d.seed)
+        try:
+            text, validation = text_splits(d.path, d.seq_len, d.val_path, d.val_fraction)
+            return MixedData(
+                facts, text, validation, d.text_fraction, d.new_facts, d.train_facts == "second"
+            )
+        except InvalidArgument as e:
+            raise InvalidArgument(f"data.{e.field}", e.expected, e.got) from None
+
     def global_batch(self, step: int) -> Batch:
         rng = np.random.default_rng([self.args.seed, step])
         size = self.args.batch_size
+        if isinstance(self.corpus, MixedData):
+            return self.corpus.batch(rng, size)
         if isinstance(self.corpus, FactsCorpus):
             return self.corpus.batch(rng.integers(0, self.corpus.n_facts, size=size))
         return self.corpus.window(self.corpus.sample_starts(rng, size))
@@ -310,6 +462,8 @@ class StepData:
         validation figures, or the training ones without validation data."""
         d = self.args.data
         model = _OnDevice(model)
+        if isinstance(self.corpus, MixedData):
+            return self.corpus.evaluate(model, d.eval_batch_size, d.eval_windows)
         if isinstance(self.corpus, FactsCorpus):
             return evaluate(model, self.corpus, batch_size=d.eval_batch_size)
         out = {}

@@ -190,8 +190,7 @@ class LocalRun:
         )
 
     def step_tables(self, step: int) -> None:
-        for table in self.tables.values():
-            table.step(step)
+        self.replica.step_tables(self.tables, step)
 
     def total(self, out: dict) -> dict:
         return out
@@ -201,6 +200,8 @@ class LocalRun:
         for name, table in self.tables.items():
             paths[name] = path = checkpoint.store_path(self.run_dir, name, step)
             checkpoint.set_aside(self.run_dir, Path(path))
+            if self.args.stats_snapshot is not None:
+                table.snapshot_stats(self.args.stats_snapshot)
             sd = table.state_dict()
             staging = store_checkpoint.begin(path)
             entry = store_checkpoint.write_block(staging, "0-0", sd)

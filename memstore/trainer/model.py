@@ -12,6 +12,9 @@ values live in a value table that the model either creates (a local
 At the layers listed in ``engram_layers`` an :class:`memstore.EngramLayer` follows:
 ``out += engram(out, tokens)``, a hashed n-gram memory of the input token ids (bytes,
 for byte-level text) whose rows live in a value table of their own, ``engram.<i>``.
+With ``engram_prefetch`` a trainer issues their lookups before the forward
+(:meth:`Transformer.prefetch_engram`, passed as ``forward(tokens, engram=...)``) and
+their backward issues its pushes without waiting (``EngramLayer.async_push``).
 
 Push ids (``MemoryLayer.push_id``, set by :meth:`Transformer.set_step`). A table
 ignores a second push of the same (step, push_id) as a retry, so every backward that
@@ -41,7 +44,7 @@ from memstore._internal.validation import (
     check_positive_int,
     dataclass_from_dict,
 )
-from memstore.engram import engram_primes
+from memstore.engram import EngramFetch, engram_primes
 from memstore.memory_layer import ValueTable
 
 from .memory import push_id
@@ -110,6 +113,9 @@ class ModelArgs:
     engram_rows: int = 65521
     engram_dim: int = 32
     engram_kernel: int = 4  # taps of its causal depthwise convolution
+    # The trainer looks the Engram rows up before the forward and pushes their gradients
+    # without waiting (the values read are the same); false: looked up and pushed in turn.
+    engram_prefetch: bool = True
     value_lr: float = bounded(1e-3, gt=0)  # Adam lr of the local value tables
     seed: int = bounded(0, min=0)  # dense init and local table values
 
@@ -356,17 +362,25 @@ class Block(nn.Module):
         self.engram = None
         if engram_table is not None:
             self.engram = EngramLayer(args.engram_args(layer), table=engram_table)
+            self.engram.async_push = args.engram_prefetch
             # projections as the dense weights; the value path writes the residual stream
             nn.init.normal_(self.engram.key.weight, std=INIT_STD)
             nn.init.normal_(self.engram.value.weight, std=INIT_STD / math.sqrt(2 * args.n_layers))
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        tokens: torch.Tensor,
+        fetch: EngramFetch | None = None,
     ) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x), cos, sin)
         out = h + self.ffn(self.ffn_norm(h))
         if self.engram is None:
             return out
+        if fetch is not None:
+            return out + self.engram(out, fetch=fetch)
         return out + self.engram(out, tokens)
 
 
@@ -421,15 +435,35 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.set_step(None)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, engram: dict[int, EngramFetch] | None = None
+    ) -> torch.Tensor:
+        """Logits of ``tokens``; ``engram``: the Engram layers' fetches of these tokens
+        (:meth:`prefetch_engram`), None: they look their rows up themselves."""
         if tokens.dim() != 2 or not 1 <= tokens.shape[1] <= self.args.max_seq_len:
             raise InvalidArgument(
                 "tokens", f"(B, T) with 1 <= T <= {self.args.max_seq_len}", tuple(tokens.shape)
             )
+        if engram is not None and set(engram) != set(self.args.engram_layers):
+            raise InvalidArgument(
+                "engram", f"fetches of the layers {self.args.engram_layers}", sorted(engram)
+            )
+        engram = engram or {}
         x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x, self.rope_cos, self.rope_sin, tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rope_cos, self.rope_sin, tokens, engram.get(i))
         return self.output(self.norm(x)).float()
+
+    def prefetch_engram(self, tokens: torch.Tensor) -> dict[int, EngramFetch]:
+        """Layer -> the rows of ``tokens`` (B, T) its Engram layer reads, with their
+        lookup issued now (``EngramLayer.prefetch``), for ``forward(tokens, engram=...)``."""
+        return {i: self.layers[i].engram.prefetch(tokens) for i in self.args.engram_layers}
+
+    def take_engram_pushes(self) -> dict[str, list]:
+        """Table name -> the futures of the Engram pushes issued since the last call."""
+        return {
+            engram_table(i): self.layers[i].engram.take_pushes() for i in self.args.engram_layers
+        }
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy over the target positions where ``batch.mask`` is True

@@ -17,6 +17,15 @@ How a step works with W ranks (W = 1 in-process):
   (``store.step_on_push``): a rank's backward returns only after its own pushes, and
   DDP's reduction of the last gradients waits for every rank's backward, so no lookup
   of step s+1 can precede the update of step s.
+- Engram layers with ``engram_prefetch`` (:meth:`Replica.train_step`): the rows of a
+  batch are hashed and their lookup issued before the forward, the row gradients are
+  pushed without waiting, and the step returns once its pushes are acknowledged. The
+  lookup of step s+1 always reads the values of step s, as the blocking forward would:
+  it is issued right after the backward of s (a one-batch lookahead) when the table
+  applies s with the push of s that precedes it on the handle's I/O thread (a store
+  table with ``step_on_push`` and one push per step: one rank); otherwise when the
+  batch of s+1 is made, after the table's step of s (with W ranks and ``step_on_push``,
+  after a barrier that follows every rank's acknowledged pushes of s).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import torch.nn.functional as F
 
 import memstore
 
+from . import finetune
 from .config import TrainArgs, ValueSchedule
 from .data import Batch, StepData
 from .memory import sum_dense_gradients
@@ -53,6 +63,18 @@ def value_lr_at(args: TrainArgs, step: int) -> float:
     if args.value_schedule is ValueSchedule.CONSTANT:
         return args.value_lr
     return args.value_lr * lr_at(args, step) / args.lr
+
+
+def _steps_on_push(table, one_push: bool) -> bool:
+    """Whether ``table`` is a store table that applies a step within the call of its
+    last push of the step (``step_on_push``); ``one_push``: and that push is the only
+    one (one rank), so a lookup queued behind it on the handle's I/O thread reads the
+    step it applies."""
+    return (
+        isinstance(table, memstore.Table)
+        and bool(table.config.get("step_on_push"))
+        and (not one_push or table.config.get("pushes_per_step") == 1)
+    )
 
 
 class Replica:
@@ -95,11 +117,26 @@ class Replica:
             )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._build_optimizer()
+        self.prefetch = bool(self.model_args.engram_layers) and self.model_args.engram_prefetch
+        engram_tables = [layer.table for layer in self.model.engram_layers()]
+        self.lookahead = (
+            self.prefetch and world == 1 and all(_steps_on_push(t, True) for t in engram_tables)
+        )
+        self._barrier = world > 1 and any(_steps_on_push(t, False) for t in engram_tables)
+        self._ahead: tuple[int, dict] | None = None  # (step, fetches) issued a step early
 
     def _build_optimizer(self) -> None:
         """AdamW over the dense parameters; a ``pkm_value_group`` peer's values get a
         group of their own, trained as the store trains its values (the values' lr and
-        the store's Adam betas and eps, no weight decay, no clipping)."""
+        the store's Adam betas and eps, no weight decay, no clipping). A fine-tuning run
+        first starts from ``finetune.from`` and freezes what its method does not train
+        (:mod:`trainer.finetune`); with no dense parameter left, nothing steps them."""
+        if self.args.finetune.method is not None:
+            finetune.start_from(self.model, self.args.finetune)
+            self.params = finetune.prepare(self.model, self.args.finetune)
+            if not self.params:
+                self.clipped, self.opt = [], finetune.FrozenOptimizer()
+                return
         values = self.model.peer_values() if self.model_args.pkm_value_group else []
         self.clipped = [p for p in self.params if all(p is not v for v in values)]
         groups = [{"params": self.clipped}]
@@ -127,16 +164,23 @@ class Replica:
             *(t if t is None else t.to(self.device) for t in self.data.global_batch(step))
         )
         count = batch.targets.numel() if batch.mask is None else int(batch.mask.sum())
-        per = batch.inputs.shape[0] // self.world
-        rows = slice(self.rank * per, (self.rank + 1) * per)
+        rows = self._rows(batch.inputs.shape[0])
+        fetch = self._engram_fetch(step, batch.inputs[rows])
         self.model.set_step(step, value_lr=value_lr_at(self.args, step))
         self.opt.zero_grad(set_to_none=True)
-        logits = self.net(batch.inputs[rows])
+        if fetch is None:
+            logits = self.net(batch.inputs[rows])
+        else:
+            logits = self.net(batch.inputs[rows], engram=fetch)
         nll = F.cross_entropy(logits.flatten(0, 1), batch.targets[rows].flatten(), reduction="none")
         if batch.mask is not None:
             nll = nll * batch.mask[rows].flatten().to(nll.dtype)
         loss = nll.sum() / max(count, 1)
         loss.backward()
+        if self.lookahead and step < self.args.steps:
+            inputs = self.data.global_batch(step + 1).inputs
+            inputs = inputs[self._rows(inputs.shape[0])].to(self.device)
+            self._ahead = (step + 1, self.model.prefetch_engram(inputs))
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -148,6 +192,7 @@ class Replica:
         for group in self.opt.param_groups:
             group["lr"] = value_lr_at(self.args, step) if group.get("values") else lr
         self.opt.step()
+        self._settle_engram_pushes()
         return {
             "loss": float(loss.detach()),
             "grad_norm": float(norm),
@@ -155,6 +200,41 @@ class Replica:
             "tokens": int(batch.inputs[rows].numel()),
             "seconds": time.perf_counter() - start,
         }
+
+    def _rows(self, size: int) -> slice:
+        """This rank's rows of a global batch of ``size`` rows."""
+        per = size // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def _engram_fetch(self, step: int, inputs: torch.Tensor) -> dict | None:
+        """The Engram fetches of step ``step``: issued a step early (``lookahead``), or
+        now; None without prefetch. A fetch issued for another step is dropped."""
+        if not self.prefetch:
+            return None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == step:
+            return ahead[1]
+        return self.model.prefetch_engram(inputs)
+
+    def _settle_engram_pushes(self) -> None:
+        """Wait for this step's Engram pushes, raising the first failure in the step
+        that made it; with W ranks and ``step_on_push`` tables, then wait for every
+        rank (a barrier), after which every block has applied the step and the next
+        step's lookups read it."""
+        pushed = self.model.take_engram_pushes()
+        for futures in pushed.values():
+            for future in futures:
+                future.result()
+        if self._barrier and any(pushed.values()):
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def step_tables(self, tables: dict, step: int) -> None:
+        """Apply ``step`` on each of ``tables`` (name -> table): every row the step read,
+        or the rows the fine-tuning method trains (``trainer.finetune.table_step``)."""
+        for table in tables.values():
+            finetune.table_step(table, step, self.args.finetune)
 
     def evaluate(self) -> dict:
         return self.data.evaluate(self.model)

@@ -204,7 +204,7 @@ class GatherReply(_message.Message):
     def __init__(self, seen: _Optional[_Union[StepSeen, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("table", "idx", "w", "dy", "step", "push_id", "lr")
+    __slots__ = ("table", "idx", "w", "dy", "step", "push_id", "lr", "rows", "top_t", "background", "doc_ids")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDX_FIELD_NUMBER: _ClassVar[int]
     W_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,10 @@ class ApplyGradientsRequest(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TOP_T_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    DOC_IDS_FIELD_NUMBER: _ClassVar[int]
     table: str
     idx: Tensor
     w: Tensor
@@ -219,7 +223,11 @@ class ApplyGradientsRequest(_message.Message):
     step: int
     push_id: int
     lr: float
-    def __init__(self, table: _Optional[str] = ..., idx: _Optional[_Union[Tensor, _Mapping]] = ..., w: _Optional[_Union[Tensor, _Mapping]] = ..., dy: _Optional[_Union[Tensor, _Mapping]] = ..., step: _Optional[int] = ..., push_id: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+    rows: Tensor
+    top_t: int
+    background: str
+    doc_ids: Tensor
+    def __init__(self, table: _Optional[str] = ..., idx: _Optional[_Union[Tensor, _Mapping]] = ..., w: _Optional[_Union[Tensor, _Mapping]] = ..., dy: _Optional[_Union[Tensor, _Mapping]] = ..., step: _Optional[int] = ..., push_id: _Optional[int] = ..., lr: _Optional[float] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., top_t: _Optional[int] = ..., background: _Optional[str] = ..., doc_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsReply(_message.Message):
     __slots__ = ("seen", "dw")
@@ -230,16 +238,22 @@ class ApplyGradientsReply(_message.Message):
     def __init__(self, seen: _Optional[_Union[StepSeen, _Mapping]] = ..., dw: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("table", "step", "pushes_per_step", "lr")
+    __slots__ = ("table", "step", "pushes_per_step", "lr", "rows", "top_t", "background")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PUSHES_PER_STEP_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TOP_T_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     table: str
     step: int
     pushes_per_step: int
     lr: float
-    def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., pushes_per_step: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+    rows: Tensor
+    top_t: int
+    background: str
+    def __init__(self, table: _Optional[str] = ..., step: _Optional[int] = ..., pushes_per_step: _Optional[int] = ..., lr: _Optional[float] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., top_t: _Optional[int] = ..., background: _Optional[str] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ("seen", "rows_updated")
@@ -280,17 +294,43 @@ class SaveReply(_message.Message):
     def __init__(self, seen: _Optional[_Union[StepSeen, _Mapping]] = ..., path: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("table",)
+    __slots__ = ("table", "rows", "background", "row_start", "row_count")
     TABLE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
     table: str
-    def __init__(self, table: _Optional[str] = ...) -> None: ...
+    rows: bool
+    background: str
+    row_start: int
+    row_count: int
+    def __init__(self, table: _Optional[str] = ..., rows: _Optional[bool] = ..., background: _Optional[str] = ..., row_start: _Optional[int] = ..., row_count: _Optional[int] = ...) -> None: ...
+
+class RowStats(_message.Message):
+    __slots__ = ("row_start", "tf", "df", "steps", "table_rows", "max_rows")
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    TF_FIELD_NUMBER: _ClassVar[int]
+    DF_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TABLE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    row_start: int
+    tf: Tensor
+    df: Tensor
+    steps: int
+    table_rows: int
+    max_rows: int
+    def __init__(self, row_start: _Optional[int] = ..., tf: _Optional[_Union[Tensor, _Mapping]] = ..., df: _Optional[_Union[Tensor, _Mapping]] = ..., steps: _Optional[int] = ..., table_rows: _Optional[int] = ..., max_rows: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("seen", "bytes", "shards")
+    __slots__ = ("seen", "bytes", "shards", "row_stats")
     SEEN_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ROW_STATS_FIELD_NUMBER: _ClassVar[int]
     seen: StepSeen
     bytes: int
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
-    def __init__(self, seen: _Optional[_Union[StepSeen, _Mapping]] = ..., bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ...) -> None: ...
+    row_stats: RowStats
+    def __init__(self, seen: _Optional[_Union[StepSeen, _Mapping]] = ..., bytes: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., row_stats: _Optional[_Union[RowStats, _Mapping]] = ...) -> None: ...

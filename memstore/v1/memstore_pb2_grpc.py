@@ -155,7 +155,7 @@ class MemoryStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Per-shard counters (read).
+        """Per-shard counters, and per-row statistics when asked (read).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

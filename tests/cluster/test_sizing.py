@@ -51,7 +51,7 @@ def test_h100_adam_row_by_hand():
 @pytest.mark.parametrize(
     "grid, sent, received",
     [
-        ((1, 1), 3_088, 1_536),  # BENCHMARKS.md, Store: 1 shard
+        ((1, 1), 3_088, 1_536),  # cfb8391:BENCHMARKS.md, Store: 1 shard
         ((2, 1), 4_128, 2_560),  # (2, 1) rows
         ((4, 1), 6_208, 4_608),  # (4, 1) rows
     ],

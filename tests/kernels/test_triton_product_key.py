@@ -1,4 +1,11 @@
-"""Triton product-key top-k against kernels.reference (interpreter on CPU, or CUDA)."""
+"""Triton product-key top-k against kernels.reference (interpreter on CPU, or CUDA).
+
+The reference scores all n² pairs and sorts them, sharing no code with the Triton
+selection: exact and rounding ties order by the smaller index, random scores give the
+exact top-k, gradients reach q and keys as autograd through the reference does,
+bfloat16 inputs select on float32 sums, float64 stays in torch, and the public op
+dispatches to Triton.
+"""
 
 from __future__ import annotations
 

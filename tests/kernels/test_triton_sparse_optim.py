@@ -1,4 +1,11 @@
-"""Triton fused sparse optimizer steps (and the fused bag backward + Adam) against references."""
+"""Triton fused sparse optimizer steps (and the fused bag backward + Adam) against references.
+
+SGD, Adagrad and row-wise Adagrad against kernels.reference's plain-torch steps; lazy
+Adam and AdamW against float64 SparseAdam and AdamW updates written out here; the fused
+bag backward + Adam against the unfused reference; strided values update in place, no
+rows is a no-op, and the public Adam dispatches to Triton (interpreter on CPU, or CUDA).
+bfloat16 results may differ by one bfloat16 ulp.
+"""
 
 from __future__ import annotations
 

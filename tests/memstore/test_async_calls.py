@@ -152,6 +152,14 @@ def test_bad_input_raises_at_the_call_and_changes_nothing(table_names):
     assert t.fingerprints() == before
 
 
+def test_a_timeout_set_on_the_handle_reaches_its_open_data_channel(table_names):
+    t = _sgd_table(table_names("timeout"))
+    idx, w = _batch(1)
+    t.lookup(idx, w)  # opens the data channel with the table's 60 s
+    t.timeout_s = 7.5
+    assert t._data_channel().timeout_s == 7.5  # a lost reply now fails after 7.5 s
+
+
 # ---- a shard dying while a future is in flight --------------------------------------
 def _faulty_table(name, root):
     return memstore.create_table(

@@ -1,3 +1,16 @@
+"""Checkpoints of ShardTable blocks (memstore.checkpoint), in one process on real files.
+
+Any grid loads any stored grid exactly (values, optimizer state, counters; bfloat16;
+row-wise Adagrad only with its column grid) and training after a reload goes on bit for
+bit; a save cut before its commit, a partial or a damaged checkpoint is never loaded (the
+previous one is); concurrent saves commit one whole checkpoint and the commit re-hashes
+every block; hostile, oversized, deeply nested or unsigned manifests are refused before
+any block file is opened, and a pickled payload never runs; the operator secret comes
+from the argument, the environment or a private key file. The references are the saved
+table's own state and sha256 digests and HMAC signatures computed here with hashlib and
+hmac, not by the package.
+"""
+
 import dataclasses
 import hashlib
 import hmac

@@ -1,5 +1,12 @@
 """Checkpoints on shared storage through pyarrow.fs, against a real S3-compatible server
-(moto_server, started here on 127.0.0.1) and a real local Ray instance."""
+(moto_server, started here on 127.0.0.1) and a real local Ray instance.
+
+Two shards save to s3:// and another driver loads the checkpoint into three, equal to
+the saved table; of 8 concurrent saves to one path exactly one commits, since the
+manifest's PUT is create-only on the server; a filesystem without create-only writes is
+refused for saving; a shard killed mid-save leaves no loadable checkpoint; hostile URIs
+are refused; relative paths resolve on the driver.
+"""
 
 import os
 import signal

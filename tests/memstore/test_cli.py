@@ -1,5 +1,10 @@
 """The memstore command line: gRPC commands against a real server, Ray commands as a
-driver of the test's Ray instance, errors as one line with exit status 1."""
+driver of the test's Ray instance, errors as one line with exit status 1.
+
+`tables`, `describe`, `stats`, `query` (its top-k against the brute-force reference of
+kernels.reference), create / save / load / drop, `serve` detached and in the foreground,
+`--help` listing every command, and the example client.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import signal
 import subprocess
 import sys
 
+import matplotlib.figure
 import numpy as np
 import pytest
 import torch
@@ -61,6 +67,42 @@ def test_tables_describe_stats(cli_env, capsys, tmp_path):
     assert re.search(r"^0-0\s+32\s+4\s", out, re.M) and re.search(r"^1-0\s+32\s+4\s", out, re.M)
     rc, out, _ = run(cli_env, capsys, "stats", "cli-t", "--plot", str(tmp_path / "s.png"))
     assert rc == 0 and (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_stats_plot_draws_the_access_histogram_of_the_row_statistics(
+    cli_env, capsys, tmp_path, table_names, monkeypatch
+):
+    name = table_names("cli-rows")
+    table = memstore.create_table(name, 64, DIM, shards=2, seed=3, cpus_per_shard=0.25)
+    table.snapshot_stats("empty")
+    g = torch.Generator().manual_seed(4)
+    read = set()
+    for step in (1, 2, 3):
+        idx = torch.randint(0, 40, (5, 3), generator=g)
+        read |= set(idx.flatten().tolist())
+        table.backward(idx, torch.ones(5, 3), torch.randn(5, DIM, generator=g), step=step)
+        table.step(step)
+    counted, empty = tmp_path / "counted.png", tmp_path / "empty.png"
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+
+    def keep_and_save(fig, *args, **kwargs):
+        drawn.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_and_save)
+    rc, out, _ = run(cli_env, capsys, "stats", name, "--plot", str(counted))
+    assert rc == 0 and f"{len(read)} of 64 rows read in 3 counted steps" in out
+    # The access panel: each read row's df, most used first, on log axes.
+    access = drawn[-1].axes[2]
+    df = table.row_stats()["df"]
+    np.testing.assert_array_equal(access.lines[0].get_ydata(), np.sort(df[df > 0])[::-1])
+    assert access.get_xscale() == access.get_yscale() == "log"
+    rc, out, _ = run(cli_env, capsys, "stats", name, "--plot", str(empty), "--background", "empty")
+    assert rc == 0 and "0 of 64 rows read in 0 counted steps" in out
+    assert counted.read_bytes() != empty.read_bytes()
+    rc, _, err = run(cli_env, capsys, "stats", name, "--plot", str(empty), "--background", "x")
+    assert rc == 1 and "background" in err and len(err.strip().splitlines()) == 1
 
 
 def test_query_prints_and_writes_the_reference_top_k(cli_env, capsys, tmp_path):

@@ -1,3 +1,8 @@
+"""`memstore demo` (memstore.demo): a small memory-layer model on synthetic facts lowers
+its loss below 0.9 of its first in 40 steps, and the command line prints its throughput
+line.
+"""
+
 from memstore.cli import main
 from memstore.demo import DemoArgs, run_demo
 

@@ -1,5 +1,12 @@
 """The distributed table on a real local Ray instance: routing, consistency,
-checkpoints, faults, memory budget and input validation."""
+checkpoints, faults, memory budget and input validation.
+
+Every grid, both data channels, 2 workers × 3 shards, published-key queries and
+checkpoints loaded into other grids are compared with one local ShardTable of the same
+seed trained on the same batches; a killed shard rolls the table back, one that stays
+down is unavailable; bad input names the field and changes no shard (a fingerprint of
+every block before and after).
+"""
 
 import os
 import signal

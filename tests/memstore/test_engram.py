@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sympy
@@ -245,6 +246,82 @@ def test_backward_pushes_one_slot_per_row_and_needs_no_dw():
     assert idx.shape == (idx.shape[0], 1) and torch.equal(w, torch.ones_like(w))
     assert idx.flatten().tolist() == sorted(set(layer.hash(tokens).flatten().tolist()))
     assert dy.shape == (idx.shape[0], layer.args.head_dim) and x.grad is not None
+
+
+class AsyncTable(NoDwTable):
+    """A table with the store's async calls, answered on a thread of its own; its
+    lookups fail with ``error`` when one is set."""
+
+    def __init__(self, table, error: Exception | None = None):
+        super().__init__(table)
+        self.error = error
+        self.pool = ThreadPoolExecutor(1)
+        self.async_pushes = []
+
+    def lookup(self, idx, w):
+        if self.error is not None:
+            raise self.error
+        return super().lookup(idx, w)
+
+    def lookup_async(self, idx, w):
+        return self.pool.submit(self.lookup, idx.clone(), w.clone())
+
+    def backward_async(self, idx, w, dy, step=None, push_id=0, lr=None, need_dw=True):
+        self.async_pushes.append(need_dw)
+        return self.pool.submit(self.backward, idx, w, dy.clone(), step, push_id, lr)
+
+
+def test_a_prefetched_forward_equals_the_forward_and_pushes_without_waiting():
+    base = make_layer()
+    table = AsyncTable(base.table)
+    layer = EngramLayer(base.args, table=table)
+    layer.load_state_dict(base.state_dict())
+    tokens, x = batch(vocab=6)
+    fetch = layer.prefetch(tokens)
+    assert torch.equal(fetch.rows.idx, layer.rows(tokens).idx)
+    torch.testing.assert_close(layer(x, fetch=fetch), base(x, tokens), rtol=0, atol=0)
+    layer.async_push, layer.step = True, 1
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer(xa, fetch=layer.prefetch(tokens)).square().sum().backward()
+    blocking = EngramLayer(base.args, table=NoDwTable(base.table))
+    blocking.load_state_dict(base.state_dict())
+    blocking.step = 1
+    blocking(xb, tokens).square().sum().backward()
+    (pushed,) = layer.take_pushes()
+    assert pushed.result() is None and layer.pushes == [] and table.async_pushes == [False]
+    ((idx, _, dy, step, _, _),) = table.pushes
+    ((want_idx, _, want_dy, _, _, _),) = blocking.table.pushes
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(dy, want_dy, rtol=0, atol=0)
+    rows = base.rows(tokens)
+    assert step == 1 and torch.equal(idx, rows.idx) and torch.equal(idx, want_idx)
+    with pytest.raises(InvalidArgument) as e:
+        layer(x, rows=rows, fetch=layer.prefetch(tokens))
+    assert e.value.field == "fetch"
+
+
+class FailingTable(NoDwTable):
+    """A table without async calls whose lookups fail."""
+
+    error = memstore.ShardUnavailable("t/shard-0-0", 1.0)
+
+    def lookup(self, idx, w):
+        raise self.error
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_a_failed_prefetch_raises_in_the_forward_as_the_lookup_would(asynchronous):
+    base = make_layer()
+    error = FailingTable.error
+    table = AsyncTable(base.table, error) if asynchronous else FailingTable(base.table)
+    layer = EngramLayer(base.args, table=table)
+    tokens, x = batch()
+    fetch = layer.prefetch(tokens)  # issued without error
+    with pytest.raises(memstore.ShardUnavailable) as prefetched:
+        layer(x, fetch=fetch)
+    with pytest.raises(memstore.ShardUnavailable) as blocking:
+        layer(x, tokens)
+    assert prefetched.value is error and blocking.value is error
 
 
 def test_training_on_a_local_table_lowers_the_loss():

@@ -4,9 +4,10 @@ restarts, on a real local Ray instance and the real data channel.
 The loop trains a 2 x 1 grid towards a fixed target: y = lookup(idx, w),
 dy = (y - target) / B, backward(idx, w, dy, step), then step (or the shards step on the
 push, with ``step_on_push``). The batch of a step depends only on the step, so a run
-that rolls back replays exactly. Every run is compared with an undisturbed run of the
-same table: in sync mode the final fingerprints (values, optimizer state, step
-counters) must be equal, bit for bit.
+that rolls back replays exactly. Every run is compared with an undisturbed run of a
+table of the same shape, seed and options, without checkpoints (one, trained once per
+module, serves the tests of plain sync tables): the final fingerprints (values,
+optimizer state, step counters) must be equal, bit for bit.
 
 Faults go in through a ShardWorker subclass: ``arm`` drops the next reply of an op
 (lookup, backward or step) on the data channel (the handler ran: the call took effect
@@ -124,6 +125,18 @@ def _arm(t, plan) -> None:
         ray.get(t.shards[block].arm.remote(fault, op))
 
 
+@pytest.fixture(scope="module")
+def undisturbed(ray_start_16_cpus) -> dict:
+    """The fingerprints of an undisturbed sync run (no checkpoints, no faults): the
+    result every disturbed run of a sync table without step_on_push must end at."""
+    clean = _make("undisturbed")
+    try:
+        assert _train(clean) == []
+        return clean.fingerprints()
+    finally:
+        clean.drop()
+
+
 def test_lost_replies_of_every_data_call_change_nothing(table_names):
     """A reply lost after the call took effect: the handle repeats the call over Ray,
     and a repeated push is answered from the shard's replies, even after its call
@@ -146,12 +159,10 @@ def test_lost_replies_of_every_data_call_change_nothing(table_names):
     assert t.fingerprints() == clean.fingerprints()
 
 
-def test_a_lost_step_reply_applies_the_step_once(table_names):
+def test_a_lost_step_reply_applies_the_step_once(table_names, undisturbed):
     """A step's reply lost after the block applied it: the handle repeats the step on
     every block over Ray, and each block answers the repeat with its first reply
     instead of refusing a step it has applied (or applying it twice)."""
-    clean = _make(table_names("clean"))
-    assert _train(clean) == []
     t = _make(table_names("lossy"))
     t.timeout_s = LOST_REPLY_S
     faults = {
@@ -161,15 +172,15 @@ def test_a_lost_step_reply_applies_the_step_once(table_names):
     assert _train(t, faults) == []
     assert sum(ray.get([a.dropped.remote() for a in t.shards.values()])) == len(faults)
     assert sum(s["replayed_steps"] for s in t.stats()["shards"]) == 2 * 2
-    assert t.fingerprints() == clean.fingerprints()
+    assert t.fingerprints() == undisturbed
 
 
-def test_shard_restarts_around_every_data_call_replay_from_the_checkpoint(table_names, tmp_path):
+def test_shard_restarts_around_every_data_call_replay_from_the_checkpoint(
+    table_names, tmp_path, undisturbed
+):
     """A shard exits before or after a lookup or a push; it restarts from the newest
     checkpoint, the handle rolls every block back to the path it reports (pending
     pushes included), and the loop replays from there to the undisturbed result."""
-    clean = _make(table_names("clean"), tmp_path / "clean")
-    assert _train(clean) == []
     t = _make(table_names("crashy"), tmp_path / "crashy")
     faults = {
         (3, "backward"): ((0, 0), "exit-after", "backward"),  # checkpoint: step 2
@@ -183,18 +194,16 @@ def test_shard_restarts_around_every_data_call_replay_from_the_checkpoint(table_
     assert [i["restored_path"] is not None for i in info.values()] == [True, True]
     assert {i["last_step"] for i in info.values()} == {STEPS}
     assert all(s["pending_steps"] == [] for s in t.stats()["shards"])
-    assert t.fingerprints() == clean.fingerprints()
+    assert t.fingerprints() == undisturbed
 
 
 def test_a_push_from_a_handle_that_missed_a_rollback_is_refused_on_every_block(
-    table_names, tmp_path
+    table_names, tmp_path, undisturbed
 ):
     """Handle A meets a shard restart and rolls the table back; handle B, which has not
     met it, pushes the next step. Every block refuses B's push, the one that did not
     restart included (it carries the old rollback epoch), B learns of the rollback, and
     A's replay from the checkpoint ends exactly where an undisturbed run ends."""
-    clean = _make(table_names("clean"), tmp_path / "clean")
-    assert _train(clean) == []
     a = _make(table_names("fenced"), tmp_path / "fenced")
     b = memstore.connect(a.name)
     for step in (1, 2, 3):  # the checkpoint of step 2 is the newest
@@ -214,4 +223,4 @@ def test_a_push_from_a_handle_that_missed_a_rollback_is_refused_on_every_block(
         idx, w = _batch(step)
         a.backward(idx, w, (a.lookup(idx, w) - TARGET) / B, step=step)
         a.step(step)
-    assert a.fingerprints() == clean.fingerprints()
+    assert a.fingerprints() == undisturbed

@@ -1,4 +1,9 @@
-"""The GPU memory check of GPU shards: the decision (any machine) and the probe (GPUs only)."""
+"""The GPU memory check of GPU shards: the decision (any machine) and the probe (GPUs only).
+
+Blocks within a GPU's free memory less the reserve pass; a larger block is refused with
+MemoryBudgetExceeded naming both numbers; one GPU per block; the probe reads the free
+memory of each placement-group bundle's GPU. Byte counts are written here.
+"""
 
 from __future__ import annotations
 

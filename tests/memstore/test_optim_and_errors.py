@@ -1,3 +1,11 @@
+"""The optimizer options (memstore.optim) and the error hierarchy (memstore.errors).
+
+Options round-trip through their dict form, bad options are refused naming the field,
+and each kind's optimizer state is the bytes per row counted by hand here. Every error
+is a MemstoreError (InvalidArgument and StepOutOfOrder are also ValueErrors) and
+pickles with its data, as it must to cross Ray.
+"""
+
 import pickle
 
 import pytest

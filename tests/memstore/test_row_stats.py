@@ -4,7 +4,9 @@
 Every count is compared with a plain numpy count of the pushed indices, on an
 in-process ShardTable and on a distributed (2, 2) grid on a real local Ray instance;
 the statistics and their named backgrounds survive a checkpoint, loaded into the same
-grid and into another one.
+grid and into another one. Pushes tagged with documents count documents (df: the
+distinct documents of a step reading a row; steps: the documents), against plain Python
+sets, in process and on a grid in sync and async mode; bad tags change nothing.
 """
 
 import numpy as np
@@ -233,3 +235,113 @@ def test_the_grid_switch_and_reset(trained, table_names):
     with pytest.raises(InvalidArgument) as e:
         t.set_row_counting("yes")
     assert e.value.field == "enabled"
+
+
+# ---- document tags -----------------------------------------------------------------------
+def _doc_counts(steps: list) -> tuple[np.ndarray, int]:
+    """df and N with documents, in plain Python: per step, the set of (row, document)
+    pairs of its tagged bags; a document read in two steps counts in each."""
+    df, n = np.zeros(ROWS, dtype=np.int64), 0
+    for pushes in steps:
+        pairs, docs = set(), set()
+        for idx, _, _, tags in pushes:
+            for b in range(idx.shape[0]):
+                docs.add(int(tags[b]))
+                pairs |= {(int(r), int(tags[b])) for r in idx[b]}
+        for r, _ in pairs:
+            df[r] += 1
+        n += len(docs)
+    return df, n
+
+
+def _tagged_steps(first: int, count: int) -> list:
+    """Two pushes a step; bags tagged with 3 documents shared by both pushes."""
+    steps = []
+    for s in range(first, first + count):
+        g = torch.Generator().manual_seed(77 + s)
+        tags = [torch.randint(0, 3, (B,), generator=g) + 10 * s for _ in (0, 1)]
+        steps.append([(*_push(s, p), tags[p]) for p in (0, 1)])
+    return steps
+
+
+def _train_tagged(table, steps: list, first: int) -> None:
+    for s, pushes in enumerate(steps, first):
+        for p, (idx, w, dy, tags) in enumerate(pushes):
+            table.backward(idx, w, dy, step=s, push_id=p, doc_ids=tags)
+        table.step(s)
+
+
+def test_tagged_pushes_count_documents_in_process():
+    t = _table()
+    steps = _tagged_steps(1, 3)
+    _train_tagged(t, steps, 1)
+    df, n = _doc_counts(steps)
+    stats = t.row_stats()
+    assert stats["steps"] == n and n > 3
+    np.testing.assert_array_equal(stats["df"], df)
+    assert (stats["df"] > 1).any()  # a row read by several documents of one step
+    untagged = NumpyCounts()  # an untagged step afterwards counts one step, as before
+    untagged.df, untagged.steps = df.copy(), n
+    _train(t, [4], untagged)
+    untagged.check(t.row_stats())
+
+
+@pytest.mark.parametrize(
+    "doc_ids, field",
+    [
+        (torch.tensor([0, 1]), "doc_ids"),  # not one per bag
+        (torch.full((B,), -1), "doc_ids"),
+        (torch.zeros(B, dtype=torch.float32), "doc_ids"),
+        (torch.zeros(B, 1, dtype=torch.int64), "doc_ids"),
+    ],
+)
+def test_bad_document_tags_are_refused_and_change_nothing(doc_ids, field):
+    t = _table()
+    before = t.fingerprint()
+    with pytest.raises(InvalidArgument) as e:
+        t.backward(*_push(1, 0), step=1, doc_ids=doc_ids)
+    assert e.value.field == field
+    assert t.pushes(1) == [] and t.fingerprint() == before
+
+
+def test_every_push_of_a_step_is_tagged_or_none_is():
+    t = _table()
+    t.backward(*_push(1, 0), step=1, push_id=0, doc_ids=torch.zeros(B, dtype=torch.int64))
+    with pytest.raises(InvalidArgument) as e:
+        t.backward(*_push(1, 1), step=1, push_id=1)
+    assert e.value.field == "doc_ids"
+    t.backward(*_push(2, 0), step=2, push_id=0)
+    with pytest.raises(InvalidArgument) as e:
+        t.backward(*_push(2, 1), step=2, push_id=1, doc_ids=torch.zeros(B, dtype=torch.int64))
+    assert e.value.field == "doc_ids"
+    assert t.pushes(1) == [0] and t.pushes(2) == [0]
+
+
+@pytest.mark.usefixtures("ray_start_16_cpus")
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_grid_counts_tagged_documents_like_python(table_names, mode):
+    t = memstore.create_table(
+        table_names(f"row-stats-docs-{mode}"),
+        ROWS,
+        DIM,
+        shards=(2, 2),
+        optimizer=SGD(lr=0.1),
+        seed=3,
+        cpus_per_shard=0.25,
+        mode=mode,
+    )
+    steps = _tagged_steps(1, 2)
+    if mode == "sync":
+        _train_tagged(t, steps, 1)
+        df, n = _doc_counts(steps)
+    else:  # every push is its own update: a step of one push
+        for k, (idx, w, dy, tags) in enumerate([p for pushes in steps for p in pushes], 1):
+            t.backward(idx, w, dy, step=k, doc_ids=tags)
+        df, n = _doc_counts([[p] for pushes in steps for p in pushes])
+    stats = t.row_stats()
+    assert stats["steps"] == n
+    np.testing.assert_array_equal(stats["df"], df)
+    before = t.fingerprints()
+    with pytest.raises(InvalidArgument) as e:
+        t.backward(*steps[0][0][:3], step=9, doc_ids=torch.tensor([1]))
+    assert e.value.field == "doc_ids" and t.fingerprints() == before

@@ -264,9 +264,12 @@ def test_a_sparse_step_whose_reply_was_lost_applies_once(table_names):
         _pretrain(t)
         for p, push in enumerate(_pushes(PRETRAIN + 1)):
             t.backward(*push, step=PRETRAIN + 1, push_id=p)
-    lossy.timeout_s = 2.0  # the lost reply is waited for this long, then repeated over Ray
+    # The step goes through a new handle whose data channel waits 5 s for the lost reply
+    # before the call is repeated over Ray (a handle's channel keeps the timeout it was
+    # made with); the pretraining above kept 60 s, so no slow reply there is repeated.
+    lossy_step = memstore.connect(lossy.name, timeout_s=5.0)
     ray.get(lossy.shards[(0, 0)].drop_step_replies.remote(1))
-    assert lossy.step(PRETRAIN + 1, top_t=TOP_T, background="pre") == TOP_T
+    assert lossy_step.step(PRETRAIN + 1, top_t=TOP_T, background="pre") == TOP_T
     clean.step(PRETRAIN + 1, top_t=TOP_T, background="pre")
     assert sum(s["replayed_steps"] for s in lossy.stats()["shards"]) == 2
     assert list(lossy.fingerprints().values()) == list(clean.fingerprints().values())

@@ -1,4 +1,12 @@
-"""trainer.checkpoint: resume is exact, never deletes, and loads data only."""
+"""trainer.checkpoint: resume is exact, never deletes, and loads data only.
+
+A run stopped and resumed gives the loss curve of the uninterrupted run, step by step;
+resuming with another model is refused; a used run directory needs --overwrite and
+--resume never deletes; resume takes the newest step whose model and store checkpoints
+are both complete; model files load as data only (a pickled payload never runs);
+checksums.json holds each file's sha256 and size, computed here with hashlib, and a
+damaged or unchecksummed model checkpoint is passed over.
+"""
 
 import hashlib
 import json

@@ -1,4 +1,7 @@
-"""trainer.cli: ``python -m memstore.trainer.train`` and ``memstore train``."""
+"""trainer.cli: ``python -m memstore.trainer.train`` and ``memstore train`` train a tiny
+config, refuse a used run directory with exit status 2 and overwrite it on request;
+checked on the files the run writes.
+"""
 
 import pytest
 

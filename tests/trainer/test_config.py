@@ -1,4 +1,11 @@
-"""trainer.config and the strict config helper it shares with memstore."""
+"""trainer.config and the strict config helper it shares with memstore.
+
+Types, bounds and unknown keys are refused naming the field by its path; ``--set``
+overrides and cross-field checks name the field; choices are enums with string values
+that round-trip through YAML; every shipped config is valid; a URI run_dir is refused
+before anything is written; a storage path keeps its query in every path of the run;
+YAML 1.2 exponent floats without a dot are numbers. Expected values are written here.
+"""
 
 import dataclasses
 import enum
@@ -207,3 +214,71 @@ def test_exponent_floats_without_a_dot_are_numbers(text, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text((CONFIGS / "tiny.yaml").read_text() + f"\nweight_decay: {text}\n")
     assert load_config(path).weight_decay == float(text)
+
+
+FINETUNE = {"method": "sparse_memory", "from": "runs/pre", "top_t": 8, "background": "pretrain"}
+
+
+def test_the_finetune_section_round_trips_with_its_yaml_key_from(tmp_path):
+    args = TrainArgs.from_dict({"finetune": FINETUNE, "stats_snapshot": "pretrain"})
+    assert args.finetune.from_ == "runs/pre" and args.finetune.top_t == 8
+    assert args.to_dict()["finetune"] == {**FINETUNE, "lora_rank": 8, "lora_alpha": 16.0}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(args.to_dict()))
+    assert load_config(path).finetune == args.finetune
+    set_by_path = load_config(None, ["finetune.method=memory", "finetune.from=runs/x"])
+    assert set_by_path.finetune.from_ == "runs/x"
+    assert TrainArgs().finetune.method is None  # a run from scratch by default
+
+
+@pytest.mark.parametrize(
+    "section, field",
+    [
+        ({"method": "sparse_memory", "from": "x"}, "finetune.top_t"),
+        ({"method": "memory", "from": "x", "top_t": 4}, "finetune.top_t"),
+        ({"method": "lora", "from": "x", "background": "pretrain"}, "finetune.background"),
+        ({"method": "memory"}, "finetune.from"),
+        ({"from": "x"}, "finetune.from"),
+        ({"method": "partial", "from": "x"}, "finetune.method"),
+        ({"method": "lora", "from": "x", "lora_rank": 0}, "finetune.lora_rank"),
+        ({"method": "lora", "from": "x", "lora_alpha": -1.0}, "finetune.lora_alpha"),
+        ({**FINETUNE, "top_t": 0}, "finetune.top_t"),
+        ({**FINETUNE, "background": "a b"}, "finetune.background"),
+        ({"from_": "x"}, "finetune"),
+    ],
+)
+def test_bad_finetune_settings_name_the_field(section, field):
+    with pytest.raises(InvalidArgument) as e:
+        TrainArgs.from_dict({"finetune": section})
+    assert e.value.field == field
+
+
+def test_finetuning_refuses_ray_workers_and_a_dense_twin():
+    with pytest.raises(InvalidArgument, match="finetune.method"):
+        TrainArgs.from_dict({"finetune": FINETUNE, "workers": 2, "batch_size": 64})
+    with pytest.raises(InvalidArgument, match="dense_equivalent"):
+        TrainArgs.from_dict({"finetune": FINETUNE, "dense_equivalent": True})
+    with pytest.raises(InvalidArgument, match="stats_snapshot"):
+        TrainArgs.from_dict({"stats_snapshot": "two words"})
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"kind": "mixed"}, "path"),
+        ({"kind": "mixed", "path": "t", "text_fraction": 1.0}, "text_fraction"),
+        ({"kind": "mixed", "path": "t", "new_facts": 1.0}, "new_facts"),
+        ({"kind": "mixed", "path": "t", "train_facts": "second"}, "train_facts"),
+        ({"kind": "facts", "text_fraction": 0.5}, "text_fraction"),
+        ({"kind": "text", "path": "t", "new_facts": 0.1}, "new_facts"),
+    ],
+)
+def test_bad_mixed_data_settings_name_the_field(data, field):
+    with pytest.raises(InvalidArgument) as e:
+        TrainArgs.from_dict({"data": data})
+    assert e.value.field.endswith(field)
+
+
+def test_mixed_data_defaults():
+    d = TrainArgs.from_dict({"data": {"kind": "mixed", "path": "t"}}).data
+    assert (d.text_fraction, d.new_facts, d.train_facts.value) == (0.5, None, "first")

@@ -1,4 +1,11 @@
-"""trainer.configs: the built-in configs by name, and their shipping as package data."""
+"""trainer.configs: the built-in configs by name, and their shipping as package data.
+
+Every shipped YAML is found by name and by file name and loads; an existing file wins
+over a built-in name; an unknown name is refused listing the built-in names; the
+package data lists every config file on disk; the facts configs pass the experiment's
+like-with-like checks and a peer with another value_lr is refused; steps to a recall
+are interpolated between evaluations, against values computed by hand.
+"""
 
 from __future__ import annotations
 

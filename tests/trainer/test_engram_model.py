@@ -1,8 +1,16 @@
-"""The trainer's model with Engram layers: configs, tables, push ids, a short run."""
+"""The trainer's model with Engram layers: configs, tables, push ids, a short run.
+
+The Engram configs load and match the memory side of the experiment; table specs, push
+ids and set_step cover every Engram table, and the backward reaches each; dense_equivalent
+drops the Engram layers for their multiply-adds, counted here; bad Engram fields are
+refused by name; the small config trains in-process, and a resumed run repeats the loss
+curve of the uninterrupted one.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import sympy
@@ -179,3 +187,35 @@ def test_a_resumed_engram_run_repeats_the_loss_curve(tmp_path):
     a, b = metrics(whole.run_dir), metrics(cut.run_dir)
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_the_text_experiment_trains_only_the_models_named(tmp_path, monkeypatch, capsys):
+    """``--models engram engram-dense``: those two runs, their pair's gain and target;
+    the memory model's config is still loaded for the fairness checks."""
+    text = pytest.importorskip("memstore.bench.text")
+    from .test_text_experiment import CURVES, made_up_curve
+
+    trained = []
+
+    def train_models(paths, out, overrides, keys, model_overrides):
+        trained.extend(paths)
+        curves = {name: made_up_curve(*CURVES[name]) for name in paths}
+        return {name: 1.0 for name in paths}, curves
+
+    monkeypatch.setattr(text, "train_models", train_models)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x\n" * 200, encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["--quick", "--corpus", str(corpus), "--out", str(out)]
+    assert text.main([*argv, "--models", "engram-dense", "engram"]) == 0
+    assert trained == ["engram", "engram-dense"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["results"]) == {"engram", "engram-dense"}
+    # T = 10 s (engram-dense); engram at T: 5/3 against its twin's 2.0
+    assert summary["engram_vs_dense"] == pytest.approx({"val_bpb": 0.5, "val_bpb_at_T": 1 / 6})
+    assert summary["targets_met"] == {"engram_vs_dense_equal_time": True}
+    assert "memory_vs_dense" not in summary and "memory_ahead_of_pkm" not in summary
+    table = capsys.readouterr().out
+    assert "| engram |" in table and "| memory |" not in table and "PKM peer" not in table
+    with pytest.raises(SystemExit):
+        text.main([*argv, "--models", "nonsense"])

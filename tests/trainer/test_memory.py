@@ -1,4 +1,10 @@
-"""trainer.memory: push ids for every backward of a step, and MemoryPushes."""
+"""trainer.memory: push ids for every backward of a step, and MemoryPushes.
+
+Push ids of every (rank, layer, micro-batch) are distinct and fill pushes_per_step
+exactly, against the formula (rank · m + micro_batch) · n + layer enumerated here; bad
+arguments name the field; MemoryPushes numbers the layers of each table and tags the
+step; one rank needs no gradient hook.
+"""
 
 import itertools
 

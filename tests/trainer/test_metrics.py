@@ -1,4 +1,7 @@
-"""trainer.metrics: the metrics file, the plot, a progress bar readable in logs."""
+"""trainer.metrics: metrics.jsonl keeps its history up to a restored step and drops the
+lines after it; without a terminal the progress bar prints whole lines, not one per
+step. Expected lines are written here.
+"""
 
 import io
 import json

@@ -1,3 +1,15 @@
+"""trainer.model: the decoder transformer with memory layers.
+
+The forward equals a float64 transformer written out here from the model's weights
+(pre-norm attention with rotary positions, SwiGLU FFNs); a future token never changes
+past logits; memory layers replace the chosen FFNs and share one table or get their own,
+whose row gradients come from every layer reading it; each rank and micro-batch pushes
+under its own push id and the pushes add up to one large batch; the seed fixes every
+weight and value; the loss counts only masked positions; dense_equivalent matches the
+memory layers' multiply-adds; a few steps lower the loss on facts; bad config keys and
+values are refused by name.
+"""
+
 import math
 
 import pytest

@@ -5,6 +5,7 @@ cluster cannot place is refused at once."""
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -92,59 +93,75 @@ def _same_run(rows: list[dict], whole: list[dict]) -> None:
     assert rows[-1]["eval"] == pytest.approx(whole[-1]["eval"], rel=1e-5)
 
 
-def test_a_killed_worker_restarts_the_run_from_its_checkpoint(tmp_path, ray_whole):
-    """Rank 1's process is killed after step 6: Ray Train starts a new worker group,
-    which resumes from the checkpoint of step 4 and ends as the uninterrupted run."""
-    marker = tmp_path / "killed"
-
-    def kill_rank_1(step, rank):
-        if step == 6 and rank == 1 and not marker.exists():
-            marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    cut = config("tiny", tmp_path, "workers=2", "store.name=t-wkill")
-    result = train(cut, on_step=kill_rank_1)
-    assert marker.exists() and result["start"] == 4
-    _same_run(metrics(cut.run_dir), ray_whole[2])
-    with pytest.raises(memstore.TableNotFound):  # dropped at the end (store.keep false)
-        memstore.connect("t-wkill-memory")
+def _attempt_starts(steps_file: Path) -> list[int]:
+    """The first step of each attempt, from the steps rank 0 finished in order: an
+    attempt that restarted from the checkpoint of step s goes on with step s + 1."""
+    steps = [int(line) for line in steps_file.read_text().split()]
+    return [s for i, s in enumerate(steps) if i == 0 or s != steps[i - 1] + 1]
 
 
-def test_a_killed_shard_rolls_the_run_back_to_the_same_step_of_model_and_store(tmp_path, ray_whole):
-    """A shard is killed after step 6: it restarts from the store checkpoint of step 4,
-    a worker's next call raises StoreRolledBack(4), Ray Train restarts the workers from
-    the checkpoint of step 4, whose store checkpoint rank 0 reloads. After a stop and a
-    --resume, the run ends as the uninterrupted one."""
-    marker = tmp_path / "killed"
+def test_a_killed_worker_and_a_killed_shard_restart_the_run_from_their_checkpoints(
+    tmp_path, ray_whole
+):
+    """One run meets both faults, so that one set of worker groups and tables serves
+    both (each start costs processes). Rank 1's process is killed after step 6: Ray
+    Train starts a new worker group, which resumes from the checkpoint of step 4. A
+    shard is killed after step 10: it restarts from the store checkpoint of step 8, a
+    worker's next call raises StoreRolledBack(8), and Ray Train restarts the workers from
+    the checkpoint of step 8, whose store checkpoint rank 0 reloads. The job is then
+    stopped after step 11; a --resume continues from step 8 and the run ends as the
+    uninterrupted one."""
+    done = tmp_path / "steps-of-rank-0"
 
-    def kill_a_shard(step, rank):
+    def kill_rank_1_then_a_shard(step, rank):
         import ray
 
         from memstore.table import NAMESPACE, shard_name
 
-        if step == 6 and rank == 0 and not marker.exists():
-            marker.touch()
-            ray.kill(
-                ray.get_actor(shard_name("t-skill-memory", 0, 0), namespace=NAMESPACE),
-                no_restart=False,
-            )
+        if rank == 0:
+            with open(done, "a") as f:
+                f.write(f"{step}\n")
+        worker_killed, shard_killed = tmp_path / "worker-killed", tmp_path / "shard-killed"
+        if step == 6 and rank == 1 and not worker_killed.exists():
+            worker_killed.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == 10 and rank == 0 and not shard_killed.exists():
+            shard_killed.touch()
+            # kill -9 of its process: gone before step 11 begins (ray.kill would take
+            # effect a moment later, possibly after the step).
+            shard = ray.get_actor(shard_name("t-kill-memory", 0, 0), namespace=NAMESPACE)
+            os.kill(ray.get(shard.info.remote())["pid"], signal.SIGKILL)
 
-    cut = config("tiny", tmp_path, "workers=2", "store.name=t-skill")
-    result = train(cut, on_step=kill_a_shard, stop_after=10)  # then the job is "killed"
-    assert marker.exists() and result["start"] == 4 and result["stopped"]
-    assert [r["step"] for r in metrics(cut.run_dir)] == list(range(1, 11))
+    cut = config("tiny", tmp_path, "workers=2", "store.name=t-kill")
+    result = train(cut, on_step=kill_rank_1_then_a_shard, stop_after=11)  # then "killed"
+    assert result["start"] == 8 and result["stopped"]
+    assert _attempt_starts(done) == [1, 5, 9]
+    assert [r["step"] for r in metrics(cut.run_dir)] == list(range(1, 12))
     # Its tables went with the job: --resume loads the store checkpoint of step 8 into
     # new tables and the model checkpoint of step 8 into new workers.
-    result = train(cut, resume=True)
-    assert result["start"] == 8
+    result = train(cut, resume=True, on_step=kill_rank_1_then_a_shard)  # kills no more
+    assert result["start"] == 8 and _attempt_starts(done) == [1, 5, 9, 9]
     _same_run(metrics(cut.run_dir), ray_whole[2])
+    with pytest.raises(memstore.TableNotFound):  # dropped at the end (store.keep false)
+        memstore.connect("t-kill-memory")
+
+
+def _all_cpus_free(ray) -> float:
+    """The cluster's CPUs once all are free again: the previous test's workers and
+    shards give theirs back a moment after its run returns."""
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 120  # a hang guard only
+    while ray.available_resources().get("CPU", 0.0) != total:
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.2)
+    return total
 
 
 def test_a_run_the_cluster_cannot_place_is_refused_at_once(tmp_path, ray_local):
     """8 logical CPUs: 6 workers x 1 CPU and 4 shards x 1 CPU do not fit, and the run
     fails before any table or worker is placed (Ray Train would wait and retry), naming
     what was asked, what the cluster has and the settings to change."""
-    free = ray_local.available_resources()["CPU"]
+    free = _all_cpus_free(ray_local)
     args = config(
         "tiny", tmp_path, "workers=6", "batch_size=18", "store.name=t-big", "store.shards=4"
     )

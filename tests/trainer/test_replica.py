@@ -1,4 +1,11 @@
-"""trainer.replica: one rank's step against a plain computation, and the schedules."""
+"""trainer.replica: one rank's step against a plain computation, and the schedules.
+
+A step's loss is the masked mean over the global batch and its update clipped AdamW,
+against a float64 AdamW written here (norm, clipping, update), and its state
+round-trips; the lr warms up and decays to min_lr, the values' lr follows it scaled or
+stays constant, against values computed by hand; a peer's own value group steps at the
+value lr.
+"""
 
 import math
 

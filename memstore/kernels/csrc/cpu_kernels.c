@@ -47,7 +47,7 @@ static inline void store_bf16(uint16_t *p, float x) {
  * float32 row, 16 lines, measured 20% slower than 8), 16 slots ahead for float32 rows
  * and 8 for bfloat16 ones; bag_dw and the optimizers' row updates prefetch 4 lines,
  * PREFETCH_AHEAD slots ahead. Distances and sizes were chosen by measurement against
- * torch's embedding_bag (BENCHMARKS.md). */
+ * torch's embedding_bag (docs/architecture.md, "Library first, measured"). */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8
 #endif
