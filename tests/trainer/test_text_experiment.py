@@ -19,7 +19,9 @@ BACKBONE = ("dim", "n_layers", "n_heads", "max_seq_len", "ffn_hidden")
 # The fields of the layer that the memory and the Engram configs each set.
 MEMORY_LAYER = {"memory_layers", "memory_plus", "mem_heads", "mem_k", "mem_n_keys"}
 MEMORY_LAYER |= {"mem_key_dim", "shared_memory"}
-ENGRAM_LAYER = {f"engram_{k}" for k in ("layers", "orders", "heads", "rows", "dim", "kernel")}
+ENGRAM_LAYER = {
+    f"engram_{k}" for k in ("layers", "orders", "heads", "rows", "dim", "kernel", "prefetch")
+}
 # The 6 smallest primes >= 65,521: one table per hash head (orders 2-4, 2 heads each).
 ENGRAM_PRIMES = (65521, 65537, 65539, 65543, 65551, 65557)
 
