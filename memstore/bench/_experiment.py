@@ -4,6 +4,7 @@ reading its evaluations back from ``metrics.jsonl``."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -149,3 +150,23 @@ def train_models(
 def write_summary(path: Path, summary: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
+
+
+def text_experiment_parser(prog: str, doc: str, quick_help: str, out_default: str):
+    """The arguments every experiment on text shares: --quick, --corpus, --out, --set."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument(
+        "--corpus",
+        help="a text file (default: the standard library's sources, written to "
+        "runs/text-corpus/stdlib.txt)",
+    )
+    parser.add_argument("--out", help=f"output folder (default {out_default})")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key of every run",
+    )
+    return parser

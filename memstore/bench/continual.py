@@ -50,7 +50,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from memstore.bench._experiment import curve, write_summary
+from memstore.bench._experiment import curve, text_experiment_parser, write_summary
 from memstore.trainer import configs as builtin
 from memstore.trainer.train import load_config, train
 
@@ -308,18 +308,11 @@ def report(base: dict, results: dict, chosen_lr: dict, v: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m memstore.bench.continual", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--quick", action="store_true", help="the small version (minutes)")
-    parser.add_argument(
-        "--corpus",
-        help="a text file (default: the standard library's sources, written to "
-        "runs/text-corpus/stdlib.txt)",
-    )
-    parser.add_argument("--out", help="output folder (default runs/continual[-quick])")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override every run"
+    parser = text_experiment_parser(
+        "python -m memstore.bench.continual",
+        __doc__,
+        "the small version (minutes)",
+        "runs/continual[-quick]",
     )
     return parser.parse_args(argv)
 

@@ -78,6 +78,7 @@ from memstore.bench._experiment import (
     model_differences,
     parameters,
     per_token_macs,
+    text_experiment_parser,
     train_models,
     write_summary,
 )
@@ -350,26 +351,11 @@ def report(ns, args, margs, paths, res, macs, params, t_eq, shortest) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m memstore.bench.text", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="the small version (text-small-*.yaml, 300 steps per model)",
-    )
-    parser.add_argument(
-        "--corpus",
-        help="a text file (default: the standard library's "
-        "sources, written to runs/text-corpus/stdlib.txt)",
-    )
-    parser.add_argument("--out", help="output folder (default runs/text[-quick])")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key of every run",
+    parser = text_experiment_parser(
+        "python -m memstore.bench.text",
+        __doc__,
+        "the small version (text-small-*.yaml, 300 steps per model)",
+        "runs/text[-quick]",
     )
     parser.add_argument(
         "--models",

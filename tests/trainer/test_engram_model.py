@@ -193,22 +193,12 @@ def test_the_text_experiment_trains_only_the_models_named(tmp_path, monkeypatch,
     """``--models engram engram-dense``: those two runs, their pair's gain and target;
     the memory model's config is still loaded for the fairness checks."""
     text = pytest.importorskip("memstore.bench.text")
-    from .test_text_experiment import CURVES, made_up_curve
+    from .test_text_experiment import made_up_training
 
-    trained = []
-
-    def train_models(paths, out, overrides, keys, model_overrides):
-        trained.extend(paths)
-        curves = {name: made_up_curve(*CURVES[name]) for name in paths}
-        return {name: 1.0 for name in paths}, curves
-
-    monkeypatch.setattr(text, "train_models", train_models)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def f(x):\n    return x\n" * 200, encoding="utf-8")
+    trained, argv = made_up_training(tmp_path, monkeypatch)
     out = tmp_path / "out"
-    argv = ["--quick", "--corpus", str(corpus), "--out", str(out)]
     assert text.main([*argv, "--models", "engram-dense", "engram"]) == 0
-    assert trained == ["engram", "engram-dense"]
+    assert list(trained["paths"]) == ["engram", "engram-dense"]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["results"]) == {"engram", "engram-dense"}
     # T = 10 s (engram-dense); engram at T: 5/3 against its twin's 2.0

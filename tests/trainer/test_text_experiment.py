@@ -107,7 +107,10 @@ CURVES = {
 }
 
 
-def test_the_table_and_summary_hold_engram_against_its_twin(tmp_path, monkeypatch, capsys):
+def made_up_training(tmp_path, monkeypatch) -> tuple[dict, list[str]]:
+    """``text.train_models`` replaced by the made-up CURVES of the models asked for;
+    returns what it was asked (``paths``, ``model_overrides``) and the arguments of a
+    quick run on a small corpus writing to ``tmp_path / "out"``."""
     trained = {}
 
     def train_models(paths, out, overrides, keys, model_overrides):
@@ -118,8 +121,13 @@ def test_the_table_and_summary_hold_engram_against_its_twin(tmp_path, monkeypatc
     monkeypatch.setattr(text, "train_models", train_models)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def f(x):\n    return x\n" * 200, encoding="utf-8")
+    return trained, ["--quick", "--corpus", str(corpus), "--out", str(tmp_path / "out")]
+
+
+def test_the_table_and_summary_hold_engram_against_its_twin(tmp_path, monkeypatch, capsys):
+    trained, argv = made_up_training(tmp_path, monkeypatch)
     out = tmp_path / "out"
-    assert text.main(["--quick", "--corpus", str(corpus), "--out", str(out)]) == 0
+    assert text.main(argv) == 0
 
     assert list(trained["paths"]) == ["dense", "memory", "pkm", "engram", "engram-dense"]
     assert trained["model_overrides"] == {"engram-dense": ["dense_equivalent=true"]}
